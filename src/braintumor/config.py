@@ -1,0 +1,440 @@
+"""Typed, frozen parameters loaded from ``params.yaml`` plus an optional profile override.
+
+Every knob of the pipeline lives in ``params.yaml``. A profile (``profiles/<name>.yaml``)
+overrides some of them; the active profile is the top-level ``profile`` key, so DVC sees a
+profile switch as a parameter change (``dvc exp run -S profile=quickstart``). Loading turns
+the merged mapping into frozen dataclasses and rejects unknown keys and bad values with a
+one-line ``ConfigError`` that names the offending key, so a typo never silently falls back
+to a default.
+
+This module imports nothing of ours: it is the bottom layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+BASE_PROFILE = "paper"
+
+
+class ConfigError(ValueError):
+    """A parameter file has an unknown key or a value of the wrong type or range."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class CommonParams:
+    """Shared by every stage: the seed, the class vocabulary and the model's input size."""
+
+    seed: int = 42
+    classes: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitary")
+    image_size: int = 224
+
+    def __post_init__(self) -> None:
+        _check(len(self.classes) >= 2, "classes", "needs at least two classes")
+        _check(len(set(self.classes)) == len(self.classes), "classes", "has repeats")
+        _check(16 <= self.image_size <= 2048, "image_size", "must be in [16, 2048]")
+
+
+@dataclass(frozen=True)
+class SourceParams:
+    """One named data source: where it comes from and how its folders map to our labels.
+
+    ``uri`` kinds: a local folder, a local archive (``.zip``, ``.tar.gz``, ``.tgz``,
+    ``.tar``), an ``https://`` URL of an archive (``sha256`` required), or
+    ``kaggle://<owner>/<dataset>``. ``root`` is the folder inside the source that holds
+    the split folders (empty: found automatically). ``labels`` maps class-folder names to
+    ``common.classes``; ``splits`` maps split-folder names to ``train`` / ``test``.
+    """
+
+    name: str
+    uri: str
+    labels: dict[str, str]
+    splits: dict[str, str] = field(
+        default_factory=lambda: {"Training": "train", "Testing": "test"}
+    )
+    sha256: str | None = None
+    root: str = ""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name.replace("-", "").replace("_", "").isalnum(),
+            "name",
+            "must be letters, digits, '-' or '_'",
+        )
+        for folder, split in self.splits.items():
+            _check(split in ("train", "test"), f"splits.{folder}", "must be train or test")
+        if self.uri.startswith("https://") or self.uri.startswith("http://"):
+            _check(
+                self.sha256 is not None and len(self.sha256) == 64,
+                "sha256",
+                "a URL source needs a 64-hex-digit sha256",
+            )
+
+
+@dataclass(frozen=True)
+class AcquireParams:
+    """Where the raw data comes from. ``mirror`` (or the ``BRAINTUMOR_MIRROR`` environment
+    variable, which wins) is a local folder holding sources by name, used before the
+    network."""
+
+    sources: tuple[SourceParams, ...] = ()
+    mirror: str | None = None
+    retries: int = 3
+    timeout_s: float = 60.0
+    chunk_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) > 0, "sources", "must name at least one source")
+        names = [s.name for s in self.sources]
+        _check(len(set(names)) == len(names), "sources", "source names must be unique")
+        _check(self.retries >= 0, "retries", "must be >= 0")
+        _check(self.timeout_s > 0, "timeout_s", "must be > 0")
+        _check(self.chunk_bytes >= 1024, "chunk_bytes", "must be >= 1024")
+
+
+@dataclass(frozen=True)
+class CleanParams:
+    """Validation and de-duplication.
+
+    ``grayscale_tolerance`` is the mean absolute difference between colour channels (0-255)
+    above which a 3-channel image counts as a colour photograph. Similarities are
+    correlations of the perceptual signatures (``hashing.content_thumbnail``):
+    ``near_similarity`` makes two images duplicates; the looser ``leakage_similarity`` only
+    removes a test image from the leakage-free subset (adjacent slices of one patient).
+    """
+
+    image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+    min_side: int = 32
+    grayscale_tolerance: float = 6.0
+    content_threshold: int = 16
+    thumbnail_size: int = 32
+    near_similarity: float = 0.95
+    leakage_similarity: float = 0.90
+    average_hash_size: int = 16
+    within_split: Literal["keep_one", "keep_all"] = "keep_one"
+    test_twins: Literal["drop_train", "keep"] = "drop_train"
+    label_conflicts: Literal["drop", "keep"] = "drop"
+    example_pairs: int = 8
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.min_side >= 1, "min_side", "must be >= 1")
+        _check(0 < self.near_similarity <= 1, "near_similarity", "must be in (0, 1]")
+        _check(
+            0 < self.leakage_similarity <= self.near_similarity,
+            "leakage_similarity",
+            "must be in (0, near_similarity]",
+        )
+        _check(8 <= self.thumbnail_size <= 128, "thumbnail_size", "must be in [8, 128]")
+        _check(self.grayscale_tolerance >= 0, "grayscale_tolerance", "must be >= 0")
+        _check(0 <= self.content_threshold < 255, "content_threshold", "in [0, 255)")
+        _check(self.average_hash_size >= 4, "average_hash_size", "must be >= 4")
+        _check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
+
+
+@dataclass(frozen=True)
+class ClaheParams:
+    enabled: bool = True
+    clip_limit: float = 2.0
+    tile_grid: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.clip_limit > 0, "clip_limit", "must be > 0")
+        _check(self.tile_grid >= 1, "tile_grid", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class UnsharpParams:
+    """``image_weight * image + blur_weight * gaussian(image, sigma)``."""
+
+    enabled: bool = True
+    sigma: float = 1.5
+    image_weight: float = 1.5
+    blur_weight: float = -0.5
+
+    def __post_init__(self) -> None:
+        _check(self.sigma > 0, "sigma", "must be > 0")
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    interpolation: Literal["area", "linear", "cubic", "lanczos"] = "area"
+    clahe: ClaheParams = field(default_factory=ClaheParams)
+    unsharp: UnsharpParams = field(default_factory=UnsharpParams)
+    val_fraction: float = 0.15
+    workers: int = 0
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
+        _check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
+        _check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """The study's ``ImageDataGenerator`` settings, applied per training batch."""
+
+    zoom: float = 0.1
+    width_shift: float = 0.05
+    height_shift: float = 0.05
+    shear: float = 0.05
+    rotation: float = 0.0
+    horizontal_flip: bool = True
+    fill_mode: Literal["nearest", "constant", "reflect", "wrap"] = "nearest"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """``weights``: ``imagenet``, ``none`` or a path to a weights file. ``normalization``:
+    ``auto`` picks the scaling the chosen backbone's weights expect."""
+
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    normalization: Literal["auto", "caffe", "torch", "tf", "unit", "raw"] = "auto"
+    dense_units: tuple[int, ...] = (512, 128)
+    dropout: float = 0.4
+    gradcam_layer: str = "conv5_block3_out"
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class EarlyStoppingParams:
+    monitor: str = "val_loss"
+    min_delta: float = 0.001
+    patience: int = 5
+    restore_best_weights: bool = True
+
+
+@dataclass(frozen=True)
+class ReduceLrParams:
+    monitor: str = "val_loss"
+    factor: float = 0.3
+    patience: int = 5
+    min_learning_rate: float = 1e-7
+
+
+@dataclass(frozen=True)
+class PhaseParams:
+    """One training phase (frozen backbone, or fine-tuning)."""
+
+    epochs: int = 30
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    steps_per_epoch: int | None = None
+    early_stopping: EarlyStoppingParams = field(default_factory=EarlyStoppingParams)
+    reduce_lr: ReduceLrParams = field(default_factory=ReduceLrParams)
+    class_weight: Literal["balanced", "none"] = "balanced"
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
+    mixed_precision: bool = False
+    subset_per_class: int | None = None
+    frozen: PhaseParams = field(default_factory=PhaseParams)
+    finetune: PhaseParams = field(
+        default_factory=lambda: PhaseParams(epochs=20, learning_rate=1e-5)
+    )
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "brain-tumor-mri"
+    registered_model: str = "brain-tumor-classifier"
+
+
+@dataclass(frozen=True)
+class Params:
+    """All parameters of one pipeline run, after the profile override."""
+
+    acquire: AcquireParams
+    profile: str = BASE_PROFILE
+    common: CommonParams = field(default_factory=CommonParams)
+    clean: CleanParams = field(default_factory=CleanParams)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+    def __post_init__(self) -> None:
+        for source in self.acquire.sources:
+            for folder, label in source.labels.items():
+                _check(
+                    label in self.common.classes,
+                    f"sources.{source.name}.labels.{folder}",
+                    f"maps to {label!r}, which is not one of common.classes",
+                )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``override`` into ``base``: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ``ConfigError`` naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_type = args[0]
+        return tuple(_convert(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_type, value_type = args
+        return {
+            _convert(key_type, k, f"{key}.{k}"): _convert(value_type, v, f"{key}.{k}")
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # a bug in this module, not the file
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{prefix}.{name}" if prefix else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # a required field is missing
+        raise ConfigError(f"{prefix or 'params'}: {error}") from None
+    except ConfigError as error:
+        # Section validators name keys relative to themselves; make them absolute.
+        raise ConfigError(f"{prefix}.{error}" if prefix else str(error)) from None
+
+
+def params_from_mapping(raw: Mapping[str, Any], profile_dir: Path | None = None) -> Params:
+    """Build ``Params`` from a parsed ``params.yaml``, applying its profile's overrides."""
+    profile = raw.get("profile", BASE_PROFILE)
+    if not isinstance(profile, str):
+        raise ConfigError(f"profile: expected a profile name, got {profile!r}")
+    merged = dict(raw)
+    if profile != BASE_PROFILE:
+        if profile_dir is None:
+            raise ConfigError(f"profile: {profile!r} needs a profiles folder")
+        override_path = profile_dir / f"{profile}.yaml"
+        if not override_path.is_file():
+            raise ConfigError(f"profile: no profile file {override_path}")
+        override = _read_yaml(override_path)
+        merged = deep_merge(merged, override)
+    return _build(Params, merged, "")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load ``params.yaml`` (and ``profiles/<profile>.yaml`` beside it) into ``Params``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found")
+    return params_from_mapping(_read_yaml(path), path.parent / "profiles")
+
+
+def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested params into dotted keys (for MLflow ``log_params``)."""
+    if dataclasses.is_dataclass(params):
+        params = dataclasses.asdict(params)
+    flat: dict[str, Any] = {}
+    if isinstance(params, Mapping):
+        for key, value in params.items():
+            flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(params, list | tuple) and params and isinstance(params[0], Mapping):
+        for index, value in enumerate(params):
+            name = value.get("name", index)
+            flat.update(flatten(value, f"{prefix}.{name}"))
+    else:
+        flat[prefix] = params
+    return flat

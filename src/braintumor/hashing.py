@@ -1,0 +1,116 @@
+"""Content hashes and near-duplicate grouping for MRI slices.
+
+Two images are *exact* duplicates when their decoded pixels are identical (``pixel_hash``),
+whatever the file encoding. They are *near* duplicates when their perceptual signatures
+correlate above a threshold. The signature (``content_thumbnail``) crops the slice to its
+content (the bounding box of pixels brighter than a threshold), squashes it to a small
+square and normalises it. Cropping makes it blind to black padding and zoom; squashing to
+aspect-ratio changes (a 512 x 384 original and its 224 x 224 resize match); area
+resampling to re-encoding noise. Comparing correlations exhaustively rather than the bits
+of a 64-bit hash matters for MRI: every axial slice is a bright ellipse on black, so
+64-bit DCT hashes of different patients collide (on Msoud, a Hamming radius of 8 bits
+chains 1,611 images into one group and pairs 1,436 images of different classes, while a
+correlation of 0.95 on 32 x 32 signatures pairs none). A 16 x 16 average hash
+(``average_hash``) is kept as the reference the dataset notes quote.
+
+Core layer: pure functions on arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import cv2
+import numpy as np
+
+
+
+def pixel_hash(gray: np.ndarray) -> str:
+    """Hex digest of the decoded pixels and their shape (exact-duplicate key)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.asarray(gray.shape, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(gray).tobytes())
+    return digest.hexdigest()
+
+
+def content_box(gray: np.ndarray, threshold: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the pixels above ``threshold``; the whole image if none.
+
+    The threshold is applied to a lightly blurred copy so isolated noise pixels in the
+    background do not stretch the box.
+    """
+    smooth = cv2.blur(gray, (3, 3)) if min(gray.shape) >= 3 else gray
+    mask = smooth > threshold
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0 or cols.size == 0:
+        return 0, gray.shape[0], 0, gray.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def content_thumbnail(gray: np.ndarray, size: int = 32, content_threshold: int = 16) -> np.ndarray:
+    """The perceptual signature: the content box squashed to ``size`` x ``size``, as a
+    zero-mean, unit-norm float32 vector, so the dot product of two is their correlation.
+
+    Cropping to content ignores black padding, squashing ignores the aspect ratio, and
+    area resampling to a small size averages away re-encoding noise. A flat image gives
+    the zero vector, which correlates with nothing.
+    """
+    top, bottom, left, right = content_box(gray, content_threshold)
+    crop = gray[top:bottom, left:right]
+    small = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+    vector = small.ravel() - small.mean()
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 1e-6 else np.zeros_like(vector)
+
+
+def average_hash(gray: np.ndarray, size: int = 16) -> str:
+    """The reference ``size`` x ``size`` average hash (whole image, no crop), as hex."""
+    small = cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+    return np.packbits(small > small.mean()).tobytes().hex()
+
+
+def similar_pairs(signatures: np.ndarray, threshold: float, block: int = 1024) -> np.ndarray:
+    """All pairs (i < j) whose signatures correlate at least ``threshold``.
+
+    Returns an (M, 2) int64 index array (``pair_similarity`` gives the values). Exhaustive (no hash buckets, so nothing is missed),
+    blocked so memory stays at ``block x N`` floats; ~1 s for 7,000 images on two cores.
+    """
+    values = np.ascontiguousarray(signatures, dtype=np.float32)
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    for start in range(0, len(values), block):
+        similarity = values[start : start + block] @ values.T
+        i, j = np.nonzero(similarity >= threshold)
+        i = i + start
+        upper = j > i
+        found.append(np.stack([i[upper], j[upper]], 1).astype(np.int64))
+    return np.concatenate(found)
+
+
+def pair_similarity(signatures: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Correlation of each (i, j) pair of signatures."""
+    if len(pairs) == 0:
+        return np.zeros(0, dtype=np.float32)
+    return np.einsum("ij,ij->i", signatures[pairs[:, 0]], signatures[pairs[:, 1]])
+
+
+def connected_groups(count: int, pairs: np.ndarray) -> np.ndarray:
+    """Group ids (0..G-1, by first member) of the connected components of the pair graph.
+
+    Union-find with path halving; an image with no pair is a group of one.
+    """
+    parent = np.arange(count)
+
+    def find(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for i, j in pairs[:, :2]:
+        root_i, root_j = find(int(i)), find(int(j))
+        if root_i != root_j:
+            parent[max(root_i, root_j)] = min(root_i, root_j)
+    roots = np.array([find(node) for node in range(count)])
+    _, group_ids = np.unique(roots, return_inverse=True)
+    return group_ids.astype(np.int64)

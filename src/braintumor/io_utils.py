@@ -1,0 +1,103 @@
+"""Atomic file and folder writes, so a failed stage never leaves half-written outputs.
+
+Everything is written under a temporary name in the destination's own folder (same file
+system, so ``os.replace`` is atomic) and renamed into place only once complete. A folder
+that already exists is swapped out only after the new one is complete; on failure the
+temporary is removed and the old output is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(destination: str | Path, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``destination``; move it into place on success.
+
+    With ``directory=True`` the yielded path is an empty folder. If the body raises, the
+    temporary is deleted and ``destination`` keeps whatever it held before.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{destination.name}.tmp-"
+    # mkdtemp/mkstemp create private (0700/0600) entries; outputs get the usual umask modes.
+    umask = os.umask(0)
+    os.umask(umask)
+    if directory:
+        temporary = Path(tempfile.mkdtemp(prefix=prefix, dir=destination.parent))
+        os.chmod(temporary, 0o777 & ~umask)
+    else:
+        handle, name = tempfile.mkstemp(prefix=prefix, dir=destination.parent)
+        os.close(handle)
+        temporary = Path(name)
+        os.chmod(temporary, 0o666 & ~umask)
+    try:
+        yield temporary
+        if directory:
+            _replace_directory(temporary, destination)
+        else:
+            os.replace(temporary, destination)
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def _replace_directory(new: Path, destination: Path) -> None:
+    """Swap ``new`` in for ``destination``; the old folder is removed only after the swap."""
+    if destination.exists() or destination.is_symlink():
+        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        _remove(old)
+        os.replace(destination, old)
+        try:
+            os.replace(new, destination)
+        except BaseException:
+            os.replace(old, destination)
+            raise
+        _remove(old)
+    else:
+        os.replace(new, destination)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON atomically (stable diffs, DVC metrics)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    """Make NumPy scalars and paths JSON-serialisable."""
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def worker_count(requested: int) -> int:
+    """``requested`` workers, or every core this process may use when it is 0."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
