@@ -84,8 +84,10 @@ def transform_file(task: tuple[str, int, PreprocessParams]) -> np.ndarray:
     path, size, params = task
     try:
         gray = decode_image(Path(path).read_bytes(), name=path).gray
-    except (OSError, ImageDecodeError) as error:
-        raise PreprocessError(f"{path}: {error}") from None
+    except OSError as error:
+        raise PreprocessError(f"{path}: cannot read ({error.strerror or error})") from None
+    except ImageDecodeError as error:
+        raise PreprocessError(str(error)) from None
     return preprocess_gray(gray, size, params)
 
 
