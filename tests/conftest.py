@@ -58,3 +58,37 @@ def small_mirror(mirror: Path, tmp_path: Path) -> Path:
     copy_sample(mirror, root / "sartaj-subset", "sartaj-subset", 2, ("Training",))
     copy_sample(mirror, root / "sartaj-subset", "sartaj-subset", 1, ("Testing",))
     return root
+
+
+QUICKSTART_SOURCES = [
+    {
+        "name": "msoud",
+        "uri": "kaggle://masoudnickparvar/brain-tumor-mri-dataset",
+        "labels": {c: c for c in ("glioma", "meningioma", "notumor", "pituitary")},
+    },
+    {
+        "name": "sartaj-subset",
+        "uri": "kaggle://sartajbhuvaji/brain-tumor-classification-mri",
+        "labels": {
+            "glioma_tumor": "glioma",
+            "meningioma_tumor": "meningioma",
+            "no_tumor": "notumor",
+            "pituitary_tumor": "pituitary",
+        },
+    },
+]
+
+
+def write_params(directory: Path, overrides: dict | None = None) -> Path:
+    """Write the repository's params.yaml (paper profile) with ``overrides`` deep-merged
+    into ``directory``; returns its path."""
+    import yaml
+
+    from braintumor.config import deep_merge
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    merged = deep_merge(raw, overrides or {})
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+    return path

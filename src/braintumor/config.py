@@ -198,17 +198,30 @@ class AugmentParams:
 @dataclass(frozen=True)
 class ModelParams:
     """``weights``: ``imagenet``, ``none`` or a path to a weights file. ``normalization``:
-    ``auto`` picks the scaling the chosen backbone's weights expect."""
+    ``auto`` picks the scaling the chosen backbone's weights expect. ``tinycnn`` is a
+    three-block CNN for tests and smoke runs, not a Keras application.
+    ``batchnorm_momentum`` overrides the backbone's BatchNormalization momentum (null keeps
+    the application's value; 0.9 lets from-scratch training on few steps converge)."""
 
-    backbone: str = "resnet50"
+    backbone: Literal["resnet50", "mobilenetv3small", "efficientnetv2b0", "tinycnn"] = (
+        "resnet50"
+    )
     weights: str = "imagenet"
     normalization: Literal["auto", "caffe", "torch", "tf", "unit", "raw"] = "auto"
     dense_units: tuple[int, ...] = (512, 128)
     dropout: float = 0.4
     gradcam_layer: str = "conv5_block3_out"
+    batchnorm_momentum: float | None = None
 
     def __post_init__(self) -> None:
         _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _check(len(self.dense_units) >= 1, "dense_units", "needs at least one layer")
+        _check(all(u >= 1 for u in self.dense_units), "dense_units", "must be >= 1")
+        _check(
+            self.batchnorm_momentum is None or 0 <= self.batchnorm_momentum < 1,
+            "batchnorm_momentum",
+            "must be in [0, 1) or null",
+        )
 
 
 @dataclass(frozen=True)
@@ -229,7 +242,12 @@ class ReduceLrParams:
 
 @dataclass(frozen=True)
 class PhaseParams:
-    """One training phase (frozen backbone, or fine-tuning)."""
+    """One training phase (frozen backbone, or fine-tuning).
+
+    ``trainable``: which layers train. ``auto`` is the recipe: ``head`` in the frozen phase,
+    ``all_but_batchnorm`` in fine-tuning; ``all`` (BatchNormalization included) is for a
+    backbone trained from scratch, where frozen random features would teach nothing.
+    """
 
     epochs: int = 30
     learning_rate: float = 1e-4
@@ -238,22 +256,42 @@ class PhaseParams:
     early_stopping: EarlyStoppingParams = field(default_factory=EarlyStoppingParams)
     reduce_lr: ReduceLrParams = field(default_factory=ReduceLrParams)
     class_weight: Literal["balanced", "none"] = "balanced"
+    trainable: Literal["auto", "head", "all_but_batchnorm", "all"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(
+            self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+            "steps_per_epoch",
+            "must be >= 1 or null",
+        )
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 
 @dataclass(frozen=True)
 class TrainParams:
+    """``jit_compile``: XLA (``auto`` = Keras's choice: on where every layer supports it).
+    ``loader_workers``: threads that read batches from the memory-mapped arrays ahead of
+    the accelerator (1 = read in the training loop's own thread)."""
+
     backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
     mixed_precision: bool = False
+    jit_compile: bool | Literal["auto"] = "auto"
+    loader_workers: int = 1
     subset_per_class: int | None = None
     frozen: PhaseParams = field(default_factory=PhaseParams)
     finetune: PhaseParams = field(
         default_factory=lambda: PhaseParams(epochs=20, learning_rate=1e-5)
     )
+
+    def __post_init__(self) -> None:
+        _check(self.loader_workers >= 1, "loader_workers", "must be >= 1")
+        _check(
+            self.subset_per_class is None or self.subset_per_class >= 1,
+            "subset_per_class",
+            "must be >= 1 or null",
+        )
 
 
 @dataclass(frozen=True)
@@ -282,7 +320,7 @@ class Params:
             for folder, label in source.labels.items():
                 _check(
                     label in self.common.classes,
-                    f"sources.{source.name}.labels.{folder}",
+                    f"acquire.sources.{source.name}.labels.{folder}",
                     f"maps to {label!r}, which is not one of common.classes",
                 )
 

@@ -132,6 +132,8 @@ def _to_gray(image: Image.Image, notes: list[str]) -> tuple[np.ndarray, int, int
         image = image.convert("RGB")
         if mode not in ("P",):
             notes.append(f"{mode} converted to RGB")
+    else:
+        notes.append("3-channel gray converted to 1 channel")
     rgb = np.asarray(image)
     colour = colourfulness(rgb)
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
@@ -192,8 +194,6 @@ def decode_image(
             COLOUR,
             f"{name}: colour image (channel difference {colour:.1f} > {grayscale_tolerance})",
         )
-    if channels >= 3:
-        notes.append("3-channel gray converted to 1 channel")
     return DecodedImage(
         gray=np.ascontiguousarray(gray),
         file_format=file_format,

@@ -1,0 +1,231 @@
+"""The clean stage on small trees of real images with every kind of bad input planted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import QUICKSTART_SOURCES, copy_sample, write_params
+
+from braintumor.clean import CleanError, clean, main
+from braintumor.config import load_params
+
+
+def _raw_tree(mirror: Path, root: Path) -> Path:
+    """data/raw with 4 real msoud images per class and split, plus planted problems."""
+    raw = root / "raw"
+    copy_sample(mirror, raw / "msoud", "msoud", 4, ("Training", "Testing"), offset=40)
+    copy_sample(mirror, raw / "sartaj-subset", "sartaj-subset", 1, ("Training",))
+    train = raw / "msoud" / "Training"
+    test = raw / "msoud" / "Testing"
+    real = sorted((train / "glioma").iterdir())[0]
+    data = real.read_bytes()
+    gray = cv2.imread(str(real), cv2.IMREAD_GRAYSCALE)
+    # bad files
+    (train / "glioma" / "corrupt.jpg").write_bytes(data[:200] + b"\x00\x13" * 3000)
+    (train / "glioma" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (train / "glioma" / "empty.jpg").write_bytes(b"")
+    (train / "glioma" / "notes.jpg").write_text("this is not an image\n")
+    cv2.imwrite(str(train / "meningioma" / "tiny.png"), np.full((1, 1), 128, np.uint8))
+    # normalisable files, made from images not otherwise in the tree
+    def unused(class_name: str) -> np.ndarray:
+        first = sorted((mirror / "msoud" / "Training" / class_name).iterdir())[0]
+        return cv2.imread(str(first), cv2.IMREAD_GRAYSCALE)
+
+    gray = unused("notumor")
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 255)])
+    rgba[:10, :10, 3] = 0
+    cv2.imwrite(str(train / "notumor" / "alpha.png"), rgba)
+    deep = (cv2.resize(unused("pituitary"), (200, 180)).astype(np.uint16) * 200).astype(np.uint16)
+    cv2.imwrite(str(train / "pituitary" / "deep16.png"), deep)
+    # skipped files
+    (train / "glioma" / "readme.txt").write_text("notes")
+    hidden = test / "meningioma" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    shutil.copy(real, hidden / "copy-checkpoint.jpg")
+    # duplicates: a test image re-encoded and resized into training (a leak), and an
+    # exact copy inside the test split
+    test_image = sorted((test / "pituitary").iterdir())[0]
+    test_gray = cv2.imread(str(test_image), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(
+        str(train / "pituitary" / "leak.jpg"),
+        cv2.resize(test_gray, (300, 260)),
+        [cv2.IMWRITE_JPEG_QUALITY, 80],
+    )
+    shutil.copy(test_image, test / "pituitary" / "copy.jpg")
+    # a label conflict: the same image filed under two classes in training
+    conflict = sorted((train / "meningioma").iterdir())[0]
+    shutil.copy(conflict, train / "notumor" / "conflict.jpg")
+    return raw
+
+
+@pytest.fixture(scope="module")
+def cleaned(mirror: Path, tmp_path_factory) -> tuple[pd.DataFrame, dict, Path]:
+    tmp_path = tmp_path_factory.mktemp("cleaned")
+    raw = _raw_tree(mirror, tmp_path)
+    params = load_params(write_params(tmp_path, {"acquire": {"sources": QUICKSTART_SOURCES}}))
+    frame, metrics = clean(raw, params, progress=False)
+    return frame.set_index("path"), metrics, raw
+
+
+def _row(frame: pd.DataFrame, name: str) -> pd.Series:
+    matches = frame[frame.index.str.endswith("/" + name)]
+    assert len(matches) == 1, name
+    return matches.iloc[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("corrupt.jpg", "corrupt"),
+        ("truncated.jpg", "truncated"),
+        ("empty.jpg", "empty"),
+        ("notes.jpg", "not_an_image"),
+        ("tiny.png", "too_small"),
+    ],
+)
+def test_bad_files_are_dropped_with_their_reason(cleaned, name: str, reason: str) -> None:
+    frame, metrics, _ = cleaned
+    row = _row(frame, name)
+    assert (row["status"], row["reason"]) == ("dropped", reason)
+    assert name in row["notes"] and "\n" not in row["notes"]
+    assert metrics["dropped"][reason] >= 1
+
+
+def test_alpha_and_16_bit_images_are_normalised_and_kept(cleaned) -> None:
+    frame, metrics, _ = cleaned
+    alpha = _row(frame, "alpha.png")
+    deep = _row(frame, "deep16.png")
+    assert alpha["status"] == "kept" and "alpha composited on black" in alpha["notes"]
+    assert deep["status"] == "kept" and "16-bit rescaled to 8-bit" in deep["notes"]
+    assert deep["bit_depth"] == 16 and alpha["channels"] == 4
+    assert metrics["normalised"]["16-bit rescaled to 8-bit"] == 1
+
+
+def test_colour_photographs_are_excluded(cleaned) -> None:
+    frame, _, _ = cleaned
+    sartaj = frame[frame["source"] == "sartaj-subset"]
+    assert len(sartaj) == 4
+    assert set(sartaj["reason"]) == {"colour"}
+
+
+def test_hidden_and_non_image_files_are_skipped_and_counted(cleaned) -> None:
+    frame, metrics, _ = cleaned
+    assert _row(frame, "copy-checkpoint.jpg")["reason"] == "hidden"
+    assert _row(frame, "readme.txt")["reason"] == "not_image_extension"
+    assert metrics["skipped"] == {"hidden": 1, "not_image_extension": 1}
+
+
+def test_a_resized_reencoded_test_image_never_trains(cleaned) -> None:
+    frame, metrics, _ = cleaned
+    leak = _row(frame, "leak.jpg")
+    assert (leak["status"], leak["reason"]) == ("dropped", "twin_of_test")
+    group = frame[frame["dup_group"] == leak["dup_group"]]
+    assert set(group["split"]) == {"train", "test"}
+    assert group.loc[group["split"] == "test", "has_train_twin"].all()
+    assert not group.loc[group["split"] == "test", "leakage_free"].any()
+    assert metrics["leakage"]["test_with_train_twin"] >= 2  # the original and its copy
+
+
+def test_one_copy_per_split_is_kept(cleaned) -> None:
+    frame, _, _ = cleaned
+    copy = _row(frame, "copy.jpg")
+    group = frame[(frame["dup_group"] == copy["dup_group"]) & (frame["split"] == "test")]
+    assert sorted(group["status"]) == ["dropped", "kept"]
+    dropped = group[group["status"] == "dropped"].iloc[0]
+    assert dropped["reason"] == "duplicate" and dropped["duplicate_of"] in group.index
+
+
+def test_groups_that_disagree_on_the_label_are_dropped(cleaned) -> None:
+    frame, metrics, _ = cleaned
+    conflict = _row(frame, "conflict.jpg")
+    group = frame[frame["dup_group"] == conflict["dup_group"]]
+    assert set(group["label"]) == {"meningioma", "notumor"}
+    assert set(group["reason"]) == {"label_conflict"}
+    assert metrics["duplicates"]["label_conflict_groups"] == 1
+
+
+def test_counts_add_up(cleaned) -> None:
+    frame, metrics, _ = cleaned
+    assert metrics["files_in"] == len(frame)
+    skipped = sum(metrics["skipped"].values())
+    assert metrics["images_in"] == metrics["files_in"] - skipped
+    assert metrics["kept"] + sum(metrics["dropped"].values()) == metrics["images_in"]
+    by_label = sum(sum(v.values()) for v in metrics["kept_by_split_label"].values())
+    assert by_label == metrics["kept"]
+
+
+def test_keep_policies_can_be_turned_off(mirror: Path, tmp_path: Path) -> None:
+    raw = _raw_tree(mirror, tmp_path)
+    overrides = {
+        "acquire": {"sources": QUICKSTART_SOURCES},
+        "clean": {"within_split": "keep_all", "test_twins": "keep", "label_conflicts": "keep"},
+    }
+    frame, metrics = clean(raw, load_params(write_params(tmp_path, overrides)), progress=False)
+    assert not {"duplicate", "twin_of_test", "label_conflict"} & set(metrics["dropped"])
+    leak = frame[frame["path"].str.endswith("/leak.jpg")].iloc[0]
+    assert leak["status"] == "kept" and leak["dup_group_size"] >= 2
+
+
+def test_an_unmapped_class_folder_is_an_error(mirror: Path, tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    copy_sample(mirror, raw / "msoud", "msoud", 1, ("Training",))
+    (raw / "msoud" / "Training" / "astrocytoma").mkdir()
+    shutil.copy(next((raw / "msoud" / "Training" / "glioma").iterdir()),
+                raw / "msoud" / "Training" / "astrocytoma" / "a.jpg")  # fmt: skip
+    params = load_params(write_params(tmp_path, {"acquire": {"sources": QUICKSTART_SOURCES[:1]}}))
+    with pytest.raises(CleanError, match=r"astrocytoma.*not mapped for source 'msoud'"):
+        clean(raw, params, progress=False)
+
+
+def test_a_missing_source_is_an_error(tmp_path: Path) -> None:
+    params = load_params(write_params(tmp_path, {"acquire": {"sources": QUICKSTART_SOURCES}}))
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(CleanError, match=r"source 'msoud' is missing; run the acquire stage"):
+        clean(tmp_path / "raw", params, progress=False)
+
+
+def _cli_args(tmp_path: Path, raw: Path, params: Path) -> list[str]:
+    out = tmp_path / "out"
+    return [
+        "--params", str(params), "--raw", str(raw), "--index", str(out / "index.parquet"),
+        "--metrics", str(out / "data.json"), "--composition", str(out / "composition.csv"),
+        "--figures", str(out / "figures"), "--no-progress",
+    ]  # fmt: skip
+
+
+def test_cli_writes_outputs_and_a_failed_rerun_leaves_them(mirror: Path, tmp_path: Path) -> None:
+    raw = _raw_tree(mirror, tmp_path)
+    params = write_params(tmp_path, {"acquire": {"sources": QUICKSTART_SOURCES}})
+    assert main(_cli_args(tmp_path, raw, params)) == 0
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {p.name for p in before} >= {
+        "index.parquet", "data.json", "composition.csv", "composition.png", "duplicates.png",
+    }  # fmt: skip
+    index = pd.read_parquet(out / "index.parquet")
+    assert "signature" not in index and index["path"].is_unique
+    assert json.loads((out / "data.json").read_text())["kept"] == int(
+        (index["status"] == "kept").sum()
+    )
+    # break the input: an unmapped folder; the stage must fail and change nothing
+    (raw / "msoud" / "Testing" / "unknown_class").mkdir()
+    (raw / "msoud" / "Testing" / "unknown_class" / "x.jpg").write_bytes(b"x")
+    result = subprocess.run(
+        [sys.executable, "-m", "braintumor.clean", *_cli_args(tmp_path, raw, params)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "unknown_class" in result.stderr
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert not [p for p in out.parent.rglob(".*tmp-*")]
