@@ -71,7 +71,8 @@ def cleaned(mirror: Path, tmp_path_factory) -> tuple[pd.DataFrame, dict, Path]:
     tmp_path = tmp_path_factory.mktemp("cleaned")
     raw = _raw_tree(mirror, tmp_path)
     params = load_params(write_params(tmp_path, {"acquire": {"sources": QUICKSTART_SOURCES}}))
-    frame, metrics = clean(raw, params, progress=False)
+    result = clean(raw, params, progress=False)
+    frame, metrics = result.frame, result.metrics
     return frame.set_index("path"), metrics, raw
 
 
@@ -168,7 +169,8 @@ def test_keep_policies_can_be_turned_off(mirror: Path, tmp_path: Path) -> None:
         "acquire": {"sources": QUICKSTART_SOURCES},
         "clean": {"within_split": "keep_all", "test_twins": "keep", "label_conflicts": "keep"},
     }
-    frame, metrics = clean(raw, load_params(write_params(tmp_path, overrides)), progress=False)
+    result = clean(raw, load_params(write_params(tmp_path, overrides)), progress=False)
+    frame, metrics = result.frame, result.metrics
     assert not {"duplicate", "twin_of_test", "label_conflict"} & set(metrics["dropped"])
     leak = frame[frame["path"].str.endswith("/leak.jpg")].iloc[0]
     assert leak["status"] == "kept" and leak["dup_group_size"] >= 2

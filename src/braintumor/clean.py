@@ -361,7 +361,16 @@ def composition_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def clean(raw_dir: Path, params: Params, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+@dataclass(frozen=True)
+class CleanResult:
+    """The stage's result: the index (with signatures), its metrics, the duplicate pairs."""
+
+    frame: pd.DataFrame
+    metrics: dict[str, Any]
+    near_pairs: np.ndarray
+
+
+def clean(raw_dir: Path, params: Params, progress: bool = True) -> CleanResult:
     """Run the whole stage in memory: scan, inspect, group, apply policy, summarise."""
     files: list[FoundFile] = []
     for source in params.acquire.sources:
@@ -373,9 +382,7 @@ def clean(raw_dir: Path, params: Params, progress: bool = True) -> tuple[pd.Data
     )
     source_order = [s.name for s in params.acquire.sources]
     frame = apply_policy(frame, groups, leakage, params.clean, source_order)
-    metrics = summarise(frame, near)
-    frame.attrs["near_pairs"] = near
-    return frame, metrics
+    return CleanResult(frame, summarise(frame, near), near)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,11 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        frame, metrics = clean(args.raw, params, progress=not args.no_progress)
+        result = clean(args.raw, params, progress=not args.no_progress)
     except (CleanError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    near_pairs = frame.attrs.pop("near_pairs")
+    frame, metrics, near_pairs = result.frame, result.metrics, result.near_pairs
     with atomic_path(args.figures, directory=True) as folder:
         figures.composition_chart(composition_table(frame), folder / "composition.png")
         figures.duplicate_sheet(
