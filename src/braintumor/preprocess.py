@@ -62,12 +62,25 @@ def assign_splits(index: pd.DataFrame, params: Params) -> dict[str, pd.DataFrame
             f"class {counts.idxmin()!r} has {counts.min()} training image(s); "
             "a stratified validation split needs at least 2 per class"
         )
-    train, val = train_test_split(
-        training,
-        test_size=params.preprocess.val_fraction,
-        stratify=training["label"],
-        random_state=params.common.seed,
-    )
+    try:
+        train, val = train_test_split(
+            training,
+            test_size=params.preprocess.val_fraction,
+            stratify=training["label"],
+            random_state=params.common.seed,
+        )
+    except ValueError as error:  # sklearn: a split too small to hold every class
+        raise PreprocessError(
+            f"preprocess.val_fraction={params.preprocess.val_fraction} cannot split "
+            f"{len(training)} training images by class: {error}"
+        ) from None
+    for name, rows in (("train", train), ("val", val)):
+        missing = sorted(set(training["label"]) - set(rows["label"]))
+        if missing:
+            raise PreprocessError(
+                f"preprocess.val_fraction={params.preprocess.val_fraction} leaves no {name} "
+                f"image of class(es) {missing}"
+            )
     result = {}
     for name, rows in (("train", train), ("val", val), ("test", test)):
         rows = rows.sort_values("path").reset_index(drop=True)

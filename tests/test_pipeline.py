@@ -1,0 +1,108 @@
+"""Integration: real `dvc repro` of the data stages in a temporary copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "profiles", "src", ".dvcignore"]
+
+
+def _dvc(project: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture
+def project(tmp_path: Path, small_mirror: Path) -> tuple[Path, dict[str, str]]:
+    """A git + DVC project holding this repository's pipeline, on the quickstart profile,
+    with images shrunk to 64 px and the small real-data mirror."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, project / name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["profile"] = "quickstart"
+    params["common"]["image_size"] = 64
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "BRAINTUMOR_MIRROR": str(small_mirror),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
+    }  # fmt: skip
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    _dvc(project, "init", "-q", env=env)
+    _dvc(project, "config", "core.check_update", "false", env=env)
+    return project, env
+
+
+def test_dvc_repro_of_the_data_stages_then_a_noop_rerun(project) -> None:
+    project, env = project
+    first = _dvc(project, "repro", "preprocess", env=env)
+    for stage in ("acquire", "clean", "preprocess"):
+        assert f"Running stage '{stage}'" in first.stdout
+    metrics = json.loads((project / "metrics" / "data.json").read_text())
+    assert metrics["dropped"]["colour"] == 12  # every sartaj-subset image is a photo
+    assert metrics["kept"] > 0
+    images = np.load(project / "data" / "processed" / "train_images.npy", mmap_mode="r")
+    assert images.shape[1:] == (64, 64, 1)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"acquire", "clean", "preprocess"}
+
+    second = _dvc(project, "repro", "preprocess", env=env)
+    assert "Running stage" not in second.stdout
+    for stage in ("acquire", "clean", "preprocess"):
+        assert f"Stage '{stage}' didn't change, skipping" in second.stdout
+    status = _dvc(project, "status", "preprocess", env=env)
+    assert "up to date" in status.stdout
+
+    # a clean parameter reruns clean and preprocess, not acquire
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["clean"]["near_similarity"] = 0.97
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _dvc(project, "repro", "preprocess", env=env)
+    assert "Stage 'acquire' didn't change" in third.stdout
+    assert "Running stage 'clean'" in third.stdout
+
+
+def test_a_failing_stage_keeps_the_last_good_outputs(project) -> None:
+    project, env = project
+    _dvc(project, "repro", "preprocess", env=env)
+    processed = project / "data" / "processed"
+    before = {p.name: p.read_bytes() for p in processed.iterdir()}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["preprocess"]["val_fraction"] = 0.99  # leaves a class without training images
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "repro", "preprocess"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "error: preprocess.val_fraction=0.99" in result.stderr
+    assert {p.name: p.read_bytes() for p in processed.iterdir()} == before
