@@ -1,0 +1,772 @@
+"""The ``train`` and ``finetune`` stages: the recipe's two training phases.
+
+Phase ``frozen`` builds the model and trains the head on a frozen backbone; phase
+``finetune`` loads the best frozen-phase model and trains everything except
+BatchNormalization at a lower learning rate. Both use early stopping, learning-rate
+reduction on plateau, a best-model checkpoint by validation loss and balanced class
+weights, every value from ``params.yaml``; each writes its model, a per-epoch history CSV,
+a metrics JSON and figures, all atomically, and logs to MLflow through ``tracking``.
+
+A phase is resumable: after every epoch it saves the training state (weights, optimizer,
+callback counters, history) under its checkpoint folder; rerun after a kill, it continues
+from the last completed epoch and ends where an uninterrupted run would (batch order and
+random layers are reseeded from (seed, epoch), not carried in process state).
+
+    python -m braintumor.train --phase frozen ...     # dvc.yaml passes every path
+
+Keras is imported only after ``main`` has set ``KERAS_BACKEND`` from ``train.backend``, so
+this module imports the Keras-dependent modules inside functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from braintumor.config import ConfigError, Params, PhaseParams, load_params
+from braintumor.io_utils import atomic_path, write_json
+
+if TYPE_CHECKING:
+    import keras
+
+    from braintumor.data_loading import ProcessedData
+
+PHASES = ("frozen", "finetune")
+HISTORY_COLUMNS = (
+    "epoch",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "learning_rate",
+    "seconds",
+    "train_seconds",
+)
+STATE_FILE = "state.json"
+BEST_MODEL = "best.keras"
+FIGURE_EXAMPLES = 9
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the test hook that stops a phase after some epochs (a simulated kill)."""
+
+
+@dataclass(frozen=True)
+class PhasePaths:
+    """Where one phase reads and writes; ``dvc.yaml`` passes all of them."""
+
+    model_dir: Path  # model.keras and mlflow_run.json
+    checkpoint_dir: Path  # resumable state; a persist: true output
+    metrics: Path
+    history: Path
+    figures: Path
+    tensorboard: Path | None = None
+    init_model: Path | None = None  # finetune: the frozen phase's model.keras
+
+    @property
+    def model(self) -> Path:
+        return self.model_dir / "model.keras"
+
+    @property
+    def run_file(self) -> Path:
+        return self.model_dir / "mlflow_run.json"
+
+
+@dataclass
+class PhaseResult:
+    model: keras.Model
+    history: list[dict[str, float]]
+    metrics: dict[str, Any]
+
+
+class NullRun:
+    """Stands in for ``tracking.PhaseRun`` when nothing is tracked (tests, benchmarks)."""
+
+    run_id: str | None = None
+
+    def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
+        pass
+
+    def log_dataset(self, data: ProcessedData, indices: np.ndarray) -> None:
+        pass
+
+    def log_metrics(self, values: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model(self, model: keras.Model, examples: np.ndarray) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def phase_params(params: Params, phase: str) -> PhaseParams:
+    if phase not in PHASES:
+        raise ValueError(f"phase: unknown {phase!r} (known: {', '.join(PHASES)})")
+    return getattr(params.train, phase)
+
+
+def trainable_mode(phase: str, settings: PhaseParams) -> str:
+    """What trains in ``phase``: the recipe's choice unless the parameters say otherwise."""
+    if settings.trainable != "auto":
+        return settings.trainable
+    return "head" if phase == "frozen" else "all_but_batchnorm"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(params: Params, phase: str, data_digest: str, init_model: Path | None) -> str:
+    """What a checkpoint was made from: resuming is only allowed when this matches.
+
+    Covers every parameter that shapes the phase (the other phase's settings and the
+    backend excepted: a frozen-phase checkpoint is still valid when only fine-tuning
+    changes), the data digest and, for fine-tuning, the starting model's bytes.
+    """
+    train = dataclasses.asdict(params.train)
+    train.pop("frozen" if phase == "finetune" else "finetune")
+    train.pop("backend")
+    content = {
+        "phase": phase,
+        "common": dataclasses.asdict(params.common),
+        "model": dataclasses.asdict(params.model),
+        "augment": dataclasses.asdict(params.augment),
+        "train": train,
+        "data": data_digest,
+        "init_model": file_sha256(init_model) if init_model is not None else None,
+    }
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def epoch_seed(seed: int, phase: str, epoch: int) -> list[int]:
+    """The seed of one epoch's random layers: a pure function of (seed, phase, epoch)."""
+    return [seed, PHASES.index(phase), epoch]
+
+
+def load_resume_state(checkpoint_dir: Path, expected_fingerprint: str) -> dict[str, Any] | None:
+    """The saved state to continue from, or None (absent, finished, or made from other
+    parameters or data)."""
+    path = checkpoint_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if state.get("complete") or state.get("fingerprint") != expected_fingerprint:
+        return None
+    if not (checkpoint_dir / state.get("weights", "")).is_file():
+        return None
+    return state
+
+
+def find_checkpoint(
+    params: Params, phase: str, data: ProcessedData, paths: PhasePaths
+) -> tuple[str, dict[str, Any] | None]:
+    """The phase's fingerprint and the state to resume from (None: start afresh)."""
+    expected = fingerprint(params, phase, data.digest, paths.init_model)
+    return expected, load_resume_state(paths.checkpoint_dir, expected)
+
+
+def reset_checkpoint_dir(checkpoint_dir: Path) -> None:
+    """Empty the checkpoint folder (it is a DVC output, so the folder itself stays)."""
+    if checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+
+def summarise(history: list[dict[str, float]], monitor: str) -> dict[str, Any]:
+    """Best epoch by ``monitor`` and throughput from the per-epoch history."""
+    if not history:
+        raise ValueError("no epoch was run")
+    lower_is_better = "acc" not in monitor
+    values = [row[monitor] for row in history]
+    best = (min if lower_is_better else max)(range(len(values)), key=values.__getitem__)
+    rates = [row["images_per_second"] for row in history if row.get("images_per_second")]
+    return {
+        "best_epoch": int(history[best]["epoch"]),
+        "best_val_loss": float(history[best]["val_loss"]),
+        "best_val_accuracy": float(history[best]["val_accuracy"]),
+        "max_val_accuracy": float(max(row["val_accuracy"] for row in history)),
+        "epochs_run": len(history),
+        "total_train_seconds": round(sum(row["train_seconds"] for row in history), 2),
+        "total_epoch_seconds": round(sum(row["seconds"] for row in history), 2),
+        # The median ignores the first epoch of a process, which includes compilation.
+        "images_per_second": round(statistics.median(rates), 2) if rates else None,
+    }
+
+
+def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+    with atomic_path(path) as temporary:
+        with temporary.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+
+
+def history_figure(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """Loss and accuracy per epoch, training and validation, side by side."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 3.4))
+    epochs = [row["epoch"] for row in history]
+    for axis, key in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
+        axis.plot(epochs, [row[key] for row in history], marker="o", label="train")
+        axis.plot(epochs, [row[f"val_{key}"] for row in history], marker="o", label="validation")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(key)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> None:
+    """``model.save`` to a temporary ``.keras`` name beside ``path``, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
+    try:
+        model.save(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def _callbacks_module() -> Any:
+    import keras
+
+    class EpochState(keras.callbacks.Callback):
+        """Reseeds random layers, times and records each epoch, and saves the state.
+
+        Must come after the callbacks whose counters it saves (early stopping, learning-rate
+        reduction, best checkpoint), so it sees their end-of-epoch values.
+        """
+
+        def __init__(
+            self,
+            *,
+            phase: str,
+            seed: int,
+            checkpoint_dir: Path,
+            fingerprint: str,
+            stateful: dict[str, Any],
+            history: list[dict[str, float]],
+            images_per_epoch: int,
+            run: Any,
+            resume: dict[str, Any] | None,
+            stop_after_epochs: int | None,
+        ) -> None:
+            super().__init__()
+            self.phase = phase
+            self.seed = seed
+            self.checkpoint_dir = checkpoint_dir
+            self.fingerprint = fingerprint
+            self.stateful = stateful
+            self.history = history
+            self.images_per_epoch = images_per_epoch
+            self.run = run
+            self.resume = resume
+            self.stop_after_epochs = stop_after_epochs
+            self.epochs_this_session = 0
+            self.stopped = False
+            self.phase_started = time.perf_counter()
+            self.previous_wall_seconds = (resume or {}).get("wall_seconds", 0.0)
+
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            # The other callbacks reset their counters in their own on_train_begin, which
+            # ran before this one: restore what the checkpoint saved.
+            if self.resume is None:
+                return
+            for name, callback in self.stateful.items():
+                for key, value in self.resume["callbacks"][name].items():
+                    setattr(callback, key, value)
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            from braintumor.augment import reseed_random_layers
+
+            reseed_random_layers(self.model, epoch_seed(self.seed, self.phase, epoch))
+            self.learning_rate = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+            self.started = time.perf_counter()
+            self.train_ended: float | None = None
+
+        def on_test_begin(self, logs: dict | None = None) -> None:
+            if self.train_ended is None:
+                self.train_ended = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs or {}
+            now = time.perf_counter()
+            train_seconds = (self.train_ended or now) - self.started
+            row = {
+                "epoch": epoch + 1,
+                "loss": float(logs["loss"]),
+                "accuracy": float(logs["accuracy"]),
+                "val_loss": float(logs["val_loss"]),
+                "val_accuracy": float(logs["val_accuracy"]),
+                "learning_rate": self.learning_rate,
+                "seconds": round(now - self.started, 3),
+                "train_seconds": round(train_seconds, 3),
+            }
+            if self.epochs_this_session > 0:  # the first one includes compilation
+                row["images_per_second"] = round(self.images_per_epoch / train_seconds, 2)
+            self.history.append(row)
+            self.run.log_epoch(epoch + 1, {k: row[k] for k in HISTORY_COLUMNS[1:]})
+            self.stopped = bool(self.model.stop_training)
+            self.save(epoch + 1)
+            self.epochs_this_session += 1
+            if self.stop_after_epochs is not None:
+                if self.epochs_this_session >= self.stop_after_epochs and not self.stopped:
+                    raise TrainingInterrupted(
+                        f"{self.phase}: stopped after {self.epochs_this_session} epoch(s) "
+                        "by request (test hook); rerun to resume"
+                    )
+
+        def save(self, epochs_done: int) -> None:
+            """Write weights and optimizer state, then the JSON that points at them.
+
+            The JSON is replaced last and atomically, so a kill at any moment leaves either
+            the previous complete state or the new one.
+            """
+            weights = f"state-epoch{epochs_done:04d}.weights.h5"
+            self.model.save_weights(self.checkpoint_dir / weights)
+            state = {
+                "fingerprint": self.fingerprint,
+                "complete": False,
+                "epoch": epochs_done,
+                "stopped": self.stopped,
+                "weights": weights,
+                "callbacks": {
+                    name: _callback_state(name, callback)
+                    for name, callback in self.stateful.items()
+                },
+                "wall_seconds": round(
+                    self.previous_wall_seconds + time.perf_counter() - self.phase_started, 3
+                ),
+                "history": self.history,
+                "run_id": self.run.run_id,
+            }
+            write_json(self.checkpoint_dir / STATE_FILE, state)
+            for old in self.checkpoint_dir.glob("state-epoch*.weights.h5"):
+                if old.name != weights:
+                    old.unlink()
+
+    class BestModelCheckpoint(keras.callbacks.Callback):
+        """Saves ``target`` (the inference model) when ``monitor`` improves on its best."""
+
+        def __init__(self, target: keras.Model, path: Path, monitor: str) -> None:
+            super().__init__()
+            self.target = target
+            self.path = path
+            self.monitor = monitor
+            self.lower_is_better = "acc" not in monitor
+            self.best: float | None = None
+            self.best_epoch: int | None = None
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            value = (logs or {}).get(self.monitor)
+            if value is None:
+                raise ValueError(f"best checkpoint: metric {self.monitor!r} was not computed")
+            value = float(value)
+            better = self.best is None or (
+                value < self.best if self.lower_is_better else value > self.best
+            )
+            if better:
+                self.best, self.best_epoch = value, epoch
+                save_model_atomic(self.target, self.path)
+
+    return EpochState, BestModelCheckpoint
+
+
+# The counters each stateful callback keeps between epochs (restored on resume). Early
+# stopping's best_weights are not among them: the phase's result is the best checkpoint.
+CALLBACK_STATE = {
+    "early_stopping": ("wait", "stopped_epoch", "best", "best_epoch"),
+    "reduce_lr": ("wait", "cooldown_counter", "best"),
+    "best_checkpoint": ("best", "best_epoch"),
+}
+
+
+def _callback_state(name: str, callback: Any) -> dict[str, Any]:
+    values = {}
+    for key in CALLBACK_STATE[name]:
+        value = getattr(callback, key)
+        if value is not None:
+            value = float(value) if key == "best" else int(value)
+        values[key] = value
+    return values
+
+
+# --------------------------------------------------------------------------- the phase
+
+
+def build_phase_model(params: Params, phase: str, init_model: Path | None) -> keras.Model:
+    """The inference model a phase starts from, with the phase's layers set trainable."""
+    import keras
+
+    from braintumor.model import build_model, set_trainable
+
+    num_classes = len(params.common.classes)
+    size = params.common.image_size
+    if phase == "frozen":
+        model = build_model(params.model, size, num_classes)
+    else:
+        if init_model is None or not init_model.is_file():
+            raise FileNotFoundError(f"{init_model}: the frozen phase's model is missing")
+        model = keras.saving.load_model(init_model)
+        expected = (None, size, size, 1)
+        if tuple(model.input_shape) != expected or model.output_shape[-1] != num_classes:
+            raise ValueError(
+                f"{init_model}: takes {model.input_shape} and gives {model.output_shape[-1]} "
+                f"classes; the parameters need {expected} and {num_classes}"
+            )
+    set_trainable(model, trainable_mode(phase, phase_params(params, phase)))
+    return model
+
+
+def run_phase(
+    params: Params,
+    phase: str,
+    data: ProcessedData,
+    paths: PhasePaths,
+    run: Any | None = None,
+    *,
+    checkpoint: tuple[str, dict[str, Any] | None] | None = None,
+    verbose: int = 0,
+    stop_after_epochs: int | None = None,
+) -> PhaseResult:
+    """Train one phase, resuming from ``paths.checkpoint_dir`` when it holds a matching
+    unfinished state, and write the phase's outputs.
+
+    ``run`` is a ``tracking.PhaseRun`` (None: nothing is logged). ``checkpoint`` is
+    ``find_checkpoint``'s answer when the caller already has it. ``stop_after_epochs`` is
+    a test hook: raise ``TrainingInterrupted`` after that many epochs, as if killed.
+    """
+    import keras
+
+    from braintumor.augment import build_augmenter, build_training_model
+    from braintumor.data_loading import ArrayBatches, class_weights, subset_per_class
+
+    run = run or NullRun()
+    settings = phase_params(params, phase)
+    seed = params.common.seed
+    started = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if params.train.mixed_precision else "float32"
+    )
+
+    expected, resume = checkpoint or find_checkpoint(params, phase, data, paths)
+    if resume is None:
+        reset_checkpoint_dir(paths.checkpoint_dir)
+    elif verbose:
+        print(f"{phase}: resuming after epoch {resume['epoch']}")
+
+    model = build_phase_model(params, phase, paths.init_model)
+    augmenter = build_augmenter(params.augment, params.common.image_size, seed)
+    training_model = build_training_model(model, augmenter)
+    training_model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=params.train.jit_compile,
+    )
+
+    train, val = data.splits["train"], data.splits["val"]
+    indices = subset_per_class(train.labels, params.train.subset_per_class, seed)
+    initial_epoch = resume["epoch"] if resume else 0
+    train_batches = ArrayBatches(
+        train.images,
+        train.labels,
+        settings.batch_size,
+        indices=indices,
+        shuffle=True,
+        seed=seed,
+        epoch=initial_epoch,
+        steps=settings.steps_per_epoch,
+        workers=params.train.loader_workers,
+    )
+    val_batches = ArrayBatches(
+        val.images, val.labels, settings.batch_size, workers=params.train.loader_workers
+    )
+    weights = class_weights(
+        train.labels[indices], len(params.common.classes), settings.class_weight
+    )
+    run.log_dataset(data, indices)
+
+    EpochState, BestModelCheckpoint = _callbacks_module()
+    stopping = settings.early_stopping
+    early_stopping = keras.callbacks.EarlyStopping(
+        monitor=stopping.monitor,
+        min_delta=stopping.min_delta,
+        patience=stopping.patience,
+        restore_best_weights=stopping.restore_best_weights,
+    )
+    reduce = settings.reduce_lr
+    reduce_lr = keras.callbacks.ReduceLROnPlateau(
+        monitor=reduce.monitor,
+        factor=reduce.factor,
+        patience=reduce.patience,
+        min_lr=reduce.min_learning_rate,
+    )
+    best_checkpoint = BestModelCheckpoint(
+        model, paths.checkpoint_dir / BEST_MODEL, stopping.monitor
+    )
+    stateful = {
+        "early_stopping": early_stopping,
+        "reduce_lr": reduce_lr,
+        "best_checkpoint": best_checkpoint,
+    }
+    history: list[dict[str, float]] = list(resume["history"]) if resume else []
+    epoch_state = EpochState(
+        phase=phase,
+        seed=seed,
+        checkpoint_dir=paths.checkpoint_dir,
+        fingerprint=expected,
+        stateful=stateful,
+        history=history,
+        images_per_epoch=train_batches.images_per_epoch,
+        run=run,
+        resume=resume,
+        stop_after_epochs=stop_after_epochs,
+    )
+    callbacks = [early_stopping, reduce_lr, best_checkpoint]
+    tensorboard = _tensorboard(paths.tensorboard, params.train.backend)
+    if tensorboard is not None:
+        callbacks.append(tensorboard)
+    callbacks.append(epoch_state)  # last: it saves the others' end-of-epoch state
+
+    if resume is not None:
+        # Optimizer slots must exist before load_weights can fill them.
+        training_model.optimizer.build(training_model.trainable_variables)
+        training_model.load_weights(paths.checkpoint_dir / resume["weights"])
+    finished = resume is not None and (resume["stopped"] or resume["epoch"] >= settings.epochs)
+    if not finished:
+        training_model.fit(
+            train_batches,
+            validation_data=val_batches,
+            epochs=settings.epochs,
+            initial_epoch=initial_epoch,
+            class_weight=weights,
+            callbacks=callbacks,
+            shuffle=False,  # ArrayBatches shuffles itself, seeded per epoch
+            verbose=verbose,
+        )
+
+    best = keras.saving.load_model(paths.checkpoint_dir / BEST_MODEL)
+    model.set_weights(best.get_weights())
+    summary = summarise(history, stopping.monitor)
+    metrics = {
+        "phase": phase,
+        **summary,
+        "stopped_early": bool(history and len(history) < settings.epochs),
+        "resumed": resume is not None,
+        "wall_seconds": round(
+            time.perf_counter() - started + (resume or {}).get("wall_seconds", 0.0), 2
+        ),
+        "train_images": int(len(indices)),
+        "val_images": int(len(val)),
+        "trainable_mode": trainable_mode(phase, settings),
+        "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        "backbone": params.model.backbone,
+        "backend": keras.backend.backend(),
+    }
+    _write_outputs(params, phase, paths, model, augmenter, data, indices, history, metrics, run)
+    write_json(
+        paths.checkpoint_dir / STATE_FILE,
+        {"fingerprint": expected, "complete": True, "epoch": len(history)},
+    )
+    for leftover in paths.checkpoint_dir.iterdir():
+        if leftover.name != STATE_FILE:
+            leftover.unlink()
+    return PhaseResult(model=model, history=history, metrics=metrics)
+
+
+def _tensorboard(log_dir: Path | None, backend: str) -> Any | None:
+    """Keras's TensorBoard callback when it can work here (TF 2.21 no longer ships
+    tensorboard; the history CSV is the log then)."""
+    if (
+        log_dir is None
+        or backend != "tensorflow"
+        or importlib.util.find_spec("tensorboard") is None
+    ):
+        return None
+    import keras
+
+    return keras.callbacks.TensorBoard(log_dir=str(log_dir))
+
+
+def _write_outputs(
+    params: Params,
+    phase: str,
+    paths: PhasePaths,
+    model: keras.Model,
+    augmenter: Any,
+    data: ProcessedData,
+    indices: np.ndarray,
+    history: list[dict[str, float]],
+    metrics: dict[str, Any],
+    run: Any,
+) -> None:
+    from braintumor import figures
+    from braintumor.augment import augment_examples
+
+    save_model_atomic(model, paths.model)
+    write_history_csv(paths.history, history)
+    write_json(paths.metrics, metrics)
+    train = data.splits["train"]
+    with atomic_path(paths.figures, directory=True) as folder:
+        history_figure(history, folder / "history.png", f"{phase} phase")
+        rows = np.random.default_rng(params.common.seed).choice(
+            indices, size=min(FIGURE_EXAMPLES, len(indices)), replace=False
+        )
+        rows = np.sort(rows)
+        examples = augment_examples(augmenter, np.asarray(train.images[rows]), params.common.seed)
+        titles = [params.common.classes[int(label)] for label in train.labels[rows]]
+        figures.image_grid(
+            list(examples), titles, folder / "augmentation.png", "Augmented training images"
+        )
+    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    run.log_artifact(paths.history, "history")
+    run.log_artifact(paths.metrics, "metrics")
+    for figure in sorted(paths.figures.glob("*.png")):
+        run.log_artifact(figure, "figures")
+    examples = np.asarray(train.images[indices[:2]], dtype=np.float32)
+    run.log_model(model, examples)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _use_backend(backend: str) -> None:
+    """Select the Keras backend; it must happen before anything imports keras."""
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != backend:
+            raise ConfigError(
+                f"train.backend: {backend!r} requested but keras was already imported "
+                f"with {keras.backend.backend()!r}"
+            )
+        return
+    os.environ["KERAS_BACKEND"] = backend
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", required=True, choices=PHASES)
+    parser.add_argument("--params", default="params.yaml", type=Path)
+    parser.add_argument("--data", required=True, type=Path, help="data/processed")
+    parser.add_argument("--model-dir", required=True, type=Path, help="model.keras and run id")
+    parser.add_argument("--checkpoints", required=True, type=Path, help="resumable state")
+    parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON")
+    parser.add_argument("--history", required=True, type=Path, help="per-epoch CSV")
+    parser.add_argument("--figures", required=True, type=Path, help="figures folder")
+    parser.add_argument("--tensorboard", type=Path, help="TensorBoard log folder")
+    parser.add_argument("--init", type=Path, help="finetune: the frozen phase's model.keras")
+    parser.add_argument("--parent-run", type=Path, help="finetune: the frozen phase's run file")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
+    parser.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)  # test hook
+    args = parser.parse_args(argv)
+    if args.phase == "finetune" and args.init is None:
+        parser.error("--phase finetune needs --init (the frozen phase's model.keras)")
+
+    from braintumor.data_loading import DataError, load_processed
+
+    try:
+        params = load_params(args.params)
+        _use_backend(params.train.backend)
+        data = load_processed(args.data, params.common.classes, params.common.image_size)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    paths = PhasePaths(
+        model_dir=args.model_dir,
+        checkpoint_dir=args.checkpoints,
+        metrics=args.metrics,
+        history=args.history,
+        figures=args.figures,
+        tensorboard=args.tensorboard,
+        init_model=args.init,
+    )
+    try:
+        checkpoint = find_checkpoint(params, args.phase, data, paths)
+        with _tracked(params, args, paths, checkpoint[1]) as run:
+            result = run_phase(
+                params,
+                args.phase,
+                data,
+                paths,
+                run,
+                checkpoint=checkpoint,
+                verbose=args.verbose,
+                stop_after_epochs=args.stop_after_epochs,
+            )
+    except TrainingInterrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    metrics = result.metrics
+    print(
+        f"{args.phase}: {metrics['epochs_run']} epochs, best val_loss "
+        f"{metrics['best_val_loss']:.4f} (accuracy {metrics['best_val_accuracy']:.4f}) at "
+        f"epoch {metrics['best_epoch']}, {metrics['images_per_second']} img/s, "
+        f"{metrics['wall_seconds']:.0f} s"
+    )
+    return 0
+
+
+@contextmanager
+def _tracked(
+    params: Params, args: argparse.Namespace, paths: PhasePaths, resume: dict[str, Any] | None
+) -> Iterator[Any]:
+    if args.no_mlflow:
+        yield NullRun()
+        return
+    from braintumor import tracking
+
+    with tracking.phase_run(
+        params,
+        args.phase,
+        run_file=paths.run_file,
+        parent_file=args.parent_run,
+        resume_run_id=(resume or {}).get("run_id"),
+        project_root=Path(args.params).resolve().parent,
+    ) as run:
+        yield run
+
+
+if __name__ == "__main__":
+    sys.exit(main())

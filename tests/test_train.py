@@ -1,0 +1,383 @@
+"""The training stages on tiny real data: phases, resume, reproducibility, outputs, errors.
+
+Fixtures are a few msoud JPEGs per class run through the real preprocessing at 32 px and
+saved in the preprocess stage's layout; the backbone is ``tinycnn`` (traces in seconds)
+except in the one slow test that trains a real Keras application.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from braintumor.config import PreprocessParams, params_from_mapping
+from braintumor.imaging import decode_image, preprocess_gray
+
+MSOUD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "msoud"
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+SIZE = 32
+
+pytestmark = pytest.mark.skipif(not MSOUD.is_dir(), reason="needs ../shared/datasets/msoud")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_processed(
+    folder: Path,
+    size: int = SIZE,
+    counts: dict[str, int] | None = None,
+    classes: tuple[str, ...] = CLASSES,
+) -> Path:
+    """A ``data/processed`` look-alike from real JPEGs: ``counts`` images per class per
+    split (train and val from Training, disjoint; test from Testing)."""
+    counts = counts or {"train": 8, "val": 3}
+    folder.mkdir(parents=True, exist_ok=True)
+    first = {"train": 0, "val": 400, "test": 0}
+    for split, per_class in counts.items():
+        source = "Testing" if split == "test" else "Training"
+        images, labels, paths = [], [], []
+        for label, name in enumerate(CLASSES):
+            files = sorted((MSOUD / source / name).glob("*.jpg"))
+            for path in files[first[split] : first[split] + per_class]:
+                gray = decode_image(path.read_bytes(), name=path.name).gray
+                images.append(preprocess_gray(gray, size, PreprocessParams()))
+                labels.append(label)
+                paths.append(f"msoud/{source}/{name}/{path.name}")
+        np.save(folder / f"{split}_images.npy", np.stack(images)[..., None])
+        np.save(folder / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
+        with (folder / f"{split}_index.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "path", "source", "label", "leakage_free"])
+            for row, (path, label) in enumerate(zip(paths, labels, strict=True)):
+                writer.writerow([row, path, "msoud", CLASSES[label], split == "test"])
+    meta = {
+        "classes": list(classes),
+        "image_size": size,
+        "digest": f"test-{size}-{sorted(counts.items())}",
+        "counts": counts,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def tiny_raw_params(**train: Any) -> dict[str, Any]:
+    """The project's params.yaml, shrunk: 32 px, tinycnn, small head, 2 epochs, no XLA."""
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    raw["profile"] = "paper"
+    raw["common"]["image_size"] = SIZE
+    raw["model"].update(backbone="tinycnn", weights="none", dense_units=[32, 16])
+    raw["train"]["jit_compile"] = False
+    for phase in ("frozen", "finetune"):
+        raw["train"][phase].update(epochs=2, batch_size=8)
+    for key, value in train.items():
+        phase, _, name = key.partition("__")
+        raw["train"][phase][name] = value
+    return raw
+
+
+def tiny_params(**train: Any):
+    """``tiny_raw_params`` as ``Params``; ``frozen__epochs=3`` sets train.frozen.epochs."""
+    return params_from_mapping(tiny_raw_params(**train))
+
+
+def phase_paths(root: Path, phase: str, init: Path | None = None):
+    from braintumor.train import PhasePaths
+
+    return PhasePaths(
+        model_dir=root / "models" / phase,
+        checkpoint_dir=root / "models" / "checkpoints" / phase,
+        metrics=root / "metrics" / f"{phase}.json",
+        history=root / "metrics" / f"{phase}_history.csv",
+        figures=root / "figures" / phase,
+        init_model=init,
+    )
+
+
+def weights_by_path(model) -> dict[str, np.ndarray]:
+    return {v.path: np.array(v) for v in model.weights}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_processed(tmp_path_factory.mktemp("processed"))
+
+
+@pytest.fixture(scope="module")
+def data(data_dir: Path):
+    from braintumor.data_loading import load_processed
+
+    return load_processed(data_dir, CLASSES, SIZE)
+
+
+@pytest.fixture(scope="module")
+def two_phases(tmp_path_factory: pytest.TempPathFactory, data) -> dict[str, Any]:
+    """Both phases with the recipe's trainable settings, plus the frozen phase's start."""
+    import keras
+
+    from braintumor.train import build_phase_model, run_phase
+
+    params = tiny_params()
+    root = tmp_path_factory.mktemp("two_phases")
+    keras.utils.set_random_seed(params.common.seed)  # as run_phase does before building
+    initial = weights_by_path(build_phase_model(params, "frozen", None))
+    frozen = run_phase(params, "frozen", data, phase_paths(root, "frozen"))
+    init = root / "models" / "frozen" / "model.keras"
+    finetune = run_phase(params, "finetune", data, phase_paths(root, "finetune", init))
+    return {"root": root, "initial": initial, "frozen": frozen, "finetune": finetune}
+
+
+@pytest.fixture(scope="module")
+def from_scratch(tmp_path_factory: pytest.TempPathFactory, data) -> dict[str, Any]:
+    """Four epochs training everything: uninterrupted, and interrupted after one then
+    rerun in the same checkpoint folder."""
+    from braintumor.train import TrainingInterrupted, run_phase
+
+    params = tiny_params(frozen__epochs=4, frozen__trainable="all", frozen__learning_rate=3e-3)
+    root = tmp_path_factory.mktemp("from_scratch")
+    whole = run_phase(params, "frozen", data, phase_paths(root / "whole", "frozen"))
+    paths = phase_paths(root / "resumed", "frozen")
+    with pytest.raises(TrainingInterrupted):
+        run_phase(params, "frozen", data, paths, stop_after_epochs=1)
+    interrupted_state = json.loads((paths.checkpoint_dir / "state.json").read_text())
+    resumed = run_phase(params, "frozen", data, paths)
+    return {
+        "params": params,
+        "whole": whole,
+        "resumed": resumed,
+        "interrupted_state": interrupted_state,
+        "root": root,
+    }
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+
+def test_load_processed_memory_maps_and_checks(data_dir: Path) -> None:
+    from braintumor.data_loading import load_processed
+
+    data = load_processed(data_dir, CLASSES, SIZE)
+    train = data.splits["train"]
+    assert isinstance(train.images, np.memmap)
+    assert train.images.shape == (32, SIZE, SIZE, 1) and train.images.dtype == np.uint8
+    assert np.bincount(train.labels).tolist() == [8, 8, 8, 8]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"classes": ["glioma", "meningioma", "pituitary", "notumor"]}, "differ from"),
+        ({"image_size": 64}, "image_size 64 differs"),
+    ],
+)
+def test_load_processed_rejects_other_parameters(
+    tmp_path: Path, data_dir: Path, change: dict, message: str
+) -> None:
+    import shutil
+
+    from braintumor.data_loading import DataError, load_processed
+
+    folder = tmp_path / "processed"
+    shutil.copytree(data_dir, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(DataError, match=message) as error:
+        load_processed(folder, CLASSES, SIZE)
+    assert "\n" not in str(error.value)
+
+
+def test_cli_reports_mismatched_classes_in_one_line(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    from braintumor.train import main
+
+    folder = tmp_path / "processed"
+    shutil.copytree(data_dir, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "classes": ["a", "b", "c", "d"]}))
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(tiny_raw_params()))
+    code = main(
+        [
+            "--phase", "frozen", "--params", str(params_path), "--data", str(folder),
+            "--model-dir", str(tmp_path / "m"), "--checkpoints", str(tmp_path / "c"),
+            "--metrics", str(tmp_path / "m.json"), "--history", str(tmp_path / "h.csv"),
+            "--figures", str(tmp_path / "f"), "--no-mlflow",
+        ]
+    )  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert code == 1
+    assert error.startswith("error: ") and "\n" not in error
+    assert "meta.json: classes ['a', 'b', 'c', 'd'] differ from common.classes" in error
+    assert not (tmp_path / "m").exists()
+
+
+def test_batches_are_seeded_per_epoch_and_cover_every_row() -> None:
+    from braintumor.data_loading import ArrayBatches
+
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    labels = np.arange(10) % 4
+    batches = ArrayBatches(images, labels, 4, shuffle=True, seed=7)
+    epochs = []
+    for _ in range(3):
+        rows = np.concatenate([batches[i][0].ravel() for i in range(len(batches))])
+        epochs.append(rows.tolist())
+        batches.on_epoch_end()
+    assert len(batches) == 3 and [len(batches[i][0]) for i in range(3)] == [4, 4, 2]
+    assert all(sorted(rows) == list(range(10)) for rows in epochs)
+    assert epochs[0] != epochs[1]
+    # A dataset created at epoch 2 (a resumed run) serves what epoch 2 served.
+    resumed = ArrayBatches(images, labels, 4, shuffle=True, seed=7, epoch=2)
+    assert np.concatenate([resumed[i][0].ravel() for i in range(3)]).tolist() == epochs[2]
+    assert batches[0][1].dtype == np.int32
+
+
+def test_subset_and_balanced_class_weights() -> None:
+    from braintumor.data_loading import class_weights, subset_per_class
+
+    labels = np.array([0] * 10 + [1] * 5 + [2] * 3 + [3] * 2)
+    chosen = subset_per_class(labels, 4, seed=1)
+    assert np.bincount(labels[chosen]).tolist() == [4, 4, 3, 2]
+    assert np.all(np.diff(chosen) > 0)
+    weights = class_weights(labels, 4, "balanced")
+    assert weights == pytest.approx({0: 0.5, 1: 1.0, 2: 20 / 12, 3: 2.5})
+    assert class_weights(labels, 4, "none") is None
+
+
+# --------------------------------------------------------------------------- the phases
+
+
+def test_frozen_phase_changes_no_backbone_weight(two_phases: dict[str, Any]) -> None:
+    from braintumor.model import backbone_layers
+
+    model = two_phases["frozen"].model
+    initial = two_phases["initial"]
+    after = weights_by_path(model)
+    backbone = {v.path for layer in backbone_layers(model) for v in layer.weights}
+    assert backbone, "the backbone has weights"
+    assert set(after) == set(initial)
+    for path in backbone:  # kernels, gamma/beta and moving statistics alike
+        np.testing.assert_array_equal(after[path], initial[path], err_msg=path)
+    head_changed = [
+        p for p in after if p not in backbone and not np.array_equal(after[p], initial[p])
+    ]
+    assert any("head_dense1" in path for path in head_changed)
+
+
+def test_finetune_keeps_batchnorm_frozen_and_trains_the_rest(two_phases: dict[str, Any]) -> None:
+    import keras
+
+    before = weights_by_path(two_phases["frozen"].model)
+    model = two_phases["finetune"].model
+    after = weights_by_path(model)
+    batchnorm = [
+        layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert len(batchnorm) == 5  # three in tinycnn, two in the head
+    for layer in batchnorm:
+        for variable in layer.weights:  # gamma, beta, moving mean, moving variance
+            np.testing.assert_array_equal(after[variable.path], before[variable.path])
+    assert not np.array_equal(after["tiny_conv1/kernel"], before["tiny_conv1/kernel"])
+    assert two_phases["finetune"].metrics["trainable_mode"] == "all_but_batchnorm"
+
+
+def test_phase_outputs(two_phases: dict[str, Any]) -> None:
+    import keras
+
+    root = two_phases["root"]
+    for phase in ("frozen", "finetune"):
+        rows = list(csv.DictReader((root / "metrics" / f"{phase}_history.csv").open()))
+        assert [int(r["epoch"]) for r in rows] == [1, 2]
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(rows[0])
+        metrics = json.loads((root / "metrics" / f"{phase}.json").read_text())
+        assert metrics["epochs_run"] == 2 and 1 <= metrics["best_epoch"] <= 2
+        assert metrics["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in rows))
+        assert metrics["images_per_second"] > 0
+        for name in ("history.png", "augmentation.png"):
+            assert (root / "figures" / phase / name).stat().st_size > 1000
+        state = json.loads((root / "models" / "checkpoints" / phase / "state.json").read_text())
+        assert state["complete"] is True
+        assert [p.name for p in (root / "models" / "checkpoints" / phase).iterdir()] == [
+            "state.json"
+        ]
+        model = keras.saving.load_model(root / "models" / phase / "model.keras")
+        assert not any(layer.name.startswith("aug_") for layer in model.layers)
+        probabilities = model.predict(np.zeros((2, SIZE, SIZE, 1), np.float32), verbose=0)
+        assert probabilities.shape == (2, 4)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert not list(root.rglob(".*tmp*")), "no temporary files left behind"
+
+
+def test_loss_goes_down(from_scratch: dict[str, Any]) -> None:
+    losses = [row["loss"] for row in from_scratch["whole"].history]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] - 0.2
+
+
+def test_resumed_run_matches_uninterrupted_run(from_scratch: dict[str, Any]) -> None:
+    state = from_scratch["interrupted_state"]
+    assert state["epoch"] == 1 and state["complete"] is False
+    whole, resumed = from_scratch["whole"], from_scratch["resumed"]
+    assert resumed.metrics["resumed"] is True and whole.metrics["resumed"] is False
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        np.testing.assert_allclose(
+            [row[key] for row in resumed.history], [row[key] for row in whole.history], atol=1e-5
+        )
+    for a, b in zip(whole.model.get_weights(), resumed.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_same_seed_same_weights(from_scratch: dict[str, Any], data, tmp_path: Path) -> None:
+    from braintumor.train import run_phase
+
+    again = run_phase(from_scratch["params"], "frozen", data, phase_paths(tmp_path, "frozen"))
+    for a, b in zip(
+        from_scratch["whole"].model.get_weights(), again.model.get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_checkpoint_from_other_parameters_is_not_resumed(tmp_path: Path, data) -> None:
+    from braintumor.train import find_checkpoint
+
+    params = tiny_params()
+    paths = phase_paths(tmp_path, "frozen")
+    paths.checkpoint_dir.mkdir(parents=True)
+    expected, resume = find_checkpoint(params, "frozen", data, paths)
+    assert resume is None
+    (paths.checkpoint_dir / "state-epoch0001.weights.h5").write_bytes(b"x")
+    state = {"fingerprint": expected, "complete": False, "epoch": 1,
+             "weights": "state-epoch0001.weights.h5"}  # fmt: skip
+    (paths.checkpoint_dir / "state.json").write_text(json.dumps(state))
+    assert find_checkpoint(params, "frozen", data, paths)[1] == state
+    other = tiny_params(frozen__learning_rate=1e-3)
+    assert find_checkpoint(other, "frozen", data, paths)[1] is None
+    # Only the other phase's settings changed: still resumable.
+    assert find_checkpoint(tiny_params(finetune__epochs=9), "frozen", data, paths)[1] == state
+
+
+@pytest.mark.slow
+def test_mobilenetv3small_trains_both_phases(tmp_path: Path, data) -> None:
+    """A real Keras application end to end (slow: tracing it takes ~20 s per phase)."""
+    from braintumor.train import run_phase
+
+    raw = tiny_raw_params(frozen__epochs=1, finetune__epochs=1)
+    raw["model"].update(backbone="mobilenetv3small", batchnorm_momentum=0.9)
+    params = params_from_mapping(raw)
+    frozen = run_phase(params, "frozen", data, phase_paths(tmp_path, "frozen"))
+    init = tmp_path / "models" / "frozen" / "model.keras"
+    finetune = run_phase(params, "finetune", data, phase_paths(tmp_path, "finetune", init))
+    assert frozen.metrics["trainable_parameters"] < finetune.metrics["trainable_parameters"]
+    assert np.isfinite(finetune.history[-1]["val_loss"])
