@@ -1,0 +1,41 @@
+"""The README's annotated repository layout stays true."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from conftest import REPO
+
+
+def _layout_paths() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Repository layout\n\n```text\n(.*?)```", text, re.S)
+    assert block, "README has no Repository layout block"
+    return [line.split()[0] for line in block.group(1).splitlines() if line.strip()]
+
+
+def _tracked() -> set[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--cached"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return {line for line in out.splitlines() if line and (REPO / line).exists()}
+
+
+def test_every_listed_path_exists() -> None:
+    missing = [path for path in _layout_paths() if not (REPO / path).exists()]
+    assert not missing, f"README lists paths that do not exist: {missing}"
+
+
+def test_every_source_test_and_top_level_file_is_listed() -> None:
+    listed = set(_layout_paths())
+    expected = {
+        path for path in _tracked()
+        if path.startswith(("src/", "tests/", "bench/", "profiles/", ".ci/")) or "/" not in path
+    }  # fmt: skip
+    expected -= {".dvc/.gitignore"}
+    unlisted = sorted(path for path in expected if path.endswith((".py", ".yaml", ".lock",
+                      ".toml", ".md", "Makefile", "run", ".gitignore", ".dvcignore"))
+                      and path not in listed)  # fmt: skip
+    assert not unlisted, f"README layout misses: {unlisted}"
