@@ -12,10 +12,11 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import QUICKSTART_SOURCES, copy_sample, write_params
 
 from braintumor.clean import CleanError, clean, main
 from braintumor.config import load_params
+
+from conftest import QUICKSTART_SOURCES, copy_sample, write_params
 
 
 def _raw_tree(mirror: Path, root: Path) -> Path:
@@ -34,6 +35,7 @@ def _raw_tree(mirror: Path, root: Path) -> Path:
     (train / "glioma" / "empty.jpg").write_bytes(b"")
     (train / "glioma" / "notes.jpg").write_text("this is not an image\n")
     cv2.imwrite(str(train / "meningioma" / "tiny.png"), np.full((1, 1), 128, np.uint8))
+
     # normalisable files, made from images not otherwise in the tree
     def unused(class_name: str) -> np.ndarray:
         first = sorted((mirror / "msoud" / "Training" / class_name).iterdir())[0]

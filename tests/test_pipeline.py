@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from conftest import REPO
 
 pytestmark = pytest.mark.integration

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import QUICKSTART_SOURCES, copy_sample, write_params
 
 from braintumor.clean import clean
 from braintumor.config import deep_merge, load_params
 from braintumor.imaging import decode_image, preprocess_gray
 from braintumor.preprocess import SPLITS, main, preprocess
+
+from conftest import QUICKSTART_SOURCES, copy_sample, write_params
 
 SIZE = 64
 BASE = {

@@ -72,7 +72,9 @@ class FoundFile:
     skip_reason: str | None
 
 
-def scan_source(raw_dir: Path, source: SourceParams, extensions: tuple[str, ...]) -> list[FoundFile]:
+def scan_source(
+    raw_dir: Path, source: SourceParams, extensions: tuple[str, ...]
+) -> list[FoundFile]:
     """List every file of one source and decide from its location what it is.
 
     Hidden folders and files are skipped, as are files whose extension is not an image's
@@ -230,9 +232,9 @@ def find_duplicate_groups(
 def _keeper_order(members: pd.DataFrame, source_rank: dict[str, int]) -> pd.DataFrame:
     """Members sorted best first: most pixels, then source order, then path."""
     pixels = (members["width"].astype("float64") * members["height"].astype("float64")).fillna(0)
-    return members.assign(
-        _pixels=-pixels, _rank=members["source"].map(source_rank)
-    ).sort_values(["_pixels", "_rank", "path"])
+    return members.assign(_pixels=-pixels, _rank=members["source"].map(source_rank)).sort_values(
+        ["_pixels", "_rank", "path"]
+    )
 
 
 def apply_policy(
@@ -319,15 +321,19 @@ def summarise(frame: pd.DataFrame, near_pairs: np.ndarray) -> dict[str, Any]:
             node[str(values[-1])] = int(count)
         return result
 
-    notes = Counter(
-        note for text in kept["notes"].fillna("") for note in text.split("; ") if note
-    )
+    notes = Counter(note for text in kept["notes"].fillna("") for note in text.split("; ") if note)
     return {
         "files_in": len(frame),
         "images_in": len(images),
         "kept": len(kept),
-        "skipped": {str(k): int(v) for k, v in frame.loc[frame["status"] == "skipped", "reason"].value_counts().items()},  # noqa: E501
-        "dropped": {str(k): int(v) for k, v in frame.loc[frame["status"] == "dropped", "reason"].value_counts().items()},  # noqa: E501
+        "skipped": {
+            str(k): int(v)
+            for k, v in frame.loc[frame["status"] == "skipped", "reason"].value_counts().items()
+        },
+        "dropped": {
+            str(k): int(v)
+            for k, v in frame.loc[frame["status"] == "dropped", "reason"].value_counts().items()
+        },
         "normalised": dict(sorted(notes.items())),
         "kept_by_split_label": nested_counts(kept, ["split", "label"]),
         "kept_by_source_split": nested_counts(kept, ["source", "split"]),
@@ -346,7 +352,9 @@ def summarise(frame: pd.DataFrame, near_pairs: np.ndarray) -> dict[str, Any]:
             "test_images": int(test["status"].ne("skipped").sum()),
             "test_with_train_twin": int(test["has_train_twin"].sum()),
             "test_with_train_twin_average_hash": reference_leakage(frame),
-            "test_similar_to_train": int((test["similar_to_train"] & ~test["has_train_twin"]).sum()),
+            "test_similar_to_train": int(
+                (test["similar_to_train"] & ~test["has_train_twin"]).sum()
+            ),
             "kept_test_leakage_free": int(kept_test["leakage_free"].sum()),
             "kept_test_not_leakage_free": int((~kept_test["leakage_free"]).sum()),
         },

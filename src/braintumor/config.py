@@ -60,9 +60,7 @@ class SourceParams:
     name: str
     uri: str
     labels: dict[str, str]
-    splits: dict[str, str] = field(
-        default_factory=lambda: {"Training": "train", "Testing": "test"}
-    )
+    splits: dict[str, str] = field(default_factory=lambda: {"Training": "train", "Testing": "test"})
     sha256: str | None = None
     root: str = ""
 
@@ -203,9 +201,7 @@ class ModelParams:
     ``batchnorm_momentum`` overrides the backbone's BatchNormalization momentum (null keeps
     the application's value; 0.9 lets from-scratch training on few steps converge)."""
 
-    backbone: Literal["resnet50", "mobilenetv3small", "efficientnetv2b0", "tinycnn"] = (
-        "resnet50"
-    )
+    backbone: Literal["resnet50", "mobilenetv3small", "efficientnetv2b0", "tinycnn"] = "resnet50"
     weights: str = "imagenet"
     normalization: Literal["auto", "caffe", "torch", "tf", "unit", "raw"] = "auto"
     dense_units: tuple[int, ...] = (512, 128)

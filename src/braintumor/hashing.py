@@ -24,7 +24,6 @@ import cv2
 import numpy as np
 
 
-
 def pixel_hash(gray: np.ndarray) -> str:
     """Hex digest of the decoded pixels and their shape (exact-duplicate key)."""
     digest = hashlib.blake2b(digest_size=16)
@@ -73,8 +72,9 @@ def average_hash(gray: np.ndarray, size: int = 16) -> str:
 def similar_pairs(signatures: np.ndarray, threshold: float, block: int = 1024) -> np.ndarray:
     """All pairs (i < j) whose signatures correlate at least ``threshold``.
 
-    Returns an (M, 2) int64 index array (``pair_similarity`` gives the values). Exhaustive (no hash buckets, so nothing is missed),
-    blocked so memory stays at ``block x N`` floats; ~1 s for 7,000 images on two cores.
+    Returns an (M, 2) int64 index array (``pair_similarity`` gives the values).
+    Exhaustive (no hash buckets, so nothing is missed), blocked so memory stays at
+    ``block x N`` floats; ~1 s for 7,000 images on two cores.
     """
     values = np.ascontiguousarray(signatures, dtype=np.float32)
     found = [np.zeros((0, 2), dtype=np.int64)]

@@ -119,9 +119,7 @@ def _to_gray(image: Image.Image, notes: list[str]) -> tuple[np.ndarray, int, int
         return np.asarray(image.convert("L")), 1, 1, 0.0
     if mode == "L":
         return np.asarray(image), 1, 8, 0.0
-    has_alpha = mode in ("RGBA", "LA", "PA") or (
-        mode == "P" and "transparency" in image.info
-    )
+    has_alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info)
     channels = len(image.getbands())
     if has_alpha:
         rgba = image.convert("RGBA")

@@ -127,7 +127,9 @@ def write_split_arrays(
         if pool is not None
         else map(transform_file, tasks)
     )
-    bar = tqdm(total=len(paths), desc=description, unit="img", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(paths), desc=description, unit="img", disable=not progress, file=sys.stderr
+    )
     for row, image in enumerate(results):
         array[row, :, :, 0] = image
         bar.update()
