@@ -69,7 +69,9 @@ def _tinycnn(
             filters, 3, strides=2, padding="same", use_bias=False, name=f"tiny_conv{block}"
         )(x)
         x = keras.layers.BatchNormalization(name=f"tiny_bn{block}")(x)
-        x = keras.layers.Activation("relu", name="top_activation" if block == 3 else None)(x)
+        x = keras.layers.Activation(
+            "relu", name="top_activation" if block == 3 else f"tiny_relu{block}"
+        )(x)
     model = keras.Model(keras.utils.get_source_inputs(input_tensor), x, name=name)
     if weights is not None:
         model.load_weights(weights)

@@ -28,6 +28,7 @@ import importlib.metadata
 import json
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,13 +201,16 @@ class PhaseRun:
         digest = data.digest
         for name, context in (("train", "training"), ("val", "validation")):
             split = data.splits[name]
-            dataset = mlflow.data.from_numpy(
-                split.images,
-                targets=split.labels,
-                source=str(data.folder.resolve() / f"{name}_images.npy"),
-                name=f"processed-{name}",
-                digest=digest[:16] if digest else None,
-            )
+            with warnings.catch_warnings():
+                # "can be interpreted in multiple ways": a local path always is; harmless.
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = mlflow.data.from_numpy(
+                    split.images,
+                    targets=split.labels,
+                    source=str(data.folder.resolve() / f"{name}_images.npy"),
+                    name=f"processed-{name}",
+                    digest=digest[:16] if digest else None,
+                )
             mlflow.log_input(dataset, context=context)
         counts = data.meta.get("counts", {})
         mlflow.set_tags(

@@ -1,0 +1,173 @@
+"""MLflow tracking: URI resolution, and both training phases against a real MLflow server.
+
+The integration test starts ``mlflow server`` on loopback (sqlite in tmp_path, one worker,
+no job runner), trains the tiny two-phase model against it through the stage's ``main``,
+then checks through the REST API what a reviewer would look at: one parent run with a
+child per phase, their parameters, one ``val_loss`` point per epoch, and the models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from test_train import MSOUD, make_processed, tiny_raw_params
+
+MLFLOW = Path(sys.executable).with_name("mlflow")
+
+
+@pytest.fixture(autouse=True)
+def _no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def test_relative_sqlite_uri_is_made_absolute(monkeypatch: pytest.MonkeyPatch) -> None:
+    from braintumor.tracking import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = Path("/work/project")
+    assert resolve_tracking_uri("sqlite:///mlflow.db", root) == "sqlite:////work/project/mlflow.db"
+    assert resolve_tracking_uri("sqlite:////abs/m.db", root) == "sqlite:////abs/m.db"
+    assert resolve_tracking_uri("http://h:5000", root) == "http://h:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri("sqlite:///mlflow.db", root) == "http://127.0.0.1:1"
+
+
+def test_invocation_outside_dvc(monkeypatch: pytest.MonkeyPatch) -> None:
+    from braintumor.tracking import _is_dvc, pipeline_invocation
+
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
+    assert pipeline_invocation().startswith("exp-1:")
+    assert _is_dvc(["/venv/bin/python", "/venv/bin/dvc", "repro"])
+    assert _is_dvc(["dvc", "exp", "run"]) and _is_dvc(["python", "-m", "dvc", "repro"])
+    assert not _is_dvc(["/venv/bin/python", "-m", "pytest", "tests/dvc_test.py"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(MLFLOW), "server",
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--artifacts-destination", str(tmp_path / "mlartifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).text.strip() == "OK":
+                    break
+            except requests.RequestException:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not MSOUD.is_dir(), reason="needs ../shared/datasets/msoud")
+def test_two_phases_logged_to_a_real_server(
+    tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from braintumor.train import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("DVC_EXP_NAME", "tracking-test")
+    data = make_processed(tmp_path / "processed")
+    raw = tiny_raw_params(frozen__epochs=2, finetune__epochs=3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    common = ["--params", str(tmp_path / "params.yaml"), "--data", str(data), "--verbose", "0"]
+    for phase in ("frozen", "finetune"):
+        extra = (
+            ["--init", str(tmp_path / "models/frozen/model.keras"),
+             "--parent-run", str(tmp_path / "models/frozen/mlflow_run.json")]
+            if phase == "finetune" else []
+        )  # fmt: skip
+        code = main(
+            ["--phase", phase, *common,
+             "--model-dir", str(tmp_path / "models" / phase),
+             "--checkpoints", str(tmp_path / "models/checkpoints" / phase),
+             "--metrics", str(tmp_path / "metrics" / f"{phase}.json"),
+             "--history", str(tmp_path / "metrics" / f"{phase}_history.csv"),
+             "--figures", str(tmp_path / "figures" / phase), *extra]
+        )  # fmt: skip
+        assert code == 0
+
+    runs = {
+        phase: json.loads((tmp_path / "models" / phase / "mlflow_run.json").read_text())
+        for phase in ("frozen", "finetune")
+    }
+    assert runs["frozen"]["parent_run_id"] == runs["finetune"]["parent_run_id"]
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = requests.get(
+        f"{api}/experiments/get-by-name", params={"experiment_name": raw["tracking"]["experiment"]}
+    ).json()["experiment"]
+    found = requests.post(
+        f"{api}/runs/search",
+        json={
+            "experiment_ids": [experiment["experiment_id"]],
+            "filter": f"tags.mlflow.parentRunId = '{runs['frozen']['parent_run_id']}'",
+        },
+    ).json()["runs"]
+    children = {run["info"]["run_name"]: run for run in found}
+    assert set(children) == {"frozen", "finetune"}
+    for phase, run in children.items():
+        assert run["info"]["run_id"] == runs[phase]["run_id"]
+        assert run["info"]["status"] == "FINISHED"
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["model.backbone"] == "tinycnn"
+        assert params["train.finetune.epochs"] == "3"
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["dvc.exp_name"] == "tracking-test" and tags["backend"] == "tensorflow"
+        assert tags["phase"] == phase and tags["profile"] == "paper"
+        metrics = json.loads((tmp_path / "metrics" / f"{phase}.json").read_text())
+        history = requests.get(
+            f"{api}/metrics/get-history",
+            params={"run_id": run["info"]["run_id"], "metric_key": "val_loss"},
+        ).json()["metrics"]
+        assert sorted(point["step"] for point in history) == list(
+            range(1, metrics["epochs_run"] + 1)
+        )
+        artifacts = requests.get(
+            f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"], "path": "figures"}
+        ).json()
+        assert {"figures/augmentation.png", "figures/history.png"} <= {
+            f["path"] for f in artifacts["files"]
+        }
+    models = requests.post(
+        f"{api}/logged-models/search", json={"experiment_ids": [experiment["experiment_id"]]}
+    ).json()["models"]
+    sources = {model["info"]["source_run_id"] for model in models}
+    assert sources == {runs["frozen"]["run_id"], runs["finetune"]["run_id"]}
