@@ -21,7 +21,7 @@ anonymous (total minus file-backed pages: what the processes really hold, as opp
 shared libraries and the page cache of a memory-mapped output file). The subprocess also
 reports ``getrusage`` peaks (its own, and the largest of its waited-for children). Both
 main processes import the same modules before the work starts; the stage's workers pay
-their own imports (they unpickle ``braintumor.preprocess.transform_file``), which is part
+their own imports (they unpickle ``braintumor.workers.transform_file``), which is part
 of the stage's cost, so the timed section includes the pool's start-up.
 
 Wall time on a shared machine depends on what else runs: ``--repeat R`` alternates the
@@ -167,12 +167,13 @@ def run_baseline(paths: list[str], params: Any) -> dict[str, Any]:
 def run_stage(paths: list[str], params: Any, workers: int, folder: Path) -> dict[str, Any]:
     """The stage's code path: a spawn pool (as ``preprocess.preprocess`` creates it) and
     ``write_split_arrays`` streaming into a ``.npy`` file."""
-    from braintumor.preprocess import _init_worker, write_split_arrays
+    from braintumor.preprocess import write_split_arrays
+    from braintumor.workers import init_worker
 
     destination = folder / "images.npy"
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     pool = (
-        multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+        multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)
         if workers > 1 and len(paths) > params.preprocess.chunk_size
         else None
     )

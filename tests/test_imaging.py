@@ -99,12 +99,6 @@ def test_corrupt_jpeg_with_valid_header_is_refused_as_corrupt(
     _assert_one_line_naming(error, path, "corrupt", "jpeg")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="imaging.decode_image maps every PIL OSError that mentions 'truncated' to "
-    "TRUNCATED, including PIL's 'Truncated File Read' for a garbage marker length in a "
-    "file that does end with the JPEG end-of-image marker (so it is corrupt, not cut off)",
-)
 def test_jpeg_with_garbage_after_its_first_marker_is_corrupt_not_truncated(
     tmp_path: Path,
 ) -> None:

@@ -30,16 +30,9 @@ from tqdm import tqdm
 
 from braintumor import figures
 from braintumor.config import CleanParams, ConfigError, Params, SourceParams, load_params
-from braintumor.hashing import (
-    average_hash,
-    connected_groups,
-    content_thumbnail,
-    pair_similarity,
-    pixel_hash,
-    similar_pairs,
-)
-from braintumor.imaging import ImageDecodeError, decode_image
+from braintumor.hashing import connected_groups, pair_similarity, similar_pairs
 from braintumor.io_utils import atomic_path, worker_count, write_json
+from braintumor.workers import init_worker, inspect_file
 
 SKIPPED_HIDDEN = "hidden"
 SKIPPED_EXTENSION = "not_image_extension"
@@ -114,40 +107,6 @@ def scan_source(
     return found
 
 
-def inspect_file(task: tuple[str, str, CleanParams]) -> dict[str, Any]:
-    """Decode one file and return its facts, hashes and signature, or why it is refused.
-
-    Runs in worker processes, so it takes one picklable tuple.
-    """
-    absolute, relative, params = task
-    data = Path(absolute).read_bytes()
-    record: dict[str, Any] = {"path": relative, "bytes": len(data)}
-    try:
-        image = decode_image(
-            data,
-            name=relative,
-            min_side=params.min_side,
-            grayscale_tolerance=params.grayscale_tolerance,
-        )
-    except ImageDecodeError as error:
-        record.update(status="dropped", reason=error.reason, notes=str(error))
-        return record
-    record.update(
-        status="kept",
-        reason="",
-        notes="; ".join(image.notes),
-        file_format=image.file_format,
-        width=image.width,
-        height=image.height,
-        channels=image.channels,
-        bit_depth=image.bit_depth,
-        pixel_hash=pixel_hash(image.gray),
-        average_hash=average_hash(image.gray, params.average_hash_size),
-        signature=content_thumbnail(image.gray, params.thumbnail_size, params.content_threshold),
-    )
-    return record
-
-
 def inspect_files(
     raw_dir: Path, files: list[FoundFile], params: CleanParams, progress: bool = True
 ) -> list[dict[str, Any]]:
@@ -161,7 +120,8 @@ def inspect_files(
             results.append(inspect_file(task))
             bar.update()
     else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, initializer=init_worker) as pool:
             for record in pool.imap(inspect_file, tasks, chunksize=32):
                 results.append(record)
                 bar.update()

@@ -116,6 +116,7 @@ class CleanParams:
     min_side: int = 32
     grayscale_tolerance: float = 6.0
     content_threshold: int = 16
+    content_trim: float = 0.005
     thumbnail_size: int = 32
     near_similarity: float = 0.95
     leakage_similarity: float = 0.90
@@ -137,6 +138,7 @@ class CleanParams:
         _check(8 <= self.thumbnail_size <= 128, "thumbnail_size", "must be in [8, 128]")
         _check(self.grayscale_tolerance >= 0, "grayscale_tolerance", "must be >= 0")
         _check(0 <= self.content_threshold < 255, "content_threshold", "in [0, 255)")
+        _check(0 <= self.content_trim < 0.25, "content_trim", "must be in [0, 0.25)")
         _check(self.average_hash_size >= 4, "average_hash_size", "must be >= 4")
         _check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
 

@@ -172,7 +172,8 @@ def decode_image(
     except UnidentifiedImageError:
         raise ImageDecodeError(CORRUPT, f"{name}: corrupt {file_format} (cannot decode)") from None
     except OSError as error:
-        if "truncated" in str(error).lower():
+        complete = file_format != "jpeg" or data.rstrip(b"\x00").endswith(b"\xff\xd9")
+        if "truncated" in str(error).lower() and not complete:
             raise ImageDecodeError(TRUNCATED, f"{name}: truncated {file_format} file") from None
         raise ImageDecodeError(CORRUPT, f"{name}: corrupt {file_format} ({error})") from None
     except (SyntaxError, ValueError, Image.DecompressionBombError) as error:

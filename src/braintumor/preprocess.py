@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
@@ -30,8 +29,9 @@ from tqdm import tqdm
 
 from braintumor import figures
 from braintumor.config import ConfigError, Params, PreprocessParams, load_params
-from braintumor.imaging import ImageDecodeError, decode_image, preprocess_gray
+from braintumor.imaging import decode_image
 from braintumor.io_utils import atomic_path, worker_count, write_json
+from braintumor.workers import init_worker, transform_file
 
 SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ["id", "path", "source", "label", "label_index", "leakage_free", "dup_group"]
@@ -92,22 +92,6 @@ def assign_splits(index: pd.DataFrame, params: Params) -> dict[str, pd.DataFrame
     return result
 
 
-def transform_file(task: tuple[str, int, PreprocessParams]) -> np.ndarray:
-    """Decode and transform one file (worker-process entry point)."""
-    path, size, params = task
-    try:
-        gray = decode_image(Path(path).read_bytes(), name=path).gray
-    except OSError as error:
-        raise PreprocessError(f"{path}: cannot read ({error.strerror or error})") from None
-    except ImageDecodeError as error:
-        raise PreprocessError(str(error)) from None
-    return preprocess_gray(gray, size, params)
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would oversubscribe
-
-
 def write_split_arrays(
     paths: list[str],
     destination: Path,
@@ -131,6 +115,8 @@ def write_split_arrays(
         total=len(paths), desc=description, unit="img", disable=not progress, file=sys.stderr
     )
     for row, image in enumerate(results):
+        if isinstance(image, str):
+            raise PreprocessError(image)
         array[row, :, :, 0] = image
         bar.update()
     bar.close()
@@ -178,7 +164,7 @@ def preprocess(
     total = sum(len(f) for f in frames.values())
     with atomic_path(out_dir, directory=True) as folder:
         pool = (
-            multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+            multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)
             if workers > 1 and total > params.preprocess.chunk_size
             else None
         )
