@@ -299,6 +299,79 @@ class TrackingParams:
     registered_model: str = "brain-tumor-classifier"
 
 
+STUDY_BASE_MATRIX = (
+    (323, 96, 3, 8),
+    (30, 342, 20, 40),
+    (0, 9, 388, 1),
+    (3, 4, 8, 442),
+)
+STUDY_FINETUNED_MATRIX = (
+    (429, 0, 0, 1),
+    (13, 409, 0, 10),
+    (0, 0, 396, 2),
+    (0, 1, 0, 456),
+)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Evaluation settings. ``study_*_matrix`` are the study's published confusion matrices
+    (rows true, columns predicted, in ``common.classes`` order), from which the comparison
+    table recomputes the study's numbers correctly."""
+
+    batch_size: int = 64
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
+    calibration_bins: int = 15
+    gradcam_examples: int = 2
+    occlusion_patch: int = 32
+    occlusion_stride: int = 16
+    study_base_matrix: tuple[tuple[int, ...], ...] = STUDY_BASE_MATRIX
+    study_finetuned_matrix: tuple[tuple[int, ...], ...] = STUDY_FINETUNED_MATRIX
+
+    def __post_init__(self) -> None:
+        _check(self.bootstrap_resamples >= 10, "bootstrap_resamples", "must be >= 10")
+        _check(0.5 < self.confidence < 1, "confidence", "must be in (0.5, 1)")
+        _check(self.calibration_bins >= 2, "calibration_bins", "must be >= 2")
+        _check(self.gradcam_examples >= 0, "gradcam_examples", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class GateParams:
+    """What a model version must show on the evaluation ``view`` to become champion."""
+
+    view: Literal["test", "leakage_free"] = "leakage_free"
+    min_macro_f1_gain: float = 0.0
+    min_class_recall: float = 0.5
+    max_ece: float = 0.10
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.min_class_recall <= 1, "min_class_recall", "must be in [0, 1]")
+        _check(0 < self.max_ece <= 1, "max_ece", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    register: bool = True
+    gate: GateParams = field(default_factory=GateParams)
+
+
+@dataclass(frozen=True)
+class ServingParams:
+    """Limits and warnings of the app and the ``predict`` command."""
+
+    max_upload_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+    ood_warn_z: float = 4.0
+    ood_refuse_z: float = 8.0
+    examples: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
+        _check(self.max_pixels > 0, "max_pixels", "must be > 0")
+        _check(0 < self.ood_warn_z <= self.ood_refuse_z, "ood_warn_z", "in (0, ood_refuse_z]")
+
+
 @dataclass(frozen=True)
 class Params:
     """All parameters of one pipeline run, after the profile override."""
@@ -312,8 +385,18 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
+    serving: ServingParams = field(default_factory=ServingParams)
 
     def __post_init__(self) -> None:
+        for matrix in (self.evaluate.study_base_matrix, self.evaluate.study_finetuned_matrix):
+            _check(
+                len(matrix) == len(self.common.classes)
+                and all(len(row) == len(self.common.classes) for row in matrix),
+                "evaluate.study_*_matrix",
+                "must be square with one row per class",
+            )
         for source in self.acquire.sources:
             for folder, label in source.labels.items():
                 _check(
