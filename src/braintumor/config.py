@@ -208,7 +208,7 @@ class ModelParams:
     normalization: Literal["auto", "caffe", "torch", "tf", "unit", "raw"] = "auto"
     dense_units: tuple[int, ...] = (512, 128)
     dropout: float = 0.4
-    gradcam_layer: str = "conv5_block3_out"
+    gradcam_layer: str = "auto"
     batchnorm_momentum: float | None = None
 
     def __post_init__(self) -> None:

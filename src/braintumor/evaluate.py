@@ -1,0 +1,461 @@
+"""The ``evaluate`` stage: honest metrics, calibration, explanations and the model bundle.
+
+Both models (after phase 1, "base"; after phase 2, "fine-tuned") are scored on the test
+set three ways: all of it, its leakage-free subset (no training twin and no same-patient
+neighbour, from the clean stage) and per source. Each view gets accuracy, per-class
+precision / recall / specificity / F1 / support, macro and weighted averages, the
+confusion matrix and its one-vs-rest table, one-vs-rest ROC AUC and bootstrap intervals.
+A temperature fitted on the validation split only calibrates the test probabilities; the
+expected calibration error is reported before and after.
+
+Outputs: ``metrics/eval.json`` (a DVC metric: ``dvc metrics diff`` compares experiments),
+a Markdown + JSON comparison with the study's published numbers (recomputed from its
+confusion matrices), confusion matrices and ROC curves as DVC plot tables and figures,
+Grad-CAM and occlusion figures, and the fine-tuned model's bundle (``bundle.py``), which
+the registry and the app serve. The stage logs all of it to an MLflow child run of the
+pipeline's run and registers the bundle as a new version with the alias ``challenger``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from braintumor.backend import use_backend
+from braintumor.config import ConfigError, Params, load_params
+
+MODELS = ("base", "finetuned")
+VIEW_TEST = "test"
+VIEW_LEAKAGE_FREE = "leakage_free"
+
+
+class EvaluateError(ValueError):
+    """The models or data cannot be evaluated together (wrong file, wrong class list)."""
+
+
+def load_keras_model(path: Path, num_classes: int) -> Any:
+    """Load a ``.keras`` model, refusing files that are not one or that disagree with the
+    data's class list, with a one-line error."""
+    import keras
+
+    if not path.is_file():
+        raise EvaluateError(f"{path}: model file not found; run the training stages")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001 - Keras raises many kinds for a bad file
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise EvaluateError(f"{path}: not a Keras model ({first[:200]})") from None
+    outputs = int(model.output_shape[-1])
+    if outputs != num_classes:
+        raise EvaluateError(
+            f"{path}: model predicts {outputs} classes but the data has {num_classes}"
+        )
+    return model
+
+
+def gradcam_layer(params: Params, model: Any) -> str:
+    """The Grad-CAM layer: ``model.gradcam_layer``, or the backbone's last convolutional
+    block when it is ``auto``; an error if the model has no such layer."""
+    from braintumor.model import feature_layer_name
+
+    name = params.model.gradcam_layer
+    if name == "auto":
+        name = feature_layer_name(params.model.backbone)
+    if name not in {layer.name for layer in model.layers}:
+        raise EvaluateError(f"model.gradcam_layer: the model has no layer {name!r}")
+    return name
+
+
+def predict_probabilities(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Softmax outputs for a uint8 (N, H, W, 1) array, batch by batch from the memory map."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start : start + batch_size], dtype=np.float32)
+        outputs.append(np.asarray(model.predict_on_batch(batch), dtype=np.float64))
+    if not outputs:
+        return np.zeros((0, int(model.output_shape[-1])))
+    return np.concatenate(outputs)
+
+
+def test_views(index: Any) -> dict[str, np.ndarray]:
+    """Row masks of the test set: all, leakage-free, and one per source."""
+    views = {
+        VIEW_TEST: np.ones(len(index), dtype=bool),
+        VIEW_LEAKAGE_FREE: index["leakage_free"].astype(bool).to_numpy(),
+    }
+    for source in sorted(index["source"].unique()):
+        views[f"source_{source}"] = (index["source"] == source).to_numpy()
+    return views
+
+
+def evaluate_probabilities(
+    val_labels: np.ndarray,
+    val_probabilities: np.ndarray,
+    test_labels: np.ndarray,
+    test_probabilities: np.ndarray,
+    views: dict[str, np.ndarray],
+    params: Params,
+) -> dict[str, Any]:
+    """Calibrate on validation, then report every test view (pure: arrays in, dict out)."""
+    from braintumor.calibration import (
+        apply_temperature,
+        expected_calibration_error,
+        fit_temperature,
+        log_probabilities,
+        negative_log_likelihood,
+    )
+    from braintumor.metrics import classification_report
+
+    settings = params.evaluate
+    classes = list(params.common.classes)
+    temperature = fit_temperature(log_probabilities(val_probabilities), val_labels)
+    calibrated = apply_temperature(test_probabilities, temperature)
+    result: dict[str, Any] = {
+        "temperature": temperature,
+        "val_ece_before": expected_calibration_error(
+            val_labels, val_probabilities, settings.calibration_bins
+        ),
+        "views": {},
+    }
+    for name, mask in views.items():
+        if not mask.any():
+            continue
+        report = classification_report(
+            test_labels[mask],
+            calibrated[mask],
+            classes,
+            resamples=settings.bootstrap_resamples,
+            confidence=settings.confidence,
+            seed=params.common.seed,
+        )
+        report["calibration"] = {
+            "ece_before": expected_calibration_error(
+                test_labels[mask], test_probabilities[mask], settings.calibration_bins
+            ),
+            "ece_after": expected_calibration_error(
+                test_labels[mask], calibrated[mask], settings.calibration_bins
+            ),
+            "nll_before": negative_log_likelihood(test_labels[mask], test_probabilities[mask]),
+            "nll_after": negative_log_likelihood(test_labels[mask], calibrated[mask]),
+        }
+        report["count"] = int(mask.sum())
+        result["views"][name] = report
+    result["calibrated"] = calibrated
+    return result
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """The flat numbers of ``metrics/eval.json`` for one model: per view, the summary."""
+    from braintumor.metrics import summary_metrics
+
+    flat: dict[str, float] = {"temperature": round(float(result["temperature"]), 4)}
+    for view, report in result["views"].items():
+        for key, value in summary_metrics(report).items():
+            flat[f"{view}.{key}"] = value
+        for key, value in report["calibration"].items():
+            flat[f"{view}.{key}"] = round(float(value), 4)
+        flat[f"{view}.count"] = report["count"]
+    return flat
+
+
+def study_reports(params: Params) -> dict[str, dict[str, Any]]:
+    """The study's reported models, recomputed from its published confusion matrices."""
+    from braintumor.metrics import metrics_from_confusion
+
+    classes = list(params.common.classes)
+    return {
+        "study base (recomputed)": metrics_from_confusion(
+            np.array(params.evaluate.study_base_matrix), classes
+        ),
+        "study fine-tuned (recomputed)": metrics_from_confusion(
+            np.array(params.evaluate.study_finetuned_matrix), classes
+        ),
+    }
+
+
+def confusion_rows(report: dict[str, Any], classes: list[str], model: str) -> list[dict]:
+    """Long-format rows (actual, predicted) for DVC's confusion template."""
+    matrix = np.asarray(report["confusion_matrix"])
+    rows = []
+    for i, actual in enumerate(classes):
+        for j, predicted in enumerate(classes):
+            rows.extend({"model": model, "actual": actual, "predicted": predicted}
+                        for _ in range(int(matrix[i, j])))  # fmt: skip
+    return rows
+
+
+def roc_rows(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], model: str):
+    """Long-format ROC points per class for a DVC linear plot."""
+    from braintumor.metrics import roc_curves
+
+    rows = []
+    for name, curve in roc_curves(labels, probabilities, classes).items():
+        for fpr, tpr in zip(curve["fpr"], curve["tpr"], strict=True):
+            rows.append({"model": model, "class": name, "fpr": round(fpr, 5), "tpr": round(tpr, 5)})
+    return rows
+
+
+def explanation_examples(
+    labels: np.ndarray, predicted: np.ndarray, per_class: int, num_classes: int
+) -> list[tuple[int, bool]]:
+    """Per class, the first ``per_class`` correct and wrong test images: (row, correct)."""
+    chosen = []
+    for label in range(num_classes):
+        rows = np.flatnonzero(labels == label)
+        right = rows[predicted[rows] == label][:per_class]
+        wrong = rows[predicted[rows] != label][:per_class]
+        chosen += [(int(r), True) for r in right] + [(int(r), False) for r in wrong]
+    return chosen
+
+
+def explanation_figure(
+    model: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    examples: list[tuple[int, bool]],
+    params: Params,
+    path: Path,
+) -> None:
+    """Grad-CAM and occlusion overlays of correctly and wrongly classified test images."""
+    import matplotlib.pyplot as plt
+
+    from braintumor.explain import gradcam, occlusion_sensitivity, overlay
+
+    classes = params.common.classes
+    rows = max(1, len(examples))
+    figure, axes = plt.subplots(rows, 3, figsize=(7.5, 2.6 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    if examples:
+        indices = [row for row, _ in examples]
+        batch = np.asarray(images[indices], dtype=np.float32)
+        predicted = probabilities[indices].argmax(axis=1)
+        cams = gradcam(model, batch, gradcam_layer(params, model), predicted)
+        occlusions = occlusion_sensitivity(
+            model, batch, predicted, patch_size=params.evaluate.occlusion_patch,
+            stride=params.evaluate.occlusion_stride,
+        )  # fmt: skip
+        for row, ((index, correct), cam, occlusion) in enumerate(
+            zip(examples, cams, occlusions, strict=True)
+        ):
+            gray = np.asarray(images[index, :, :, 0])
+            axes[row, 0].imshow(gray, cmap="gray", vmin=0, vmax=255)
+            axes[row, 0].set_title(
+                f"true {classes[labels[index]]}\npred {classes[predicted[row]]} "
+                f"{probabilities[index].max():.2f} ({'right' if correct else 'WRONG'})",
+                fontsize=7,
+            )
+            axes[row, 1].imshow(overlay(gray, cam, 0.45))
+            axes[row, 1].set_title("Grad-CAM", fontsize=7)
+            axes[row, 2].imshow(overlay(gray, occlusion, 0.45))
+            axes[row, 2].set_title("occlusion", fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def confusion_figure(report: dict[str, Any], classes: list[str], title: str, path: Path) -> None:
+    """Counts and row-normalised confusion matrices side by side."""
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(report["confusion_matrix"])
+    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for axis, values, fmt in ((axes[0], matrix, "d"), (axes[1], normalised, ".2f")):
+        axis.imshow(values, cmap="Blues")
+        axis.set_xticks(range(len(classes)), classes, rotation=30, fontsize=8)
+        axis.set_yticks(range(len(classes)), classes, fontsize=8)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                axis.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=8)
+    figure.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def roc_figure(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    for name in sorted({r["class"] for r in rows}):
+        points = [r for r in rows if r["class"] == name]
+        axis.plot([p["fpr"] for p in points], [p["tpr"] for p in points], label=name)
+    axis.plot([0, 1], [0, 1], color="gray", linestyle=":")
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    """Evaluate both models, write every output, log and register. Returns eval.json."""
+    import pandas as pd
+
+    from braintumor.bundle import BundleMeta, InputStats, write_bundle
+    from braintumor.calibration import reliability_figure
+    from braintumor.data_loading import load_processed
+    from braintumor.io_utils import atomic_path, write_json, write_text
+    from braintumor.metrics import comparison_table
+
+    started = time.perf_counter()
+    data = load_processed(
+        args.data, params.common.classes, params.common.image_size, ("train", "val", "test")
+    )
+    classes = list(params.common.classes)
+    test_index = pd.read_csv(args.data / "test_index.csv")
+    views = test_views(test_index)
+    val, test = data.splits["val"], data.splits["test"]
+    model_paths = {"base": args.base_model, "finetuned": args.finetuned_model}
+    models = {name: load_keras_model(path, len(classes)) for name, path in model_paths.items()}
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
+        val_probabilities = predict_probabilities(model, val.images, params.evaluate.batch_size)
+        test_probabilities = predict_probabilities(model, test.images, params.evaluate.batch_size)
+        results[name] = evaluate_probabilities(
+            val.labels, val_probabilities, test.labels, test_probabilities, views, params
+        )
+        results[name]["raw"] = test_probabilities
+
+    metrics = {name: headline(result) for name, result in results.items()}
+    study = study_reports(params)
+    tables = []
+    for view in (VIEW_TEST, VIEW_LEAKAGE_FREE):
+        reports = {f"{name} ({view})": results[name]["views"][view] for name in MODELS
+                   if view in results[name]["views"]}  # fmt: skip
+        if view == VIEW_TEST:
+            reports.update(study)
+        tables.append(f"### {view}\n\n" + comparison_table(reports, class_names=classes))
+    markdown = (
+        "# Evaluation: base vs fine-tuned vs the study\n\n"
+        "Calibrated with a temperature fitted on the validation split. The study's rows are "
+        "recomputed from its published confusion matrices (its printed 92.2% accuracy "
+        "divided by the wrong total).\n\n" + "\n\n".join(tables) + "\n"
+    )
+
+    with atomic_path(args.figures, directory=True) as figures:
+        confusion, roc = [], []
+        for name in MODELS:
+            report = results[name]["views"][VIEW_TEST]
+            confusion += confusion_rows(report, classes, name)
+            roc += roc_rows(test.labels, results[name]["calibrated"], classes, name)
+            for view in (VIEW_TEST, VIEW_LEAKAGE_FREE):
+                if view in results[name]["views"]:
+                    confusion_figure(
+                        results[name]["views"][view], classes, f"{name}: {view}",
+                        figures / f"confusion_{name}_{view}.png",
+                    )  # fmt: skip
+            roc_figure([r for r in roc if r["model"] == name], f"ROC ({name})",
+                       figures / f"roc_{name}.png")  # fmt: skip
+            reliability_figure(
+                test.labels, results[name]["raw"], results[name]["calibrated"],
+                figures / f"reliability_{name}.png", bins=params.evaluate.calibration_bins,
+            )  # fmt: skip
+        predicted = results["finetuned"]["calibrated"].argmax(axis=1)
+        examples = explanation_examples(
+            test.labels, predicted, params.evaluate.gradcam_examples, len(classes)
+        )
+        explanation_figure(
+            models["finetuned"], test.images, test.labels, results["finetuned"]["calibrated"],
+            examples, params, figures / "explanations.png",
+        )  # fmt: skip
+
+    bundle_meta = write_bundle(
+        args.bundle,
+        args.finetuned_model,
+        BundleMeta(
+            classes=tuple(classes),
+            image_size=params.common.image_size,
+            preprocess=params.preprocess,
+            gradcam_layer=gradcam_layer(params, models["finetuned"]),
+            temperature=float(results["finetuned"]["temperature"]),
+            input_stats=InputStats.from_images(data.splits["train"].images),
+            source={"data_digest": data.digest, "profile": params.profile},
+        ),
+    )
+
+    with atomic_path(args.plots / "confusion.csv") as temporary:
+        pd.DataFrame(confusion).to_csv(temporary, index=False)
+    with atomic_path(args.plots / "roc.csv") as temporary:
+        pd.DataFrame(roc).to_csv(temporary, index=False)
+    report_json = {
+        name: {k: v for k, v in result.items() if k not in ("calibrated", "raw")}
+        for name, result in results.items()
+    }
+    report_json["study"] = study
+    write_json(args.report.with_suffix(".json"), report_json)
+    write_text(args.report.with_suffix(".md"), markdown)
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(args.metrics, metrics)
+
+    if not args.no_tracking:
+        from braintumor import registry
+
+        registry.log_evaluation(
+            params,
+            project_root=Path.cwd(),
+            parent_file=args.parent_run_file,
+            run_file=args.run_file,
+            metrics=metrics,
+            figures=args.figures,
+            reports=[args.report.with_suffix(".json"), args.report.with_suffix(".md")],
+            bundle=args.bundle,
+            bundle_meta=bundle_meta,
+        )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", required=True, type=Path, help="data/processed")
+    parser.add_argument("--base-model", required=True, type=Path)
+    parser.add_argument("--finetuned-model", required=True, type=Path)
+    parser.add_argument("--metrics", required=True, type=Path, help="metrics/eval.json")
+    parser.add_argument("--report", required=True, type=Path, help="report path (.md/.json)")
+    parser.add_argument("--plots", required=True, type=Path, help="folder for plot tables")
+    parser.add_argument("--figures", required=True, type=Path)
+    parser.add_argument("--bundle", required=True, type=Path, help="bundle folder to write")
+    parser.add_argument("--parent-run-file", type=Path, help="finetune's MLflow run file")
+    parser.add_argument("--run-file", type=Path, default=None, help="this stage's run file")
+    parser.add_argument("--no-tracking", action="store_true", help="skip MLflow")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        use_backend(params.train.backend)
+        metrics = run(args, params)
+    except (EvaluateError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        from braintumor.bundle import BundleError
+        from braintumor.data_loading import DataError
+
+        if isinstance(error, DataError | BundleError):
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        raise
+    view = metrics["finetuned"]
+    print(
+        "evaluate: fine-tuned accuracy "
+        f"{view.get('test.accuracy', float('nan')):.4f} on the test set, "
+        f"{view.get('leakage_free.accuracy', float('nan')):.4f} leakage-free; temperature "
+        f"{view['temperature']:.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

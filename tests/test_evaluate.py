@@ -1,0 +1,171 @@
+"""The evaluate stage on tiny real data with two small trained models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from braintumor.bundle import Bundle
+from braintumor.clean import clean
+from braintumor.config import load_params
+from braintumor.preprocess import preprocess
+
+from conftest import QUICKSTART_SOURCES, copy_sample, write_params
+
+SIZE = 48
+OVERRIDES = {
+    "acquire": {"sources": QUICKSTART_SOURCES[:1]},
+    "common": {"image_size": SIZE},
+    "preprocess": {"val_fraction": 0.3, "workers": 1},
+    "model": {"backbone": "tinycnn", "weights": "none", "gradcam_layer": "auto"},
+    "evaluate": {"bootstrap_resamples": 50, "gradcam_examples": 1, "occlusion_patch": 16,
+                 "occlusion_stride": 16},
+}  # fmt: skip
+
+
+def _train_tiny_model(data: Path, params, seed: int, epochs: int) -> object:
+    import keras
+
+    from braintumor.model import build_model
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(params.model, SIZE, len(params.common.classes))
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    images = np.load(data / "train_images.npy").astype("float32")
+    labels = np.load(data / "train_labels.npy")
+    model.fit(images, labels, epochs=epochs, batch_size=16, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def project(mirror: Path, tmp_path_factory) -> dict[str, Path]:
+    """Processed tiny real data and two saved models (a 'base' and a 'fine-tuned')."""
+    root = tmp_path_factory.mktemp("evaluate")
+    raw = root / "raw"
+    copy_sample(mirror, raw / "msoud", "msoud", 10, ("Training",), offset=200)
+    copy_sample(mirror, raw / "msoud", "msoud", 5, ("Testing",), offset=200)
+    params_path = write_params(root, OVERRIDES)
+    params = load_params(params_path)
+    frame = clean(raw, params, progress=False).frame
+    preprocess(raw, frame, params, root / "processed", progress=False)
+    paths = {"params": params_path, "data": root / "processed", "root": root}
+    for name, seed, epochs in (("base", 1, 1), ("finetuned", 2, 4)):
+        model = _train_tiny_model(root / "processed", params, seed, epochs)
+        paths[name] = root / f"{name}.keras"
+        model.save(paths[name])
+    return paths
+
+
+def _args(project: dict[str, Path], out: Path, **replace: Path) -> list[str]:
+    paths = {**project, **replace}
+    return [
+        "--params", str(paths["params"]), "--data", str(paths["data"]),
+        "--base-model", str(paths["base"]), "--finetuned-model", str(paths["finetuned"]),
+        "--metrics", str(out / "metrics" / "eval.json"), "--report", str(out / "eval.md"),
+        "--plots", str(out / "plots"), "--figures", str(out / "figures"),
+        "--bundle", str(out / "bundle"), "--no-tracking",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def evaluated(project, tmp_path_factory) -> Path:
+    from braintumor.evaluate import main
+
+    out = tmp_path_factory.mktemp("evaluated")
+    assert main(_args(project, out)) == 0
+    return out
+
+
+def test_metrics_cover_both_models_and_every_view(evaluated: Path, project) -> None:
+    metrics = json.loads((evaluated / "metrics" / "eval.json").read_text())
+    test = pd.read_csv(project["data"] / "test_index.csv")
+    for model in ("base", "finetuned"):
+        values = metrics[model]
+        assert values["test.count"] == len(test)
+        assert values["leakage_free.count"] == int(test["leakage_free"].sum())
+        assert values["source_msoud.count"] == len(test)
+        assert 0 <= values["test.accuracy"] <= 1
+        assert values["test.accuracy_ci_low"] <= values["test.accuracy"]
+        assert values["test.accuracy"] <= values["test.accuracy_ci_high"]
+        assert values["temperature"] > 0
+        for name in ("glioma", "meningioma", "notumor", "pituitary"):
+            assert f"test.{name}_recall" in values and f"test.{name}_specificity" in values
+
+
+def test_report_recomputes_the_study_and_tables_add_up(evaluated: Path, project) -> None:
+    report = json.loads((evaluated / "eval.json").read_text())
+    assert report["study"]["study fine-tuned (recomputed)"]["accuracy"] == pytest.approx(
+        1690 / 1717
+    )
+    markdown = (evaluated / "eval.md").read_text()
+    assert "study fine-tuned (recomputed)" in markdown and "0.984" in markdown
+    n = report["finetuned"]["views"]["test"]["n"]
+    matrix = np.array(report["finetuned"]["views"]["test"]["confusion_matrix"])
+    assert matrix.sum() == n
+    confusion = pd.read_csv(evaluated / "plots" / "confusion.csv")
+    assert len(confusion) == 2 * n  # one row per test image per model
+    roc = pd.read_csv(evaluated / "plots" / "roc.csv")
+    assert set(roc["model"]) == {"base", "finetuned"}
+
+
+def test_calibration_is_fitted_on_validation_and_reported(evaluated: Path) -> None:
+    report = json.loads((evaluated / "eval.json").read_text())
+    calibration = report["finetuned"]["views"]["test"]["calibration"]
+    assert set(calibration) == {"ece_before", "ece_after", "nll_before", "nll_after"}
+    assert report["finetuned"]["temperature"] > 0
+
+
+def test_figures_and_the_bundle(evaluated: Path, project, mirror: Path) -> None:
+    names = {p.name for p in (evaluated / "figures").iterdir()}
+    assert {"explanations.png", "roc_finetuned.png", "reliability_finetuned.png",
+            "confusion_finetuned_test.png"} <= names  # fmt: skip
+    bundle = Bundle.load(evaluated / "bundle")
+    assert bundle.meta.gradcam_layer == "top_activation"
+    assert bundle.meta.image_size == SIZE and bundle.meta.input_stats is not None
+    # the bundle reproduces the stage's calibrated probabilities from the raw file
+    report = json.loads((evaluated / "eval.json").read_text())
+    temperature = report["finetuned"]["temperature"]
+    assert bundle.meta.temperature == pytest.approx(temperature)
+    test = pd.read_csv(project["data"] / "test_index.csv")
+    raw_root = project["root"] / "raw"
+    image = bundle.preprocess_bytes((raw_root / test.loc[0, "path"]).read_bytes())
+    cached = np.load(project["data"] / "test_images.npy")[0, :, :, 0]
+    assert np.array_equal(image, cached)
+    probabilities = bundle.predict(image[None])
+    assert probabilities.shape == (1, 4) and probabilities.sum() == pytest.approx(1.0)
+
+
+def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "braintumor.evaluate", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_file_that_is_not_a_keras_model_is_a_clear_error(project, tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.keras"
+    bogus.write_text("not a model")
+    result = _run_cli(_args(project, tmp_path / "out", finetuned=bogus))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bogus}: not a Keras model")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "metrics").exists()
+
+
+def test_a_model_with_another_class_list_is_a_clear_error(project, tmp_path: Path) -> None:
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 1))
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(inputs))
+    three = tmp_path / "three.keras"
+    keras.Model(inputs, outputs).save(three)
+    result = _run_cli(_args(project, tmp_path / "out", base=three))
+    assert result.returncode == 1
+    assert "model predicts 3 classes but the data has 4" in result.stderr
