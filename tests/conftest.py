@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -92,3 +93,118 @@ def write_params(directory: Path, overrides: dict | None = None) -> Path:
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(merged, sort_keys=False))
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_mlflow_server(folder: Path):
+    """A real `mlflow server` on loopback (SQLite store, proxied artifacts in ``folder``);
+    yields its URL and stops the whole process group afterwards."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log_path = folder / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "mlflow"), "server",
+                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                "--artifacts-destination", str(folder / "mlartifacts"),
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            ],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    if requests.get(f"{url}/health", timeout=2).text.strip() == "OK":
+                        break
+                except requests.RequestException:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+
+TINY_SIZE = 48
+TINY_OVERRIDES = {
+    "acquire": {"sources": QUICKSTART_SOURCES[:1]},
+    "common": {"image_size": TINY_SIZE},
+    "preprocess": {"val_fraction": 0.3, "workers": 1},
+    "model": {"backbone": "tinycnn", "weights": "none", "gradcam_layer": "auto"},
+    "evaluate": {"bootstrap_resamples": 50, "gradcam_examples": 1, "occlusion_patch": 16,
+                 "occlusion_stride": 16},
+}  # fmt: skip
+
+
+def _train_tiny_model(data: Path, params, seed: int, epochs: int):
+    import keras
+    import numpy as np
+
+    from braintumor.model import build_model
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(params.model, TINY_SIZE, len(params.common.classes))
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    images = np.load(data / "train_images.npy").astype("float32")
+    labels = np.load(data / "train_labels.npy")
+    model.fit(images, labels, epochs=epochs, batch_size=16, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_project(mirror: Path, tmp_path_factory) -> dict[str, Path]:
+    """Processed tiny real data (10 train / 5 test images per class, 48 px) and two small
+    trained tinycnn models saved as ``base`` and ``finetuned``."""
+    from braintumor.clean import clean
+    from braintumor.config import load_params
+    from braintumor.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("tiny-project")
+    raw = root / "raw"
+    copy_sample(mirror, raw / "msoud", "msoud", 10, ("Training",), offset=200)
+    copy_sample(mirror, raw / "msoud", "msoud", 5, ("Testing",), offset=200)
+    params_path = write_params(root, TINY_OVERRIDES)
+    params = load_params(params_path)
+    frame = clean(raw, params, progress=False).frame
+    preprocess(raw, frame, params, root / "processed", progress=False)
+    paths = {"params": params_path, "data": root / "processed", "root": root, "raw": raw}
+    for name, seed, epochs in (("base", 1, 1), ("finetuned", 2, 4)):
+        paths[name] = root / f"{name}.keras"
+        _train_tiny_model(root / "processed", params, seed, epochs).save(paths[name])
+    return paths
+
+
+def evaluate_args(project: dict[str, Path], out: Path, **replace: Path) -> list[str]:
+    """Command-line arguments of the evaluate stage over ``tiny_project``, into ``out``."""
+    paths = {**project, **replace}
+    return [
+        "--params", str(paths["params"]), "--data", str(paths["data"]),
+        "--base-model", str(paths["base"]), "--finetuned-model", str(paths["finetuned"]),
+        "--metrics", str(out / "metrics" / "eval.json"), "--report", str(out / "eval.md"),
+        "--plots", str(out / "plots"), "--figures", str(out / "figures"),
+        "--bundle", str(out / "bundle"), "--run-file", str(out / "evaluate_run.json"),
+    ]  # fmt: skip

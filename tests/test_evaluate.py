@@ -12,65 +12,19 @@ import pandas as pd
 import pytest
 
 from braintumor.bundle import Bundle
-from braintumor.clean import clean
-from braintumor.config import load_params
-from braintumor.preprocess import preprocess
 
-from conftest import QUICKSTART_SOURCES, copy_sample, write_params
+from conftest import TINY_SIZE, evaluate_args
 
-SIZE = 48
-OVERRIDES = {
-    "acquire": {"sources": QUICKSTART_SOURCES[:1]},
-    "common": {"image_size": SIZE},
-    "preprocess": {"val_fraction": 0.3, "workers": 1},
-    "model": {"backbone": "tinycnn", "weights": "none", "gradcam_layer": "auto"},
-    "evaluate": {"bootstrap_resamples": 50, "gradcam_examples": 1, "occlusion_patch": 16,
-                 "occlusion_stride": 16},
-}  # fmt: skip
-
-
-def _train_tiny_model(data: Path, params, seed: int, epochs: int) -> object:
-    import keras
-
-    from braintumor.model import build_model
-
-    keras.utils.set_random_seed(seed)
-    model = build_model(params.model, SIZE, len(params.common.classes))
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
-    images = np.load(data / "train_images.npy").astype("float32")
-    labels = np.load(data / "train_labels.npy")
-    model.fit(images, labels, epochs=epochs, batch_size=16, verbose=0)
-    return model
+SIZE = TINY_SIZE
 
 
 @pytest.fixture(scope="module")
-def project(mirror: Path, tmp_path_factory) -> dict[str, Path]:
-    """Processed tiny real data and two saved models (a 'base' and a 'fine-tuned')."""
-    root = tmp_path_factory.mktemp("evaluate")
-    raw = root / "raw"
-    copy_sample(mirror, raw / "msoud", "msoud", 10, ("Training",), offset=200)
-    copy_sample(mirror, raw / "msoud", "msoud", 5, ("Testing",), offset=200)
-    params_path = write_params(root, OVERRIDES)
-    params = load_params(params_path)
-    frame = clean(raw, params, progress=False).frame
-    preprocess(raw, frame, params, root / "processed", progress=False)
-    paths = {"params": params_path, "data": root / "processed", "root": root}
-    for name, seed, epochs in (("base", 1, 1), ("finetuned", 2, 4)):
-        model = _train_tiny_model(root / "processed", params, seed, epochs)
-        paths[name] = root / f"{name}.keras"
-        model.save(paths[name])
-    return paths
+def project(tiny_project: dict[str, Path]) -> dict[str, Path]:
+    return tiny_project
 
 
 def _args(project: dict[str, Path], out: Path, **replace: Path) -> list[str]:
-    paths = {**project, **replace}
-    return [
-        "--params", str(paths["params"]), "--data", str(paths["data"]),
-        "--base-model", str(paths["base"]), "--finetuned-model", str(paths["finetuned"]),
-        "--metrics", str(out / "metrics" / "eval.json"), "--report", str(out / "eval.md"),
-        "--plots", str(out / "plots"), "--figures", str(out / "figures"),
-        "--bundle", str(out / "bundle"), "--no-tracking",
-    ]  # fmt: skip
+    return [*evaluate_args(project, out, **replace), "--no-tracking"]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +87,7 @@ def test_figures_and_the_bundle(evaluated: Path, project, mirror: Path) -> None:
     temperature = report["finetuned"]["temperature"]
     assert bundle.meta.temperature == pytest.approx(temperature)
     test = pd.read_csv(project["data"] / "test_index.csv")
-    raw_root = project["root"] / "raw"
+    raw_root = project["raw"]
     image = bundle.preprocess_bytes((raw_root / test.loc[0, "path"]).read_bytes())
     cached = np.load(project["data"] / "test_images.npy")[0, :, :, 0]
     assert np.array_equal(image, cached)
