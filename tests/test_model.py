@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from braintumor.augment import (
+    RandomAffine,
     augment_examples,
     augmentation_layers,
     build_augmenter,
@@ -169,22 +170,56 @@ def test_mixed_precision_keeps_float32_probabilities(float32_policy) -> None:
 
 
 def test_augmentation_matches_the_recipe_settings() -> None:
-    layers = {layer.name: layer for layer in augmentation_layers(AugmentParams(), seed=1)}
-    assert set(layers) == {"aug_shift", "aug_shear", "aug_zoom", "aug_flip"}  # rotation 0
-    assert layers["aug_shift"].height_factor == 0.05 and layers["aug_shift"].width_factor == 0.05
-    assert layers["aug_zoom"].height_factor == (-0.1, 0.1)
-    assert layers["aug_zoom"].width_factor == (-0.1, 0.1)
-    shear = math.tan(math.radians(0.05))  # ImageDataGenerator's shear_range is in degrees
-    assert layers["aug_shear"].x_factor == pytest.approx((-shear, shear))
-    assert all(layer.fill_mode == "nearest" for name, layer in layers.items() if name != "aug_flip")
-    rotated = augmentation_layers(AugmentParams(rotation=36.0), seed=1)[0]
-    assert rotated.name == "aug_rotation" and rotated.factor == pytest.approx((-0.1, 0.1))
+    layers = augmentation_layers(AugmentParams(), seed=1)
+    assert [layer.name for layer in layers] == ["aug_affine", "aug_flip"]
+    affine = layers[0]
+    assert (affine.zoom, affine.width_shift, affine.height_shift) == (0.1, 0.05, 0.05)
+    assert (affine.shear, affine.rotation) == (0.05, 0.0)  # degrees, as ImageDataGenerator
+    assert affine.fill_mode == "nearest" and affine.interpolation == "bilinear"
+    assert layers[1].mode == "horizontal"
     assert (
         augmentation_layers(
             AugmentParams(zoom=0, width_shift=0, height_shift=0, shear=0, horizontal_flip=False), 1
         )
         == []
     )
+
+
+def test_random_affine_draws_within_the_ranges() -> None:
+    """Each factor alone: the sampled matrices stay inside the configured ranges."""
+    count, size = 256, 32
+    centre = (size - 1) / 2
+
+    def rows(**factor: float) -> np.ndarray:
+        return keras.ops.convert_to_numpy(
+            RandomAffine(seed=3, **factor).transforms(count, size, size)
+        )
+
+    zoom = rows(zoom=0.1)
+    assert np.all(np.abs(zoom[:, [0, 4]] - 1) <= 0.1 + 1e-6)
+    assert np.allclose(zoom[:, [1, 3, 6, 7]], 0)
+    assert not np.allclose(zoom[:, 0], zoom[:, 4]), "x and y zoom are drawn independently"
+    np.testing.assert_allclose(zoom[:, 2], centre * (1 - zoom[:, 0]), atol=1e-4)
+    shift = rows(width_shift=0.05, height_shift=0.05)
+    assert np.allclose(shift[:, [0, 4]], 1) and np.all(np.abs(shift[:, [2, 5]]) <= 0.05 * size)
+    rotation = rows(rotation=30.0)
+    angles = np.degrees(np.arctan2(rotation[:, 3], rotation[:, 0]))
+    assert np.all(np.abs(angles) <= 30 + 1e-4) and angles.std() > 5
+    np.testing.assert_allclose(
+        rotation[:, 0] * rotation[:, 4] - rotation[:, 1] * rotation[:, 3], 1, atol=1e-5
+    )
+    shear = rows(shear=10.0)
+    assert np.allclose(shear[:, 1], 0) and np.allclose(shear[:, 4], 1)
+    assert np.all(np.abs(shear[:, 3]) <= math.sin(math.radians(10)) + 1e-6)
+
+
+def test_random_affine_is_one_resampling_and_identity_when_empty() -> None:
+    images = gray_batch(3)
+    identity = RandomAffine(seed=1)
+    np.testing.assert_array_equal(identity(images, training=True), images)
+    nearest = RandomAffine(zoom=0.1, width_shift=0.05, interpolation="nearest", seed=1)
+    values = set(np.unique(keras.ops.convert_to_numpy(nearest(images, training=True))))
+    assert values <= set(np.unique(images)), "nearest keeps the original pixel values"
 
 
 def test_augmentation_is_active_in_training_only() -> None:

@@ -39,6 +39,10 @@ def test_relative_sqlite_uri_is_made_absolute(monkeypatch: pytest.MonkeyPatch) -
     assert resolve_tracking_uri("sqlite:///mlflow.db", root) == "sqlite:////work/project/mlflow.db"
     assert resolve_tracking_uri("sqlite:////abs/m.db", root) == "sqlite:////abs/m.db"
     assert resolve_tracking_uri("http://h:5000", root) == "http://h:5000"
+    temporary = root / ".dvc" / "tmp" / "exps" / "standalone" / "tmpab12"  # dvc exp run --temp
+    assert resolve_tracking_uri("sqlite:///mlflow.db", temporary) == (
+        "sqlite:////work/project/mlflow.db"
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert resolve_tracking_uri("sqlite:///mlflow.db", root) == "http://127.0.0.1:1"
 

@@ -9,7 +9,15 @@ The values follow ``ImageDataGenerator``'s units, so ``params.yaml`` reads like 
 - ``shear``: an angle in degrees, as ``ImageDataGenerator.shear_range`` (the study's 0.05
   is a 0.05 degree shear, a shift of under one pixel at 224 px, i.e. nearly a no-op);
 - ``rotation``: degrees, as ``rotation_range``;
-- ``fill_mode``: how pixels moved in from outside the image are filled.
+- ``fill_mode``: how pixels moved in from outside the image are filled;
+- ``interpolation``: ``bilinear`` as ``ImageDataGenerator``. A bilinear resampling
+  softens the image, and only training images are resampled: a model trained from scratch
+  learns the softness (measured with one Keras layer per transform, i.e. three resamplings:
+  0.86 accuracy on augmented training images, 0.66 on the same images unaugmented).
+  ``nearest`` keeps pixel values and sharpness.
+
+The geometry is one ``RandomAffine`` layer (a single resampling, like the generator's
+``apply_affine_transform``), followed by ``RandomFlip``.
 
 Core layer: imports keras and the config only.
 """
@@ -17,6 +25,7 @@ Core layer: imports keras and the config only.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import keras
 import numpy as np
@@ -26,37 +35,121 @@ from braintumor.config import AugmentParams
 AUGMENTER_NAME = "augmentation"
 
 
+class RandomAffine(keras.layers.Layer):
+    """``ImageDataGenerator``'s random geometry as one resampling per image.
+
+    Per image: rotation in [-rotation, rotation] degrees, shift in [-width_shift,
+    width_shift] x width (and height), shear in [-shear, shear] degrees, and zoom factors
+    for x and y drawn independently from [1 - zoom, 1 + zoom] (above 1 zooms out), composed
+    about the image centre as ``ImageDataGenerator.apply_transform`` does, then applied in
+    a single ``keras.ops.image.affine_transform`` (one interpolation instead of one per
+    Keras preprocessing layer). Identity unless called with ``training=True``. Only the
+    training model holds it; it is never saved with the inference model.
+    """
+
+    def __init__(
+        self,
+        zoom: float = 0.0,
+        width_shift: float = 0.0,
+        height_shift: float = 0.0,
+        shear: float = 0.0,
+        rotation: float = 0.0,
+        fill_mode: str = "nearest",
+        interpolation: str = "bilinear",
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.zoom = zoom
+        self.width_shift = width_shift
+        self.height_shift = height_shift
+        self.shear = shear
+        self.rotation = rotation
+        self.fill_mode = fill_mode
+        self.interpolation = interpolation
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _uniform(self, count: Any, bound: float) -> Any:
+        return keras.random.uniform(
+            (count,), -bound, bound, dtype="float32", seed=self.seed_generator
+        )
+
+    def transforms(self, count: Any, height: int, width: int) -> Any:
+        """(count, 8) ``affine_transform`` rows mapping output pixels to input pixels."""
+        ops = keras.ops
+        theta = self._uniform(count, math.radians(self.rotation))
+        shear = self._uniform(count, math.radians(self.shear))
+        shift_x = self._uniform(count, self.width_shift) * width
+        shift_y = self._uniform(count, self.height_shift) * height
+        zoom_x = 1.0 + self._uniform(count, self.zoom)
+        zoom_y = 1.0 + self._uniform(count, self.zoom)
+        cos, sin = ops.cos(theta), ops.sin(theta)
+        shear_cos, shear_sin = ops.cos(shear), ops.sin(shear)
+        # A = rotation @ shear @ zoom in (x, y) coordinates. The generator's shear
+        # [[1, -sin s], [0, cos s]] in (row, column) is [[cos s, 0], [-sin s, 1]] in (x, y).
+        a00 = (cos * shear_cos + sin * shear_sin) * zoom_x
+        a01 = -sin * zoom_y
+        a10 = (sin * shear_cos - cos * shear_sin) * zoom_x
+        a11 = cos * zoom_y
+        centre_x, centre_y = (width - 1) / 2.0, (height - 1) / 2.0
+        a02 = centre_x + shift_x - a00 * centre_x - a01 * centre_y
+        a12 = centre_y + shift_y - a10 * centre_x - a11 * centre_y
+        zeros = ops.zeros_like(a00)
+        return ops.stack([a00, a01, a02, a10, a11, a12, zeros, zeros], axis=1)
+
+    def call(self, images: Any, training: bool | None = None) -> Any:
+        if not training:
+            return images
+        height, width = images.shape[1], images.shape[2]
+        transforms = self.transforms(keras.ops.shape(images)[0], height, width)
+        return keras.ops.image.affine_transform(
+            images,
+            transforms,
+            interpolation=self.interpolation,
+            fill_mode=self.fill_mode,
+            data_format="channels_last",
+        )
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        keys = ("zoom", "width_shift", "height_shift", "shear", "rotation", "fill_mode")
+        config.update({key: getattr(self, key) for key in keys})
+        config.update(interpolation=self.interpolation, seed=self.seed)
+        return config
+
+
 def augmentation_layers(params: AugmentParams, seed: int) -> list[keras.layers.Layer]:
-    """The configured random layers, in the order ``ImageDataGenerator`` composes them."""
+    """The configured random layers: one affine resampling, then the horizontal flip.
+
+    float32 even under a mixed-precision policy: interpolating 0-255 images in float16
+    visibly bands them.
+    """
     layers: list[keras.layers.Layer] = []
-    # float32 even under a mixed-precision policy: interpolating 0-255 images in float16
-    # visibly bands them.
-    fill = {"fill_mode": params.fill_mode, "interpolation": "bilinear", "dtype": "float32"}
-    if params.rotation > 0:
+    geometry = {
+        "zoom": params.zoom,
+        "width_shift": params.width_shift,
+        "height_shift": params.height_shift,
+        "shear": params.shear,
+        "rotation": params.rotation,
+    }
+    if any(value > 0 for value in geometry.values()):
         layers.append(
-            keras.layers.RandomRotation(
-                params.rotation / 360.0, seed=seed, name="aug_rotation", **fill
+            RandomAffine(
+                **geometry,
+                fill_mode=params.fill_mode,
+                interpolation=params.interpolation,
+                seed=seed,
+                name="aug_affine",
+                dtype="float32",
             )
         )
-    if params.width_shift > 0 or params.height_shift > 0:
-        layers.append(
-            keras.layers.RandomTranslation(
-                params.height_shift, params.width_shift, seed=seed + 1, name="aug_shift", **fill
-            )
-        )
-    if params.shear > 0:
-        factor = math.tan(math.radians(params.shear))
-        layers.append(
-            keras.layers.RandomShear(
-                x_factor=factor, y_factor=0.0, seed=seed + 2, name="aug_shear", **fill
-            )
-        )
-    if params.zoom > 0:
-        zoom = (-params.zoom, params.zoom)
-        layers.append(keras.layers.RandomZoom(zoom, zoom, seed=seed + 3, name="aug_zoom", **fill))
     if params.horizontal_flip:
         layers.append(
-            keras.layers.RandomFlip("horizontal", seed=seed + 4, name="aug_flip", dtype="float32")
+            keras.layers.RandomFlip("horizontal", seed=seed + 1, name="aug_flip", dtype="float32")
         )
     return layers
 

@@ -15,9 +15,10 @@ metrics with the epoch as step, system metrics, the history, the figures and the
 
 The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``tracking.tracking_uri``;
 a relative ``sqlite:///`` path is made absolute against the project root, because
-``dvc exp run --temp`` / ``--queue`` run stages in a temporary copy that is deleted
-afterwards, and the runs with it. For the same reason a local store keeps its artifacts in
-``<project root>/mlartifacts``.
+``dvc exp run --temp`` / ``--queue`` run stages in a temporary copy
+(``<repo>/.dvc/tmp/exps/...``) that is deleted afterwards, and the runs with it; the root of
+such a copy is mapped back to the repository. For the same reason a local store keeps its
+artifacts in ``<repo>/mlartifacts``.
 """
 
 from __future__ import annotations
@@ -50,9 +51,20 @@ if TYPE_CHECKING:
 PARAMS_PER_CALL = 100  # MLflow's batch limit for parameters
 
 
+def real_project_root(project_root: Path) -> Path:
+    """The repository itself when ``project_root`` is one of DVC's temporary experiment
+    workspaces (``<repo>/.dvc/tmp/exps/...``), which are deleted after the run."""
+    parts = project_root.parts
+    for index in range(len(parts) - 2):
+        if parts[index : index + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:index])
+    return project_root
+
+
 def resolve_tracking_uri(configured: str, project_root: Path) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else ``configured``; relative sqlite paths made
-    absolute against ``project_root``."""
+    absolute against the (real) project root."""
+    project_root = real_project_root(project_root)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
@@ -130,7 +142,7 @@ def _experiment_id(name: str, uri: str, project_root: Path) -> str:
         return experiment.experiment_id
     location = None
     if uri.startswith("sqlite:"):  # no server: keep artifacts beside the project
-        location = (project_root / "mlartifacts").resolve().as_uri()
+        location = (real_project_root(project_root) / "mlartifacts").resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created meanwhile by a concurrent stage
