@@ -1,0 +1,173 @@
+"""Expected calibration error, reliability data, temperature scaling and its figure, on
+synthetic data whose true calibration is known by construction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from braintumor.calibration import (
+    apply_temperature,
+    apply_temperature_to_logits,
+    expected_calibration_error,
+    fit_temperature,
+    log_probabilities,
+    negative_log_likelihood,
+    reliability_data,
+    reliability_figure,
+    softmax,
+)
+
+TRUE_TEMPERATURE = 2.5
+
+
+def calibrated(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, logits, probabilities) where each label is drawn from softmax(logits): the
+    probabilities are calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=1.5, size=(count, 4))
+    probabilities = softmax(logits)
+    cumulative = probabilities.cumsum(axis=1)
+    labels = (rng.random(count)[:, None] > cumulative).sum(axis=1)
+    return labels, logits, probabilities
+
+
+def overconfident(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, logits) whose logits are the calibrated ones times 2.5: a model that is
+    too sure of itself, exactly fixed by T = 2.5."""
+    labels, logits, _ = calibrated(count, seed)
+    return labels, TRUE_TEMPERATURE * logits
+
+
+def test_ece_of_calibrated_data_is_near_zero() -> None:
+    labels, _, probabilities = calibrated(20000, seed=0)
+    assert expected_calibration_error(labels, probabilities, bins=15) < 0.015
+
+
+def test_ece_of_overconfident_data_is_large() -> None:
+    labels, logits = overconfident(20000, seed=0)
+    assert expected_calibration_error(labels, softmax(logits), bins=15) > 0.1
+
+
+def test_ece_extremes() -> None:
+    labels = np.array([0, 1, 0, 1])
+    sure_and_right = np.eye(2)[labels]
+    assert expected_calibration_error(labels, sure_and_right) == 0.0
+    sure_and_wrong = np.eye(2)[1 - labels]
+    assert expected_calibration_error(labels, sure_and_wrong) == 1.0
+
+
+def test_reliability_data_bins() -> None:
+    labels, _, probabilities = calibrated(5000, seed=1)
+    data = reliability_data(labels, probabilities, bins=10)
+    assert data.bin_edges.shape == (11,) and data.count.sum() == 5000
+    filled = data.count > 0
+    edges = data.bin_edges
+    assert np.all(data.confidence[filled] > edges[:-1][filled])
+    assert np.all(data.confidence[filled] <= edges[1:][filled])
+    assert np.all(np.isnan(data.confidence[~filled]))
+    assert data.count[:2].sum() == 0  # a top probability of 4 classes is at least 0.25
+    summary = data.to_dict()
+    json.dumps(summary, allow_nan=False)
+    assert summary["ece"] == pytest.approx(expected_calibration_error(labels, probabilities, 10))
+
+
+def test_confidence_on_a_bin_edge_goes_to_the_lower_bin() -> None:
+    probabilities = np.array([[0.5, 0.5], [1.0, 0.0]])
+    data = reliability_data([0, 0], probabilities, bins=2)
+    assert data.count.tolist() == [1, 1]
+
+
+def test_fitted_temperature_recovers_the_truth_and_improves_calibration() -> None:
+    validation_labels, validation_logits = overconfident(6000, seed=2)
+    test_labels, test_logits = overconfident(6000, seed=3)
+    temperature = fit_temperature(validation_logits, validation_labels)
+    assert temperature == pytest.approx(TRUE_TEMPERATURE, rel=0.06)
+
+    before = softmax(test_logits)
+    after = apply_temperature(before, temperature)
+    assert expected_calibration_error(test_labels, after) < 0.3 * expected_calibration_error(
+        test_labels, before
+    )
+    assert negative_log_likelihood(test_labels, after) < negative_log_likelihood(
+        test_labels, before
+    )
+
+
+def test_log_probabilities_fit_the_same_temperature_as_logits() -> None:
+    labels, logits = overconfident(3000, seed=4)
+    from_logits = fit_temperature(logits, labels)
+    from_probabilities = fit_temperature(log_probabilities(softmax(logits)), labels)
+    assert from_probabilities == pytest.approx(from_logits, rel=1e-4)
+
+
+def test_calibrated_data_fits_a_temperature_near_one() -> None:
+    labels, logits, _ = calibrated(6000, seed=5)
+    assert fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.08)
+
+
+def test_temperature_one_leaves_probabilities_unchanged() -> None:
+    _, _, probabilities = calibrated(500, seed=6)
+    np.testing.assert_allclose(apply_temperature(probabilities, 1.0), probabilities, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5, 10.0])
+def test_scaling_never_changes_the_argmax(temperature: float) -> None:
+    _, logits, probabilities = calibrated(2000, seed=7)
+    scaled = apply_temperature(probabilities, temperature)
+    np.testing.assert_array_equal(scaled.argmax(axis=1), probabilities.argmax(axis=1))
+    np.testing.assert_allclose(scaled.sum(axis=1), 1.0)
+    from_logits = apply_temperature_to_logits(logits, temperature)
+    np.testing.assert_allclose(from_logits, scaled, atol=1e-9)
+
+
+def test_temperature_softens_and_sharpens() -> None:
+    _, _, probabilities = calibrated(500, seed=8)
+    top = probabilities.max(axis=1)
+    assert np.all(apply_temperature(probabilities, 2.0).max(axis=1) <= top + 1e-12)
+    assert np.all(apply_temperature(probabilities, 0.5).max(axis=1) >= top - 1e-12)
+
+
+def test_underflowed_probabilities_stay_finite() -> None:
+    probabilities = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
+    labels = np.array([1, 1, 2])
+    scaled = apply_temperature(probabilities, 3.0)
+    assert np.isfinite(scaled).all()
+    assert np.isfinite(negative_log_likelihood(labels, probabilities))
+    assert np.isfinite(fit_temperature(log_probabilities(probabilities), labels))
+
+
+def test_reliability_figure_writes_a_png(tmp_path) -> None:
+    labels, logits = overconfident(2000, seed=9)
+    before = softmax(logits)
+    after = apply_temperature(before, TRUE_TEMPERATURE)
+    path = reliability_figure(labels, before, after, tmp_path / "figures" / "reliability.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
+    assert [p.name for p in path.parent.iterdir()] == ["reliability.png"]  # no temporaries
+
+
+def test_bad_input_raises() -> None:
+    labels, logits = overconfident(50, seed=10)
+    with pytest.raises(ValueError, match="bins"):
+        expected_calibration_error(labels, softmax(logits), bins=0)
+    with pytest.raises(ValueError, match="not logits"):
+        expected_calibration_error(labels, logits)
+    with pytest.raises(ValueError, match="sum to 1"):
+        expected_calibration_error(labels, np.abs(logits))
+    with pytest.raises(ValueError, match="samples"):
+        expected_calibration_error(labels[:10], softmax(logits))
+    with pytest.raises(ValueError, match="temperature"):
+        apply_temperature(softmax(logits), 0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        apply_temperature(softmax(logits), float("nan"))
+    with pytest.raises(ValueError, match="infinite"):
+        fit_temperature(np.array([[0.0, -np.inf], [-np.inf, 0.0]]), [0, 1])
+    with pytest.raises(ValueError, match="2-D"):
+        fit_temperature(logits[:, 0], labels)
+    with pytest.raises(ValueError, match="outside"):
+        fit_temperature(logits, np.full(50, 7))
+    with pytest.raises(ValueError, match="bounds"):
+        fit_temperature(logits, labels, bounds=(2.0, 1.0))
