@@ -82,7 +82,7 @@ def trained() -> keras.Model:
 
 
 @pytest.fixture(scope="module")
-def test_set() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def held_out() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return make_images(16, seed=2)
 
 
@@ -113,8 +113,8 @@ def pearson_per_image(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- Grad-CAM
 
 
-def test_heatmaps_have_input_size_unit_range_and_no_nan(trained, test_set) -> None:
-    images, labels, _ = test_set
+def test_heatmaps_have_input_size_unit_range_and_no_nan(trained, held_out) -> None:
+    images, labels, _ = held_out
     maps = gradcam(trained, images, LAYER)
     assert maps.shape == (16, SIZE, SIZE)
     assert maps.dtype == np.float32
@@ -123,8 +123,8 @@ def test_heatmaps_have_input_size_unit_range_and_no_nan(trained, test_set) -> No
     assert np.allclose(maps.max(axis=(1, 2)), 1.0)  # each map uses the full range
 
 
-def test_compute_reports_the_predicted_class_and_the_model_probabilities(trained, test_set):
-    images, _, _ = test_set
+def test_compute_reports_the_predicted_class_and_the_model_probabilities(trained, held_out):
+    images, _, _ = held_out
     result = GradCam.for_model(trained, LAYER).compute(images)
     expected = trained.predict(images, verbose=0)
     np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
@@ -134,11 +134,11 @@ def test_compute_reports_the_predicted_class_and_the_model_probabilities(trained
 
 
 @pytest.mark.parametrize("score", ["centred", "logit"])
-def test_gradcam_equals_cam_for_a_pooling_dense_network(trained, test_set, score) -> None:
+def test_gradcam_equals_cam_for_a_pooling_dense_network(trained, held_out, score) -> None:
     """For global average pooling + Dense, Grad-CAM is CAM (Zhou et al., 2016) computed
     from the class weights (centred across classes for the centred logit): an exact check
     of the gradient code and of the logits recomputed from the softmax layer."""
-    images, labels, _ = test_set
+    images, labels, _ = held_out
     features = keras.Model(trained.input, trained.get_layer(LAYER).output)(images)
     features = keras.ops.convert_to_numpy(features)
     kernel = keras.ops.convert_to_numpy(trained.get_layer("predictions").kernel)
@@ -165,9 +165,9 @@ def test_normalize_maps_turns_flat_maps_into_zeros() -> None:
     assert np.all(normalize_maps(np.full((1, 3, 3), np.nan)) == 0.0)
 
 
-def test_gradcam_does_not_mutate_the_model(test_set) -> None:
+def test_gradcam_does_not_mutate_the_model(held_out) -> None:
     model = build_cnn(3)  # fresh, so building the auxiliary models is part of the check
-    images, _, _ = test_set
+    images, _, _ = held_out
 
     def snapshot() -> dict:
         return {
@@ -187,8 +187,8 @@ def test_gradcam_does_not_mutate_the_model(test_set) -> None:
     assert snapshot() == before
 
 
-def test_batched_equals_one_by_one(trained, test_set) -> None:
-    images, labels, _ = test_set
+def test_batched_equals_one_by_one(trained, held_out) -> None:
+    images, labels, _ = held_out
     batched = gradcam(trained, images, LAYER, labels, batch_size=16)
     uneven = gradcam(trained, images, LAYER, labels, batch_size=5)
     single = np.concatenate(
@@ -210,8 +210,8 @@ def test_instance_is_cached_per_model_and_layer_and_released_with_the_model() ->
     assert alive() is None, "the cache keeps the model alive"
 
 
-def test_cached_instance_reads_the_current_weights(trained, test_set) -> None:
-    images, labels, _ = test_set
+def test_cached_instance_reads_the_current_weights(trained, held_out) -> None:
+    images, labels, _ = held_out
     model = build_cnn(6)
     GradCam.for_model(model, LAYER)(images, labels)  # built and traced on random weights
     model.set_weights(trained.get_weights())
@@ -221,7 +221,7 @@ def test_cached_instance_reads_the_current_weights(trained, test_set) -> None:
 
 
 @pytest.mark.slow
-def test_randomised_weights_change_the_maps(trained, test_set) -> None:
+def test_randomised_weights_change_the_maps(trained, held_out) -> None:
     """The model-randomisation sanity check of Adebayo et al. (2018).
 
     An explanation that does not change when the weights are randomised explains the
@@ -232,7 +232,7 @@ def test_randomised_weights_change_the_maps(trained, test_set) -> None:
     random initialisations whose single means ranged from -0.2 to 0.1; required < 0.3),
     and the gap must be wide (> 0.5). Pearson is 0 for a flat map (nothing to rank).
     """
-    images, labels, _ = test_set
+    images, labels, _ = held_out
     maps = gradcam(trained, images, LAYER, labels)
     retrained = pearson_per_image(maps, gradcam(train_cnn(1), images, LAYER, labels)).mean()
     randomised = np.mean(
@@ -261,16 +261,16 @@ def test_map_follows_the_evidence(trained) -> None:
     assert np.abs(after_maps - after_centres).mean() < 2.5
 
 
-def test_gradcam_maps_concentrate_on_the_evidence(trained, test_set) -> None:
-    images, labels, centres = test_set
+def test_gradcam_maps_concentrate_on_the_evidence(trained, held_out) -> None:
+    images, labels, centres = held_out
     maps = gradcam(trained, images, LAYER, labels)
     assert np.abs(evidence_centre(maps) - centres).mean() < 2.5
     peaks = np.array([np.unravel_index(m.argmax(), m.shape) for m in maps])
     assert np.mean(np.abs(peaks - centres).max(axis=1) <= SHAPE / 2 + 1) >= 0.9
 
 
-def test_rejects_bad_input(trained, test_set) -> None:
-    images, _, _ = test_set
+def test_rejects_bad_input(trained, held_out) -> None:
+    images, _, _ = held_out
     with pytest.raises(ValueError, match="not a top-level layer"):
         gradcam(trained, images, "no_such_layer")
     with pytest.raises(ValueError, match="convolutional"):
@@ -313,8 +313,8 @@ def test_works_on_the_project_model_builder() -> None:
 # --------------------------------------------------------------------------- occlusion
 
 
-def test_occlusion_map_peaks_on_the_evidence(trained, test_set) -> None:
-    images, labels, centres = test_set
+def test_occlusion_map_peaks_on_the_evidence(trained, held_out) -> None:
+    images, labels, centres = held_out
     maps = occlusion_sensitivity(trained, images[:8], labels[:8], patch_size=6, stride=2)
     assert maps.shape == (8, SIZE, SIZE)
     assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
@@ -379,12 +379,12 @@ def _jax_available() -> bool:
     return probe.returncode == 0
 
 
-def test_gradcam_on_the_jax_backend_matches_tensorflow(trained, test_set, tmp_path: Path):
+def test_gradcam_on_the_jax_backend_matches_tensorflow(trained, held_out, tmp_path: Path):
     """The same saved model explained on JAX (in a subprocess: the backend is fixed at
     import) gives the TensorFlow maps."""
     if not _jax_available():
         pytest.skip("jax is not installed in this environment")
-    images, labels, _ = test_set
+    images, labels, _ = held_out
     model_path = tmp_path / "model.keras"
     trained.save(model_path)
     paths = [tmp_path / name for name in ("images.npy", "labels.npy", "maps.npy", "pred.npy")]
