@@ -27,11 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from braintumor.config import STUDY_BASE_MATRIX, STUDY_FINETUNED_MATRIX
+
 # The study's published confusion matrices (rows true, columns predicted), classes in the
 # order glioma, meningioma, notumor, pituitary. Both sum to 1,717 images.
 STUDY_CONFUSION_MATRICES: dict[str, tuple[tuple[int, ...], ...]] = {
-    "base": ((323, 96, 3, 8), (30, 342, 20, 40), (0, 9, 388, 1), (3, 4, 8, 442)),
-    "fine-tuned": ((429, 0, 0, 1), (13, 409, 0, 10), (0, 0, 396, 2), (0, 1, 0, 456)),
+    "base": STUDY_BASE_MATRIX,
+    "fine-tuned": STUDY_FINETUNED_MATRIX,
 }
 
 # Columns of the one-vs-rest table, in order.
