@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 # Offline switches (see ../shared/notes/mlops-facts.md §7).
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
+export GRADIO_ANALYTICS_ENABLED := False
 export PATH := $(BIN):$(PATH)
 
 # The team's offline mirror of the data sets, when it sits beside the checkout.
@@ -20,7 +21,7 @@ ifeq ($(origin BRAINTUMOR_MIRROR), undefined)
   endif
 endif
 
-.PHONY: install run test lint bench-preprocess
+.PHONY: install run test lint bench-preprocess chromium serve
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,12 +37,20 @@ run: install
 	@git rev-parse --verify -q HEAD >/dev/null || { echo "make run needs a git checkout with a commit"; exit 1; }
 	dvc exp run -S profile=quickstart
 
-test: install
+# The browser test drives Debian's Chromium (never `playwright install`: no downloads here).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+test: install chromium
 	$(BIN)/python -m pytest -q -ra
 
 lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+
+# The web app on the champion model (or MODEL=path/to/bundle); prints its local URL.
+serve: install
+	$(BIN)/python -m braintumor.app $(if $(MODEL),--model $(MODEL),)
 
 bench-preprocess: install
 	$(BIN)/python bench/preprocess.py
