@@ -184,7 +184,10 @@ class PreprocessParams:
 
 @dataclass(frozen=True)
 class AugmentParams:
-    """The study's ``ImageDataGenerator`` settings, applied per training batch."""
+    """The study's ``ImageDataGenerator`` settings, applied per training batch, in its
+    units (``shear`` and ``rotation`` in degrees). ``interpolation``: ``bilinear`` is
+    ``ImageDataGenerator``'s; every resampling blurs training images only, a shift the
+    model can learn, so ``nearest`` is offered too."""
 
     zoom: float = 0.1
     width_shift: float = 0.05
@@ -193,6 +196,13 @@ class AugmentParams:
     rotation: float = 0.0
     horizontal_flip: bool = True
     fill_mode: Literal["nearest", "constant", "reflect", "wrap"] = "nearest"
+    interpolation: Literal["bilinear", "nearest"] = "bilinear"
+
+    def __post_init__(self) -> None:
+        for key in ("zoom", "width_shift", "height_shift"):
+            _check(0 <= getattr(self, key) < 1, key, "must be in [0, 1)")
+        _check(0 <= self.shear < 90, "shear", "must be in [0, 90) degrees")
+        _check(0 <= self.rotation <= 180, "rotation", "must be in [0, 180] degrees")
 
 
 @dataclass(frozen=True)
