@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import io
-import os
 import shutil
 import tempfile
 import threading
@@ -51,6 +50,7 @@ from braintumor.config import (
     TrackingParams,
     params_from_mapping,
 )
+from braintumor.paths import resolve_tracking_uri
 
 REGISTRY_SCHEME = "models:/"
 BUNDLE_ARTIFACT = "bundle"
@@ -203,18 +203,6 @@ def load_serving_config(params_path: str | Path | None = "params.yaml") -> Servi
     default_model = f"{REGISTRY_SCHEME}{params.tracking.registered_model}@{DEFAULT_ALIAS}"
     uri = resolve_tracking_uri(params.tracking.tracking_uri, path.parent.resolve())
     return ServingConfig(settings, default_model, uri, params)
-
-
-def resolve_tracking_uri(configured: str, project_root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``configured``; a relative sqlite path is made
-    absolute against the project root (as the tracking module does for the stages)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        relative = uri[len(prefix) :]
-        if relative and relative != ":memory:":
-            uri = prefix + str((project_root / relative).resolve())
-    return uri
 
 
 # --------------------------------------------------------------------------- bundles

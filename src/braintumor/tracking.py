@@ -42,6 +42,7 @@ from mlflow.tracking import MlflowClient
 
 from braintumor.config import Params, flatten
 from braintumor.io_utils import write_json
+from braintumor.paths import real_project_root, resolve_tracking_uri
 
 if TYPE_CHECKING:
     import keras
@@ -49,29 +50,6 @@ if TYPE_CHECKING:
     from braintumor.data_loading import ProcessedData
 
 PARAMS_PER_CALL = 100  # MLflow's batch limit for parameters
-
-
-def real_project_root(project_root: Path) -> Path:
-    """The repository itself when ``project_root`` is one of DVC's temporary experiment
-    workspaces (``<repo>/.dvc/tmp/exps/...``), which are deleted after the run."""
-    parts = project_root.parts
-    for index in range(len(parts) - 2):
-        if parts[index : index + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:index])
-    return project_root
-
-
-def resolve_tracking_uri(configured: str, project_root: Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``configured``; relative sqlite paths made
-    absolute against the (real) project root."""
-    project_root = real_project_root(project_root)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        relative = uri[len(prefix) :]
-        if relative and relative != ":memory:":
-            uri = prefix + str((project_root / relative).resolve())
-    return uri
 
 
 def pipeline_invocation() -> str:
