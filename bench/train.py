@@ -14,7 +14,8 @@ For every backend installed here (tensorflow; jax and torch when present) a chil
 preprocess stage's ``data/processed`` when its image size matches ``--size``, otherwise a
 small cache built from ``../shared/datasets/msoud`` with the real preprocessing.
 
-    python bench/train.py                                   # ~2-3 min on 2 CPU cores
+    python bench/train.py                   # ~3 min on 2 idle CPU cores (torch and jax included)
+    python bench/train.py --backends tensorflow                 # ~1 min
     python bench/train.py --size 224 --backbone resnet50 --batch-size 64 --steps 50
 """
 
@@ -102,14 +103,14 @@ def measure(args: argparse.Namespace) -> dict[str, float | str]:
     )
     batch = args.batch_size
 
-    def memmap_data(epoch: int) -> ArrayBatches:
+    def memmap_data(epoch: int, steps: int = args.steps) -> ArrayBatches:
         return ArrayBatches(
-            images, labels, batch, shuffle=True, seed=0, epoch=epoch, steps=args.steps,
+            images, labels, batch, shuffle=True, seed=0, epoch=epoch, steps=steps,
             workers=args.workers,
         )  # fmt: skip
 
     started = time.perf_counter()
-    training.fit(memmap_data(0), epochs=1, verbose=0, shuffle=False)  # trace and compile
+    training.fit(memmap_data(0, steps=2), epochs=1, verbose=0, shuffle=False)  # trace, compile
     compile_seconds = time.perf_counter() - started
     fixed_images = np.ascontiguousarray(images[:batch])
     fixed_labels = labels[:batch]
@@ -170,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="mobilenetv3small")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=15, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="ArrayBatches reader threads")
     parser.add_argument("--trainable", default="all", choices=("head", "all_but_batchnorm", "all"))
     parser.add_argument("--jit-compile", default="auto", choices=("auto", "on", "off"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -358,10 +359,14 @@ def test_checkpoint_from_other_parameters_is_not_resumed(tmp_path: Path, data) -
     expected, resume = find_checkpoint(params, "frozen", data, paths)
     assert resume is None
     (paths.checkpoint_dir / "state-epoch0001.weights.h5").write_bytes(b"x")
+    (paths.checkpoint_dir / "best.keras").write_bytes(b"x")
     state = {"fingerprint": expected, "complete": False, "epoch": 1,
              "weights": "state-epoch0001.weights.h5"}  # fmt: skip
     (paths.checkpoint_dir / "state.json").write_text(json.dumps(state))
     assert find_checkpoint(params, "frozen", data, paths)[1] == state
+    (paths.checkpoint_dir / "best.keras").unlink()  # a state without its best model
+    assert find_checkpoint(params, "frozen", data, paths)[1] is None
+    (paths.checkpoint_dir / "best.keras").write_bytes(b"x")
     other = tiny_params(frozen__learning_rate=1e-3)
     assert find_checkpoint(other, "frozen", data, paths)[1] is None
     # Only the other phase's settings changed: still resumable.
@@ -381,3 +386,40 @@ def test_mobilenetv3small_trains_both_phases(tmp_path: Path, data) -> None:
     finetune = run_phase(params, "finetune", data, phase_paths(tmp_path, "finetune", init))
     assert frozen.metrics["trainable_parameters"] < finetune.metrics["trainable_parameters"]
     assert np.isfinite(finetune.history[-1]["val_loss"])
+
+
+def test_stage_module_leaves_the_backend_choice_to_main() -> None:
+    """Importing the stage must not import keras: ``main`` sets KERAS_BACKEND first."""
+    import subprocess
+    import sys
+
+    code = "import sys, braintumor.train; print('keras' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_cli_trains_on_another_backend(tmp_path: Path, data_dir: Path, backend: str) -> None:
+    """``train.backend`` reaches Keras through KERAS_BACKEND, set by ``main`` (own process)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    raw = tiny_raw_params(frozen__epochs=2)
+    raw["train"]["backend"] = backend
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    command = [
+        sys.executable, "-m", "braintumor.train", "--phase", "frozen",
+        "--params", str(tmp_path / "params.yaml"), "--data", str(data_dir),
+        "--model-dir", str(tmp_path / "m"), "--checkpoints", str(tmp_path / "c"),
+        "--metrics", str(tmp_path / "m.json"), "--history", str(tmp_path / "h.csv"),
+        "--figures", str(tmp_path / "f"), "--no-mlflow", "--verbose", "0",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["backend"] == backend and metrics["epochs_run"] == 2

@@ -180,8 +180,9 @@ def load_resume_state(checkpoint_dir: Path, expected_fingerprint: str) -> dict[s
         return None
     if state.get("complete") or state.get("fingerprint") != expected_fingerprint:
         return None
-    if not (checkpoint_dir / state.get("weights", "")).is_file():
-        return None
+    for name in (state.get("weights", ""), BEST_MODEL):
+        if not name or not (checkpoint_dir / name).is_file():
+            return None
     return state
 
 
@@ -313,9 +314,8 @@ def _callbacks_module() -> Any:
             from braintumor.augment import reseed_random_layers
 
             reseed_random_layers(self.model, epoch_seed(self.seed, self.phase, epoch))
-            self.learning_rate = float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-            )
+            rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            self.learning_rate = float(f"{rate:.6g}")  # 1e-4, not float32's 9.9999997e-05
             self.started = time.perf_counter()
             self.train_ended: float | None = None
 
@@ -701,13 +701,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase == "finetune" and args.init is None:
         parser.error("--phase finetune needs --init (the frozen phase's model.keras)")
 
-    from braintumor.data_loading import DataError, load_processed
-
     try:
         params = load_params(args.params)
         _use_backend(params.train.backend)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    from braintumor.data_loading import DataError, load_processed  # imports keras
+
+    try:
         data = load_processed(args.data, params.common.classes, params.common.image_size)
-    except (ConfigError, DataError) as error:
+    except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     paths = PhasePaths(
