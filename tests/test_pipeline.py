@@ -47,8 +47,10 @@ def project(tmp_path: Path, small_mirror: Path) -> tuple[Path, dict[str, str]]:
             shutil.copy(source, project / name)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["profile"] = "quickstart"
-    params["common"]["image_size"] = 64
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    profile = yaml.safe_load((project / "profiles" / "quickstart.yaml").read_text())
+    profile["common"] = {**(profile.get("common") or {}), "image_size": 64}
+    (project / "profiles" / "quickstart.yaml").write_text(yaml.safe_dump(profile))
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -66,7 +66,8 @@ class BundleModel(mlflow.pyfunc.PythonModel):
         array = np.squeeze(array).astype(np.uint8)
         return preprocess_gray(array, self.bundle.meta.image_size, self.bundle.meta.preprocess)
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
+    # No type hints here: MLflow 3 would try (and fail) to derive a schema from them.
+    def predict(self, context, model_input, params=None):
         if isinstance(model_input, pd.DataFrame):
             values = list(model_input.iloc[:, 0])
         elif isinstance(model_input, np.ndarray) and model_input.dtype != object:
