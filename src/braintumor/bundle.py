@@ -13,7 +13,6 @@ Core layer: imports the config, imaging and calibration modules and Keras, nothi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 from braintumor.calibration import apply_temperature
 from braintumor.config import ClaheParams, PreprocessParams, UnsharpParams
 from braintumor.imaging import decode_image, preprocess_gray
-from braintumor.io_utils import atomic_path
+from braintumor.io_utils import atomic_path, file_sha256
 
 MODEL_FILE = "model.keras"
 META_FILE = "bundle.json"
@@ -105,14 +104,6 @@ class BundleMeta:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise BundleError(f"{META_FILE}: malformed ({error})") from None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_bundle(folder: Path, model_path: Path, meta: BundleMeta) -> BundleMeta:

@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from braintumor.backend import use_backend
 from braintumor.config import ConfigError, Params, PhaseParams, load_params
-from braintumor.io_utils import atomic_path, write_json
+from braintumor.io_utils import atomic_path, file_sha256, write_json
 
 if TYPE_CHECKING:
     import keras
@@ -130,14 +131,6 @@ def trainable_mode(phase: str, settings: PhaseParams) -> str:
     if settings.trainable != "auto":
         return settings.trainable
     return "head" if phase == "frozen" else "all_but_batchnorm"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fingerprint(params: Params, phase: str, data_digest: str, init_model: Path | None) -> str:
@@ -667,20 +660,6 @@ def _write_outputs(
 # --------------------------------------------------------------------------- the stage
 
 
-def _use_backend(backend: str) -> None:
-    """Select the Keras backend; it must happen before anything imports keras."""
-    if "keras" in sys.modules:
-        import keras
-
-        if keras.backend.backend() != backend:
-            raise ConfigError(
-                f"train.backend: {backend!r} requested but keras was already imported "
-                f"with {keras.backend.backend()!r}"
-            )
-        return
-    os.environ["KERAS_BACKEND"] = backend
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", required=True, choices=PHASES)
@@ -703,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params)
-        _use_backend(params.train.backend)
+        use_backend(params.train.backend)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
