@@ -9,12 +9,6 @@ child per phase, their parameters, one ``val_loss`` point per epoch, and the mod
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +17,7 @@ import yaml
 
 from test_train import MSOUD, make_processed, tiny_raw_params
 
-MLFLOW = Path(sys.executable).with_name("mlflow")
+from conftest import running_mlflow_server
 
 
 @pytest.fixture(autouse=True)
@@ -57,47 +51,10 @@ def test_invocation_outside_dvc(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not _is_dvc(["/venv/bin/python", "-m", "pytest", "tests/dvc_test.py"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            str(MLFLOW), "server",
-            "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--artifacts-destination", str(tmp_path / "mlartifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).text.strip() == "OK":
-                    break
-            except requests.RequestException:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
+    with running_mlflow_server(tmp_path) as url:
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 @pytest.mark.integration
