@@ -370,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     frame, metrics, near_pairs = result.frame, result.metrics, result.near_pairs
+    composition = composition_table(frame)
     with atomic_path(args.figures, directory=True) as folder:
-        figures.composition_chart(composition_table(frame), folder / "composition.png")
+        figures.composition_chart(composition, folder / "composition.png")
         figures.duplicate_sheet(
             args.raw, frame, near_pairs, params.clean.example_pairs, folder / "duplicates.png"
         )
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             temporary, index=False
         )
     with atomic_path(args.composition) as temporary:
-        composition_table(frame).to_csv(temporary, index=False)
+        composition.to_csv(temporary, index=False)
     write_json(args.metrics, metrics)
     dropped = ", ".join(f"{k} {v}" for k, v in metrics["dropped"].items()) or "none"
     print(
