@@ -245,6 +245,24 @@ def test_batches_are_seeded_per_epoch_and_cover_every_row() -> None:
     assert batches[0][1].dtype == np.int32
 
 
+def test_drop_remainder_serves_full_batches_that_rotate_through_every_row() -> None:
+    from braintumor.data_loading import ArrayBatches
+
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    labels = np.arange(10) % 4
+    batches = ArrayBatches(images, labels, 4, shuffle=True, seed=7, drop_remainder=True)
+    seen: set[int] = set()
+    for _ in range(6):
+        assert len(batches) == 2 and batches.images_per_epoch == 8
+        rows = np.concatenate([batches[i][0].ravel() for i in range(len(batches))])
+        assert len(rows) == 8 and len(set(rows.tolist())) == 8
+        seen |= set(rows.tolist())
+        batches.on_epoch_end()
+    assert seen == set(range(10))  # the two rows left out change from epoch to epoch
+    with pytest.raises(ValueError, match="no full batch of 16"):
+        ArrayBatches(images, labels, 16, drop_remainder=True)
+
+
 def test_subset_and_balanced_class_weights() -> None:
     from braintumor.data_loading import class_weights, subset_per_class
 
@@ -423,3 +441,48 @@ def test_cli_trains_on_another_backend(tmp_path: Path, data_dir: Path, backend: 
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["backend"] == backend and metrics["epochs_run"] == 2
+
+
+@pytest.mark.slow
+def test_jax_phase_compiles_one_training_step_and_reuses_its_compilations(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """What made a first Keras-JAX epoch slow, counted: with full batches only, the phase
+    compiles one training step (two without: the short last batch is another program),
+    and a second run loads its programs from the persistent cache with equal results."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+
+    def run(name: str, drop_remainder: bool) -> dict[str, Any]:
+        raw = tiny_raw_params(frozen__epochs=2, frozen__batch_size=6)  # 32 train, 12 val
+        raw["train"].update(backend="jax", jit_compile="auto", drop_remainder=drop_remainder)
+        params_file = tmp_path / "params.yaml"  # the cache is .cache/jax beside it
+        params_file.write_text(yaml.safe_dump(raw))
+        out = tmp_path / name
+        command = [
+            sys.executable, "-m", "braintumor.train", "--phase", "frozen",
+            "--params", str(params_file), "--data", str(data_dir),
+            "--model-dir", str(out / "m"), "--checkpoints", str(out / "c"),
+            "--metrics", str(out / "m.json"), "--history", str(out / "h.csv"),
+            "--figures", str(out / "f"), "--no-mlflow", "--verbose", "0",
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((out / "m.json").read_text())
+
+    first = run("first", drop_remainder=True)
+    assert first["compiles"]["train_step"] == 1 and first["compiles"]["test_step"] == 1
+    assert first["compile_seconds"] > 0 and first["first_epoch_seconds"] > 0
+    assert any((tmp_path / ".cache" / "jax").iterdir())
+
+    again = run("again", drop_remainder=True)
+    assert again["compile_cache_hits"] >= again["compiles"]["train_step"] + 1
+    assert again["best_val_loss"] == first["best_val_loss"]
+
+    ragged = run("ragged", drop_remainder=False)
+    assert ragged["compiles"]["train_step"] == 2

@@ -152,7 +152,10 @@ class ArrayBatches(keras.utils.PyDataset):
     ``shuffle``: a new seeded order each epoch (``epoch_order``), starting at ``epoch`` (set
     it to the epoch a resumed run starts from). ``steps``: at most this many batches per
     epoch (each epoch still draws from a fresh order of every row). The last batch of an
-    epoch may be smaller than ``batch_size``.
+    epoch may be smaller than ``batch_size`` unless ``drop_remainder``: then every batch is
+    full, which gives a compiling backend (JAX, TensorFlow with XLA) one batch shape and so
+    one compiled training step instead of two. With ``shuffle`` the rows left out differ
+    from epoch to epoch, so no image is left out of training for good.
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class ArrayBatches(keras.utils.PyDataset):
         epoch: int = 0,
         steps: int | None = None,
         workers: int = 1,
+        drop_remainder: bool = False,
     ) -> None:
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=2 * workers)
         if len(images) != len(labels):
@@ -182,7 +186,12 @@ class ArrayBatches(keras.utils.PyDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = epoch
-        full = math.ceil(len(self.indices) / batch_size)
+        if drop_remainder and len(self.indices) < batch_size:
+            raise ValueError(
+                f"drop_remainder: {len(self.indices)} rows make no full batch of {batch_size}"
+            )
+        rounding = math.floor if drop_remainder else math.ceil
+        full = rounding(len(self.indices) / batch_size)
         self.steps = full if steps is None else min(steps, full)
         self._order = self._make_order()
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from braintumor.backend import use_backend
+from braintumor.backend import configure_backend
 from braintumor.config import ConfigError, Params, load_params
 
 MODELS = ("base", "finetuned")
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        use_backend(params.train.backend)
+        configure_backend(params.train, Path(args.params).resolve().parent)
         metrics = run(args, params)
     except (EvaluateError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from braintumor.backend import use_backend
+from braintumor.backend import configure_backend
 from braintumor.config import ConfigError, Params, PhaseParams, load_params
 from braintumor.io_utils import atomic_path, file_sha256, write_json
 
@@ -137,12 +137,14 @@ def fingerprint(params: Params, phase: str, data_digest: str, init_model: Path |
     """What a checkpoint was made from: resuming is only allowed when this matches.
 
     Covers every parameter that shapes the phase (the other phase's settings and the
-    backend excepted: a frozen-phase checkpoint is still valid when only fine-tuning
-    changes), the data digest and, for fine-tuning, the starting model's bytes.
+    settings that only change speed excepted: a frozen-phase checkpoint is still valid when
+    only fine-tuning, the backend or the compiler settings change), the data digest and,
+    for fine-tuning, the starting model's bytes.
     """
     train = dataclasses.asdict(params.train)
     train.pop("frozen" if phase == "finetune" else "finetune")
-    train.pop("backend")
+    for speed_only in ("backend", "loader_workers", "compilation_cache", "xla_gpu_autotune_level"):
+        train.pop(speed_only)
     content = {
         "phase": phase,
         "common": dataclasses.asdict(params.common),
@@ -213,6 +215,20 @@ def summarise(history: list[dict[str, float]], monitor: str) -> dict[str, Any]:
         # The median ignores the first epoch of a process, which includes compilation.
         "images_per_second": round(statistics.median(rates), 2) if rates else None,
     }
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a phase's metrics for MLflow, one level of nesting flattened
+    (``compiles: {train_step: 1}`` -> ``compiles/train_step``)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            for inner, number in value.items():
+                if isinstance(number, int | float):
+                    flat[f"{key}/{inner}"] = number
+        elif isinstance(value, int | float):
+            flat[key] = value
+    return flat
 
 
 def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
@@ -290,6 +306,7 @@ def _callbacks_module() -> Any:
             self.resume = resume
             self.stop_after_epochs = stop_after_epochs
             self.epochs_this_session = 0
+            self.first_epoch_seconds: float | None = None
             self.stopped = False
             self.phase_started = time.perf_counter()
             self.previous_wall_seconds = (resume or {}).get("wall_seconds", 0.0)
@@ -314,6 +331,9 @@ def _callbacks_module() -> Any:
 
         def on_test_begin(self, logs: dict | None = None) -> None:
             if self.train_ended is None:
+                # JAX (and PyTorch on a GPU) return from a step before it has run: wait for
+                # the last one by reading a value it wrote, or the time is dispatch only.
+                keras.ops.convert_to_numpy(self.model.optimizer.iterations)
                 self.train_ended = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -332,6 +352,8 @@ def _callbacks_module() -> Any:
             }
             if self.epochs_this_session > 0:  # the first one includes compilation
                 row["images_per_second"] = round(self.images_per_epoch / train_seconds, 2)
+            else:
+                self.first_epoch_seconds = row["seconds"]
             self.history.append(row)
             self.run.log_epoch(epoch + 1, {k: row[k] for k in HISTORY_COLUMNS[1:]})
             self.stopped = bool(self.model.stop_training)
@@ -467,6 +489,7 @@ def run_phase(
     import keras
 
     from braintumor.augment import build_augmenter, build_training_model
+    from braintumor.compile_stats import CompileMeter
     from braintumor.data_loading import ArrayBatches, class_weights, subset_per_class
 
     run = run or NullRun()
@@ -484,96 +507,99 @@ def run_phase(
     elif verbose:
         print(f"{phase}: resuming after epoch {resume['epoch']}")
 
-    model = build_phase_model(params, phase, paths.init_model)
-    augmenter = build_augmenter(params.augment, params.common.image_size, seed)
-    training_model = build_training_model(model, augmenter)
-    training_model.compile(
-        optimizer=keras.optimizers.Adam(settings.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=params.train.jit_compile,
-    )
-
-    train, val = data.splits["train"], data.splits["val"]
-    indices = subset_per_class(train.labels, params.train.subset_per_class, seed)
-    initial_epoch = resume["epoch"] if resume else 0
-    train_batches = ArrayBatches(
-        train.images,
-        train.labels,
-        settings.batch_size,
-        indices=indices,
-        shuffle=True,
-        seed=seed,
-        epoch=initial_epoch,
-        steps=settings.steps_per_epoch,
-        workers=params.train.loader_workers,
-    )
-    val_batches = ArrayBatches(
-        val.images, val.labels, settings.batch_size, workers=params.train.loader_workers
-    )
-    weights = class_weights(
-        train.labels[indices], len(params.common.classes), settings.class_weight
-    )
-    run.log_dataset(data, indices)
-
-    EpochState, BestModelCheckpoint = _callbacks_module()
-    stopping = settings.early_stopping
-    early_stopping = keras.callbacks.EarlyStopping(
-        monitor=stopping.monitor,
-        min_delta=stopping.min_delta,
-        patience=stopping.patience,
-        restore_best_weights=stopping.restore_best_weights,
-    )
-    reduce = settings.reduce_lr
-    reduce_lr = keras.callbacks.ReduceLROnPlateau(
-        monitor=reduce.monitor,
-        factor=reduce.factor,
-        patience=reduce.patience,
-        min_lr=reduce.min_learning_rate,
-    )
-    best_checkpoint = BestModelCheckpoint(
-        model, paths.checkpoint_dir / BEST_MODEL, stopping.monitor
-    )
-    stateful = {
-        "early_stopping": early_stopping,
-        "reduce_lr": reduce_lr,
-        "best_checkpoint": best_checkpoint,
-    }
-    history: list[dict[str, float]] = list(resume["history"]) if resume else []
-    epoch_state = EpochState(
-        phase=phase,
-        seed=seed,
-        checkpoint_dir=paths.checkpoint_dir,
-        fingerprint=expected,
-        stateful=stateful,
-        history=history,
-        images_per_epoch=train_batches.images_per_epoch,
-        run=run,
-        resume=resume,
-        stop_after_epochs=stop_after_epochs,
-    )
-    callbacks = [early_stopping, reduce_lr, best_checkpoint]
-    tensorboard = _tensorboard(paths.tensorboard, params.train.backend)
-    if tensorboard is not None:
-        callbacks.append(tensorboard)
-    callbacks.append(epoch_state)  # last: it saves the others' end-of-epoch state
-
-    if resume is not None:
-        # Optimizer slots must exist before load_weights can fill them.
-        training_model.optimizer.build(training_model.trainable_variables)
-        training_model.load_weights(paths.checkpoint_dir / resume["weights"])
-    finished = resume is not None and (resume["stopped"] or resume["epoch"] >= settings.epochs)
-    if not finished:
-        training_model.fit(
-            train_batches,
-            validation_data=val_batches,
-            epochs=settings.epochs,
-            initial_epoch=initial_epoch,
-            class_weight=weights,
-            callbacks=callbacks,
-            shuffle=False,  # ArrayBatches shuffles itself, seeded per epoch
-            verbose=verbose,
+    # Counted from the model's build: on JAX its weight initialisers compile too.
+    with CompileMeter() as meter:
+        model = build_phase_model(params, phase, paths.init_model)
+        augmenter = build_augmenter(params.augment, params.common.image_size, seed)
+        training_model = build_training_model(model, augmenter)
+        training_model.compile(
+            optimizer=keras.optimizers.Adam(settings.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            jit_compile=params.train.jit_compile,
         )
+
+        train, val = data.splits["train"], data.splits["val"]
+        indices = subset_per_class(train.labels, params.train.subset_per_class, seed)
+        initial_epoch = resume["epoch"] if resume else 0
+        train_batches = ArrayBatches(
+            train.images,
+            train.labels,
+            settings.batch_size,
+            indices=indices,
+            shuffle=True,
+            seed=seed,
+            epoch=initial_epoch,
+            steps=settings.steps_per_epoch,
+            workers=params.train.loader_workers,
+            drop_remainder=params.train.drop_remainder,
+        )
+        val_batches = ArrayBatches(
+            val.images, val.labels, settings.batch_size, workers=params.train.loader_workers
+        )
+        weights = class_weights(
+            train.labels[indices], len(params.common.classes), settings.class_weight
+        )
+        run.log_dataset(data, indices)
+
+        EpochState, BestModelCheckpoint = _callbacks_module()
+        stopping = settings.early_stopping
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor=stopping.monitor,
+            min_delta=stopping.min_delta,
+            patience=stopping.patience,
+            restore_best_weights=stopping.restore_best_weights,
+        )
+        reduce = settings.reduce_lr
+        reduce_lr = keras.callbacks.ReduceLROnPlateau(
+            monitor=reduce.monitor,
+            factor=reduce.factor,
+            patience=reduce.patience,
+            min_lr=reduce.min_learning_rate,
+        )
+        best_checkpoint = BestModelCheckpoint(
+            model, paths.checkpoint_dir / BEST_MODEL, stopping.monitor
+        )
+        stateful = {
+            "early_stopping": early_stopping,
+            "reduce_lr": reduce_lr,
+            "best_checkpoint": best_checkpoint,
+        }
+        history: list[dict[str, float]] = list(resume["history"]) if resume else []
+        epoch_state = EpochState(
+            phase=phase,
+            seed=seed,
+            checkpoint_dir=paths.checkpoint_dir,
+            fingerprint=expected,
+            stateful=stateful,
+            history=history,
+            images_per_epoch=train_batches.images_per_epoch,
+            run=run,
+            resume=resume,
+            stop_after_epochs=stop_after_epochs,
+        )
+        callbacks = [early_stopping, reduce_lr, best_checkpoint]
+        tensorboard = _tensorboard(paths.tensorboard, params.train.backend)
+        if tensorboard is not None:
+            callbacks.append(tensorboard)
+        callbacks.append(epoch_state)  # last: it saves the others' end-of-epoch state
+
+        if resume is not None:
+            # Optimizer slots must exist before load_weights can fill them.
+            training_model.optimizer.build(training_model.trainable_variables)
+            training_model.load_weights(paths.checkpoint_dir / resume["weights"])
+        finished = resume is not None and (resume["stopped"] or resume["epoch"] >= settings.epochs)
+        if not finished:
+            training_model.fit(
+                train_batches,
+                validation_data=val_batches,
+                epochs=settings.epochs,
+                initial_epoch=initial_epoch,
+                class_weight=weights,
+                callbacks=callbacks,
+                shuffle=False,  # ArrayBatches shuffles itself, seeded per epoch
+                verbose=verbose,
+            )
 
     best = keras.saving.load_model(paths.checkpoint_dir / BEST_MODEL)
     model.set_weights(best.get_weights())
@@ -592,6 +618,10 @@ def run_phase(
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "backbone": params.model.backbone,
         "backend": keras.backend.backend(),
+        # The first epoch of this process holds the compilations; the rest are steady.
+        "first_epoch_seconds": epoch_state.first_epoch_seconds,
+        "later_epoch_seconds": _median_later_epoch(history, epoch_state.epochs_this_session),
+        **meter.summary(),
     }
     _write_outputs(params, phase, paths, model, augmenter, data, indices, history, metrics, run)
     write_json(
@@ -602,6 +632,12 @@ def run_phase(
         if leftover.name != STATE_FILE:
             leftover.unlink()
     return PhaseResult(model=model, history=history, metrics=metrics)
+
+
+def _median_later_epoch(history: list[dict[str, float]], epochs_this_session: int) -> float | None:
+    """Median wall time of the epochs this process ran after its first one."""
+    later = history[len(history) - epochs_this_session :][1:] if epochs_this_session else []
+    return round(statistics.median(row["seconds"] for row in later), 3) if later else None
 
 
 def _tensorboard(log_dir: Path | None, backend: str) -> Any | None:
@@ -648,7 +684,7 @@ def _write_outputs(
         figures.image_grid(
             list(examples), titles, folder / "augmentation.png", "Augmented training images"
         )
-    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    run.log_metrics(numeric_metrics(metrics))
     run.log_artifact(paths.history, "history")
     run.log_artifact(paths.metrics, "metrics")
     for figure in sorted(paths.figures.glob("*.png")):
@@ -682,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params)
-        use_backend(params.train.backend)
+        configure_backend(params.train, Path(args.params).resolve().parent)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
