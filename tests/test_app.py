@@ -28,9 +28,16 @@ from braintumor.config import load_params
 from braintumor.imaging import decode_image
 from braintumor.predict import predict_files
 from braintumor.serving import Predictor, ServingSettings
-from test_predict import CLASSES, bad_files, dicom_of, real_images, tiny_bundle_folder, write_dicom
 
 from conftest import REPO
+from serving_helpers import (
+    CLASSES,
+    bad_files,
+    dicom_of,
+    real_images,
+    tiny_bundle_folder,
+    write_dicom,
+)
 
 STARTUP_TIMEOUT_S = 240
 _SERVERS: dict[str, dict] = {}

@@ -20,9 +20,9 @@ from test_app import (  # noqa: F401 - shared session fixtures
     reference_predictor,
     served_bundle,
 )
-from test_predict import CLASSES, bad_files, real_images
 
 from conftest import REPO
+from serving_helpers import CLASSES, bad_files, real_images
 
 pytestmark = pytest.mark.browser
 

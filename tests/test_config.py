@@ -66,6 +66,7 @@ def test_every_profile_file_has_every_section_dvc_tracks() -> None:
         ({"clean": {"near_similarity": 1.5}}, "clean.near_similarity: must be in (0, 1]"),
         ({"train": {"frozen": {"epochs": 0}}}, "train.frozen.epochs: must be >= 1"),
         ({"train": {"backend": "theano"}}, "train.backend: 'theano' is not one of"),
+        ({"train": {"xla_gpu_autotune_level": 7}}, "train.xla_gpu_autotune_level: must be 0-4"),
         ({"preprocess": {"clahe": {"enabled": "yes"}}}, "preprocess.clahe.enabled: expected"),
         ({"common": {"image_size": "big"}}, "common.image_size: expected an integer"),
         ({"preprocess": {"val_fraction": 1.0}}, "preprocess.val_fraction: must be in (0, 1)"),

@@ -109,3 +109,39 @@ def test_a_failing_stage_keeps_the_last_good_outputs(project) -> None:
     assert result.returncode != 0
     assert "error: preprocess.val_fraction=0.99" in result.stderr
     assert {p.name: p.read_bytes() for p in processed.iterdir()} == before
+
+
+def _imported_modules(module: str) -> set[str]:
+    """``braintumor`` modules ``module`` imports, at any depth and inside functions too
+    (those run when the stage runs), found by reading the sources."""
+    import ast
+
+    package = REPO / "src" / "braintumor"
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or not (package / f"{name}.py").is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "braintumor":
+                todo.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("braintumor."):
+                todo.append(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                todo.extend(
+                    a.name.split(".")[1] for a in node.names if a.name.startswith("braintumor.")
+                )
+    return seen
+
+
+def test_every_stage_depends_on_every_module_it_runs() -> None:
+    """A module a stage imports but does not list would not rerun the stage when it
+    changes: DVC would report stale outputs as up to date."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        module = stage["cmd"].split("-m braintumor.", 1)[1].split()[0]
+        listed = {Path(dep).stem for dep in stage["deps"] if dep.startswith("src/braintumor/")}
+        missing = _imported_modules(module) - listed - {"__init__"}
+        assert not missing, f"stage {name}: dvc.yaml deps lack {sorted(missing)}"

@@ -416,6 +416,31 @@ def test_stage_module_leaves_the_backend_choice_to_main() -> None:
     assert result.stdout.strip() == "False", result.stderr
 
 
+def test_xla_autotune_level_replaces_the_one_in_xla_flags(monkeypatch) -> None:
+    import keras
+
+    from braintumor.backend import use_backend
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x --xla_gpu_autotune_level=4")
+    use_backend(keras.backend.backend(), xla_gpu_autotune_level=1)
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_autotune_level=1"
+    use_backend(keras.backend.backend())  # null: XLA_FLAGS left alone
+    assert os.environ["XLA_FLAGS"].endswith("level=1")
+
+
+def test_compile_counts_are_named_per_keras_step_and_flattened_for_mlflow() -> None:
+    from braintumor.compile_stats import step_name
+    from braintumor.train import numeric_metrics
+
+    assert [step_name(n) for n in ("jit(train_step)", "jit(test_step)", "jit(_uniform)")] == [
+        "train_step",
+        "test_step",
+        "other",
+    ]
+    metrics = {"phase": "frozen", "epochs_run": 2, "compiles": {"train_step": 1}, "x": None}
+    assert numeric_metrics(metrics) == {"epochs_run": 2, "compiles/train_step": 1}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_cli_trains_on_another_backend(tmp_path: Path, data_dir: Path, backend: str) -> None:

@@ -39,15 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from braintumor.bundle import BundleError
-from braintumor.config import ConfigError, Params
+from braintumor.config import Params
 from braintumor.serving import (
     InputError,
     Predictor,
     ServingConfig,
+    SetupError,
     format_bytes,
-    load_bundle,
-    load_serving_config,
+    open_model,
     overlay_image,
 )
 
@@ -346,15 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     upload_folder = _private_upload_folder()
     try:
-        config = load_serving_config(args.params)
-    except ConfigError as error:
+        config, bundle = open_model(args.params, args.model)
+    except SetupError as error:
         LOGGER.error("error: %s", error)
-        return 1
-    model = args.model or config.default_model
-    try:
-        bundle = load_bundle(model, tracking_uri=config.tracking_uri)
-    except BundleError as error:
-        LOGGER.error("error: cannot load the model: %s", error)
         return 1
     predictor = Predictor(bundle, config.settings)
     if not args.no_warm_up:

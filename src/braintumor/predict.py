@@ -35,8 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from braintumor.bundle import BundleError
-from braintumor.config import ConfigError
 from braintumor.io_utils import atomic_path, write_text
 from braintumor.serving import (
     SUPPORTED_EXTENSIONS,
@@ -44,8 +42,8 @@ from braintumor.serving import (
     InputError,
     Predictor,
     PreparedImage,
-    load_bundle,
-    load_serving_config,
+    SetupError,
+    open_model,
     overlay_image,
 )
 
@@ -294,16 +292,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--output must end in .csv or .json, got {args.output}")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    try:
-        config = load_serving_config(args.params)
-    except ConfigError as error:
-        LOGGER.error("error: %s", error)
-        return 1
-    settings = config.settings
-    if args.batch_size is not None:
-        import dataclasses
-
-        settings = dataclasses.replace(settings, batch_size=args.batch_size)
     if not args.input.exists():
         LOGGER.error("error: %s: no such file or folder", args.input)
         return 1
@@ -311,12 +299,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not paths:
         LOGGER.error("error: %s: no supported image files (%s)", args.input, SUPPORTED_EXTENSIONS)
         return 1
-    model = args.model or config.default_model
     try:
-        bundle = load_bundle(model, tracking_uri=config.tracking_uri)
-    except BundleError as error:
-        LOGGER.error("error: cannot load the model: %s", error)
+        config, bundle = open_model(args.params, args.model)
+    except SetupError as error:
+        LOGGER.error("error: %s", error)
         return 1
+    settings = config.settings
+    if args.batch_size is not None:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, batch_size=args.batch_size)
     predictor = Predictor(bundle, settings)
     LOGGER.info("model: %s", predictor.describe())
     root = args.input if args.input.is_dir() else None

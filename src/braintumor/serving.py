@@ -227,6 +227,26 @@ def load_bundle(model: str | Path, *, tracking_uri: str | None = None) -> Bundle
     return _load_registered(str(model), tracking_uri)
 
 
+class SetupError(RuntimeError):
+    """The command-line tools cannot start: bad parameters or a model that will not load."""
+
+
+def open_model(
+    params_path: str | Path | None, model: str | Path | None
+) -> tuple[ServingConfig, Bundle]:
+    """The serving parameters and the bundle of ``model`` (default: the parameters' model),
+    for ``predict`` and the app; raises ``SetupError`` with the one-line reason."""
+    try:
+        config = load_serving_config(params_path)
+    except ConfigError as error:
+        raise SetupError(str(error)) from None
+    try:
+        bundle = load_bundle(model or config.default_model, tracking_uri=config.tracking_uri)
+    except BundleError as error:
+        raise SetupError(f"cannot load the model: {error}") from None
+    return config, bundle
+
+
 def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
     rest = uri[len(REGISTRY_SCHEME) :].strip("/")
