@@ -26,7 +26,7 @@ fi
 # shellcheck disable=SC2086  # EXTRA holds several --set arguments
 timeout "${PAPER_LIMIT:-330}" "$PY" bench/paper_run.py --profile paper-jax --mirror device-data \
   --work "$WORK" --out "$OUT/paper" ${EXTRA:-}
-SHORT=(--stages frozen,finetune --set train.frozen.epochs=2 --set train.finetune.epochs=2)
+SHORT=(--stages train,finetune --set train.frozen.epochs=2 --set train.finetune.epochs=2)
 # shellcheck disable=SC2086
 timeout "${SHORT_LIMIT:-110}" "$PY" bench/paper_run.py --profile paper-jax --work "$WORK" \
   ${EXTRA:-} "${SHORT[@]}" --set train.drop_remainder=false --set train.compilation_cache=null \

@@ -1,8 +1,8 @@
 """The pipeline's stages run in order without DVC or MLflow, timed, with a per-phase report.
 
 For machines that have neither (the GPU machines here: JAX and PyTorch, no TensorFlow, no
-DVC, no network). It runs the same stage modules ``dvc.yaml`` runs, with the same
-arguments, in a work folder that gets ``params.yaml`` (``profile`` set to ``--profile``)
+DVC, no network). It runs ``dvc.yaml``'s stage commands (read from it) less their MLflow
+options, in a work folder that gets ``params.yaml`` (``profile`` set to ``--profile``)
 and a copy of ``profiles/``; ``--set`` overrides are written into the copied profile, so
 they win over both files. Then it prints, per training phase: epochs run, the first
 epoch's seconds (it holds the compilations) against the median later epoch, images/s,
@@ -15,7 +15,8 @@ seconds spent compiling, and the compilations per Keras step function (JAX only)
     # CPU smoke test (a minute): small images, a subset, one epoch per phase
     python bench/paper_run.py --profile paper-jax --mirror ../shared/datasets --work /tmp/w \\
         --set common.image_size=32 --set train.subset_per_class=16 \\
-        --set train.frozen.epochs=1 --set train.finetune.epochs=1 --set model.backbone=tinycnn
+        --set train.frozen.epochs=1 --set train.finetune.epochs=1 --set model.backbone=tinycnn \\
+        --set model.gradcam_layer=auto
 
 Stage outputs stay in the work folder; ``--out`` gets ``summary.json`` and the report.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,45 +37,39 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("acquire", "clean", "preprocess", "frozen", "finetune", "evaluate")
+DVC_FILE = ROOT / "dvc.yaml"
+# Options of the stage commands that name MLflow run files, with the flag that turns
+# tracking off instead, per module.
+TRACKING_OPTIONS = ("--parent-run", "--parent-run-file", "--run-file")
+UNTRACKED = {
+    "braintumor.train": ["--no-mlflow"],
+    "braintumor.evaluate": ["--no-tracking"],
+}
+PHASE_METRICS = {"train": "frozen", "finetune": "finetune"}  # stage -> metrics/<name>.json
 
 
-def stage_command(stage: str) -> list[str]:
-    """The stage's command line as in ``dvc.yaml``, less DVC and MLflow."""
-    train = ["-m", "braintumor.train", "--params", "params.yaml", "--data", "data/processed"]
-    commands = {
-        "acquire": ["-m", "braintumor.acquire", "--params", "params.yaml", "--out", "data/raw"],
-        "clean": [
-            "-m", "braintumor.clean", "--params", "params.yaml", "--raw", "data/raw",
-            "--index", "data/interim/index.parquet", "--metrics", "metrics/data.json",
-            "--composition", "metrics/data_composition.csv", "--figures", "figures/data",
-        ],
-        "preprocess": [
-            "-m", "braintumor.preprocess", "--params", "params.yaml", "--raw", "data/raw",
-            "--index", "data/interim/index.parquet", "--out", "data/processed",
-            "--figures", "figures/preprocess", "--metrics", "metrics/preprocess.json",
-        ],
-        "frozen": [
-            *train, "--phase", "frozen", "--model-dir", "models/frozen",
-            "--checkpoints", "models/checkpoints/frozen", "--metrics", "metrics/frozen.json",
-            "--history", "metrics/frozen_history.csv", "--figures", "figures/frozen",
-            "--no-mlflow", "--verbose", "2",
-        ],
-        "finetune": [
-            *train, "--phase", "finetune", "--init", "models/frozen/model.keras",
-            "--model-dir", "models/finetune", "--checkpoints", "models/checkpoints/finetune",
-            "--metrics", "metrics/finetune.json", "--history", "metrics/finetune_history.csv",
-            "--figures", "figures/finetune", "--no-mlflow", "--verbose", "2",
-        ],
-        "evaluate": [
-            "-m", "braintumor.evaluate", "--params", "params.yaml", "--data", "data/processed",
-            "--base-model", "models/frozen/model.keras",
-            "--finetuned-model", "models/finetune/model.keras", "--metrics", "metrics/eval.json",
-            "--report", "reports/eval.md", "--plots", "metrics/eval_plots",
-            "--figures", "figures/eval", "--bundle", "models/bundle", "--no-tracking",
-        ],
-    }  # fmt: skip
-    return [sys.executable, *commands[stage]]
+def pipeline_stages() -> dict[str, str]:
+    """``dvc.yaml``'s stages in order, each with its command."""
+    stages = yaml.safe_load(DVC_FILE.read_text())["stages"]
+    return {name: " ".join(stage["cmd"].split()) for name, stage in stages.items()}
+
+
+def stage_command(cmd: str) -> list[str]:
+    """A ``dvc.yaml`` command (``python -m braintumor.<stage> ...``) run by this Python,
+    without its MLflow run-file options and with tracking turned off."""
+    words = shlex.split(cmd)
+    if words[:2] != ["python", "-m"]:
+        raise ValueError(f"dvc.yaml: expected 'python -m ...', got {cmd!r}")
+    kept: list[str] = []
+    skip_value = False
+    for word in words[1:]:
+        if skip_value:
+            skip_value = False
+        elif word in TRACKING_OPTIONS:
+            skip_value = True
+        else:
+            kept.append(word)
+    return [sys.executable, *kept, *UNTRACKED.get(words[2], [])]
 
 
 def parse_value(text: str) -> Any:
@@ -110,13 +106,13 @@ def prepare_work(work: Path, profile: str, overrides: list[str]) -> None:
     profile_file.write_text(yaml.safe_dump(content, sort_keys=False))
 
 
-def run_stage(stage: str, work: Path, env: dict[str, str], log: Path) -> float:
+def run_stage(stage: str, cmd: str, work: Path, env: dict[str, str], log: Path) -> float:
     """Run one stage in ``work``; its output goes to ``log`` and, at the end, its tail to
     stdout. Raises ``RuntimeError`` naming the stage when it fails."""
     started = time.perf_counter()
     with log.open("w") as handle:
         done = subprocess.run(
-            stage_command(stage), cwd=work, env=env, stdout=handle, stderr=subprocess.STDOUT
+            stage_command(cmd), cwd=work, env=env, stdout=handle, stderr=subprocess.STDOUT
         )
     seconds = time.perf_counter() - started
     tail = log.read_text(errors="replace").splitlines()[-4:]
@@ -147,14 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="paper-jax")
     parser.add_argument("--mirror", type=Path, help="BRAINTUMOR_MIRROR for the acquire stage")
     parser.add_argument("--work", type=Path, required=True, help="folder the stages run in")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in order")
+    parser.add_argument("--stages", help="comma-separated dvc.yaml stages (default: all)")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--out", type=Path, help="folder for summary.json")
     args = parser.parse_args(argv)
-    stages = [stage for stage in args.stages.split(",") if stage]
-    unknown = sorted(set(stages) - set(STAGES))
+    commands = pipeline_stages()
+    stages = [s for s in (args.stages or ",".join(commands)).split(",") if s]
+    unknown = sorted(set(stages) - set(commands))
     if unknown:
-        parser.error(f"unknown stages {unknown} (known: {', '.join(STAGES)})")
+        parser.error(f"unknown stages {unknown} (known: {', '.join(commands)})")
 
     work = args.work.resolve()
     prepare_work(work, args.profile, args.overrides)
@@ -170,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for stage in stages:
         try:
-            wall = run_stage(stage, work, env, logs / f"{stage}.log")
+            wall = run_stage(stage, commands[stage], work, env, logs / f"{stage}.log")
         except RuntimeError as error:
             failed = str(error)
             break
         summary["stages"][stage] = {"wall_s": round(wall, 1)}
-        if stage in ("frozen", "finetune"):
-            metrics = json.loads((work / "metrics" / f"{stage}.json").read_text())
+        if stage in PHASE_METRICS:
+            metrics = json.loads((work / "metrics" / f"{PHASE_METRICS[stage]}.json").read_text())
             summary["stages"][stage] = phase_row(metrics, wall)
         if stage == "evaluate":
             view = json.loads((work / "metrics" / "eval.json").read_text())["finetuned"]

@@ -106,6 +106,25 @@ def weights_by_path(model) -> dict[str, np.ndarray]:
     return {v.path: np.array(v) for v in model.weights}
 
 
+def run_frozen_phase_cli(params_file: Path, data_dir: Path, out: Path) -> dict[str, Any]:
+    """``python -m braintumor.train --phase frozen`` in its own process (the backend comes
+    from the parameters, not this process's environment); returns its metrics JSON."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "braintumor.train", "--phase", "frozen",
+        "--params", str(params_file), "--data", str(data_dir),
+        "--model-dir", str(out / "m"), "--checkpoints", str(out / "c"),
+        "--metrics", str(out / "m.json"), "--history", str(out / "h.csv"),
+        "--figures", str(out / "f"), "--no-mlflow", "--verbose", "0",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "m.json").read_text())
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -446,25 +465,13 @@ def test_compile_counts_are_named_per_keras_step_and_flattened_for_mlflow() -> N
 def test_cli_trains_on_another_backend(tmp_path: Path, data_dir: Path, backend: str) -> None:
     """``train.backend`` reaches Keras through KERAS_BACKEND, set by ``main`` (own process)."""
     import importlib.util
-    import subprocess
-    import sys
 
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
     raw = tiny_raw_params(frozen__epochs=2)
     raw["train"]["backend"] = backend
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    command = [
-        sys.executable, "-m", "braintumor.train", "--phase", "frozen",
-        "--params", str(tmp_path / "params.yaml"), "--data", str(data_dir),
-        "--model-dir", str(tmp_path / "m"), "--checkpoints", str(tmp_path / "c"),
-        "--metrics", str(tmp_path / "m.json"), "--history", str(tmp_path / "h.csv"),
-        "--figures", str(tmp_path / "f"), "--no-mlflow", "--verbose", "0",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "m.json").read_text())
+    metrics = run_frozen_phase_cli(tmp_path / "params.yaml", data_dir, tmp_path)
     assert metrics["backend"] == backend and metrics["epochs_run"] == 2
 
 
@@ -476,8 +483,6 @@ def test_jax_phase_compiles_one_training_step_and_reuses_its_compilations(
     compiles one training step (two without: the short last batch is another program),
     and a second run loads its programs from the persistent cache with equal results."""
     import importlib.util
-    import subprocess
-    import sys
 
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed")
@@ -487,18 +492,7 @@ def test_jax_phase_compiles_one_training_step_and_reuses_its_compilations(
         raw["train"].update(backend="jax", jit_compile="auto", drop_remainder=drop_remainder)
         params_file = tmp_path / "params.yaml"  # the cache is .cache/jax beside it
         params_file.write_text(yaml.safe_dump(raw))
-        out = tmp_path / name
-        command = [
-            sys.executable, "-m", "braintumor.train", "--phase", "frozen",
-            "--params", str(params_file), "--data", str(data_dir),
-            "--model-dir", str(out / "m"), "--checkpoints", str(out / "c"),
-            "--metrics", str(out / "m.json"), "--history", str(out / "h.csv"),
-            "--figures", str(out / "f"), "--no-mlflow", "--verbose", "0",
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads((out / "m.json").read_text())
+        return run_frozen_phase_cli(params_file, data_dir, tmp_path / name)
 
     first = run("first", drop_remainder=True)
     assert first["compiles"]["train_step"] == 1 and first["compiles"]["test_step"] == 1

@@ -8,16 +8,18 @@ import sys
 from pathlib import Path
 
 from braintumor.config import ConfigError, TrainParams
+from braintumor.paths import real_project_root
 
 AUTOTUNE_FLAG = "--xla_gpu_autotune_level"
 
 
 def configure_backend(train: TrainParams, project_root: Path) -> None:
     """``use_backend`` with the parameters' XLA autotune level, then the compilation cache
-    (``train.compilation_cache`` relative to ``project_root``)."""
+    (``train.compilation_cache`` relative to the real project root: a DVC temporary
+    experiment workspace is deleted after its run, the repository's cache is not)."""
     use_backend(train.backend, xla_gpu_autotune_level=train.xla_gpu_autotune_level)
     cache = train.compilation_cache
-    enable_compilation_cache(project_root / cache if cache else None)
+    enable_compilation_cache(real_project_root(project_root) / cache if cache else None)
 
 
 def use_backend(backend: str, *, xla_gpu_autotune_level: int | None = None) -> None:

@@ -306,7 +306,6 @@ def _callbacks_module() -> Any:
             self.resume = resume
             self.stop_after_epochs = stop_after_epochs
             self.epochs_this_session = 0
-            self.first_epoch_seconds: float | None = None
             self.stopped = False
             self.phase_started = time.perf_counter()
             self.previous_wall_seconds = (resume or {}).get("wall_seconds", 0.0)
@@ -352,8 +351,6 @@ def _callbacks_module() -> Any:
             }
             if self.epochs_this_session > 0:  # the first one includes compilation
                 row["images_per_second"] = round(self.images_per_epoch / train_seconds, 2)
-            else:
-                self.first_epoch_seconds = row["seconds"]
             self.history.append(row)
             self.run.log_epoch(epoch + 1, {k: row[k] for k in HISTORY_COLUMNS[1:]})
             self.stopped = bool(self.model.stop_training)
@@ -618,9 +615,7 @@ def run_phase(
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "backbone": params.model.backbone,
         "backend": keras.backend.backend(),
-        # The first epoch of this process holds the compilations; the rest are steady.
-        "first_epoch_seconds": epoch_state.first_epoch_seconds,
-        "later_epoch_seconds": _median_later_epoch(history, epoch_state.epochs_this_session),
+        **session_epoch_seconds(history, epoch_state.epochs_this_session),
         **meter.summary(),
     }
     _write_outputs(params, phase, paths, model, augmenter, data, indices, history, metrics, run)
@@ -634,10 +629,17 @@ def run_phase(
     return PhaseResult(model=model, history=history, metrics=metrics)
 
 
-def _median_later_epoch(history: list[dict[str, float]], epochs_this_session: int) -> float | None:
-    """Median wall time of the epochs this process ran after its first one."""
-    later = history[len(history) - epochs_this_session :][1:] if epochs_this_session else []
-    return round(statistics.median(row["seconds"] for row in later), 3) if later else None
+def session_epoch_seconds(
+    history: list[dict[str, float]], epochs_this_session: int
+) -> dict[str, float | None]:
+    """Wall seconds of the first epoch this process ran (it holds the compilations) and the
+    median of the ones after it (steady state); None where there is no such epoch."""
+    ran = history[len(history) - epochs_this_session :] if epochs_this_session else []
+    later = [row["seconds"] for row in ran[1:]]
+    return {
+        "first_epoch_seconds": ran[0]["seconds"] if ran else None,
+        "later_epoch_seconds": round(statistics.median(later), 3) if later else None,
+    }
 
 
 def _tensorboard(log_dir: Path | None, backend: str) -> Any | None:
