@@ -314,6 +314,50 @@ def test_frozen_phase_changes_no_backbone_weight(two_phases: dict[str, Any]) -> 
     assert any("head_dense1" in path for path in head_changed)
 
 
+def test_cached_features_train_the_head_of_the_saved_model(tmp_path: Path, data) -> None:
+    """With ``cache_features`` the head trains on backbone features computed once; the
+    saved model is that head on the untouched backbone, so it predicts what the head
+    predicts from the features, and fine-tuning starts from it as usual."""
+    import keras
+
+    from braintumor.model import backbone_layers
+    from braintumor.train import backbone_features, build_phase_model, head_model, run_phase
+
+    params = tiny_params(frozen__cache_features=True, frozen__epochs=3)
+    keras.utils.set_random_seed(params.common.seed)
+    initial = build_phase_model(params, "frozen", None)
+    paths = phase_paths(tmp_path, "frozen")
+    result = run_phase(params, "frozen", data, paths)
+    assert result.metrics["cached_features"] is True and len(result.history) == 3
+    saved = keras.saving.load_model(paths.model)
+    for layer in backbone_layers(saved):
+        for before, after in zip(initial.get_layer(layer.name).get_weights(),
+                                 layer.get_weights(), strict=True):  # fmt: skip
+            np.testing.assert_array_equal(before, after, err_msg=layer.name)
+    head_weights = saved.get_layer("head_dense1").get_weights()[0]
+    assert not np.array_equal(head_weights, initial.get_layer("head_dense1").get_weights()[0])
+    images = np.asarray(data.splits["val"].images)
+    # Features in a shuffled row order come back in that order.
+    rows = np.random.default_rng(0).permutation(len(images))
+    features = backbone_features(saved, images, rows, batch_size=5)
+    via_head = head_model(saved).predict(features, verbose=0)
+    whole = saved.predict(images[rows].astype(np.float32), verbose=0)
+    np.testing.assert_allclose(via_head, whole, atol=1e-5)
+    finetune = run_phase(
+        tiny_params(frozen__cache_features=True, frozen__epochs=3), "finetune", data,
+        phase_paths(tmp_path, "finetune", paths.model),
+    )  # fmt: skip
+    assert finetune.metrics["cached_features"] is False
+
+
+def test_cached_features_need_a_head_only_phase(tmp_path: Path, data) -> None:
+    from braintumor.train import run_phase
+
+    params = tiny_params(frozen__cache_features=True, frozen__trainable="all")
+    with pytest.raises(ValueError, match="cache_features"):
+        run_phase(params, "frozen", data, phase_paths(tmp_path, "frozen"))
+
+
 def test_finetune_keeps_batchnorm_frozen_and_trains_the_rest(two_phases: dict[str, Any]) -> None:
     import keras
 

@@ -29,6 +29,9 @@ OUTPUT = "head_predictions"
 
 TRAINABLE_MODES = ("head", "all_but_batchnorm", "all")
 
+# Backbones whose ImageNet weights the ``weights`` stage converts from a package (no hub).
+PRETRAINED_BY_STAGE = ("efficientnet_lite0",)
+
 # Per-channel constants of keras.applications.imagenet_utils.preprocess_input.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -58,6 +61,104 @@ def _efficientnetv2b0(**kwargs: Any) -> keras.Model:
     return keras.applications.EfficientNetV2B0(include_preprocessing=True, **kwargs)
 
 
+# EfficientNet-Lite0 (Tan & Le 2019; the "lite" variant of the TensorFlow TPU repository):
+# MBConv blocks without squeeze-excitation, ReLU6, stem and head not scaled. One row per
+# stage: (repeats, kernel, stride, expand ratio, input filters, output filters).
+LITE0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+LITE0_STEM = 32
+LITE0_HEAD = 1280
+LITE0_BN_EPSILON = 1e-3  # the TensorFlow original's; PyTorch's default 1e-5 would differ
+LITE0_BN_MOMENTUM = 0.99
+LITE0_DROP_CONNECT = 0.2  # stochastic depth, scaled by block index as in the original
+
+
+def lite0_blocks() -> list[tuple[int, int, int, int, int]]:
+    """One (kernel, stride, expand, input filters, output filters) row per MBConv block."""
+    blocks = []
+    for repeats, kernel, stride, expand, filters_in, filters_out in LITE0_STAGES:
+        for repeat in range(repeats):
+            first = repeat == 0
+            blocks.append(
+                (kernel, stride if first else 1, expand, filters_in if first else filters_out,
+                 filters_out)
+            )  # fmt: skip
+    return blocks
+
+
+def _bn(name: str) -> keras.layers.BatchNormalization:
+    return keras.layers.BatchNormalization(
+        epsilon=LITE0_BN_EPSILON, momentum=LITE0_BN_MOMENTUM, name=name
+    )
+
+
+def _relu6(name: str) -> keras.layers.ReLU:
+    return keras.layers.ReLU(max_value=6.0, name=name)
+
+
+def efficientnet_lite0(
+    include_top: bool,
+    weights: str | None,
+    input_tensor: Any,
+    name: str = "efficientnet_lite0",
+    classes: int = 1000,
+) -> keras.Model:
+    """EfficientNet-Lite0 as a flat functional model over ``input_tensor`` (3 channels,
+    already normalised as ``(x - 127) / 128``).
+
+    Layer names follow the PyTorch state dict of the packaged ImageNet weights
+    (``stem_conv`` = ``_conv_stem``, ``block{i}_dwconv`` = ``_blocks.{i}._depthwise_conv``,
+    ...; see ``pretrained.py``). ``padding="same"`` is TensorFlow's asymmetric SAME padding,
+    which the weights were trained with. The last activation, ``top_activation``, is the
+    Grad-CAM layer. ``include_top`` adds the ImageNet classifier (pooling and ``predictions``,
+    1000 logits, no softmax): used to check a conversion against the reference. ``weights``
+    is a ``.weights.h5`` file written by ``pretrained.py`` (or None).
+    """
+    conv_args = {"padding": "same", "use_bias": False}
+    x = keras.layers.Conv2D(LITE0_STEM, 3, strides=2, name="stem_conv", **conv_args)(input_tensor)
+    x = _relu6("stem_activation")(_bn("stem_bn")(x))
+    blocks = lite0_blocks()
+    for index, (kernel, stride, expand, filters_in, filters_out) in enumerate(blocks):
+        prefix = f"block{index}_"
+        inputs = x
+        if expand != 1:
+            x = keras.layers.Conv2D(
+                filters_in * expand, 1, name=prefix + "expand_conv", **conv_args
+            )(x)
+            x = _relu6(prefix + "expand_activation")(_bn(prefix + "expand_bn")(x))
+        x = keras.layers.DepthwiseConv2D(
+            kernel, strides=stride, name=prefix + "dwconv", **conv_args
+        )(x)
+        x = _relu6(prefix + "activation")(_bn(prefix + "bn")(x))
+        x = keras.layers.Conv2D(filters_out, 1, name=prefix + "project_conv", **conv_args)(x)
+        x = _bn(prefix + "project_bn")(x)
+        if stride == 1 and filters_in == filters_out:
+            rate = LITE0_DROP_CONNECT * index / len(blocks)
+            if rate > 0:
+                x = keras.layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=prefix + "drop")(
+                    x
+                )
+            x = keras.layers.Add(name=prefix + "add")([x, inputs])
+    x = keras.layers.Conv2D(LITE0_HEAD, 1, name="top_conv", **conv_args)(x)
+    x = _relu6("top_activation")(_bn("top_bn")(x))
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.Dense(classes, name="predictions")(x)
+    model = keras.Model(keras.utils.get_source_inputs(input_tensor), x, name=name)
+    if weights is not None:
+        from braintumor.pretrained import load_backbone_weights
+
+        load_backbone_weights(model, Path(weights))
+    return model
+
+
 def _tinycnn(
     include_top: bool, weights: str | None, input_tensor: Any, name: str = "tinycnn"
 ) -> keras.Model:
@@ -82,6 +183,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(_resnet50, "caffe", "conv5_block3_out", 32),
     "mobilenetv3small": BackboneSpec(_mobilenetv3small, "raw", "top_activation", 32),
     "efficientnetv2b0": BackboneSpec(_efficientnetv2b0, "raw", "top_activation", 32),
+    "efficientnet_lite0": BackboneSpec(efficientnet_lite0, "lite", "top_activation", 32),
     "tinycnn": BackboneSpec(_tinycnn, "raw", "top_activation", 8),
 }
 
@@ -103,11 +205,24 @@ def _spec(backbone: str) -> BackboneSpec:
     return BACKBONES[backbone]
 
 
-def _resolve_weights(weights: str) -> str | None:
+def _resolve_weights(backbone: str, weights: str, pretrained: Path | None) -> str | None:
+    """What the backbone builder gets: None, ``"imagenet"`` (Keras downloads it) or a file.
+
+    For ``efficientnet_lite0`` ImageNet weights come from a package, converted once by the
+    ``weights`` stage (``pretrained.py``) into the file ``pretrained`` names.
+    """
     if weights == "none":
         return None
     if weights == "imagenet":
-        return "imagenet"
+        if backbone not in PRETRAINED_BY_STAGE:
+            return "imagenet"
+        if pretrained is None or not Path(pretrained).is_file():
+            raise ValueError(
+                f"model.weights: imagenet for {backbone} needs the converted weights file "
+                f"{pretrained or 'models/pretrained/...'}; run `dvc repro weights` "
+                "(or set model.weights: none)"
+            )
+        return str(pretrained)
     if not Path(weights).is_file():
         raise ValueError(
             f"model.weights: {weights!r} is not 'imagenet', 'none' or an existing weights file"
@@ -121,7 +236,9 @@ def normalization_layer(mode: str) -> keras.layers.Layer:
     ``caffe`` is ``keras.applications.resnet50.preprocess_input`` (RGB to BGR, minus the
     ImageNet mean; the channel flip is a no-op on gray but the per-channel means are not),
     ``torch`` divides by 255 and standardises per channel, ``tf`` maps to [-1, 1], ``unit``
-    divides by 255 (the study), ``raw`` leaves the values (backbones that rescale
+    divides by 255 (the study), ``lite`` is ``(x - 127) / 128`` (what the EfficientNet-Lite
+    ImageNet weights were trained on; ImageNet mean/std loses half their top-1 on photos),
+    ``raw`` leaves the values (backbones that rescale
     themselves).
     """
     if mode == "caffe":
@@ -132,6 +249,8 @@ def normalization_layer(mode: str) -> keras.layers.Layer:
         offset = [-m / s for m, s in zip(_TORCH_MEAN, _TORCH_STD, strict=True)]
     elif mode == "tf":
         scale, offset = 1.0 / 127.5, -1.0
+    elif mode == "lite":
+        scale, offset = 1.0 / 128.0, -127.0 / 128.0
     elif mode == "unit":
         scale, offset = 1.0 / 255.0, 0.0
     elif mode == "raw":
@@ -142,7 +261,12 @@ def normalization_layer(mode: str) -> keras.layers.Layer:
 
 
 def build_model(
-    params: ModelParams, image_size: int, num_classes: int, *, name: str = "braintumor"
+    params: ModelParams,
+    image_size: int,
+    num_classes: int,
+    *,
+    name: str = "braintumor",
+    pretrained: Path | None = None,
 ) -> keras.Model:
     """The inference model: (N, size, size, 1) 0-255 gray in, class probabilities out.
 
@@ -150,13 +274,15 @@ def build_model(
     study's head: global average pooling, BatchNormalization, ``dense_units`` ReLU layers
     each followed by dropout, BatchNormalization, and a float32 softmax (float32 even under
     a mixed-precision policy, so probabilities and the loss stay stable).
+    ``pretrained`` is the weights stage's converted file, used when ``params.weights`` is
+    ``imagenet`` for a backbone whose ImageNet weights come from a package.
     """
     spec = _spec(params.backbone)
     if image_size < spec.min_size:
         raise ValueError(
             f"common.image_size: {image_size} is below {params.backbone}'s minimum {spec.min_size}"
         )
-    weights = _resolve_weights(params.weights)
+    weights = _resolve_weights(params.backbone, params.weights, pretrained)
     inputs = keras.Input((image_size, image_size, 1), name="image")
     rgb = keras.layers.Concatenate(axis=-1, name=GRAY_TO_RGB)([inputs, inputs, inputs])
     normalised = normalization_layer(resolve_normalization(params))(rgb)

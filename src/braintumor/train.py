@@ -79,6 +79,7 @@ class PhasePaths:
     figures: Path
     tensorboard: Path | None = None
     init_model: Path | None = None  # finetune: the frozen phase's model.keras
+    pretrained: Path | None = None  # frozen: the weights stage's converted backbone file
 
     @property
     def model(self) -> Path:
@@ -133,13 +134,20 @@ def trainable_mode(phase: str, settings: PhaseParams) -> str:
     return "head" if phase == "frozen" else "all_but_batchnorm"
 
 
-def fingerprint(params: Params, phase: str, data_digest: str, init_model: Path | None) -> str:
+def fingerprint(
+    params: Params,
+    phase: str,
+    data_digest: str,
+    init_model: Path | None,
+    pretrained: Path | None = None,
+) -> str:
     """What a checkpoint was made from: resuming is only allowed when this matches.
 
     Covers every parameter that shapes the phase (the other phase's settings and the
     settings that only change speed excepted: a frozen-phase checkpoint is still valid when
     only fine-tuning, the backend or the compiler settings change), the data digest and,
-    for fine-tuning, the starting model's bytes.
+    for fine-tuning, the starting model's bytes (for the frozen phase, the pretrained
+    backbone file's).
     """
     train = dataclasses.asdict(params.train)
     train.pop("frozen" if phase == "finetune" else "finetune")
@@ -153,6 +161,9 @@ def fingerprint(params: Params, phase: str, data_digest: str, init_model: Path |
         "train": train,
         "data": data_digest,
         "init_model": file_sha256(init_model) if init_model is not None else None,
+        "pretrained": (
+            file_sha256(pretrained) if pretrained is not None and pretrained.is_file() else None
+        ),
     }
     text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -185,7 +196,7 @@ def find_checkpoint(
     params: Params, phase: str, data: ProcessedData, paths: PhasePaths
 ) -> tuple[str, dict[str, Any] | None]:
     """The phase's fingerprint and the state to resume from (None: start afresh)."""
-    expected = fingerprint(params, phase, data.digest, paths.init_model)
+    expected = fingerprint(params, phase, data.digest, paths.init_model, paths.pretrained)
     return expected, load_resume_state(paths.checkpoint_dir, expected)
 
 
@@ -441,8 +452,13 @@ def _callback_state(name: str, callback: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the phase
 
 
-def build_phase_model(params: Params, phase: str, init_model: Path | None) -> keras.Model:
-    """The inference model a phase starts from, with the phase's layers set trainable."""
+def build_phase_model(
+    params: Params, phase: str, init_model: Path | None, pretrained: Path | None = None
+) -> keras.Model:
+    """The inference model a phase starts from, with the phase's layers set trainable.
+
+    The frozen phase builds it (ImageNet backbone weights from ``pretrained`` where the
+    weights stage converted them); fine-tuning loads the frozen phase's best model."""
     import keras
 
     from braintumor.model import build_model, set_trainable
@@ -450,7 +466,7 @@ def build_phase_model(params: Params, phase: str, init_model: Path | None) -> ke
     num_classes = len(params.common.classes)
     size = params.common.image_size
     if phase == "frozen":
-        model = build_model(params.model, size, num_classes)
+        model = build_model(params.model, size, num_classes, pretrained=pretrained)
     else:
         if init_model is None or not init_model.is_file():
             raise FileNotFoundError(f"{init_model}: the frozen phase's model is missing")
@@ -463,6 +479,52 @@ def build_phase_model(params: Params, phase: str, init_model: Path | None) -> ke
             )
     set_trainable(model, trainable_mode(phase, phase_params(params, phase)))
     return model
+
+
+def _check_cacheable(phase: str, settings: PhaseParams) -> None:
+    if trainable_mode(phase, settings) != "head":
+        raise ValueError(
+            f"train.{phase}.cache_features: only a phase that trains the head alone can "
+            f"reuse backbone features (trainable is {trainable_mode(phase, settings)!r})"
+        )
+
+
+def head_model(model: keras.Model) -> keras.Model:
+    """The head of a ``build_model`` model as a model of its own, taking pooled backbone
+    features. It shares the layers (and so the weights) of ``model``: training it trains
+    ``model``'s head, and ``model`` is what gets saved."""
+    import keras
+
+    from braintumor.model import HEAD_PREFIX, is_head_layer
+
+    layers = [layer for layer in model.layers if is_head_layer(layer)]
+    pool = model.get_layer(f"{HEAD_PREFIX}pool")
+    if not layers or layers[0] is not pool:
+        raise ValueError("model has no head_pool layer first in its head")
+    inputs = keras.Input(pool.output.shape[1:], name="features")
+    x = inputs
+    for layer in layers[1:]:
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"{model.name}_head")
+
+
+def backbone_features(
+    model: keras.Model, images: np.ndarray, indices: np.ndarray | None, batch_size: int
+) -> np.ndarray:
+    """Pooled backbone features (float32) of ``images[indices]``, batch by batch, with the
+    backbone in inference mode (as a frozen backbone runs while its head trains)."""
+    import keras
+
+    from braintumor.model import HEAD_PREFIX
+
+    extractor = keras.Model(model.inputs, model.get_layer(f"{HEAD_PREFIX}pool").output)
+    rows = np.arange(len(images)) if indices is None else np.asarray(indices)
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        batch = np.asarray(images[np.sort(rows[start : start + batch_size])], dtype=np.float32)
+        order = np.argsort(np.argsort(rows[start : start + batch_size]))
+        outputs.append(np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)[order])
+    return np.concatenate(outputs) if outputs else np.zeros((0, extractor.output_shape[-1]))
 
 
 def run_phase(
@@ -506,9 +568,23 @@ def run_phase(
 
     # Counted from the model's build: on JAX its weight initialisers compile too.
     with CompileMeter() as meter:
-        model = build_phase_model(params, phase, paths.init_model)
+        model = build_phase_model(params, phase, paths.init_model, paths.pretrained)
         augmenter = build_augmenter(params.augment, params.common.image_size, seed)
-        training_model = build_training_model(model, augmenter)
+        train, val = data.splits["train"], data.splits["val"]
+        indices = subset_per_class(train.labels, params.train.subset_per_class, seed)
+        if settings.cache_features:
+            # The frozen backbone gives every epoch the same features: compute them once
+            # and train the head alone (without augmentation, which would change them).
+            _check_cacheable(phase, settings)
+            training_model = head_model(model)
+            train_inputs = backbone_features(model, train.images, indices, settings.batch_size)
+            train_labels = train.labels[indices]
+            val_inputs = backbone_features(model, val.images, None, settings.batch_size)
+            batch_indices = None
+        else:
+            training_model = build_training_model(model, augmenter)
+            train_inputs, train_labels, val_inputs = train.images, train.labels, val.images
+            batch_indices = indices
         training_model.compile(
             optimizer=keras.optimizers.Adam(settings.learning_rate),
             loss="sparse_categorical_crossentropy",
@@ -516,14 +592,12 @@ def run_phase(
             jit_compile=params.train.jit_compile,
         )
 
-        train, val = data.splits["train"], data.splits["val"]
-        indices = subset_per_class(train.labels, params.train.subset_per_class, seed)
         initial_epoch = resume["epoch"] if resume else 0
         train_batches = ArrayBatches(
-            train.images,
-            train.labels,
+            train_inputs,
+            train_labels,
             settings.batch_size,
-            indices=indices,
+            indices=batch_indices,
             shuffle=True,
             seed=seed,
             epoch=initial_epoch,
@@ -532,7 +606,7 @@ def run_phase(
             drop_remainder=params.train.drop_remainder,
         )
         val_batches = ArrayBatches(
-            val.images, val.labels, settings.batch_size, workers=params.train.loader_workers
+            val_inputs, val.labels, settings.batch_size, workers=params.train.loader_workers
         )
         weights = class_weights(
             train.labels[indices], len(params.common.classes), settings.class_weight
@@ -612,6 +686,7 @@ def run_phase(
         "train_images": int(len(indices)),
         "val_images": int(len(val)),
         "trainable_mode": trainable_mode(phase, settings),
+        "cached_features": settings.cache_features,
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "backbone": params.model.backbone,
         "backend": keras.backend.backend(),
@@ -710,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", required=True, type=Path, help="figures folder")
     parser.add_argument("--tensorboard", type=Path, help="TensorBoard log folder")
     parser.add_argument("--init", type=Path, help="finetune: the frozen phase's model.keras")
+    parser.add_argument("--pretrained", type=Path, help="the weights stage's folder")
     parser.add_argument("--parent-run", type=Path, help="finetune: the frozen phase's run file")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
@@ -725,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     from braintumor.data_loading import DataError, load_processed  # imports keras
+    from braintumor.pretrained import weights_file
 
     try:
         data = load_processed(args.data, params.common.classes, params.common.image_size)
@@ -739,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
         figures=args.figures,
         tensorboard=args.tensorboard,
         init_model=args.init,
+        pretrained=(
+            weights_file(args.pretrained, params.model.backbone) if args.pretrained else None
+        ),
     )
     try:
         checkpoint = find_checkpoint(params, args.phase, data, paths)
