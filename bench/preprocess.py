@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     .venv/bin/python bench/preprocess.py [--limit N] [--workers W] [--repeat R] [--mirror DIR]
 
-On the real images of the data mirror (all of msoud and sartaj-subset unless ``--limit``),
+On the real images of the data mirror (all of msoud and sartaj unless ``--limit``),
 with the quickstart profile's parameters (224 x 224), it measures in one run:
 
 - ``baseline``: a plain serial loop of the same transform (``decode_image`` then
@@ -59,7 +59,7 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("msoud", "sartaj-subset")
+SOURCES = ("msoud", "sartaj")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 MEBIBYTE = 1 << 20
 

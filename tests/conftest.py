@@ -52,12 +52,12 @@ def copy_sample(
 @pytest.fixture
 def small_mirror(mirror: Path, tmp_path: Path) -> Path:
     """A mirror of a few real images per class: msoud (6 train / 3 test per class) and
-    sartaj-subset (2 / 1 per class)."""
+    sartaj (2 / 1 per class)."""
     root = tmp_path / "mirror"
     copy_sample(mirror, root / "msoud", "msoud", 6, ("Training",))
     copy_sample(mirror, root / "msoud", "msoud", 3, ("Testing",))
-    copy_sample(mirror, root / "sartaj-subset", "sartaj-subset", 2, ("Training",))
-    copy_sample(mirror, root / "sartaj-subset", "sartaj-subset", 1, ("Testing",))
+    copy_sample(mirror, root / "sartaj", "sartaj", 2, ("Training",))
+    copy_sample(mirror, root / "sartaj", "sartaj", 1, ("Testing",))
     return root
 
 
@@ -68,7 +68,7 @@ QUICKSTART_SOURCES = [
         "labels": {c: c for c in ("glioma", "meningioma", "notumor", "pituitary")},
     },
     {
-        "name": "sartaj-subset",
+        "name": "sartaj",
         "uri": "kaggle://sartajbhuvaji/brain-tumor-classification-mri",
         "labels": {
             "glioma_tumor": "glioma",
@@ -203,6 +203,7 @@ def evaluate_args(project: dict[str, Path], out: Path, **replace: Path) -> list[
     paths = {**project, **replace}
     return [
         "--params", str(paths["params"]), "--data", str(paths["data"]),
+        "--raw", str(paths["raw"]),
         "--base-model", str(paths["base"]), "--finetuned-model", str(paths["finetuned"]),
         "--metrics", str(out / "metrics" / "eval.json"), "--report", str(out / "eval.md"),
         "--plots", str(out / "plots"), "--figures", str(out / "figures"),

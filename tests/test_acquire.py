@@ -40,7 +40,7 @@ from braintumor.config import load_params
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
 MSOUD = DATASETS / "msoud"
-SARTAJ = DATASETS / "sartaj-subset"
+SARTAJ = DATASETS / "sartaj"
 LABELS = {"glioma": "glioma", "meningioma": "meningioma", "notumor": "notumor"}
 
 pytestmark = pytest.mark.skipif(not MSOUD.is_dir(), reason="needs ../shared/datasets/msoud")
@@ -332,14 +332,14 @@ def test_mirror_entry_may_be_an_archive(
     assert_output(out, {"packed": tree})
 
 
-@pytest.mark.skipif(not SARTAJ.is_dir(), reason="needs ../shared/datasets/sartaj-subset")
-def test_team_mirror_sartaj_subset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.skipif(not SARTAJ.is_dir(), reason="needs ../shared/datasets/sartaj")
+def test_team_mirror_sartaj(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BRAINTUMOR_MIRROR", str(DATASETS))
     labels = {"glioma_tumor": "glioma", "no_tumor": "notumor"}
     uri = "kaggle://sartajbhuvaji/brain-tumor-classification-mri"
     # root names the folder inside a Kaggle download; the mirror stores the source already
     # rooted (Training/ and Testing/ at its top), which is accepted too.
-    entry = {"name": "sartaj-subset", "uri": uri, "labels": labels, "root": "wrapped"}
+    entry = {"name": "sartaj", "uri": uri, "labels": labels, "root": "wrapped"}
     params = write_params(tmp_path, [entry])
     out = tmp_path / "data" / "raw"
 
@@ -347,10 +347,10 @@ def test_team_mirror_sartaj_subset(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     expected = sorted(p.relative_to(SARTAJ).as_posix() for p in SARTAJ.rglob("*") if p.is_file())
     rows = read_manifest(out)
-    assert len(expected) == 218
-    assert [row["path"] for row in rows] == [f"sartaj-subset/{path}" for path in expected]
-    spaced = next(row for row in rows if " (" in row["path"])  # "image (15).jpg"
-    content = (SARTAJ / spaced["path"].removeprefix("sartaj-subset/")).read_bytes()
+    assert len(expected) == 3264
+    assert [row["path"] for row in rows] == [f"sartaj/{path}" for path in expected]
+    spaced = next(row for row in rows if " (" in row["path"])  # "gg (15).jpg"
+    content = (SARTAJ / spaced["path"].removeprefix("sartaj/")).read_bytes()
     assert spaced["sha256"] == hashlib.sha256(content).hexdigest()
     assert (out / spaced["path"]).read_bytes() == content
 

@@ -1,5 +1,6 @@
-"""Expected calibration error, reliability data, temperature scaling and its figure, on
-synthetic data whose true calibration is known by construction."""
+"""Expected calibration error, reliability data, temperature scaling and its figure, and
+the evaluate stage's calibration choice, on synthetic data whose true calibration is known
+by construction."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ import numpy as np
 import pytest
 
 from braintumor.calibration import (
+    TEMPERATURE_BOUNDS,
+    CalibrationFit,
+    TemperatureFit,
+    apply_calibration,
     apply_temperature,
     apply_temperature_to_logits,
+    calibrate,
+    calibration_summary,
     expected_calibration_error,
     fit_temperature,
     log_probabilities,
@@ -19,6 +26,7 @@ from braintumor.calibration import (
     reliability_figure,
     softmax,
 )
+from braintumor.config import CalibrationParams, ConfigError
 
 TRUE_TEMPERATURE = 2.5
 
@@ -83,8 +91,11 @@ def test_confidence_on_a_bin_edge_goes_to_the_lower_bin() -> None:
 def test_fitted_temperature_recovers_the_truth_and_improves_calibration() -> None:
     validation_labels, validation_logits = overconfident(6000, seed=2)
     test_labels, test_logits = overconfident(6000, seed=3)
-    temperature = fit_temperature(validation_logits, validation_labels)
-    assert temperature == pytest.approx(TRUE_TEMPERATURE, rel=0.06)
+    fit = fit_temperature(validation_logits, validation_labels)
+    assert isinstance(fit, TemperatureFit) and not fit.at_bound
+    assert fit.temperature == pytest.approx(TRUE_TEMPERATURE, rel=0.06)
+    assert fit.nll_after < fit.nll_before
+    temperature = fit.temperature
 
     before = softmax(test_logits)
     after = apply_temperature(before, temperature)
@@ -98,14 +109,14 @@ def test_fitted_temperature_recovers_the_truth_and_improves_calibration() -> Non
 
 def test_log_probabilities_fit_the_same_temperature_as_logits() -> None:
     labels, logits = overconfident(3000, seed=4)
-    from_logits = fit_temperature(logits, labels)
-    from_probabilities = fit_temperature(log_probabilities(softmax(logits)), labels)
+    from_logits = fit_temperature(logits, labels).temperature
+    from_probabilities = fit_temperature(log_probabilities(softmax(logits)), labels).temperature
     assert from_probabilities == pytest.approx(from_logits, rel=1e-4)
 
 
 def test_calibrated_data_fits_a_temperature_near_one() -> None:
     labels, logits, _ = calibrated(6000, seed=5)
-    assert fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.08)
+    assert fit_temperature(logits, labels).temperature == pytest.approx(1.0, abs=0.08)
 
 
 def test_temperature_one_leaves_probabilities_unchanged() -> None:
@@ -136,7 +147,7 @@ def test_underflowed_probabilities_stay_finite() -> None:
     scaled = apply_temperature(probabilities, 3.0)
     assert np.isfinite(scaled).all()
     assert np.isfinite(negative_log_likelihood(labels, probabilities))
-    assert np.isfinite(fit_temperature(log_probabilities(probabilities), labels))
+    assert np.isfinite(fit_temperature(log_probabilities(probabilities), labels).temperature)
 
 
 def test_reliability_figure_writes_a_png(tmp_path) -> None:
@@ -171,3 +182,125 @@ def test_bad_input_raises() -> None:
         fit_temperature(logits, np.full(50, 7))
     with pytest.raises(ValueError, match="bounds"):
         fit_temperature(logits, labels, bounds=(2.0, 1.0))
+    with pytest.raises(ValueError, match="bound_tolerance"):
+        fit_temperature(logits, labels, bound_tolerance=0.7)
+
+
+def test_ece_and_nll_keep_their_definitions() -> None:
+    labels = np.array([0, 1, 1, 0])
+    probabilities = np.array([[0.8, 0.2], [0.4, 0.6], [0.7, 0.3], [0.9, 0.1]])
+    # bins of 0.1: {0.8: right}, {0.6: right}, {0.7: wrong}, {0.9: right}
+    assert expected_calibration_error(labels, probabilities, bins=10) == pytest.approx(
+        (0.2 + 0.4 + 0.7 + 0.1) / 4
+    )
+    expected = -np.mean(np.log([0.8, 0.6, 0.3, 0.9]))
+    assert negative_log_likelihood(labels, probabilities) == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def separable(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) where the top class is always right: the NLL keeps falling
+    as T -> 0, so the search runs into its lower bound (a leaky validation set)."""
+    labels, logits, _ = calibrated(count, seed)
+    logits[np.arange(count), labels] = logits.max(axis=1) + 0.5
+    return labels, softmax(logits)
+
+
+def test_a_fit_at_the_lower_bound_is_flagged() -> None:
+    labels, probabilities = separable(2000, seed=11)
+    fit = fit_temperature(log_probabilities(probabilities), labels)
+    assert fit.at_bound and fit.temperature == pytest.approx(TEMPERATURE_BOUNDS[0], rel=0.02)
+
+
+def test_a_fit_at_the_upper_bound_is_flagged() -> None:
+    labels, logits = overconfident(3000, seed=12)  # the truth, 2.5, lies outside
+    fit = fit_temperature(logits, labels, bounds=(0.5, 2.0))
+    assert fit.at_bound and fit.temperature == pytest.approx(2.0, rel=0.02)
+    assert not fit_temperature(logits, labels, bounds=(0.5, 4.0)).at_bound
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+PARAMS = CalibrationParams()
+
+
+def test_calibrate_softens_an_overconfident_model_and_improves_held_out_nll() -> None:
+    labels, logits = overconfident(4000, seed=13)
+    fit = calibrate(labels, softmax(logits), np.ones(4000, dtype=bool), PARAMS)
+    assert isinstance(fit, CalibrationFit) and fit.reason == "" and not fit.is_identity
+    assert fit.temperature > 1 and fit.temperature == pytest.approx(TRUE_TEMPERATURE, rel=0.08)
+    assert fit.nll_after < fit.nll_before and fit.samples == 4000
+    test_labels, test_logits = overconfident(4000, seed=14)
+    before = softmax(test_logits)
+    after = apply_calibration(before, fit)
+    summary = calibration_summary(test_labels, before, after)
+    assert summary["nll_after"] < summary["nll_before"]
+    assert summary["ece_after"] < 0.3 * summary["ece_before"]
+    np.testing.assert_array_equal(after.argmax(axis=1), before.argmax(axis=1))
+
+
+def test_a_fit_at_the_bound_keeps_the_identity() -> None:
+    labels, probabilities = separable(2000, seed=15)
+    fit = calibrate(labels, probabilities, np.ones(2000, dtype=bool), PARAMS)
+    assert fit.at_bound and fit.reason == "at_bound" and fit.is_identity
+    assert fit.fitted_temperature == pytest.approx(TEMPERATURE_BOUNDS[0], rel=0.02)
+    assert fit.nll_after == fit.nll_before
+    np.testing.assert_allclose(apply_calibration(probabilities, fit), probabilities, atol=1e-12)
+
+
+def test_calibrate_fits_on_the_leakage_free_rows_only() -> None:
+    """Validation rows with a training neighbour are right and sure (the model has seen
+    their twins): fitted on all rows they pull T below the honest rows' value."""
+    honest_labels, honest_logits = overconfident(3000, seed=16)
+    leaky_labels, leaky_probabilities = separable(3000, seed=17)
+    labels = np.r_[honest_labels, leaky_labels]
+    probabilities = np.r_[softmax(honest_logits), leaky_probabilities]
+    leakage_free = np.r_[np.ones(3000, dtype=bool), np.zeros(3000, dtype=bool)]
+    honest = calibrate(labels, probabilities, leakage_free, PARAMS)
+    assert honest.samples == 3000 and honest.fit_view == "val_leakage_free"
+    assert honest.temperature == pytest.approx(TRUE_TEMPERATURE, rel=0.08)
+    everything = calibrate(labels, probabilities, leakage_free, CalibrationParams(fit_view="val"))
+    assert everything.samples == 6000 and everything.temperature < 0.8 * honest.temperature
+
+
+def test_calibrate_keeps_the_identity_for_method_none_and_too_few_rows() -> None:
+    labels, logits = overconfident(200, seed=18)
+    probabilities = softmax(logits)
+    mask = np.zeros(200, dtype=bool)
+    mask[:20] = True
+    none = calibrate(labels, probabilities, mask, CalibrationParams(method="none"))
+    assert none.is_identity and none.reason == "method_none" and none.fitted_temperature is None
+    few = calibrate(labels, probabilities, mask, PARAMS)
+    assert few.is_identity and few.reason == "too_few_samples" and few.samples == 20
+    empty = calibrate(labels, probabilities, np.zeros(200, dtype=bool), PARAMS)
+    assert empty.is_identity and empty.to_dict()["nll_before"] is None
+    json.dumps(empty.to_dict(), allow_nan=False)
+    json.dumps(few.to_dict(), allow_nan=False)
+
+
+def test_calibrate_checks_its_inputs() -> None:
+    labels, logits = overconfident(100, seed=19)
+    with pytest.raises(ValueError, match="boolean"):
+        calibrate(labels, softmax(logits), np.ones(100), PARAMS)
+    with pytest.raises(ValueError, match="shape"):
+        calibrate(labels, softmax(logits), np.ones(99, dtype=bool), PARAMS)
+    with pytest.raises(ValueError, match="sum to 1"):
+        calibrate(labels, np.abs(logits), np.ones(100, dtype=bool), PARAMS)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature_bounds": (2.0, 1.0)},
+        {"temperature_bounds": (1.5, 3.0)},  # must contain the identity
+        {"temperature_bounds": (0.1, 1.0, 10.0)},
+        {"bound_tolerance": -0.1},
+        {"min_samples": 0},
+    ],
+)
+def test_calibration_params_reject_bad_values(settings: dict) -> None:
+    with pytest.raises(ConfigError):
+        CalibrationParams(**settings)

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from braintumor.clean import CleanError, clean, main
-from braintumor.config import load_params
+from braintumor.config import CleanParams, load_params
+from braintumor.hashing import content_box
 
 from conftest import QUICKSTART_SOURCES, copy_sample, write_params
 
@@ -23,7 +24,12 @@ def _raw_tree(mirror: Path, root: Path) -> Path:
     """data/raw with 4 real msoud images per class and split, plus planted problems."""
     raw = root / "raw"
     copy_sample(mirror, raw / "msoud", "msoud", 4, ("Training", "Testing"), offset=40)
-    copy_sample(mirror, raw / "sartaj-subset", "sartaj-subset", 1, ("Training",))
+    # From the fourth file on: sartaj's Training/no_tumor/1.jpg is the original of msoud's
+    # Tr-noTr_0000.jpg, which alpha.png below is made of (a cross-source twin).
+    copy_sample(mirror, raw / "sartaj", "sartaj", 1, ("Training",), offset=3)
+    # colour photographs of food filed as MRI
+    for name in ("food_001.jpg", "food_002.jpg"):
+        shutil.copy(mirror / "not-mri" / name, raw / "sartaj" / "Training" / "glioma_tumor")
     train = raw / "msoud" / "Training"
     test = raw / "msoud" / "Testing"
     real = sorted((train / "glioma").iterdir())[0]
@@ -113,10 +119,14 @@ def test_alpha_and_16_bit_images_are_normalised_and_kept(cleaned) -> None:
 
 
 def test_colour_photographs_are_excluded(cleaned) -> None:
-    frame, _, _ = cleaned
-    sartaj = frame[frame["source"] == "sartaj-subset"]
-    assert len(sartaj) == 4
-    assert set(sartaj["reason"]) == {"colour"}
+    frame, metrics, _ = cleaned
+    photos = frame[frame.index.str.contains("/food_")]
+    assert len(photos) == 2 and set(photos["reason"]) == {"colour"}
+    assert metrics["dropped"]["colour"] == 2
+    # SARTAJ's real slices are 3-channel JPEGs of gray: converted and kept, not "colour"
+    sartaj = frame[(frame["source"] == "sartaj") & ~frame.index.str.contains("/food_")]
+    assert len(sartaj) == 4 and set(sartaj["status"]) == {"kept"}
+    assert set(sartaj["notes"]) == {"3-channel gray converted to 1 channel"}
 
 
 def test_hidden_and_non_image_files_are_skipped_and_counted(cleaned) -> None:
@@ -176,6 +186,163 @@ def test_keep_policies_can_be_turned_off(mirror: Path, tmp_path: Path) -> None:
     assert not {"duplicate", "twin_of_test", "label_conflict"} & set(metrics["dropped"])
     leak = frame[frame["path"].str.endswith("/leak.jpg")].iloc[0]
     assert leak["status"] == "kept" and leak["dup_group_size"] >= 2
+
+
+# Real SARTAJ images and msoud's copies of them (224 x 224, re-encoded; found by running
+# clean on both sources in full). The content signatures of the first three pairs correlated
+# only 0.91, 0.94 and 0.93 before signatures were taken at one working scale.
+SARTAJ_TEST_MSOUD_TRAIN = (
+    "Testing/meningioma_tumor/image(121).jpg",
+    "Training/meningioma/Tr-me_0179.jpg",
+)
+MSOUD_TEST_SARTAJ_TRAIN = (
+    "Training/pituitary_tumor/p (609).jpg",
+    "Testing/pituitary/Te-pi_0012.jpg",
+)
+TEST_TEST = ("Testing/meningioma_tumor/image(26).jpg", "Testing/meningioma/Te-me_0033.jpg")
+# SARTAJ files this slice as glioma, msoud as meningioma.
+LABEL_CONFLICT = ("Testing/glioma_tumor/image(2).jpg", "Testing/meningioma/Te-me_0019.jpg")
+# Images with no twin in either source; the first SARTAJ one gets a synthetic msoud copy.
+SARTAJ_SINGLES = (
+    "Testing/glioma_tumor/image(100).jpg",
+    "Testing/pituitary_tumor/image(18).jpg",
+    "Training/glioma_tumor/gg (100).jpg",
+)
+MSOUD_SINGLES = ("Testing/glioma/Te-gl_0074.jpg", "Training/pituitary/Tr-pi_0760.jpg")
+PLANTED = "msoud/Training/glioma/planted.jpg"  # fmt: skip
+
+
+def _cross_source_tree(mirror: Path, root: Path) -> Path:
+    """data/raw with the real twins above, and a synthetic msoud-style copy (cropped to the
+    content with a small margin, squashed to 224 x 224, JPEG quality 80) of a SARTAJ test
+    image planted in msoud's training data."""
+    raw = root / "raw"
+    pairs = (SARTAJ_TEST_MSOUD_TRAIN, MSOUD_TEST_SARTAJ_TRAIN, TEST_TEST, LABEL_CONFLICT)
+    wanted = [("sartaj", s) for s, _ in pairs] + [("msoud", m) for _, m in pairs]
+    wanted += [("sartaj", s) for s in SARTAJ_SINGLES] + [("msoud", m) for m in MSOUD_SINGLES]
+    for source, relative in wanted:
+        target = raw / source / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(mirror / source / relative, target)
+    gray = cv2.imread(str(mirror / "sartaj" / SARTAJ_SINGLES[0]), cv2.IMREAD_GRAYSCALE)
+    top, bottom, left, right = content_box(gray, CleanParams().content_threshold)
+    margin = 6
+    crop = gray[max(top - margin, 0) : bottom + margin, max(left - margin, 0) : right + margin]
+    assert crop.shape != gray.shape
+    copy = cv2.resize(crop, (224, 224), interpolation=cv2.INTER_AREA)
+    (raw / PLANTED).parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(raw / PLANTED), copy, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return raw
+
+
+@pytest.fixture(scope="module")
+def cross_cleaned(mirror: Path, tmp_path_factory) -> tuple[pd.DataFrame, dict]:
+    tmp_path = tmp_path_factory.mktemp("cross")
+    raw = _cross_source_tree(mirror, tmp_path)
+    overrides = {"acquire": {"sources": QUICKSTART_SOURCES}, "clean": {"workers": 1}}
+    result = clean(raw, load_params(write_params(tmp_path, overrides)), progress=False)
+    return result.frame.set_index("path"), result.metrics
+
+
+def test_real_cross_source_twins_are_grouped_and_nothing_else(cross_cleaned) -> None:
+    frame, _ = cross_cleaned
+    expected = [
+        {f"sartaj/{s}", f"msoud/{m}"}
+        for s, m in (SARTAJ_TEST_MSOUD_TRAIN, MSOUD_TEST_SARTAJ_TRAIN, TEST_TEST, LABEL_CONFLICT)
+    ]
+    expected.append({f"sartaj/{SARTAJ_SINGLES[0]}", PLANTED})  # fmt: skip
+    groups = frame[frame["dup_group_size"] > 1].groupby("dup_group")
+    assert sorted(map(sorted, expected)) == sorted(sorted(m.index) for _, m in groups)
+
+
+def test_cross_source_policy_on_real_twins(cross_cleaned) -> None:
+    frame, _ = cross_cleaned
+
+    def state(source: str, relative: str) -> tuple[str, str]:
+        row = frame.loc[f"{source}/{relative}"]
+        return row["status"], row["reason"]
+
+    # a test image's twin never trains, whichever source either comes from
+    assert state("msoud", SARTAJ_TEST_MSOUD_TRAIN[1]) == ("dropped", "twin_of_test")
+    assert state("sartaj", MSOUD_TEST_SARTAJ_TRAIN[0]) == ("dropped", "twin_of_test")
+    assert frame.loc[PLANTED, "reason"] == "twin_of_test"
+    # one copy per split: the larger SARTAJ original stays, msoud's 224 x 224 copy goes
+    assert state("sartaj", TEST_TEST[0]) == ("kept", "")
+    assert state("msoud", TEST_TEST[1]) == ("dropped", "duplicate")
+    # the two sources disagree on the label: both copies go
+    assert state("sartaj", LABEL_CONFLICT[0]) == ("dropped", "label_conflict")
+    assert state("msoud", LABEL_CONFLICT[1]) == ("dropped", "label_conflict")
+    leakage_free = set(frame.index[frame["leakage_free"] & (frame["status"] == "kept")])
+    assert leakage_free == {f"sartaj/{TEST_TEST[0]}", f"sartaj/{SARTAJ_SINGLES[1]}",
+                            f"msoud/{MSOUD_SINGLES[0]}"}  # fmt: skip
+
+
+def test_cross_source_counts(cross_cleaned) -> None:
+    _, metrics = cross_cleaned
+    assert metrics["cross_source"] == {
+        "msoud_vs_sartaj": {
+            "groups": 5,
+            "images": {"msoud": 5, "sartaj": 5},
+            "test_with_train_twin": {"msoud": 1, "sartaj": 2},
+            "test_test_groups": 2,
+            "label_conflict_groups": 1,
+        }
+    }
+    assert metrics["leakage"]["by_source"] == {
+        "msoud": {"in": 4, "kept": 2, "kept_leakage_free": 1, "with_train_twin": 1},
+        "sartaj": {"in": 5, "kept": 4, "kept_leakage_free": 2, "with_train_twin": 2},
+    }
+    assert metrics["dropped"] == {"twin_of_test": 3, "label_conflict": 2, "duplicate": 1}
+
+
+def _cross_counts_by_hand(frame: pd.DataFrame, first: str, second: str) -> dict:
+    """The cross-source counts recomputed member by member, for comparison."""
+    result = {
+        "groups": 0,
+        "images": {first: 0, second: 0},
+        "test_with_train_twin": {first: 0, second: 0},
+        "test_test_groups": 0,
+        "label_conflict_groups": 0,
+    }
+    for _, members in frame[frame["dup_group_size"] > 1].groupby("dup_group"):
+        pairs = set(zip(members["source"], members["split"], strict=True))
+        if not {first, second} <= set(members["source"]):
+            continue
+        result["groups"] += 1
+        result["test_test_groups"] += {(first, "test"), (second, "test")} <= pairs
+        result["label_conflict_groups"] += members["label"].nunique() > 1
+        for this, other in ((first, second), (second, first)):
+            result["images"][this] += int((members["source"] == this).sum())
+            if (other, "train") in pairs:
+                tests = (members["source"] == this) & (members["split"] == "test")
+                result["test_with_train_twin"][this] += int(tests.sum())
+    return result
+
+
+@pytest.mark.parametrize("tree", ["cross", "planted"])
+def test_cross_source_counts_add_up(cross_cleaned, cleaned, tree: str) -> None:
+    frame, metrics = cross_cleaned if tree == "cross" else cleaned[:2]
+    cross = metrics["cross_source"]["msoud_vs_sartaj"]
+    assert cross == _cross_counts_by_hand(frame, "msoud", "sartaj")
+    assert cross["groups"] == metrics["duplicates"]["cross_source_groups"]
+    assert cross["label_conflict_groups"] <= metrics["duplicates"]["label_conflict_groups"]
+    by_source = metrics["leakage"]["by_source"]
+    test = frame[(frame["split"] == "test") & (frame["status"] != "skipped")]
+    assert sum(s["in"] for s in by_source.values()) == metrics["leakage"]["test_images"]
+    assert sum(s["kept"] for s in by_source.values()) == sum(
+        metrics["kept_by_split_label"].get("test", {}).values()
+    )
+    assert (
+        sum(s["kept_leakage_free"] for s in by_source.values())
+        == (metrics["leakage"]["kept_test_leakage_free"])
+    )
+    assert (
+        sum(s["with_train_twin"] for s in by_source.values())
+        == (metrics["leakage"]["test_with_train_twin"])
+    )
+    for source, counts in by_source.items():
+        assert counts["in"] == int((test["source"] == source).sum())
+        assert cross["test_with_train_twin"].get(source, 0) <= counts["with_train_twin"]
 
 
 def test_an_unmapped_class_folder_is_an_error(mirror: Path, tmp_path: Path) -> None:

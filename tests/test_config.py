@@ -32,7 +32,7 @@ def test_paper_profile_has_the_recipe_values() -> None:
     assert params.train.frozen.learning_rate == 1e-4 and params.train.frozen.epochs == 30
     assert params.train.finetune.learning_rate == 1e-5 and params.train.finetune.epochs == 20
     assert params.model.backbone == "resnet50" and params.model.dropout == 0.4
-    assert [s.name for s in params.acquire.sources] == ["msoud", "bilalakgz"]
+    assert [s.name for s in params.acquire.sources] == ["msoud", "sartaj"]
 
 
 def test_quickstart_profile_overrides_only_what_it_names() -> None:
@@ -40,7 +40,7 @@ def test_quickstart_profile_overrides_only_what_it_names() -> None:
     paper = params_from_mapping(raw, REPO / "profiles")
     quick = params_from_mapping({**raw, "profile": "quickstart"}, REPO / "profiles")
     assert quick.profile == "quickstart"
-    assert [s.name for s in quick.acquire.sources] == ["msoud", "sartaj-subset"]
+    assert [s.name for s in quick.acquire.sources] == ["msoud", "sartaj"]
     override = yaml.safe_load((REPO / "profiles" / "quickstart.yaml").read_text())
     for section in ("clean", "preprocess"):
         if not override.get(section):

@@ -43,7 +43,7 @@ def test_metrics_cover_both_models_and_every_view(evaluated: Path, project) -> N
         values = metrics[model]
         assert values["test.count"] == len(test)
         assert values["leakage_free.count"] == int(test["leakage_free"].sum())
-        assert values["source_msoud.count"] == len(test)
+        assert values["msoud_test.count"] == len(test)
         assert 0 <= values["test.accuracy"] <= 1
         assert values["test.accuracy_ci_low"] <= values["test.accuracy"]
         assert values["test.accuracy"] <= values["test.accuracy_ci_high"]
@@ -68,11 +68,35 @@ def test_report_recomputes_the_study_and_tables_add_up(evaluated: Path, project)
     assert set(roc["model"]) == {"base", "finetuned"}
 
 
-def test_calibration_is_fitted_on_validation_and_reported(evaluated: Path) -> None:
+def test_calibration_is_fitted_on_validation_and_reported(evaluated: Path, project) -> None:
     report = json.loads((evaluated / "eval.json").read_text())
-    calibration = report["finetuned"]["views"]["test"]["calibration"]
-    assert set(calibration) == {"ece_before", "ece_after", "nll_before", "nll_after"}
-    assert report["finetuned"]["temperature"] > 0
+    for view in ["validation", *(f"views.{v}" for v in report["finetuned"]["views"])]:
+        node = report["finetuned"]
+        for key in view.split("."):
+            node = node[key]
+        calibration = node if view == "validation" else node["calibration"]
+        assert set(calibration) == {"ece_before", "ece_after", "nll_before", "nll_after"}
+    fit = report["finetuned"]["calibration"]
+    val = pd.read_csv(project["data"] / "val_index.csv")
+    assert fit["fit_view"] == "val_leakage_free"
+    assert fit["samples"] == int(val["leakage_free"].sum())
+    # The applied temperature is the fitted one, or the identity with the reason.
+    assert fit["temperature"] == (1.0 if fit["reason"] else fit["fitted_temperature"])
+    assert report["finetuned"]["temperature"] == fit["temperature"]
+
+
+def test_robustness_view_starts_from_the_raw_slices(evaluated: Path) -> None:
+    """The ``clean`` row re-reads and re-preprocesses the raw files, so it must reproduce
+    the fine-tuned model's accuracy on the cached leakage-free arrays exactly."""
+    metrics = json.loads((evaluated / "metrics" / "eval.json").read_text())["finetuned"]
+    report = json.loads((evaluated / "eval.json").read_text())["robustness"]["finetuned"]
+    assert report[0]["perturbation"] == "clean"
+    assert report[0]["count"] == metrics["leakage_free.count"]
+    assert metrics["robustness.clean"] == pytest.approx(metrics["leakage_free.accuracy"], abs=1e-4)
+    assert {row["perturbation"] for row in report} >= {"jpeg_30", "rotate_10", "noise_10"}
+    plot = pd.read_csv(evaluated / "plots" / "robustness.csv")
+    assert list(plot["perturbation"]) == [row["perturbation"] for row in report]
+    assert (evaluated / "figures" / "robustness.png").is_file()
 
 
 def test_figures_and_the_bundle(evaluated: Path, project, mirror: Path) -> None:

@@ -33,8 +33,10 @@ from braintumor.imaging import (
 # Real msoud slices: a 1-channel JPEG and a 3-channel (gray) JPEG, both 224 x 224.
 ONE_CHANNEL_MRI = ("msoud", "Testing", "pituitary", "Te-pi_0088.jpg")
 THREE_CHANNEL_MRI = ("msoud", "Testing", "glioma", "Te-gl_0010.jpg")
-# The sartaj-subset mirror holds food photographs under MRI class names; this is one.
-COLOUR_PHOTO = ("sartaj-subset", "Training", "glioma_tumor", "gg (12).jpg")
+# A colour photograph of food (the mirror's not-mri/ folder), 463 x 318.
+COLOUR_PHOTO = ("not-mri", "food_001.jpg")
+# A real SARTAJ slice stored as a 3-channel JPEG of 495 x 619 (not square).
+NON_SQUARE_MRI = ("sartaj", "Testing", "glioma_tumor", "image(1).jpg")
 
 CLEAN = CleanParams()
 
@@ -276,8 +278,8 @@ def test_preprocess_gray_is_the_recipe(real_gray: np.ndarray, size: int) -> None
 
 
 def test_preprocess_gray_of_a_non_square_source_is_the_recipe(mirror: Path) -> None:
-    gray = _decode_file(_mirror_file(mirror, COLOUR_PHOTO)).gray  # 401 x 345, non-square
-    assert gray.shape[0] != gray.shape[1]
+    gray = _decode_file(_mirror_file(mirror, NON_SQUARE_MRI)).gray
+    assert gray.shape == (619, 495)
 
     assert np.array_equal(
         preprocess_gray(gray, 224, PreprocessParams()), _recipe_by_hand(gray, 224)

@@ -71,8 +71,12 @@ def test_dvc_repro_of_the_data_stages_then_a_noop_rerun(project) -> None:
     for stage in ("acquire", "clean", "preprocess"):
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((project / "metrics" / "data.json").read_text())
-    assert metrics["dropped"]["colour"] == 12  # every sartaj-subset image is a photo
-    assert metrics["kept"] > 0
+    assert "colour" not in metrics["dropped"]  # both sources are real MRI
+    by_source = metrics["leakage"]["by_source"]
+    assert set(by_source) == {"msoud", "sartaj"}
+    assert metrics["kept"] == sum(
+        count for split in metrics["kept_by_source_split"].values() for count in split.values()
+    )
     images = np.load(project / "data" / "processed" / "train_images.npy", mmap_mode="r")
     assert images.shape[1:] == (64, 64, 1)
     lock = yaml.safe_load((project / "dvc.lock").read_text())

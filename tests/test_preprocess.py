@@ -1,4 +1,5 @@
-"""The preprocess stage: aligned, stratified, byte-identical arrays from real images."""
+"""The preprocess stage: aligned, stratified, byte-identical arrays from real images, and a
+validation split that never separates neighbouring slices."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ import pandas as pd
 import pytest
 
 from braintumor.clean import clean
-from braintumor.config import deep_merge, load_params
+from braintumor.config import deep_merge, load_params, params_from_mapping
 from braintumor.imaging import decode_image, preprocess_gray
-from braintumor.preprocess import SPLITS, main, preprocess
+from braintumor.preprocess import (
+    SPLITS,
+    PreprocessError,
+    assign_splits,
+    grouped_stratified_split,
+    main,
+    preprocess,
+    val_with_train_neighbour,
+)
 
 from conftest import QUICKSTART_SOURCES, copy_sample, write_params
 
@@ -25,16 +34,22 @@ BASE = {
 
 
 @pytest.fixture(scope="module")
-def prepared(mirror: Path, tmp_path_factory) -> tuple[Path, Path, pd.DataFrame]:
-    """A raw tree of real images (8 train / 3 test per class) and its clean index."""
+def cleaned(mirror: Path, tmp_path_factory) -> tuple[Path, Path, pd.DataFrame]:
+    """A raw tree of real images (8 train / 3 test per class) and the clean stage's frame,
+    signatures included."""
     root = tmp_path_factory.mktemp("prep")
     raw = root / "raw"
     copy_sample(mirror, raw / "msoud", "msoud", 8, ("Training",), offset=100)
     copy_sample(mirror, raw / "msoud", "msoud", 3, ("Testing",), offset=100)
     params_path = write_params(root, BASE)
     frame = clean(raw, load_params(params_path), progress=False).frame
-    index = root / "index.parquet"
-    frame.drop(columns=["signature"]).to_parquet(index)
+    return raw, params_path, frame
+
+
+@pytest.fixture(scope="module")
+def prepared(cleaned) -> tuple[Path, Path, pd.DataFrame]:
+    """... with the index as the clean stage writes it: without signatures."""
+    raw, params_path, frame = cleaned
     return raw, params_path, frame.drop(columns=["signature"])
 
 
@@ -156,3 +171,156 @@ def test_a_class_with_too_few_training_images_is_a_clear_error(prepared, tmp_pat
     first = frame[(frame["label"] == "notumor") & (frame["split"] == "train")].head(1)
     with pytest.raises(ValueError, match="class 'notumor' has 1 training image"):
         preprocess(raw, pd.concat([few, first]), load_params(params_path), tmp_path / "x")
+
+
+# --------------------------------------------------------------------------- grouped split
+
+
+def clustered(seed: int, groups: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, group ids): groups of 1-12 images, one label each, classes unbalanced."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([1, 1, 1, 1, 2, 3, 5, 12], size=groups)
+    group_labels = rng.choice(4, size=groups, p=[0.4, 0.3, 0.2, 0.1])
+    return np.repeat(group_labels, sizes), np.repeat(rng.permutation(groups), sizes)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_split_never_separates_a_group(seed: int) -> None:
+    labels, groups = clustered(seed)
+    in_val = grouped_stratified_split(labels, groups, 0.15, seed)
+    for group in np.unique(groups):
+        assert len(set(in_val[groups == group])) == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_split_is_stratified(seed: int) -> None:
+    labels, groups = clustered(seed)
+    in_val = grouped_stratified_split(labels, groups, 0.15, seed)
+    for label in range(4):
+        members = labels == label
+        target = 0.15 * members.sum()
+        assert abs(in_val[members].sum() - target) <= 6  # half the largest group
+    assert abs(in_val.mean() - 0.15) < 0.01
+
+
+def test_grouped_split_is_seeded() -> None:
+    labels, groups = clustered(0)
+    first = grouped_stratified_split(labels, groups, 0.2, 42)
+    assert np.array_equal(first, grouped_stratified_split(labels, groups, 0.2, 42))
+    assert not np.array_equal(first, grouped_stratified_split(labels, groups, 0.2, 43))
+
+
+def test_a_giant_group_stays_in_train() -> None:
+    labels = np.zeros(100, dtype=int)
+    groups = np.r_[np.zeros(60, dtype=int), np.arange(1, 41)]
+    in_val = grouped_stratified_split(labels, groups, 0.2, 0)
+    assert not in_val[:60].any() and in_val.sum() == 20
+
+
+def test_grouped_split_rejects_misaligned_input() -> None:
+    with pytest.raises(ValueError, match="equal 1-D"):
+        grouped_stratified_split(np.zeros(3), np.zeros(4), 0.2, 0)
+
+
+def synthetic_index(seed: int = 0) -> pd.DataFrame:
+    """A clean-stage frame of 240 training images in chains of neighbouring slices (each
+    signature correlates ~0.93 with the next, ~0.87 with the one after) and 8 test images;
+    signatures of different chains are nearly orthogonal (random 1024-d vectors)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for chain in range(60):
+        label = ("glioma", "meningioma", "notumor", "pituitary")[chain % 4]
+        vector = rng.normal(size=1024)
+        for step in range(4):
+            signature = vector / np.linalg.norm(vector)
+            rows.append(
+                (f"src/Training/{label}/c{chain:02d}_{step}.jpg", "train", label, signature)
+            )
+            vector = vector + rng.normal(scale=0.38, size=1024)
+    for number in range(8):
+        label = ("glioma", "meningioma", "notumor", "pituitary")[number % 4]
+        signature = rng.normal(size=1024)
+        rows.append((f"src/Testing/{label}/t{number}.jpg", "test", label, signature / 1024**0.5))
+    frame = pd.DataFrame(rows, columns=["path", "split", "label", "signature"])
+    return frame.assign(
+        source="src",
+        status="kept",
+        leakage_free=frame["split"] == "test",
+        dup_group=np.arange(len(frame)),
+    )
+
+
+def split_params(grouping: str):
+    return params_from_mapping(
+        {
+            "acquire": {"sources": QUICKSTART_SOURCES[:1]},
+            "preprocess": {"val_fraction": 0.2, "val_grouping": grouping},
+        }
+    )
+
+
+def test_grouped_validation_has_no_neighbour_in_train() -> None:
+    index = synthetic_index()
+    threshold = split_params("neighbours").clean.leakage_similarity
+    chained = np.stack(index["signature"].iloc[:4].to_list())
+    assert (chained[:-1] * chained[1:]).sum(axis=1).min() >= threshold  # the test's premise
+    split = assign_splits(index, split_params("neighbours"))
+    train, val = split.frames["train"], split.frames["val"]
+    assert split.val_with_train_neighbour == 0 and split.largest_group == 4
+    assert val["leakage_free"].all() and not train["leakage_free"].any()
+    chains = {
+        name: set(rows["path"].str.extract(r"/(c\d+)_")[0]) for name, rows in split.frames.items()
+    }
+    assert not chains["train"] & chains["val"]
+    assert len(val) == 48 and set(val["label"].value_counts()) == {12}  # 3 chains per class
+
+
+def test_image_by_image_validation_has_train_neighbours_and_says_so() -> None:
+    index = synthetic_index()
+    split = assign_splits(index, split_params("none"))
+    val = split.frames["val"]
+    train = split.frames["train"]
+    assert split.val_with_train_neighbour > 20  # most chains are cut
+    assert (~val["leakage_free"]).sum() == split.val_with_train_neighbour
+    signatures = np.stack(pd.concat([train, val])["signature"].to_list())
+    is_val = np.r_[np.zeros(len(train), bool), np.ones(len(val), bool)]
+    flagged = val_with_train_neighbour(signatures, is_val, 0.9)[len(train) :]
+    assert np.array_equal(flagged, ~val["leakage_free"].to_numpy())
+
+
+def test_grouping_needs_signatures() -> None:
+    with pytest.raises(PreprocessError, match="signature"):
+        assign_splits(synthetic_index().drop(columns=["signature"]), split_params("neighbours"))
+
+
+def test_signatures_from_the_index_or_the_raw_files_give_the_same_output(
+    cleaned, tmp_path: Path
+) -> None:
+    raw, params_path, frame = cleaned
+    params = load_params(params_path)
+    with_column = preprocess(raw, frame, params, tmp_path / "a", progress=False)
+    computed = preprocess(raw, frame.drop(columns=["signature"]), params, tmp_path / "b")
+    assert with_column == {**computed, "seconds": with_column["seconds"],
+                           "images_per_second": with_column["images_per_second"]}  # fmt: skip
+    for name in ("val_index.csv", "train_index.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_metrics_and_val_index_report_neighbours(prepared, tmp_path: Path) -> None:
+    metrics = _run(prepared, tmp_path / "out")
+    assert metrics["val_with_train_neighbour"] == 0
+    assert metrics["largest_neighbour_group"] >= 1 and metrics["neighbour_groups"] >= 1
+    val = pd.read_csv(tmp_path / "out" / "val_index.csv")
+    assert val["leakage_free"].all()
+    plain = _run(prepared, tmp_path / "plain", preprocess={"val_grouping": "none"})
+    val = pd.read_csv(tmp_path / "plain" / "val_index.csv")
+    assert (~val["leakage_free"]).sum() == plain["val_with_train_neighbour"]
+
+
+def test_a_missing_training_file_is_a_clear_error(prepared, tmp_path: Path) -> None:
+    raw, params_path, frame = prepared
+    broken = frame.copy()
+    victim = broken.index[(broken["status"] == "kept") & (broken["split"] == "train")][0]
+    broken.loc[victim, "path"] = "msoud/Training/glioma/missing.jpg"
+    with pytest.raises(PreprocessError, match="missing.jpg"):
+        preprocess(raw, broken, load_params(params_path), tmp_path / "x", progress=False)

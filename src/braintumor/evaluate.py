@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,42 +84,81 @@ def predict_probabilities(model: Any, images: np.ndarray, batch_size: int) -> np
 
 
 def test_views(index: Any) -> dict[str, np.ndarray]:
-    """Row masks of the test set: all, leakage-free, and one per source."""
+    """Row masks of the test set: all of it (with two sources, the study's composite test
+    set), its leakage-free subset, and each source's Testing folder (``msoud_test``,
+    ``sartaj_test``: the study's second source's test images are SARTAJ's Testing folder).
+
+    A test image found in both sources' Testing folders is kept once (clean's policy), under
+    the source whose copy has more pixels, so a source's view can hold fewer images than its
+    folder."""
     views = {
         VIEW_TEST: np.ones(len(index), dtype=bool),
         VIEW_LEAKAGE_FREE: index["leakage_free"].astype(bool).to_numpy(),
     }
     for source in sorted(index["source"].unique()):
-        views[f"source_{source}"] = (index["source"] == source).to_numpy()
+        views[f"{source}_test"] = (index["source"] == source).to_numpy()
     return views
+
+
+def read_raw_grays(raw_dir: Path, paths: list[str]) -> list[np.ndarray]:
+    """The raw gray slices of index paths (relative to ``data/raw``), decoded as clean did."""
+    from braintumor.imaging import ImageDecodeError, decode_image
+
+    grays = []
+    for relative in paths:
+        path = raw_dir / relative
+        try:
+            grays.append(decode_image(path.read_bytes(), name=str(path)).gray)
+        except (OSError, ImageDecodeError) as error:
+            raise EvaluateError(f"{path}: cannot read the raw test image ({error})") from None
+    return grays
+
+
+def robustness_view(
+    model: Any, raw_grays: list[np.ndarray], labels: np.ndarray, params: Params
+) -> list[dict[str, Any]]:
+    """Accuracy of ``model`` on the raw test slices under each perturbation of
+    ``evaluate.robustness`` (clean first), each perturbed before the project's
+    preprocessing, as an upload would be (``robustness.py``)."""
+    from braintumor.robustness import perturbation_names, perturbed_inputs, robustness_table
+
+    settings = params.evaluate.robustness
+    predictions = {}
+    for name in perturbation_names(settings):
+        images = perturbed_inputs(
+            raw_grays, name, params.common.image_size, params.preprocess, settings.seed
+        )
+        predictions[name] = predict_probabilities(model, images, params.evaluate.batch_size)
+    return robustness_table(labels, predictions)
 
 
 def evaluate_probabilities(
     val_labels: np.ndarray,
     val_probabilities: np.ndarray,
+    val_leakage_free: np.ndarray,
     test_labels: np.ndarray,
     test_probabilities: np.ndarray,
     views: dict[str, np.ndarray],
     params: Params,
 ) -> dict[str, Any]:
-    """Calibrate on validation, then report every test view (pure: arrays in, dict out)."""
-    from braintumor.calibration import (
-        apply_temperature,
-        expected_calibration_error,
-        fit_temperature,
-        log_probabilities,
-        negative_log_likelihood,
-    )
+    """Calibrate on validation, then report every test view (pure: arrays in, dict out).
+
+    The calibration is fitted on the validation rows without a training neighbour
+    (``evaluate.calibration``; see ``calibration.calibrate``), never on test; every view
+    reports its ECE and NLL before and after it, validation included."""
+    from braintumor.calibration import apply_calibration, calibrate, calibration_summary
     from braintumor.metrics import classification_report
 
     settings = params.evaluate
     classes = list(params.common.classes)
-    temperature = fit_temperature(log_probabilities(val_probabilities), val_labels)
-    calibrated = apply_temperature(test_probabilities, temperature)
+    bins = settings.calibration_bins
+    fit = calibrate(val_labels, val_probabilities, val_leakage_free, settings.calibration)
+    calibrated = apply_calibration(test_probabilities, fit)
     result: dict[str, Any] = {
-        "temperature": temperature,
-        "val_ece_before": expected_calibration_error(
-            val_labels, val_probabilities, settings.calibration_bins
+        "temperature": fit.temperature,
+        "calibration": fit.to_dict(),
+        "validation": calibration_summary(
+            val_labels, val_probabilities, apply_calibration(val_probabilities, fit), bins
         ),
         "views": {},
     }
@@ -133,16 +173,9 @@ def evaluate_probabilities(
             confidence=settings.confidence,
             seed=params.common.seed,
         )
-        report["calibration"] = {
-            "ece_before": expected_calibration_error(
-                test_labels[mask], test_probabilities[mask], settings.calibration_bins
-            ),
-            "ece_after": expected_calibration_error(
-                test_labels[mask], calibrated[mask], settings.calibration_bins
-            ),
-            "nll_before": negative_log_likelihood(test_labels[mask], test_probabilities[mask]),
-            "nll_after": negative_log_likelihood(test_labels[mask], calibrated[mask]),
-        }
+        report["calibration"] = calibration_summary(
+            test_labels[mask], test_probabilities[mask], calibrated[mask], bins
+        )
         report["count"] = int(mask.sum())
         result["views"][name] = report
     result["calibrated"] = calibrated
@@ -153,7 +186,10 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
     """The flat numbers of ``metrics/eval.json`` for one model: per view, the summary."""
     from braintumor.metrics import summary_metrics
 
-    flat: dict[str, float] = {"temperature": round(float(result["temperature"]), 4)}
+    flat: dict[str, float] = {
+        "temperature": round(float(result["temperature"]), 4),
+        "calibration_at_bound": bool(result["calibration"]["at_bound"]),
+    }
     for view, report in result["views"].items():
         for key, value in summary_metrics(report).items():
             flat[f"{view}.{key}"] = value
@@ -299,37 +335,73 @@ def roc_figure(rows: list[dict], title: str, path: Path) -> None:
     plt.close(figure)
 
 
-def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    """Evaluate both models, write every output, log and register. Returns eval.json."""
+@dataclass
+class Inputs:
+    """What the stage evaluates: the processed splits, the test index and its views, the
+    validation rows without a training neighbour, and the two models."""
+
+    data: Any
+    test_index: Any
+    views: dict[str, np.ndarray]
+    val_leakage_free: np.ndarray
+    models: dict[str, Any]
+
+
+def load_inputs(args: argparse.Namespace, params: Params) -> Inputs:
     import pandas as pd
 
-    from braintumor.bundle import BundleMeta, InputStats, write_bundle
-    from braintumor.calibration import reliability_figure
     from braintumor.data_loading import load_processed
-    from braintumor.io_utils import atomic_path, write_json, write_text
-    from braintumor.metrics import comparison_table
+    from braintumor.robustness import perturbation_names
 
-    started = time.perf_counter()
+    perturbation_names(params.evaluate.robustness)  # a bad name fails before the models load
     data = load_processed(
         args.data, params.common.classes, params.common.image_size, ("train", "val", "test")
     )
-    classes = list(params.common.classes)
     test_index = pd.read_csv(args.data / "test_index.csv")
-    views = test_views(test_index)
-    val, test = data.splits["val"], data.splits["test"]
+    val_index = pd.read_csv(args.data / "val_index.csv")
+    if "leakage_free" in val_index:
+        val_leakage_free = val_index["leakage_free"].astype(bool).to_numpy()
+    else:  # a processed folder from before validation rows were flagged
+        val_leakage_free = np.ones(len(val_index), dtype=bool)
     model_paths = {"base": args.base_model, "finetuned": args.finetuned_model}
-    models = {name: load_keras_model(path, len(classes)) for name, path in model_paths.items()}
+    models = {
+        name: load_keras_model(path, len(params.common.classes))
+        for name, path in model_paths.items()
+    }
+    return Inputs(data, test_index, test_views(test_index), val_leakage_free, models)
 
+
+def score_models(inputs: Inputs, params: Params) -> dict[str, dict[str, Any]]:
+    """Both models' calibrated reports on every view (``evaluate_probabilities``)."""
+    val, test = inputs.data.splits["val"], inputs.data.splits["test"]
     results: dict[str, dict[str, Any]] = {}
-    for name, model in models.items():
+    for name, model in inputs.models.items():
         val_probabilities = predict_probabilities(model, val.images, params.evaluate.batch_size)
         test_probabilities = predict_probabilities(model, test.images, params.evaluate.batch_size)
         results[name] = evaluate_probabilities(
-            val.labels, val_probabilities, test.labels, test_probabilities, views, params
-        )
+            val.labels, val_probabilities, inputs.val_leakage_free,
+            test.labels, test_probabilities, inputs.views, params,
+        )  # fmt: skip
         results[name]["raw"] = test_probabilities
+    return results
 
-    metrics = {name: headline(result) for name, result in results.items()}
+
+def score_robustness(inputs: Inputs, raw_dir: Path | None, params: Params) -> list[dict]:
+    """The fine-tuned model (the one served) on the leakage-free test slices under each
+    perturbation; empty when turned off or when no raw folder is given."""
+    if raw_dir is None or not params.evaluate.robustness.enabled:
+        return []
+    rows = inputs.views[VIEW_LEAKAGE_FREE]
+    paths = inputs.test_index.loc[rows, "path"].tolist()
+    labels = inputs.data.splits["test"].labels[rows]
+    return robustness_view(inputs.models["finetuned"], read_raw_grays(raw_dir, paths), labels,
+                           params)  # fmt: skip
+
+
+def comparison_markdown(results: dict[str, dict[str, Any]], params: Params) -> str:
+    """Base vs fine-tuned vs the study's recomputed numbers, per headline view."""
+    from braintumor.metrics import comparison_table
+
     study = study_reports(params)
     tables = []
     for view in (VIEW_TEST, VIEW_LEAKAGE_FREE):
@@ -337,16 +409,33 @@ def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
                    if view in results[name]["views"]}  # fmt: skip
         if view == VIEW_TEST:
             reports.update(study)
-        tables.append(f"### {view}\n\n" + comparison_table(reports, class_names=classes))
-    markdown = (
+        tables.append(
+            f"### {view}\n\n" + comparison_table(reports, class_names=list(params.common.classes))
+        )
+    return (
         "# Evaluation: base vs fine-tuned vs the study\n\n"
-        "Calibrated with a temperature fitted on the validation split. The study's rows are "
+        "Calibrated on the validation rows without a training neighbour. The study's rows are "
         "recomputed from its published confusion matrices (its printed 92.2% accuracy "
         "divided by the wrong total).\n\n" + "\n\n".join(tables) + "\n"
     )
 
-    with atomic_path(args.figures, directory=True) as figures:
-        confusion, roc = [], []
+
+def write_figures(
+    folder: Path,
+    inputs: Inputs,
+    results: dict[str, dict[str, Any]],
+    robustness: list[dict],
+    params: Params,
+) -> tuple[list[dict], list[dict]]:
+    """Every figure, atomically; returns the confusion and ROC plot rows."""
+    from braintumor.calibration import reliability_figure
+    from braintumor.io_utils import atomic_path
+    from braintumor.robustness import robustness_figure
+
+    test = inputs.data.splits["test"]
+    classes = list(params.common.classes)
+    confusion, roc = [], []
+    with atomic_path(folder, directory=True) as figures:
         for name in MODELS:
             report = results[name]["views"][VIEW_TEST]
             confusion += confusion_rows(report, classes, name)
@@ -363,40 +452,84 @@ def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
                 test.labels, results[name]["raw"], results[name]["calibrated"],
                 figures / f"reliability_{name}.png", bins=params.evaluate.calibration_bins,
             )  # fmt: skip
+        if robustness:
+            robustness_figure({"finetuned": robustness}, figures / "robustness.png")
         predicted = results["finetuned"]["calibrated"].argmax(axis=1)
         examples = explanation_examples(
             test.labels, predicted, params.evaluate.gradcam_examples, len(classes)
         )
         explanation_figure(
-            models["finetuned"], test.images, test.labels, results["finetuned"]["calibrated"],
-            examples, params, figures / "explanations.png",
+            inputs.models["finetuned"], test.images, test.labels,
+            results["finetuned"]["calibrated"], examples, params, figures / "explanations.png",
         )  # fmt: skip
+    return confusion, roc
 
-    bundle_meta = write_bundle(
+
+def write_plot_tables(
+    folder: Path, confusion: list[dict], roc: list[dict], robustness: list[dict]
+) -> None:
+    import pandas as pd
+
+    from braintumor.io_utils import atomic_path
+    from braintumor.robustness import robustness_rows_for_plot
+
+    tables = {"confusion.csv": confusion, "roc.csv": roc,
+              "robustness.csv": robustness_rows_for_plot({"finetuned": robustness})}  # fmt: skip
+    for name, rows in tables.items():
+        with atomic_path(folder / name) as temporary:
+            pd.DataFrame(rows, columns=None if rows else ["perturbation", "accuracy", "model"]
+                         ).to_csv(temporary, index=False)  # fmt: skip
+
+
+def write_model_bundle(
+    args: argparse.Namespace, inputs: Inputs, results: dict[str, dict[str, Any]], params: Params
+) -> Any:
+    from braintumor.bundle import BundleMeta, InputStats, write_bundle
+
+    return write_bundle(
         args.bundle,
         args.finetuned_model,
         BundleMeta(
-            classes=tuple(classes),
+            classes=tuple(params.common.classes),
             image_size=params.common.image_size,
             preprocess=params.preprocess,
-            gradcam_layer=gradcam_layer(params, models["finetuned"]),
+            gradcam_layer=gradcam_layer(params, inputs.models["finetuned"]),
             temperature=float(results["finetuned"]["temperature"]),
-            input_stats=InputStats.from_images(data.splits["train"].images),
-            source={"data_digest": data.digest, "profile": params.profile},
+            input_stats=InputStats.from_images(inputs.data.splits["train"].images),
+            source={"data_digest": inputs.data.digest, "profile": params.profile},
         ),
     )
 
-    with atomic_path(args.plots / "confusion.csv") as temporary:
-        pd.DataFrame(confusion).to_csv(temporary, index=False)
-    with atomic_path(args.plots / "roc.csv") as temporary:
-        pd.DataFrame(roc).to_csv(temporary, index=False)
-    report_json = {
+
+def headline_metrics(results: dict[str, dict[str, Any]], robustness: list[dict]) -> dict[str, Any]:
+    """``metrics/eval.json``: per model and view the summary, and the fine-tuned model's
+    accuracy per perturbation."""
+    metrics: dict[str, Any] = {name: headline(result) for name, result in results.items()}
+    for row in robustness:
+        metrics["finetuned"][f"robustness.{row['perturbation']}"] = round(row["accuracy"], 4)
+    return metrics
+
+
+def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
+    """Evaluate both models, write every output, log and register. Returns eval.json."""
+    from braintumor.io_utils import write_json, write_text
+
+    started = time.perf_counter()
+    inputs = load_inputs(args, params)
+    results = score_models(inputs, params)
+    robustness = score_robustness(inputs, args.raw, params)
+    confusion, roc = write_figures(args.figures, inputs, results, robustness, params)
+    bundle_meta = write_model_bundle(args, inputs, results, params)
+    write_plot_tables(args.plots, confusion, roc, robustness)
+    report_json: dict[str, Any] = {
         name: {k: v for k, v in result.items() if k not in ("calibrated", "raw")}
         for name, result in results.items()
     }
-    report_json["study"] = study
+    report_json["study"] = study_reports(params)
+    report_json["robustness"] = {"finetuned": robustness}
     write_json(args.report.with_suffix(".json"), report_json)
-    write_text(args.report.with_suffix(".md"), markdown)
+    write_text(args.report.with_suffix(".md"), comparison_markdown(results, params))
+    metrics = headline_metrics(results, robustness)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     write_json(args.metrics, metrics)
 
@@ -421,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True, type=Path, help="data/processed")
+    parser.add_argument("--raw", type=Path, help="data/raw: test slices for the robustness view")
     parser.add_argument("--base-model", required=True, type=Path)
     parser.add_argument("--finetuned-model", required=True, type=Path)
     parser.add_argument("--metrics", required=True, type=Path, help="metrics/eval.json")

@@ -1,7 +1,8 @@
 """The ``preprocess`` stage: split, transform and cache images as memory-mappable arrays.
 
 Reads the kept rows of the clean stage's index, splits the training images into train and
-validation (stratified, seeded), applies the recipe's transform (``imaging.preprocess_gray``)
+validation (stratified, seeded, by groups of neighbouring slices), applies the recipe's
+transform (``imaging.preprocess_gray``)
 in parallel and streams the results into ``<split>_images.npy`` (uint8, N x H x W x 1), so
 peak memory stays at a few chunks whatever the data size. Labels and ids are written beside
 them, aligned row by row. Row order is fixed by the image path, and the transform is
@@ -9,6 +10,16 @@ deterministic, so the output is byte-identical across runs and worker counts.
 
 Test images are the sources' Testing folders; the ``leakage_free`` column marks those with
 no training twin or same-patient neighbour.
+
+Validation must be as honest as the leakage-free test subset, or everything fitted on it
+(early stopping, the calibration temperature) is fitted on data that looks like training.
+Duplicates are gone after the clean stage, but neighbouring slices of one patient
+(signature correlation between ``clean.leakage_similarity`` and ``clean.near_similarity``)
+remain in the training folders; a split drawn image by image puts one slice in validation
+and its neighbour in train. With ``preprocess.val_grouping: neighbours`` the split is
+drawn by connected components of the neighbour graph instead, so no validation image has
+a neighbour in train; ``val_index.csv``'s ``leakage_free`` column says, per row, that it
+has none (all true when grouped), and the metrics count those that do.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import hashlib
 import multiprocessing
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +40,11 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from braintumor import figures
-from braintumor.config import ConfigError, Params, PreprocessParams, load_params
+from braintumor.config import CleanParams, ConfigError, Params, PreprocessParams, load_params
+from braintumor.hashing import connected_groups, similar_pairs
 from braintumor.imaging import decode_image
 from braintumor.io_utils import atomic_path, worker_count, write_json
-from braintumor.workers import init_worker, transform_file
+from braintumor.workers import init_worker, inspect_file, transform_file
 
 SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ["id", "path", "source", "label", "label_index", "leakage_free", "dup_group"]
@@ -41,18 +54,98 @@ class PreprocessError(ValueError):
     """The index cannot be turned into arrays (missing file, unknown label, empty split)."""
 
 
-def assign_splits(index: pd.DataFrame, params: Params) -> dict[str, pd.DataFrame]:
+@dataclass(frozen=True)
+class SplitResult:
+    """The rows of each split, and how the validation split relates to train.
+
+    ``neighbour_groups`` counts the connected components of kept training images joined
+    by signature correlation >= ``clean.leakage_similarity``; ``largest_group`` is the
+    size of the largest (a giant component would leave no room for a grouped split);
+    ``val_with_train_neighbour`` counts validation images with a neighbour in train
+    (0 when the split is grouped)."""
+
+    frames: dict[str, pd.DataFrame]
+    neighbour_groups: int
+    largest_group: int
+    val_with_train_neighbour: int
+
+
+def neighbour_groups(signatures: np.ndarray, threshold: float) -> np.ndarray:
+    """Group id per image: connected components of the pairs whose signatures correlate
+    at least ``threshold`` (an image with no neighbour is a group of one)."""
+    return connected_groups(len(signatures), similar_pairs(signatures, threshold))
+
+
+def grouped_stratified_split(
+    labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
+) -> np.ndarray:
+    """Boolean mask of validation rows: whole groups, about ``val_fraction`` of each class.
+
+    Groups are visited in a seeded random order; each goes to validation when that brings
+    the per-class validation counts closer (in summed absolute deviation) to their targets
+    ``val_fraction x class count``, else to train. The first groups visited all fit, so
+    validation is a random sample of groups; later ones fill the remaining gaps, so each
+    class lands within half a group of its target. A group larger than twice the room
+    left never goes to validation (a giant component stays in train).
+    (scikit-learn's ``StratifiedGroupKFold`` gives only fractions of the form 1 / k.)
+    """
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    if labels.shape != groups.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and groups {groups.shape} must be equal 1-D")
+    classes, label_codes = np.unique(labels, return_inverse=True)
+    group_ids, group_codes = np.unique(groups, return_inverse=True)
+    per_group = np.zeros((len(group_ids), len(classes)), dtype=np.int64)
+    np.add.at(per_group, (group_codes, label_codes), 1)
+    target = val_fraction * per_group.sum(axis=0)
+    in_val = np.zeros(len(group_ids), dtype=bool)
+    counts = np.zeros(len(classes))
+    for group in np.random.default_rng(seed).permutation(len(group_ids)):
+        added = counts + per_group[group]
+        if np.abs(added - target).sum() < np.abs(counts - target).sum():
+            in_val[group] = True
+            counts = added
+    return in_val[group_codes]
+
+
+def _signature_matrix(rows: pd.DataFrame) -> np.ndarray:
+    if "signature" not in rows or rows["signature"].isna().any():
+        raise PreprocessError(
+            "the index lacks signatures of kept training images (column 'signature'); "
+            "preprocess() computes them from the raw files (with_signatures)"
+        )
+    return np.stack(rows["signature"].to_list()).astype(np.float32)
+
+
+def val_with_train_neighbour(
+    signatures: np.ndarray, is_val: np.ndarray, threshold: float
+) -> np.ndarray:
+    """Per row: whether it is a validation row with a training image whose signature
+    correlates at least ``threshold`` with its own."""
+    pairs = similar_pairs(signatures, threshold)
+    across = is_val[pairs[:, 0]] != is_val[pairs[:, 1]]
+    flagged = np.zeros(len(signatures), dtype=bool)
+    flagged[pairs[across].ravel()] = True
+    return flagged & is_val
+
+
+def assign_splits(index: pd.DataFrame, params: Params) -> SplitResult:
     """Kept rows per split: train/val from the training images, test from the test images.
 
-    The validation split is stratified by label and seeded; rows are sorted by path first
-    so the split does not depend on the index's row order.
+    The validation split is stratified by label and seeded; with
+    ``preprocess.val_grouping: neighbours`` it is drawn by groups of neighbouring slices
+    (``neighbour_groups`` at ``clean.leakage_similarity``, which needs the ``signature``
+    column of the clean stage's frame), so that no validation image has a neighbour in
+    train. Rows are sorted by path first, so the split does not depend on the index's row
+    order. Validation rows are ``leakage_free`` when they have no training neighbour;
+    training rows never are; test rows keep the clean stage's flag.
     """
     kept = index[index["status"] == "kept"].sort_values("path").reset_index(drop=True)
     unknown = sorted(set(kept["label"]) - set(params.common.classes))
     if unknown:
         raise PreprocessError(f"index has labels not in common.classes: {unknown}")
     kept = kept.assign(label_index=kept["label"].map(params.common.classes.index).astype("int64"))
-    training = kept[kept["split"] == "train"]
+    training = kept[kept["split"] == "train"].reset_index(drop=True)
     test = kept[kept["split"] == "test"]
     if training.empty:
         raise PreprocessError("no kept training images in the index")
@@ -62,34 +155,95 @@ def assign_splits(index: pd.DataFrame, params: Params) -> dict[str, pd.DataFrame
             f"class {counts.idxmin()!r} has {counts.min()} training image(s); "
             "a stratified validation split needs at least 2 per class"
         )
-    try:
-        train, val = train_test_split(
-            training,
-            test_size=params.preprocess.val_fraction,
-            stratify=training["label"],
-            random_state=params.common.seed,
+    fraction = params.preprocess.val_fraction
+    signatures = _signature_matrix(training)
+    groups = neighbour_groups(signatures, params.clean.leakage_similarity)
+    if params.preprocess.val_grouping == "neighbours":
+        is_val = grouped_stratified_split(
+            training["label"].to_numpy(), groups, fraction, params.common.seed
         )
-    except ValueError as error:  # sklearn: a split too small to hold every class
-        raise PreprocessError(
-            f"preprocess.val_fraction={params.preprocess.val_fraction} cannot split "
-            f"{len(training)} training images by class: {error}"
-        ) from None
+    else:
+        try:
+            _, val_rows = train_test_split(
+                np.arange(len(training)),
+                test_size=fraction,
+                stratify=training["label"],
+                random_state=params.common.seed,
+            )
+        except ValueError as error:  # sklearn: a split too small to hold every class
+            raise PreprocessError(
+                f"preprocess.val_fraction={fraction} cannot split "
+                f"{len(training)} training images by class: {error}"
+            ) from None
+        is_val = np.zeros(len(training), dtype=bool)
+        is_val[val_rows] = True
+    has_neighbour = val_with_train_neighbour(signatures, is_val, params.clean.leakage_similarity)
+    training = training.assign(_neighbour=has_neighbour)
+    train, val = training[~is_val], training[is_val]
     for name, rows in (("train", train), ("val", val)):
         missing = sorted(set(training["label"]) - set(rows["label"]))
         if missing:
             raise PreprocessError(
-                f"preprocess.val_fraction={params.preprocess.val_fraction} leaves no {name} "
-                f"image of class(es) {missing}"
+                f"preprocess.val_fraction={fraction} leaves no {name} image of class(es) {missing}"
             )
-    result = {}
+    frames = {}
     for name, rows in (("train", train), ("val", val), ("test", test)):
         rows = rows.sort_values("path").reset_index(drop=True)
-        rows = rows.assign(
-            id=np.arange(len(rows)),
-            leakage_free=rows["leakage_free"].astype(bool) if name == "test" else False,
-        )
-        result[name] = rows
-    return result
+        if name == "test":
+            leakage_free = rows["leakage_free"].astype(bool)
+        elif name == "val":
+            leakage_free = ~rows["_neighbour"].astype(bool)
+        else:
+            leakage_free = False
+        rows = rows.drop(columns=["_neighbour"], errors="ignore")
+        frames[name] = rows.assign(id=np.arange(len(rows)), leakage_free=leakage_free)
+    sizes = np.bincount(groups) if len(groups) else np.zeros(1, dtype=np.int64)
+    return SplitResult(
+        frames=frames,
+        neighbour_groups=int(len(sizes)),
+        largest_group=int(sizes.max()),
+        val_with_train_neighbour=int(has_neighbour.sum()),
+    )
+
+
+def with_signatures(
+    index: pd.DataFrame,
+    raw_dir: Path,
+    params: CleanParams,
+    pool: Any,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """``index`` with the ``signature`` of every kept training image, computed from the
+    raw files as the clean stage does (its index file leaves them out) unless present."""
+    index = index.copy()
+    if "signature" not in index:
+        index["signature"] = None
+    wanted = (index["status"] == "kept") & (index["split"] == "train") & index["signature"].isna()
+    if not wanted.any():
+        return index
+    paths = index.loc[wanted, "path"].to_list()
+    tasks = [(str(raw_dir / path), path, params) for path in paths]
+    results = (
+        pool.imap(inspect_file, tasks, chunksize=16)
+        if pool is not None
+        else map(inspect_file, tasks)
+    )
+    signatures = []
+    bar = tqdm(
+        total=len(tasks), desc="signatures", unit="img", disable=not progress, file=sys.stderr
+    )
+    try:
+        for record in results:
+            if record.get("status") != "kept":
+                raise PreprocessError(f"{record['path']}: {record.get('notes') or 'unreadable'}")
+            signatures.append(record["signature"])
+            bar.update()
+    except OSError as error:  # inspect_file reads the file unguarded
+        raise PreprocessError(f"{error.filename}: cannot read ({error.strerror})") from None
+    finally:
+        bar.close()
+    index.loc[wanted, "signature"] = pd.Series(signatures, index=index.index[wanted], dtype=object)
+    return index
 
 
 def write_split_arrays(
@@ -156,19 +310,25 @@ def preprocess(
     figures_dir: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the stage into ``out_dir`` (replaced atomically); returns the metrics."""
+    """Run the stage into ``out_dir`` (replaced atomically); returns the metrics.
+
+    ``index`` is the clean stage's index; its ``signature`` column (left out of the index
+    file) is computed from the raw training files when absent."""
     started = time.perf_counter()
-    frames = assign_splits(index, params)
     size = params.common.image_size
     workers = worker_count(params.preprocess.workers)
-    total = sum(len(f) for f in frames.values())
-    with atomic_path(out_dir, directory=True) as folder:
-        pool = (
-            multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)
-            if workers > 1 and total > params.preprocess.chunk_size
-            else None
-        )
-        try:
+    total = int((index["status"] == "kept").sum())
+    pool = (
+        multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)
+        if workers > 1 and total > params.preprocess.chunk_size
+        else None
+    )
+    try:
+        signed = with_signatures(index, raw_dir, params.clean, pool, progress)
+        split = assign_splits(signed, params)
+        del signed
+        frames = split.frames
+        with atomic_path(out_dir, directory=True) as folder:
             for name in SPLITS:
                 paths = [str(raw_dir / p) for p in frames[name]["path"]]
                 write_split_arrays(
@@ -177,48 +337,57 @@ def preprocess(
                 )  # fmt: skip
                 np.save(folder / f"{name}_labels.npy", frames[name]["label_index"].to_numpy())
                 frames[name][INDEX_COLUMNS].to_csv(folder / f"{name}_index.csv", index=False)
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
-        seconds = time.perf_counter() - started
-        counts = {
-            name: {
-                label: int((frames[name]["label"] == label).sum())
-                for label in params.common.classes
+            seconds = time.perf_counter() - started
+            counts = {
+                name: {
+                    label: int((frames[name]["label"] == label).sum())
+                    for label in params.common.classes
+                }
+                for name in SPLITS
             }
-            for name in SPLITS
-        }
-        meta = {
-            "classes": list(params.common.classes),
-            "image_size": size,
-            "preprocess": dataclasses.asdict(params.preprocess),
-            "digest": index_digest(frames),
-            "counts": counts,
-        }
-        write_json(folder / "meta.json", meta)
-        if figures_dir is not None:
-            examples = figure_examples(frames["train"], params.common.seed)
-            train_images = np.load(folder / "train_images.npy", mmap_mode="r")
-            titles = [frames["train"].loc[i, "label"] for i in examples]
-            raw = [decode_image((raw_dir / frames["train"].loc[i, "path"]).read_bytes()).gray
-                   for i in examples]  # fmt: skip
-            with atomic_path(figures_dir, directory=True) as figure_folder:
-                figures.image_grid(
-                    [train_images[i] for i in examples], titles,
-                    figure_folder / "preprocessed.png", "Preprocessed (CLAHE + unsharp mask)",
-                )  # fmt: skip
-                figures.image_grid(raw, titles, figure_folder / "raw.png", "Before preprocessing")
-            del train_images
+            meta = {
+                "classes": list(params.common.classes),
+                "image_size": size,
+                "preprocess": dataclasses.asdict(params.preprocess),
+                "digest": index_digest(frames),
+                "counts": counts,
+            }
+            write_json(folder / "meta.json", meta)
+            if figures_dir is not None:
+                write_figures(raw_dir, folder, frames["train"], figures_dir, params.common.seed)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     return {
         "images": total,
         "counts": {name: sum(c.values()) for name, c in counts.items()},
         "test_leakage_free": int(frames["test"]["leakage_free"].sum()),
+        "val_with_train_neighbour": split.val_with_train_neighbour,
+        "neighbour_groups": split.neighbour_groups,
+        "largest_neighbour_group": split.largest_group,
         "seconds": round(seconds, 2),
         "images_per_second": round(total / seconds, 1) if seconds > 0 else 0.0,
         "workers": workers,
         "digest": meta["digest"],
     }
+
+
+def write_figures(
+    raw_dir: Path, folder: Path, train: pd.DataFrame, figures_dir: Path, seed: int
+) -> None:
+    """Nine training images before and after preprocessing, side by side in two grids."""
+    examples = figure_examples(train, seed)
+    train_images = np.load(folder / "train_images.npy", mmap_mode="r")
+    titles = [train.loc[i, "label"] for i in examples]
+    raw = [decode_image((raw_dir / train.loc[i, "path"]).read_bytes()).gray for i in examples]
+    with atomic_path(figures_dir, directory=True) as figure_folder:
+        figures.image_grid(
+            [train_images[i] for i in examples], titles,
+            figure_folder / "preprocessed.png", "Preprocessed (CLAHE + unsharp mask)",
+        )  # fmt: skip
+        figures.image_grid(raw, titles, figure_folder / "raw.png", "Before preprocessing")
+    del train_images
 
 
 def main(argv: list[str] | None = None) -> int:
