@@ -1,14 +1,17 @@
-"""Benchmark Grad-CAM latency per image on the CPU for the study's ResNet50 at 224 px.
+"""Benchmark Grad-CAM latency per image on the CPU for a serving backbone and image size.
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/explain.py [--images 16] [--batch-sizes 8 16] [--repeats 3]
-                                      [--naive-images 4] [--size 224]
+    .venv/bin/python bench/explain.py [--backbone efficientnet_lite0] [--size 128]
+        [--images 16] [--batch-sizes 8 16] [--repeats 3] [--naive-images 4]
 
-The model is ``braintumor.model.build_model`` with the paper profile's architecture
-(ResNet50 built flat, the study's head) and ``weights: none`` (latency does not depend on
-the weight values, and no download is needed); the layer is ``conv5_block3_out``. On
-random 0-255 gray images it measures, in one run and one process:
+The model is ``braintumor.model.build_model`` with ``--backbone`` built flat, the study's
+head, and ``weights: none`` (latency does not depend on the weight values, and no download
+or converted file is needed); the layer is ``model.feature_layer_name(backbone)``. The
+default, EfficientNet-Lite0 at 128 px (layer ``top_activation``, a 4x4 map), is the model
+the CPU quickstart profile serves; ``--backbone resnet50 --size 224`` (layer
+``conv5_block3_out``, 7x7) is the paper profile's. On random 0-255 gray images it
+measures, in one run and one process:
 
 - ``cached, batch B``: ``braintumor.explain.GradCam`` (the auxiliary model and the
   ``tf.function`` step built once per model and layer), B images per call;
@@ -40,27 +43,30 @@ from typing import Any
 
 import numpy as np
 
-LAYER = "conv5_block3_out"
+DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_SIZE = 128
 
 
-def build(size: int) -> Any:
-    """The study's architecture (ResNet50 flat + head), random weights."""
+def build(backbone: str, size: int) -> Any:
+    """The served architecture (``backbone`` flat + the study's head), random weights."""
     from braintumor.config import ModelParams
     from braintumor.model import build_model
 
-    return build_model(ModelParams(backbone="resnet50", weights="none"), size, 4)
+    return build_model(ModelParams(backbone=backbone, weights="none"), size, 4)
 
 
-def naive_gradcam(model: Any, image: np.ndarray, prebuilt: Any = None) -> np.ndarray:
+def naive_gradcam(model: Any, image: np.ndarray, layer: str, prebuilt: Any = None) -> np.ndarray:
     """Grad-CAM the tutorial way: build the gradient model (unless ``prebuilt``), run one
     image eagerly under a ``GradientTape``, weight, ReLU, normalise, resize."""
     import cv2
     import keras
     import tensorflow as tf
 
-    output_layer = model.get_layer("head_predictions")
+    from braintumor.model import OUTPUT
+
+    output_layer = model.get_layer(OUTPUT)
     auxiliary = prebuilt or keras.Model(
-        model.input, [model.get_layer(LAYER).output, output_layer.input]
+        model.input, [model.get_layer(layer).output, output_layer.input]
     )
     with tf.GradientTape() as tape:
         features, penultimate = auxiliary(image[None], training=False)
@@ -86,21 +92,32 @@ def timed(function: Callable[[], Any], repeats: int, images: int) -> list[float]
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from braintumor.model import BACKBONES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backbone",
+        choices=sorted(BACKBONES),
+        default=DEFAULT_BACKBONE,
+        help="the served backbone (the paper profile's is resnet50 at 224 px)",
+    )
     parser.add_argument("--images", type=int, default=16, help="images per cached variant")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-images", type=int, default=4, help="images per eager variant")
     parser.add_argument("--naive-repeats", type=int, default=2)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in px")
     args = parser.parse_args(argv)
     if min(args.images, args.repeats, args.naive_images, args.naive_repeats) < 1:
         parser.error("counts must be >= 1")
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
     from braintumor.explain import GradCam
+    from braintumor.model import OUTPUT, feature_layer_name
+
+    layer = feature_layer_name(args.backbone)
 
     if keras.backend.backend() != "tensorflow":
         parser.error("the naive baseline uses tf.GradientTape: run with KERAS_BACKEND=tensorflow")
@@ -109,19 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     images = rng.uniform(0, 255, (args.images, args.size, args.size, 1)).astype(np.float32)
 
     start = time.perf_counter()
-    model = build(args.size)
+    model = build(args.backbone, args.size)
     build_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    explainer = GradCam.for_model(model, LAYER)
+    explainer = GradCam.for_model(model, layer)
     reference = explainer(images[:1], batch_size=1)  # builds and traces
     first_call_seconds = time.perf_counter() - start
 
     # The variants must compute the same map before their speed is compared.
-    output_layer = model.get_layer("head_predictions")
-    prebuilt = keras.Model(model.input, [model.get_layer(LAYER).output, output_layer.input])
-    naive = naive_gradcam(model, images[0])
-    eager = naive_gradcam(model, images[0], prebuilt)
+    output_layer = model.get_layer(OUTPUT)
+    prebuilt = keras.Model(model.input, [model.get_layer(layer).output, output_layer.input])
+    grid = tuple(model.get_layer(layer).output.shape[1:3])
+    naive = naive_gradcam(model, images[0], layer)
+    eager = naive_gradcam(model, images[0], layer, prebuilt)
     batched = explainer(images[:2], batch_size=2)[0]
     disagreement = max(
         float(np.abs(naive - reference[0]).max()),
@@ -163,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             "eager, model prebuilt",
             args.naive_images,
             timed(
-                lambda: [naive_gradcam(model, image, prebuilt) for image in subset],
+                lambda: [naive_gradcam(model, image, layer, prebuilt) for image in subset],
                 args.naive_repeats,
                 args.naive_images,
             ),
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "naive (build + eager)",
             args.naive_images,
             timed(
-                lambda: [naive_gradcam(model, image) for image in subset],
+                lambda: [naive_gradcam(model, image, layer) for image in subset],
                 args.naive_repeats,
                 args.naive_images,
             ),
@@ -185,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([".venv/bin/python", "bench/explain.py", *(argv or sys.argv[1:])])
     load = os.getloadavg()
     print()
-    print(f"Grad-CAM benchmark: ResNet50 + head, {args.size} px, layer {LAYER}, weights none")
+    print(
+        f"Grad-CAM benchmark: {args.backbone} + head, {args.size} px, layer {layer} "
+        f"({grid[0]}x{grid[1]} map), weights none"
+    )
     print(f"command: {command}")
     print(
         f"keras {keras.__version__} ({keras.backend.backend()}), {os.cpu_count()} CPUs, "

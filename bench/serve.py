@@ -2,12 +2,16 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/serve.py [--uploads 40] [--images 100] [--naive-images 20]
-        [--duration 60] [--clients 8] [--skip-concurrency] [--size 224] [--mirror DIR]
+    .venv/bin/python bench/serve.py [--backbone efficientnet_lite0] [--size 128]
+        [--uploads 40] [--images 100] [--naive-images 20] [--duration 60] [--clients 8]
+        [--skip-concurrency] [--mirror DIR]
 
-The model is the real serving model at its real size: ``model.build_model`` with the
-ResNet50 backbone (``weights="none"``: the timing does not depend on the weights' values)
-at 224 px, saved and loaded as a bundle exactly as the app loads one. In one run:
+The model is the real serving model at its real size: ``model.build_model`` with
+``--backbone`` (``weights="none"``: the timing does not depend on the weights' values),
+Grad-CAM on ``model.feature_layer_name(backbone)``, saved and loaded as a bundle exactly
+as the app loads one. The default, EfficientNet-Lite0 at 128 px, is what the CPU
+quickstart profile serves; ``--backbone resnet50 --size 224`` is the paper profile's
+model. In one run:
 
 1. **Latency of one upload** (real test slices, a different file each time, the variants
    interleaved so machine load hits them alike), p50 and p95:
@@ -59,6 +63,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 RSS_GROWTH_BOUND_MB = 150.0
+DEFAULT_BACKBONE = "efficientnet_lite0"  # what the CPU quickstart profile serves
+DEFAULT_SIZE = 128
 
 
 def _mirror(path: Path | None) -> Path:
@@ -465,6 +471,8 @@ def report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from braintumor.model import BACKBONES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uploads", type=int, default=40, help="uploads timed per variant")
     parser.add_argument("--images", type=int, default=100, help="folder size for throughput")
@@ -476,8 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-concurrency", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument(
+        "--backbone",
+        choices=sorted(BACKBONES),
+        default=DEFAULT_BACKBONE,
+        help="the served backbone (the paper profile's is resnet50 at 224 px)",
+    )
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in px")
     parser.add_argument("--mirror", type=Path)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "serve.json")
     args = parser.parse_args(argv)

@@ -121,7 +121,10 @@ def efficientnet_lite0(
     1000 logits, no softmax): used to check a conversion against the reference. ``weights``
     is a ``.weights.h5`` file written by ``pretrained.py`` (or None).
     """
-    conv_args = {"padding": "same", "use_bias": False}
+    # He-style initialisation (as keras.applications' EfficientNets): with Keras's default
+    # Glorot, untrained activations shrink block after block and every output is uniform.
+    initializer = keras.initializers.VarianceScaling(2.0, "fan_out", "truncated_normal")
+    conv_args = {"padding": "same", "use_bias": False, "kernel_initializer": initializer}
     x = keras.layers.Conv2D(LITE0_STEM, 3, strides=2, name="stem_conv", **conv_args)(input_tensor)
     x = _relu6("stem_activation")(_bn("stem_bn")(x))
     blocks = lite0_blocks()
@@ -134,7 +137,12 @@ def efficientnet_lite0(
             )(x)
             x = _relu6(prefix + "expand_activation")(_bn(prefix + "expand_bn")(x))
         x = keras.layers.DepthwiseConv2D(
-            kernel, strides=stride, name=prefix + "dwconv", **conv_args
+            kernel,
+            strides=stride,
+            name=prefix + "dwconv",
+            padding="same",
+            use_bias=False,
+            depthwise_initializer=initializer,
         )(x)
         x = _relu6(prefix + "activation")(_bn(prefix + "bn")(x))
         x = keras.layers.Conv2D(filters_out, 1, name=prefix + "project_conv", **conv_args)(x)
@@ -142,9 +150,7 @@ def efficientnet_lite0(
         if stride == 1 and filters_in == filters_out:
             rate = LITE0_DROP_CONNECT * index / len(blocks)
             if rate > 0:
-                x = keras.layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=prefix + "drop")(
-                    x
-                )
+                x = keras.layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=prefix + "drop")(x)
             x = keras.layers.Add(name=prefix + "add")([x, inputs])
     x = keras.layers.Conv2D(LITE0_HEAD, 1, name="top_conv", **conv_args)(x)
     x = _relu6("top_activation")(_bn("top_bn")(x))
