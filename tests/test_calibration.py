@@ -263,7 +263,20 @@ def test_calibrate_fits_on_the_leakage_free_rows_only() -> None:
     assert honest.samples == 3000 and honest.fit_view == "val_leakage_free"
     assert honest.temperature == pytest.approx(TRUE_TEMPERATURE, rel=0.08)
     everything = calibrate(labels, probabilities, leakage_free, CalibrationParams(fit_view="val"))
-    assert everything.samples == 6000 and everything.temperature < 0.8 * honest.temperature
+    assert everything.samples == 6000
+    assert everything.fitted_temperature < 0.8 * honest.temperature
+
+
+def test_a_sharpening_fit_keeps_the_identity_unless_allowed() -> None:
+    labels, logits = overconfident(3000, seed=20)
+    underconfident = softmax(logits / TRUE_TEMPERATURE**2)  # fixed by T = 1 / 2.5
+    mask = np.ones(3000, dtype=bool)
+    refused = calibrate(labels, underconfident, mask, PARAMS)
+    assert refused.is_identity and refused.reason == "would_sharpen" and not refused.at_bound
+    assert refused.fitted_temperature == pytest.approx(1 / TRUE_TEMPERATURE, rel=0.08)
+    allowed = calibrate(labels, underconfident, mask, CalibrationParams(allow_sharpening=True))
+    assert allowed.temperature == pytest.approx(1 / TRUE_TEMPERATURE, rel=0.08)
+    assert allowed.nll_after < allowed.nll_before
 
 
 def test_calibrate_keeps_the_identity_for_method_none_and_too_few_rows() -> None:

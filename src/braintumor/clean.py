@@ -45,7 +45,7 @@ INDEX_COLUMNS = [
     "path", "source", "split", "label", "source_folder", "status", "reason", "notes",
     "bytes", "file_format", "width", "height", "channels", "bit_depth", "pixel_hash",
     "average_hash", "dup_group", "dup_group_size", "duplicate_of", "has_train_twin",
-    "similar_to_train", "leakage_free",
+    "similar_to_train", "leakage_free", "neighbour_group",
 ]  # fmt: skip
 
 
@@ -421,6 +421,9 @@ def clean(raw_dir: Path, params: Params, progress: bool = True) -> CleanResult:
     )
     source_order = [s.name for s in params.acquire.sources]
     frame = apply_policy(frame, groups, leakage, params.clean, source_order)
+    # Images joined by leakage-level similarity (same-patient neighbours, duplicates
+    # included): preprocess keeps each group on one side of the validation split.
+    frame["neighbour_group"] = connected_groups(len(frame), leakage)
     return CleanResult(frame, summarise(frame, near), near)
 
 
