@@ -72,7 +72,9 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
         raise PretrainedError(f"{path}: weights file not found") from None
     except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file
         first = (str(error).splitlines() or [type(error).__name__])[0]
-        raise PretrainedError(f"{path}: not a readable PyTorch state dict ({first[:160]})") from None
+        raise PretrainedError(
+            f"{path}: not a readable PyTorch state dict ({first[:160]})"
+        ) from None
     if not isinstance(state, Mapping) or not all(hasattr(v, "numpy") for v in state.values()):
         raise PretrainedError(f"{path}: not a PyTorch state dict (a mapping of tensors)")
     return {
@@ -114,9 +116,13 @@ def lite0_keras_weights(state: Mapping[str, np.ndarray]) -> dict[str, list[np.nd
     for index, (_, _, expand, _, _) in enumerate(lite0_blocks()):
         torch_prefix, keras_prefix = f"_blocks.{index}.", f"block{index}_"
         if expand != 1:
-            layers[keras_prefix + "expand_conv"] = [_conv(take(torch_prefix + "_expand_conv.weight"))]
+            layers[keras_prefix + "expand_conv"] = [
+                _conv(take(torch_prefix + "_expand_conv.weight"))
+            ]
             layers[keras_prefix + "expand_bn"] = batchnorm(torch_prefix + "_bn0")
-        layers[keras_prefix + "dwconv"] = [_depthwise(take(torch_prefix + "_depthwise_conv.weight"))]
+        layers[keras_prefix + "dwconv"] = [
+            _depthwise(take(torch_prefix + "_depthwise_conv.weight"))
+        ]
         layers[keras_prefix + "bn"] = batchnorm(torch_prefix + "_bn1")
         layers[keras_prefix + "project_conv"] = [_conv(take(torch_prefix + "_project_conv.weight"))]
         layers[keras_prefix + "project_bn"] = batchnorm(torch_prefix + "_bn2")
