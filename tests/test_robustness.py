@@ -266,3 +266,15 @@ def test_plot_rows_and_figures(slices: list[np.ndarray], tmp_path: Path) -> None
 def test_module_imports_no_keras() -> None:
     code = "import sys, braintumor.robustness; assert 'keras' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_every_perturbation_name_is_a_valid_mlflow_metric_key() -> None:
+    """The evaluate stage logs ``finetuned.robustness.<name>`` to MLflow, which refuses
+    names with characters outside this set (a ``+`` once failed the whole stage)."""
+    import re
+
+    from braintumor.robustness import PERTURBATIONS
+
+    allowed = re.compile(r"^[A-Za-z0-9_\-. :/]+$")
+    for name in PERTURBATIONS:
+        assert allowed.match(f"finetuned.robustness.{name}"), name

@@ -147,7 +147,9 @@ def two_phases(tmp_path_factory: pytest.TempPathFactory, data) -> dict[str, Any]
 
     from braintumor.train import build_phase_model, run_phase
 
-    params = tiny_params()
+    # must_improve off: on this tiny data fine-tuning may not beat its start, and these
+    # tests look at what it trained (the guard has its own test).
+    params = tiny_params(finetune__must_improve=False)
     root = tmp_path_factory.mktemp("two_phases")
     keras.utils.set_random_seed(params.common.seed)  # as run_phase does before building
     initial = weights_by_path(build_phase_model(params, "frozen", None))
@@ -348,6 +350,27 @@ def test_cached_features_train_the_head_of_the_saved_model(tmp_path: Path, data)
         phase_paths(tmp_path, "finetune", paths.model),
     )  # fmt: skip
     assert finetune.metrics["cached_features"] is False
+
+
+def test_a_finetuning_that_only_hurts_keeps_the_starting_weights(
+    two_phases: dict[str, Any], data, tmp_path: Path
+) -> None:
+    """Fine-tuning must beat its starting model on validation, or the phase keeps it: a
+    destructive learning rate leaves the frozen phase's weights in place (and says so)."""
+    import keras
+
+    from braintumor.train import run_phase
+
+    init = two_phases["root"] / "models" / "frozen" / "model.keras"
+    params = tiny_params(finetune__learning_rate=50.0, finetune__epochs=2)
+    result = run_phase(params, "finetune", data, phase_paths(tmp_path, "finetune", init))
+    start = keras.saving.load_model(init)
+    assert result.metrics["kept_starting_weights"] is True
+    assert result.metrics["start_val_loss"] < result.metrics["best_val_loss"]
+    for before, after in zip(start.get_weights(), result.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+    unguarded = two_phases["finetune"].metrics
+    assert unguarded["start_val_loss"] is None and unguarded["kept_starting_weights"] is False
 
 
 def test_cached_features_need_a_head_only_phase(tmp_path: Path, data) -> None:

@@ -283,6 +283,9 @@ class PhaseParams:
     ``cache_features`` (head-only phases): the frozen backbone's pooled features are
     computed once and the head trains on them, one backbone pass instead of one per epoch,
     without augmentation (it would change the features).
+    ``must_improve`` (phases that start from a trained model, i.e. fine-tuning): the best
+    epoch must beat the starting model's validation ``monitor``, or the phase keeps the
+    starting weights (reported as ``kept_starting_weights``).
     """
 
     epochs: int = 30
@@ -294,6 +297,7 @@ class PhaseParams:
     class_weight: Literal["balanced", "none"] = "balanced"
     trainable: Literal["auto", "head", "all_but_batchnorm", "all"] = "auto"
     cache_features: bool = False
+    must_improve: bool = True
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
@@ -378,8 +382,8 @@ ROBUSTNESS_PERTURBATIONS = (
     "gamma_1.4",
     "contrast_0.7",
     "contrast_1.3",
-    "brightness_-25",
-    "brightness_+25",
+    "brightness_minus25",
+    "brightness_plus25",
     "noise_5",
     "noise_10",
     "jpeg_60",

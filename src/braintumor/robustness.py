@@ -18,7 +18,7 @@ The catalogue (``PERTURBATIONS``), each a kind at a level, in this order; why ea
   mid-tones (black and white stay).
 - ``contrast_0.7``, ``contrast_1.3``: ``(x - mean) * c + mean`` about the slice's mean (as
   the training augmentation), a window 30% wider or narrower.
-- ``brightness_-25``, ``brightness_+25``: ``x + d`` with d = 25 gray levels (about 10% of
+- ``brightness_minus25``, ``brightness_plus25``: ``x + d`` with d = 25 gray levels (about 10% of
   the range), another window level; the black background is lifted too.
 - ``noise_5``, ``noise_10``: additive Gaussian noise of standard deviation 5 and 10 gray
   levels, a lower signal-to-noise acquisition. MRI magnitude noise is Rician, close to
@@ -182,8 +182,8 @@ _CATALOGUE = (
     Perturbation("gamma_1.4", "gamma", 1.4, "gamma 1.4 (darker mid-tones)"),
     Perturbation("contrast_0.7", "contrast", 0.7, "contrast x0.7 about the mean"),
     Perturbation("contrast_1.3", "contrast", 1.3, "contrast x1.3 about the mean"),
-    Perturbation("brightness_-25", "brightness", -25.0, "brightness -25 gray levels"),
-    Perturbation("brightness_+25", "brightness", 25.0, "brightness +25 gray levels"),
+    Perturbation("brightness_minus25", "brightness", -25.0, "brightness -25 gray levels"),
+    Perturbation("brightness_plus25", "brightness", 25.0, "brightness +25 gray levels"),
     Perturbation("noise_5", "noise", 5.0, "Gaussian noise, std 5 gray levels"),
     Perturbation("noise_10", "noise", 10.0, "Gaussian noise, std 10 gray levels"),
     Perturbation("jpeg_60", "jpeg", 60.0, "JPEG re-encoded at quality 60"),

@@ -655,6 +655,11 @@ def run_phase(
             callbacks.append(tensorboard)
         callbacks.append(epoch_state)  # last: it saves the others' end-of-epoch state
 
+        start = (
+            starting_point(model, training_model, val_batches, stopping.monitor, paths.init_model)
+            if settings.must_improve
+            else None
+        )
         if resume is not None:
             # Optimizer slots must exist before load_weights can fill them.
             training_model.optimizer.build(training_model.trainable_variables)
@@ -675,6 +680,11 @@ def run_phase(
     best = keras.saving.load_model(paths.checkpoint_dir / BEST_MODEL)
     model.set_weights(best.get_weights())
     summary = summarise(history, stopping.monitor)
+    kept_start = start is not None and not _improves(
+        summary.get(f"best_{stopping.monitor}"), start[0], stopping.monitor
+    )
+    if kept_start:
+        model.set_weights(start[1])
     metrics = {
         "phase": phase,
         **summary,
@@ -687,6 +697,8 @@ def run_phase(
         "val_images": int(len(val)),
         "trainable_mode": trainable_mode(phase, settings),
         "cached_features": settings.cache_features,
+        "start_" + stopping.monitor: None if start is None else round(start[0], 6),
+        "kept_starting_weights": kept_start,
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "backbone": params.model.backbone,
         "backend": keras.backend.backend(),
@@ -702,6 +714,35 @@ def run_phase(
         if leftover.name != STATE_FILE:
             leftover.unlink()
     return PhaseResult(model=model, history=history, metrics=metrics)
+
+
+def starting_point(
+    model: keras.Model,
+    training_model: keras.Model,
+    val_batches: Any,
+    monitor: str,
+    init_model: Path | None,
+) -> tuple[float, list[np.ndarray]] | None:
+    """For a phase that starts from a trained model (fine-tuning): its ``monitor`` value on
+    validation before any step, and its weights. The phase must beat it, or it keeps these
+    weights: a fine-tuning that only made the model worse does not replace it. ``model``
+    is the inference model whose weights are kept; ``training_model`` (augmentation in
+    front, an identity at evaluation) is what validation runs through during ``fit``."""
+    if init_model is None or not monitor.startswith("val_"):
+        return None
+    values = training_model.evaluate(val_batches, return_dict=True, verbose=0)
+    key = monitor.removeprefix("val_")
+    if key not in values:
+        return None
+    return float(values[key]), [np.array(w) for w in model.get_weights()]
+
+
+def _improves(best: float | None, start: float, monitor: str) -> bool:
+    """Whether the best epoch's ``monitor`` is better than the starting value (higher for
+    accuracies, lower for losses, as Keras's callbacks read it)."""
+    if best is None:
+        return False
+    return best > start if "acc" in monitor else best < start
 
 
 def session_epoch_seconds(
