@@ -86,7 +86,8 @@ def predict_probabilities(model: Any, images: np.ndarray, batch_size: int) -> np
 def test_views(index: Any) -> dict[str, np.ndarray]:
     """Row masks of the test set: all of it (with two sources, the study's composite test
     set), its leakage-free subset, and each source's Testing folder (``msoud_test``,
-    ``sartaj_test``: the study's second source's test images are SARTAJ's Testing folder).
+    ``sartaj_test``: the study's second source's test images are SARTAJ's Testing folder)
+    and, with several sources, each one's leakage-free part (``msoud_leakage_free``).
 
     A test image found in both sources' Testing folders is kept once (clean's policy), under
     the source whose copy has more pixels, so a source's view can hold fewer images than its
@@ -95,8 +96,11 @@ def test_views(index: Any) -> dict[str, np.ndarray]:
         VIEW_TEST: np.ones(len(index), dtype=bool),
         VIEW_LEAKAGE_FREE: index["leakage_free"].astype(bool).to_numpy(),
     }
-    for source in sorted(index["source"].unique()):
+    sources = sorted(index["source"].unique())
+    for source in sources:
         views[f"{source}_test"] = (index["source"] == source).to_numpy()
+        if len(sources) > 1:  # the mixed leakage-free view hides very different sources
+            views[f"{source}_leakage_free"] = views[f"{source}_test"] & views[VIEW_LEAKAGE_FREE]
     return views
 
 
