@@ -64,10 +64,16 @@ def seed_row(work: Path) -> dict[str, Any]:
             if key.endswith(".accuracy") and not key.startswith("robustness"):
                 row[f"{model}.{key}"] = value
     fine = metrics["finetuned"]
-    row["finetuned.leakage_free.ece_after"] = fine.get("leakage_free.ece_after")
-    row["finetuned.leakage_free.ece_before"] = fine.get("leakage_free.ece_before")
-    row["finetuned.leakage_free.min_recall"] = min(
-        fine[f"leakage_free.{name}_recall"] for name in CLASSES
+    for view in ("leakage_free", "msoud_test", "msoud_leakage_free"):
+        if f"{view}.accuracy" not in fine:
+            continue
+        row[f"finetuned.{view}.ece_before"] = fine.get(f"{view}.ece_before")
+        row[f"finetuned.{view}.ece_after"] = fine.get(f"{view}.ece_after")
+        row[f"finetuned.{view}.min_recall"] = min(
+            fine.get(f"{view}.{name}_recall", float("nan")) for name in CLASSES
+        )
+    row["finetuned.kept_starting_weights"] = float(
+        json.loads((work / "metrics" / "finetune.json").read_text())["kept_starting_weights"]
     )
     return row
 
