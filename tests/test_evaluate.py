@@ -147,3 +147,22 @@ def test_a_model_with_another_class_list_is_a_clear_error(project, tmp_path: Pat
     result = _run_cli(_args(project, tmp_path / "out", base=three))
     assert result.returncode == 1
     assert "model predicts 3 classes but the data has 4" in result.stderr
+
+
+def test_views_per_source_and_their_leakage_free_parts() -> None:
+    from braintumor.evaluate import test_views
+
+    index = pd.DataFrame(
+        {"source": ["msoud", "sartaj", "msoud", "sartaj"], "leakage_free": [1, 1, 0, 0]}
+    )
+    views = {name: mask.tolist() for name, mask in test_views(index).items()}
+    assert views == {
+        "test": [True, True, True, True],
+        "leakage_free": [True, True, False, False],
+        "msoud_test": [True, False, True, False],
+        "msoud_leakage_free": [True, False, False, False],
+        "sartaj_test": [False, True, False, True],
+        "sartaj_leakage_free": [False, True, False, False],
+    }
+    one_source = test_views(index.assign(source="msoud"))
+    assert set(one_source) == {"test", "leakage_free", "msoud_test"}
