@@ -21,8 +21,9 @@ drawn by connected components of the neighbour graph instead, so no validation i
 a neighbour in train; ``val_index.csv``'s ``leakage_free`` column says, per row, that it
 has none (all true when grouped), and the metrics count those that do. On msoud + sartaj
 (4,821 kept training images) the graph at 0.90 has 1,076 edges and no giant component
-(3,821 components, the largest of 37 images; at 0.85 one of 440 would form), and an image
-by image split left 173-215 of 724 validation images (24-30 %, three seeds) with a
+(3,821 components, the largest of 37 images by the signatures; 47 by clean's groups,
+which also join through dropped and test images; at 0.85 one of 440 would form), and an
+image by image split left 173-215 of 724 validation images (24-30 %, three seeds) with a
 neighbour in train, on which a small model was right 94-98 % of the time against 84-90 %
 on the other validation images.
 """
