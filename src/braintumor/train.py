@@ -211,9 +211,8 @@ def summarise(history: list[dict[str, float]], monitor: str) -> dict[str, Any]:
     """Best epoch by ``monitor`` and throughput from the per-epoch history."""
     if not history:
         raise ValueError("no epoch was run")
-    lower_is_better = "acc" not in monitor
     values = [row[monitor] for row in history]
-    best = (min if lower_is_better else max)(range(len(values)), key=values.__getitem__)
+    best = (min if _lower_is_better(monitor) else max)(range(len(values)), key=values.__getitem__)
     rates = [row["images_per_second"] for row in history if row.get("images_per_second")]
     return {
         "best_epoch": int(history[best]["epoch"]),
@@ -519,12 +518,13 @@ def backbone_features(
 
     extractor = keras.Model(model.inputs, model.get_layer(f"{HEAD_PREFIX}pool").output)
     rows = np.arange(len(images)) if indices is None else np.asarray(indices)
-    outputs = []
+    features = np.zeros((len(rows), extractor.output_shape[-1]), dtype=np.float32)
     for start in range(0, len(rows), batch_size):
-        batch = np.asarray(images[np.sort(rows[start : start + batch_size])], dtype=np.float32)
-        order = np.argsort(np.argsort(rows[start : start + batch_size]))
-        outputs.append(np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)[order])
-    return np.concatenate(outputs) if outputs else np.zeros((0, extractor.output_shape[-1]))
+        # Read each batch in file order (memory map), write it back in the caller's order.
+        order = start + np.argsort(rows[start : start + batch_size])
+        batch = np.asarray(images[rows[order]], dtype=np.float32)
+        features[order] = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
+    return features
 
 
 def run_phase(
@@ -737,12 +737,16 @@ def starting_point(
     return float(values[key]), [np.array(w) for w in model.get_weights()]
 
 
+def _lower_is_better(monitor: str) -> bool:
+    """How Keras's callbacks read a monitored value: accuracies up, losses down."""
+    return "acc" not in monitor
+
+
 def _improves(best: float | None, start: float, monitor: str) -> bool:
-    """Whether the best epoch's ``monitor`` is better than the starting value (higher for
-    accuracies, lower for losses, as Keras's callbacks read it)."""
+    """Whether the best epoch's ``monitor`` is better than the starting value."""
     if best is None:
         return False
-    return best > start if "acc" in monitor else best < start
+    return best < start if _lower_is_better(monitor) else best > start
 
 
 def session_epoch_seconds(
