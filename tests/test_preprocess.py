@@ -20,7 +20,6 @@ from braintumor.preprocess import (
     grouped_stratified_split,
     main,
     preprocess,
-    val_with_train_neighbour,
 )
 
 from conftest import QUICKSTART_SOURCES, copy_sample, write_params
@@ -223,25 +222,18 @@ def test_grouped_split_rejects_misaligned_input() -> None:
 
 
 def synthetic_index(seed: int = 0) -> pd.DataFrame:
-    """A clean-stage frame of 240 training images in chains of neighbouring slices (each
-    signature correlates ~0.93 with the next, ~0.87 with the one after) and 8 test images;
-    signatures of different chains are nearly orthogonal (random 1024-d vectors)."""
-    rng = np.random.default_rng(seed)
+    """A clean-stage frame of 240 training images in 60 chains of 4 neighbouring slices
+    and 8 test images; each chain is one ``neighbour_group``, as clean would find it."""
     rows = []
     for chain in range(60):
         label = ("glioma", "meningioma", "notumor", "pituitary")[chain % 4]
-        vector = rng.normal(size=1024)
         for step in range(4):
-            signature = vector / np.linalg.norm(vector)
-            rows.append(
-                (f"src/Training/{label}/c{chain:02d}_{step}.jpg", "train", label, signature)
-            )
-            vector = vector + rng.normal(scale=0.38, size=1024)
+            rows.append((f"src/Training/{label}/c{chain:02d}_{step}.jpg", "train", label, chain))
     for number in range(8):
         label = ("glioma", "meningioma", "notumor", "pituitary")[number % 4]
-        signature = rng.normal(size=1024)
-        rows.append((f"src/Testing/{label}/t{number}.jpg", "test", label, signature / 1024**0.5))
-    frame = pd.DataFrame(rows, columns=["path", "split", "label", "signature"])
+        rows.append((f"src/Testing/{label}/t{number}.jpg", "test", label, 100 + number))
+    frame = pd.DataFrame(rows, columns=["path", "split", "label", "neighbour_group"])
+    frame = frame.sample(frac=1.0, random_state=seed)  # row order must not matter
     return frame.assign(
         source="src",
         status="kept",
@@ -260,11 +252,7 @@ def split_params(grouping: str):
 
 
 def test_grouped_validation_has_no_neighbour_in_train() -> None:
-    index = synthetic_index()
-    threshold = split_params("neighbours").clean.leakage_similarity
-    chained = np.stack(index["signature"].iloc[:4].to_list())
-    assert (chained[:-1] * chained[1:]).sum(axis=1).min() >= threshold  # the test's premise
-    split = assign_splits(index, split_params("neighbours"))
+    split = assign_splits(synthetic_index(), split_params("neighbours"))
     train, val = split.frames["train"], split.frames["val"]
     assert split.val_with_train_neighbour == 0 and split.largest_group == 4
     assert val["leakage_free"].all() and not train["leakage_free"].any()
@@ -282,28 +270,18 @@ def test_image_by_image_validation_has_train_neighbours_and_says_so() -> None:
     train = split.frames["train"]
     assert split.val_with_train_neighbour > 20  # most chains are cut
     assert (~val["leakage_free"]).sum() == split.val_with_train_neighbour
-    signatures = np.stack(pd.concat([train, val])["signature"].to_list())
-    is_val = np.r_[np.zeros(len(train), bool), np.ones(len(val), bool)]
-    flagged = val_with_train_neighbour(signatures, is_val, 0.9)[len(train) :]
-    assert np.array_equal(flagged, ~val["leakage_free"].to_numpy())
+    train_chains = set(train["path"].str.extract(r"/(c\d+)_")[0])
+    cut = val["path"].str.extract(r"/(c\d+)_")[0].isin(train_chains)
+    assert np.array_equal(cut.to_numpy(), ~val["leakage_free"].to_numpy())
 
 
-def test_grouping_needs_signatures() -> None:
-    with pytest.raises(PreprocessError, match="signature"):
-        assign_splits(synthetic_index().drop(columns=["signature"]), split_params("neighbours"))
-
-
-def test_signatures_from_the_index_or_the_raw_files_give_the_same_output(
-    cleaned, tmp_path: Path
-) -> None:
-    raw, params_path, frame = cleaned
-    params = load_params(params_path)
-    with_column = preprocess(raw, frame, params, tmp_path / "a", progress=False)
-    computed = preprocess(raw, frame.drop(columns=["signature"]), params, tmp_path / "b")
-    assert with_column == {**computed, "seconds": with_column["seconds"],
-                           "images_per_second": with_column["images_per_second"]}  # fmt: skip
-    for name in ("val_index.csv", "train_index.csv"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+def test_grouping_needs_the_clean_stage_groups() -> None:
+    index = synthetic_index()
+    index.loc[index.index[3], "neighbour_group"] = None
+    with pytest.raises(PreprocessError, match="neighbour_group.*rerun the clean stage"):
+        assign_splits(index, split_params("neighbours"))
+    with pytest.raises(PreprocessError, match="neighbour_group"):
+        assign_splits(index.drop(columns=["neighbour_group"]), split_params("none"))
 
 
 def test_metrics_and_val_index_report_neighbours(prepared, tmp_path: Path) -> None:

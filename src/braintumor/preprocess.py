@@ -46,11 +46,10 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from braintumor import figures
-from braintumor.config import CleanParams, ConfigError, Params, PreprocessParams, load_params
-from braintumor.hashing import connected_groups, similar_pairs
+from braintumor.config import ConfigError, Params, PreprocessParams, load_params
 from braintumor.imaging import decode_image
 from braintumor.io_utils import atomic_path, worker_count, write_json
-from braintumor.workers import init_worker, inspect_file, transform_file
+from braintumor.workers import init_worker, transform_file
 
 SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ["id", "path", "source", "label", "label_index", "leakage_free", "dup_group"]
@@ -64,8 +63,8 @@ class PreprocessError(ValueError):
 class SplitResult:
     """The rows of each split, and how the validation split relates to train.
 
-    ``neighbour_groups`` counts the connected components of kept training images joined
-    by signature correlation >= ``clean.leakage_similarity``; ``largest_group`` is the
+    ``neighbour_groups`` counts the clean stage's neighbour groups among kept training
+    images; ``largest_group`` is the
     size of the largest (a giant component would leave no room for a grouped split);
     ``val_with_train_neighbour`` counts validation images with a neighbour in train
     (0 when the split is grouped)."""
@@ -108,41 +107,18 @@ def grouped_stratified_split(
     return in_val[group_codes]
 
 
-def _signature_matrix(rows: pd.DataFrame) -> np.ndarray:
-    if "signature" not in rows or rows["signature"].isna().any():
+def neighbour_groups(training: pd.DataFrame) -> np.ndarray:
+    """Group id per training row from the clean stage's ``neighbour_group`` column: the
+    connected components of images whose signatures correlate at least
+    ``clean.leakage_similarity``. Clean finds them over all images (duplicates and test
+    included), so a group can join two training images through a dropped one: the split
+    is then only more cautious. One definition, computed once, in clean."""
+    if "neighbour_group" not in training or training["neighbour_group"].isna().any():
         raise PreprocessError(
-            "the index lacks signatures of kept training images (column 'signature'); "
-            "preprocess() computes them from the raw files (with_signatures)"
+            "the index has no neighbour_group for every kept training image; "
+            "rerun the clean stage (it writes the column)"
         )
-    return np.stack(rows["signature"].to_list()).astype(np.float32)
-
-
-def val_with_train_neighbour(
-    signatures: np.ndarray, is_val: np.ndarray, threshold: float
-) -> np.ndarray:
-    """Per row: whether it is a validation row with a training image whose signature
-    correlates at least ``threshold`` with its own."""
-    return _val_rows_across(similar_pairs(signatures, threshold), is_val)
-
-
-def _val_rows_across(pairs: np.ndarray, is_val: np.ndarray) -> np.ndarray:
-    across = pairs[is_val[pairs[:, 0]] != is_val[pairs[:, 1]]]
-    flagged = np.zeros(len(is_val), dtype=bool)
-    flagged[across.ravel()] = True
-    return flagged & is_val
-
-
-def _neighbour_graph(
-    training: pd.DataFrame, params: Params
-) -> tuple[np.ndarray | None, np.ndarray]:
-    """(pairs or None, group id per training row). The clean stage's ``neighbour_group``
-    column holds the components it found (all images, duplicates and test included, so a
-    group can join two training images through a dropped one: the split is then only more
-    cautious); an index without it gets them from the signatures."""
-    if "neighbour_group" in training and training["neighbour_group"].notna().all():
-        return None, pd.factorize(training["neighbour_group"])[0]
-    pairs = similar_pairs(_signature_matrix(training), params.clean.leakage_similarity)
-    return pairs, connected_groups(len(training), pairs)
+    return pd.factorize(training["neighbour_group"])[0]
 
 
 def assign_splits(index: pd.DataFrame, params: Params) -> SplitResult:
@@ -150,12 +126,12 @@ def assign_splits(index: pd.DataFrame, params: Params) -> SplitResult:
 
     The validation split is stratified by label and seeded; with
     ``preprocess.val_grouping: neighbours`` it is drawn by groups of neighbouring slices
-    (connected components of the pairs whose signatures correlate at least
-    ``clean.leakage_similarity``, which needs the ``signature`` column of the clean stage's
-    frame; ``with_signatures`` adds it), so that no validation image has a neighbour in
-    train. Rows are sorted by path first, so the split does not depend on the index's row
-    order. Validation rows are ``leakage_free`` when they have no training neighbour;
-    training rows never are; test rows keep the clean stage's flag.
+    (the clean stage's ``neighbour_group``: connected components of the pairs whose
+    signatures correlate at least ``clean.leakage_similarity``), so that no validation
+    image has a neighbour in train. Rows are sorted by path first, so the split does not
+    depend on the index's row order. Validation rows are ``leakage_free`` when no training
+    image shares their group; training rows never are; test rows keep the clean stage's
+    flag.
     """
     kept = index[index["status"] == "kept"].sort_values("path").reset_index(drop=True)
     unknown = sorted(set(kept["label"]) - set(params.common.classes))
@@ -173,7 +149,7 @@ def assign_splits(index: pd.DataFrame, params: Params) -> SplitResult:
             "a stratified validation split needs at least 2 per class"
         )
     fraction = params.preprocess.val_fraction
-    pairs, groups = _neighbour_graph(training, params)
+    groups = neighbour_groups(training)
     if params.preprocess.val_grouping == "neighbours":
         is_val = grouped_stratified_split(
             training["label"].to_numpy(), groups, fraction, params.common.seed
@@ -193,10 +169,7 @@ def assign_splits(index: pd.DataFrame, params: Params) -> SplitResult:
             ) from None
         is_val = np.zeros(len(training), dtype=bool)
         is_val[val_rows] = True
-    if pairs is None:  # groups from clean: a validation row shares its group with train
-        has_neighbour = is_val & np.isin(groups, np.unique(groups[~is_val]))
-    else:
-        has_neighbour = _val_rows_across(pairs, is_val)
+    has_neighbour = is_val & np.isin(groups, np.unique(groups[~is_val]))
     training = training.assign(_neighbour=has_neighbour)
     train, val = training[~is_val], training[is_val]
     for name, rows in (("train", train), ("val", val)):
@@ -223,46 +196,6 @@ def assign_splits(index: pd.DataFrame, params: Params) -> SplitResult:
         largest_group=int(sizes.max()),
         val_with_train_neighbour=int(has_neighbour.sum()),
     )
-
-
-def with_signatures(
-    index: pd.DataFrame,
-    raw_dir: Path,
-    params: CleanParams,
-    pool: Any,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """``index`` with the ``signature`` of every kept training image, computed from the
-    raw files as the clean stage does (its index file leaves them out) unless present."""
-    index = index.copy()
-    if "signature" not in index:
-        index["signature"] = None
-    wanted = (index["status"] == "kept") & (index["split"] == "train") & index["signature"].isna()
-    if not wanted.any():
-        return index
-    paths = index.loc[wanted, "path"].to_list()
-    tasks = [(str(raw_dir / path), path, params) for path in paths]
-    results = (
-        pool.imap(inspect_file, tasks, chunksize=16)
-        if pool is not None
-        else map(inspect_file, tasks)
-    )
-    signatures = []
-    bar = tqdm(
-        total=len(tasks), desc="signatures", unit="img", disable=not progress, file=sys.stderr
-    )
-    try:
-        for record in results:
-            if record.get("status") != "kept":
-                raise PreprocessError(f"{record['path']}: {record.get('notes') or 'unreadable'}")
-            signatures.append(record["signature"])
-            bar.update()
-    except OSError as error:  # inspect_file reads the file unguarded
-        raise PreprocessError(f"{error.filename}: cannot read ({error.strerror})") from None
-    finally:
-        bar.close()
-    index.loc[wanted, "signature"] = pd.Series(signatures, index=index.index[wanted], dtype=object)
-    return index
 
 
 def write_split_arrays(
@@ -332,8 +265,7 @@ def preprocess(
     """Run the stage into ``out_dir`` (replaced atomically); returns the metrics.
 
     ``index`` is the clean stage's index; its ``neighbour_group`` column decides the
-    grouped split (an older index without it: signatures are computed from the raw
-    training files)."""
+    grouped split."""
     started = time.perf_counter()
     size = params.common.image_size
     workers = worker_count(params.preprocess.workers)
@@ -344,11 +276,7 @@ def preprocess(
         else None
     )
     try:
-        has_groups = "neighbour_group" in index and index["neighbour_group"].notna().all()
-        signed = index if has_groups else with_signatures(index, raw_dir, params.clean, pool,
-                                                           progress)  # fmt: skip
-        split = assign_splits(signed, params)
-        del signed
+        split = assign_splits(index, params)
         frames = split.frames
         with atomic_path(out_dir, directory=True) as folder:
             for name in SPLITS:
