@@ -137,3 +137,167 @@ def bad_files(folder: Path, mirror: Path) -> dict[str, tuple[Path, str]]:
         (folder / name).write_bytes(content)
         out[name] = (folder / name, reason)
     return out
+
+
+# --------------------------------------------------------------------------- hostile files
+
+PATIENT_TAGS = {
+    "PatientName": "Doe^Jane^Quincy",
+    "PatientID": "PID-7731-XQ",
+    "PatientBirthDate": "19610314",
+    "PatientSex": "F",
+    "PatientAddress": "12 Hidden Lane, Nowhere",
+    "OtherPatientIDs": "ALT-99812",
+    "InstitutionName": "St Example Hospital",
+    "ReferringPhysicianName": "Who^Doctor",
+    "AccessionNumber": "ACC55521",
+}
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    import struct
+    import zlib
+
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header promises ``width`` x ``height`` 8-bit gray pixels, with a tiny
+    IDAT: what a decompression bomb looks like before anyone decodes it."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = zlib.compress(b"\x00" * (width + 1) * 4)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", body)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def png16(side: int) -> bytes:
+    """A 16-bit gray PNG ``side`` x ``side``: a vertical ramp, constant along each row, so
+    6000 x 6000 compresses to about 90 kB (the attacker's file)."""
+    ramp = (np.arange(side, dtype=np.uint32) * 65535 // max(side - 1, 1)).astype(np.uint16)
+    image = np.ascontiguousarray(np.broadcast_to(ramp[:, None], (side, side)))
+    return cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 9])[1].tobytes()
+
+
+def dicom_with_patient(path: Path, pixels: np.ndarray, **extra) -> Path:
+    """``write_dicom`` plus the patient tags in ``PATIENT_TAGS`` (and ``extra``)."""
+    from pydicom import dcmread
+
+    write_dicom(path, pixels)
+    dataset = dcmread(path)
+    for keyword, value in {**PATIENT_TAGS, **extra}.items():
+        setattr(dataset, keyword, value)
+    dataset.save_as(path)
+    return path
+
+
+def dicom_rows_two_values(path: Path, pixels: np.ndarray) -> Path:
+    """A DICOM whose ``Rows`` holds two values (attacker's TypeError)."""
+    from pydicom import dcmread
+
+    dataset = dcmread(dicom_with_patient(path, pixels))
+    dataset.Rows = [pixels.shape[0], pixels.shape[0]]
+    dataset.save_as(path)
+    return path
+
+
+def dicom_frames_not_a_number(path: Path, pixels: np.ndarray) -> Path:
+    """A DICOM with ``NumberOfFrames = "ab"`` (patched into the bytes: pydicom will not
+    write it)."""
+    dicom_with_patient(path, pixels, NumberOfFrames=99)
+    data = path.read_bytes()
+    marker = b"\x28\x00\x08\x00IS\x02\x0099"
+    assert data.count(marker) == 1
+    path.write_bytes(data.replace(marker, marker[:-2] + b"ab"))
+    return path
+
+
+def _rle_frame(rows: int, columns: int, value: int) -> bytes:
+    """One RLE Lossless frame of constant 16-bit ``value`` (PS3.5 G: two byte segments)."""
+    import struct
+
+    count = rows * columns
+    segments = []
+    for byte in ((value >> 8) & 0xFF, value & 0xFF):
+        runs = b"".join(
+            bytes([257 - min(128, count - start), byte]) if min(128, count - start) > 1
+            else bytes([0, byte])
+            for start in range(0, count, 128)
+        )  # fmt: skip
+        segments.append(runs + (b"\x00" if len(runs) % 2 else b""))
+    offsets = [64, 64 + len(segments[0])]
+    header = struct.pack("<16I", 2, *offsets, *([0] * 13))
+    return header + b"".join(segments)
+
+
+def rle_multiframe(path: Path, side: int, frames: int) -> Path:
+    """An RLE Lossless DICOM of ``frames`` frames of ``side`` x ``side`` 16-bit pixels
+    (small on disk, ``frames * side**2 * 2`` bytes if every frame were decoded)."""
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    write_dicom(path, np.zeros((8, 8), np.uint16))
+    dataset = dcmread(path)
+    dataset.Rows = dataset.Columns = side
+    dataset.NumberOfFrames = frames
+    dataset.PixelData = encapsulate(
+        [_rle_frame(side, side, 1000 + 40 * index) for index in range(frames)]
+    )
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = RLELossless
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def deflated_bomb(path: Path, inflated_bytes: int) -> Path:
+    """A Deflated Explicit VR Little Endian DICOM whose dataset inflates to about
+    ``inflated_bytes`` (a pixel data element of zeros): small on disk."""
+    import struct
+    import zlib
+
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    write_dicom(path, np.zeros((8, 8), np.uint16), with_pixels=False)
+    dataset = dcmread(path)
+    side = int((inflated_bytes // 2) ** 0.5)
+    dataset.Rows = dataset.Columns = side
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, dataset)
+    pixel_bytes = side * side * 2
+    element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes)
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [squeezer.compress(body.getvalue() + element)]
+    zeros = bytes(1 << 20)
+    for start in range(0, pixel_bytes, len(zeros)):
+        parts.append(squeezer.compress(zeros[: min(len(zeros), pixel_bytes - start)]))
+    parts.append(squeezer.flush())
+    meta = dataset.file_meta
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = DicomBytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, meta)
+    path.write_bytes(head.getvalue() + b"".join(parts))
+    return path
+
+
+def deflated_copy(source: Path, target: Path) -> Path:
+    """The same DICOM saved with the Deflated Explicit VR Little Endian syntax."""
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    dataset = dcmread(source)
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    dataset.save_as(target, enforce_file_format=True)
+    return target

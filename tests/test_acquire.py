@@ -26,7 +26,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
 
 from braintumor.acquire import (
     MANIFEST_COLUMNS,
@@ -37,13 +36,14 @@ from braintumor.acquire import (
 )
 from braintumor.config import load_params
 
-REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
+from conftest import mirror_dir, write_acquire_params
+
+DATASETS = mirror_dir()
 MSOUD = DATASETS / "msoud"
 SARTAJ = DATASETS / "sartaj"
 LABELS = {"glioma": "glioma", "meningioma": "meningioma", "notumor": "notumor"}
 
-pytestmark = pytest.mark.skipif(not MSOUD.is_dir(), reason="needs ../shared/datasets/msoud")
+pytestmark = pytest.mark.usefixtures("mirror")  # a missing mirror fails, with its path
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -100,21 +100,6 @@ def make_archive(path: Path, files: dict[str, bytes], top: str = "Brain Tumor MR
 
 def source(name: str, uri: str, **extra: object) -> dict[str, object]:
     return {"name": name, "uri": uri, "labels": LABELS, **extra}
-
-
-def write_params(folder: Path, sources: list[dict[str, object]], **acquire_extra: object) -> Path:
-    """A params.yaml with the project's ``common`` and ``acquire`` sections, sources replaced.
-
-    Only the sections this stage reads are kept (every other one takes its defaults), so
-    these tests do not break while another stage's parameters are being changed.
-    """
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    settings = {**raw["acquire"], "mirror": None, "retries": 2, "timeout_s": 5.0}
-    settings.update(chunk_bytes=4096, **acquire_extra, sources=sources)
-    params = {"profile": "paper", "common": raw["common"], "acquire": settings}
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def run_acquire(params_path: Path, out: Path) -> None:
@@ -252,7 +237,7 @@ def test_local_folder_with_auto_root_copies_everything_as_found(
 ) -> None:
     write_tree(tmp_path / "downloads" / "wrapper", tree)
     (tmp_path / "downloads" / "LICENSE").write_text("outside the root")
-    params = write_params(tmp_path, [source("local", "downloads")])  # relative to params
+    params = write_acquire_params(tmp_path, [source("local", "downloads")])  # relative to params
     out = tmp_path / "data" / "raw"
 
     assert main(["--params", str(params), "--out", str(out)]) == 0
@@ -268,7 +253,7 @@ def test_local_archive_with_wrapping_folder(
     tmp_path: Path, tree: dict[str, bytes], suffix: str
 ) -> None:
     archive = make_archive(tmp_path / f"dataset{suffix}", tree)
-    params = write_params(tmp_path, [source("packed", str(archive))])
+    params = write_acquire_params(tmp_path, [source("packed", str(archive))])
     out = tmp_path / "data" / "raw"
 
     run_acquire(params, out)
@@ -300,7 +285,7 @@ def test_mirror_env_var_wins_over_param_and_uri(
     write_tree(tmp_path / "env-mirror" / "msoud", tree)
     write_tree(tmp_path / "param-mirror" / "msoud", {"Training/glioma/other.jpg": b"other"})
     # The uri would need the network; the mirror must be used instead.
-    params = write_params(
+    params = write_acquire_params(
         tmp_path,
         [source("msoud", "kaggle://masoudnickparvar/brain-tumor-mri-dataset")],
         mirror="param-mirror",
@@ -322,8 +307,10 @@ def test_mirror_entry_may_be_an_archive(
     (tmp_path / "mirror").mkdir()
     make_archive(tmp_path / "mirror.tar.gz", tree).rename(tmp_path / "mirror" / "packed")
     monkeypatch.setenv("BRAINTUMOR_MIRROR", str(tmp_path / "mirror"))
-    params = write_params(
-        tmp_path, [source("packed", "https://example.org/x.zip", sha256="0" * 64)]
+    # The pinned sum is checked on the mirror's copy too (test_acquire_hardening.py).
+    digest = hashlib.sha256((tmp_path / "mirror" / "packed").read_bytes()).hexdigest()
+    params = write_acquire_params(
+        tmp_path, [source("packed", "https://example.org/x.zip", sha256=digest)]
     )
     out = tmp_path / "data" / "raw"
 
@@ -332,7 +319,6 @@ def test_mirror_entry_may_be_an_archive(
     assert_output(out, {"packed": tree})
 
 
-@pytest.mark.skipif(not SARTAJ.is_dir(), reason="needs ../shared/datasets/sartaj")
 def test_team_mirror_sartaj(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BRAINTUMOR_MIRROR", str(DATASETS))
     labels = {"glioma_tumor": "glioma", "no_tumor": "notumor"}
@@ -340,7 +326,7 @@ def test_team_mirror_sartaj(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     # root names the folder inside a Kaggle download; the mirror stores the source already
     # rooted (Training/ and Testing/ at its top), which is accepted too.
     entry = {"name": "sartaj", "uri": uri, "labels": labels, "root": "wrapped"}
-    params = write_params(tmp_path, [entry])
+    params = write_acquire_params(tmp_path, [entry])
     out = tmp_path / "data" / "raw"
 
     run_acquire(params, out)
@@ -364,7 +350,9 @@ def test_missing_source_is_one_clear_line_and_keeps_existing_output(
     """Through the real CLI: exit status 1, one line on stderr, no traceback."""
     write_tree(tmp_path / "mirror" / "present", tree)
     monkeypatch.setenv("BRAINTUMOR_MIRROR", str(tmp_path / "mirror"))
-    params = write_params(tmp_path, [source("present", "nowhere-a"), source("ghost", "nowhere-b")])
+    params = write_acquire_params(
+        tmp_path, [source("present", "nowhere-a"), source("ghost", "nowhere-b")]
+    )
     out = write_tree(tmp_path / "data" / "raw", {"old/kept.jpg": b"previous run"})
 
     completed = subprocess.run(
@@ -385,7 +373,7 @@ def test_missing_source_is_one_clear_line_and_keeps_existing_output(
 
 
 def test_kaggle_handle_is_validated_without_network(tmp_path: Path) -> None:
-    params = write_params(tmp_path, [source("bad", "kaggle://only-one-part")])
+    params = write_acquire_params(tmp_path, [source("bad", "kaggle://only-one-part")])
     with pytest.raises(AcquireError) as caught:
         run_acquire(params, tmp_path / "data" / "raw")
     message = str(caught.value)
@@ -399,7 +387,7 @@ def test_kaggle_handle_is_validated_without_network(tmp_path: Path) -> None:
 
 def url_params(tmp_path: Path, url: str, content: bytes, **extra: object) -> Path:
     digest = hashlib.sha256(content).hexdigest()
-    return write_params(tmp_path, [source("web", url, sha256=digest)], **extra)
+    return write_acquire_params(tmp_path, [source("web", url, sha256=digest)], **extra)
 
 
 def test_url_download_verifies_and_extracts(
@@ -533,7 +521,7 @@ def test_kaggle_handle_downloads_through_kagglehub(
     tmp_path: Path, tree: dict[str, bytes], kaggle_api: _State
 ) -> None:
     kaggle_api.kaggle["archive"] = make_archive(tmp_path / "kaggle.zip", tree).read_bytes()
-    params = write_params(tmp_path, [source("msoud", "kaggle://someone/brain-mri")])
+    params = write_acquire_params(tmp_path, [source("msoud", "kaggle://someone/brain-mri")])
     out = tmp_path / "data" / "raw"
 
     run_acquire(params, out)
@@ -551,7 +539,7 @@ def test_kaggle_handle_downloads_through_kagglehub(
 
 def test_kaggle_refusal_is_one_helpful_line(tmp_path: Path, kaggle_api: _State) -> None:
     kaggle_api.kaggle["status"] = 403
-    params = write_params(tmp_path, [source("msoud", "kaggle://someone/private-set")])
+    params = write_acquire_params(tmp_path, [source("msoud", "kaggle://someone/private-set")])
     out = tmp_path / "data" / "raw"
 
     with pytest.raises(AcquireError) as caught:

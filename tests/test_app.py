@@ -1,35 +1,52 @@
-"""The web app: its API driven by ``gradio_client`` against the real server, and its
-handlers and example finder called directly.
+"""The web app: its API driven by ``gradio_client`` and plain HTTP against the real server,
+its hardening (closed direct API, bounded queue, login, uploads deleted), and its handlers
+and example finder called directly.
 
 The server is ``python -m braintumor.app`` in a subprocess, on a free loopback port, with
 the small real bundle of ``test_predict``; ``test_browser`` reuses the same server
-(``app_server``), so it starts once per session.
+(``app_server``), so it starts once per session. Its temp root is seeded with the folders
+a killed earlier run would leave, which the start must remove. The queue and login tests
+launch the same ``build_app`` and ``serve`` in this process (``local_app``), with the real
+predictor held at ``explain`` by an event so a queue can be built up on purpose.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from braintumor.app import Handlers, find_examples
+from braintumor.app import (
+    DISPLAY_SIZE,
+    Handlers,
+    build_app,
+    claim_temp_folder,
+    find_examples,
+    fit_for_display,
+    main,
+    read_auth_file,
+    serve,
+)
 from braintumor.bundle import Bundle
 from braintumor.config import load_params
 from braintumor.imaging import decode_image
 from braintumor.predict import predict_files
 from braintumor.serving import Predictor, ServingSettings
 
-from conftest import REPO
+from conftest import REPO, free_port
 from serving_helpers import (
     CLASSES,
     bad_files,
@@ -43,12 +60,6 @@ STARTUP_TIMEOUT_S = 240
 _SERVERS: dict[str, dict] = {}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_app(bundle: Path, examples: list[Path], folder: Path) -> dict:
     """Start the app (once per session) in ``folder``/cwd, an empty working directory;
     returns its URL, process, log and the upload folder it reports."""
@@ -58,8 +69,13 @@ def start_app(bundle: Path, examples: list[Path], folder: Path) -> dict:
     cwd.mkdir(parents=True, exist_ok=True)
     log_path = folder / "app.log"
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    temp_root = seed_stale_runs(folder / "app-temp")
+    env = {
+        **os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+        "BRAINTUMOR_APP_TEMP": str(temp_root),
+    }  # fmt: skip
     env.pop("GRADIO_TEMP_DIR", None)
+    env.pop("BRAINTUMOR_APP_AUTH_FILE", None)
     command = [
         sys.executable, "-m", "braintumor.app", "--model", str(bundle),
         "--host", "127.0.0.1", "--port", str(port), "--params", str(REPO / "params.yaml"),
@@ -91,8 +107,22 @@ def start_app(bundle: Path, examples: list[Path], folder: Path) -> dict:
         "uploads": Path(uploads.group(1)) if uploads else None,
         "bundle": bundle,
         "examples": examples,
+        "temp_root": temp_root,
     }
     return _SERVERS["app"]
+
+
+def seed_stale_runs(root: Path) -> Path:
+    """A temp root as a killed run leaves it: ``run-stale`` (a DICOM upload, its lock file
+    free), ``run-orphan`` (no lock file), and a file of someone else's not to touch."""
+    stale = root / "run-stale" / "0123abcd"
+    stale.mkdir(parents=True)
+    (stale / "patient.dcm").write_bytes(b"DICM with a patient name")
+    (root / "run-stale.lock").write_text("")
+    (root / "run-orphan").mkdir()
+    (root / "run-orphan" / "upload.jpg").write_bytes(b"jpeg")
+    (root / "notes.txt").write_text("not the app's")
+    return root
 
 
 def stop_app() -> None:
@@ -151,7 +181,7 @@ def test_api_gives_calibrated_probabilities_equal_to_predict(
     from PIL import Image
 
     image = real_images(mirror, 1, offset=20)[2]
-    label, predicted, overlay, preprocessed, message, *rest = client.predict(
+    label, predicted, overlay, shown, message, *rest = client.predict(
         handle_file(str(image)), 0.4, api_name="/predict"
     )
     assert not rest, "the slider state must not be part of the API"
@@ -164,8 +194,12 @@ def test_api_gives_calibrated_probabilities_equal_to_predict(
     assert label["label"] == expected.predicted_class
     assert predicted.startswith(expected.predicted_class)
     assert message.startswith(f"Analysed {image.name}")
-    assert Image.open(overlay).size == (64, 64) and Image.open(overlay).mode == "RGB"
-    assert Image.open(preprocessed).size == (64, 64)
+    # Both images at display size (the model's input is 64 px; the slice 224 px).
+    assert Image.open(overlay).size == (DISPLAY_SIZE, DISPLAY_SIZE)
+    assert Image.open(overlay).mode == "RGB"
+    assert Image.open(shown).size == (DISPLAY_SIZE, DISPLAY_SIZE)
+    original = decode_image(image.read_bytes()).gray
+    np.testing.assert_array_equal(np.asarray(Image.open(shown)), fit_for_display(original))
 
 
 @pytest.mark.parametrize(
@@ -182,14 +216,14 @@ def test_api_explains_bad_uploads(client, mirror, tmp_path, name, words) -> None
     from gradio_client import handle_file
 
     path, _ = bad_files(tmp_path / "bad", mirror)[name]
-    label, predicted, overlay, preprocessed, message = client.predict(
+    label, predicted, overlay, shown, message = client.predict(
         handle_file(str(path)), 0.4, api_name="/predict"
     )
     assert message.startswith("Cannot analyse this file:") and words in message, message
     assert name in message
     assert "Traceback" not in message and "Error" not in message
     assert not label or not label.get("confidences")
-    assert (predicted, overlay, preprocessed) == ("", None, None)
+    assert (predicted, overlay, shown) == ("", None, None)
 
 
 def test_api_reads_dicom_with_its_window(client, mirror, tmp_path, reference_predictor) -> None:
@@ -220,6 +254,283 @@ def test_page_offers_the_examples_and_writes_nothing_outside_temp(app_server, cl
     assert uploads.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
 
 
+# --------------------------------------------------------------------------- hardening
+
+
+def upload_file(session: requests.Session, url: str, path: Path) -> dict:
+    """Upload ``path`` as the page does; returns the FileData to send to an event."""
+    with path.open("rb") as handle:
+        response = session.post(url + "gradio_api/upload", files={"files": handle}, timeout=60)
+    response.raise_for_status()
+    (stored,) = response.json()
+    return {"path": stored, "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+
+def call_result(session: requests.Session, url: str, event_id: str) -> list:
+    """Wait for a queued call's outcome (the SSE stream of ``/call/predict/<id>``): the
+    outputs, the slider's state included (``None``; ``gradio_client`` hides it)."""
+    stream = session.get(f"{url}gradio_api/call/predict/{event_id}", stream=True, timeout=120)
+    event = None
+    for line in stream.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data: ") and event in ("complete", "error"):
+            assert event == "complete", line
+            return json.loads(line.removeprefix("data: "))
+    raise AssertionError("the call's stream ended without a result")
+
+
+def test_direct_api_is_closed_and_the_queue_answers(app_server, mirror, tmp_path) -> None:
+    """Before: ``/gradio_api/run/predict`` ran the handler outside the queue (4 parallel
+    calls decoded in parallel); now every direct route answers 404, the queue still
+    works."""
+    url = app_server["url"]
+    session = requests.Session()
+    image = real_images(mirror, 1, offset=21)[1]
+    data = upload_file(session, url, image)
+
+    def direct(route: str) -> requests.Response:
+        return requests.post(url + route, json={"data": [data, 0.4]}, timeout=60)
+
+    routes = ["gradio_api/run/predict", "gradio_api/api/predict"] * 2
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(direct, routes))
+    for answer in answers:
+        assert answer.status_code == 404, (answer.status_code, answer.text[:200])
+        assert "does not accept direct HTTP POST" in answer.text
+    started = session.post(url + "gradio_api/call/predict", json={"data": [data, 0.4]})
+    message = call_result(session, url, started.json()["event_id"])[4]
+    assert message.startswith(f"Analysed {image.name}"), message
+
+
+def test_uploads_are_deleted_after_analysis(app_server, client, mirror, tmp_path) -> None:
+    """Before: uploads stayed in gradio's cache for an hour (a DICOM with the patient's
+    name); now the file is gone once analysed, accepted or refused."""
+    import pydicom
+    from gradio_client import handle_file
+
+    image = real_images(mirror, 1, offset=31)[2]
+    pixels, window = dicom_of(decode_image(image.read_bytes()).gray)
+    dicom = write_dicom(tmp_path / "patient-4711.dcm", pixels, window=window)
+    dataset = pydicom.dcmread(dicom)
+    dataset.PatientName = "Doe^Jane"
+    dataset.save_as(dicom)
+    refused = tmp_path / "notes-4711.png"
+    refused.write_text("not an image\n" * 20)
+    uploads = app_server["uploads"]
+    for path, start in ((dicom, "Analysed"), (refused, "Cannot analyse")):
+        *_, message = client.predict(handle_file(str(path)), 0.4, api_name="/predict")
+        assert message.startswith(start), message
+        assert not list(uploads.rglob(path.name)), f"{path.name} left in {uploads}"
+    assert not any(b"Doe^Jane" in p.read_bytes() for p in uploads.rglob("*") if p.is_file())
+
+
+def test_stale_upload_folders_are_removed_at_start(app_server) -> None:
+    """Before: a ``kill -9`` left the run's uploads on disk for good; now the next start
+    removes every earlier run folder whose lock is free, and nothing else."""
+    root = app_server["temp_root"]
+    uploads = app_server["uploads"]
+    assert uploads.parent == root and uploads.name.startswith("run-")
+    assert not (root / "run-stale").exists() and not (root / "run-stale.lock").exists()
+    assert not (root / "run-orphan").exists()
+    assert (root / "notes.txt").read_text() == "not the app's"
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        ["notes.txt", uploads.name, uploads.name + ".lock"]
+    )
+    assert "removed the upload folder of an earlier run" in app_server["log"].read_text()
+
+
+CLAIM_AND_WAIT = (
+    "import sys, time; from pathlib import Path; from braintumor.app import claim_temp_folder;"
+    "claimed = claim_temp_folder(Path(sys.argv[1])); folder = claimed.path;"
+    "(folder / 'patient.dcm').write_bytes(b'DICM');"
+    "print(folder, flush=True); time.sleep(600)"
+)
+
+
+def test_a_killed_run_is_cleaned_at_the_next_start_and_a_live_one_kept(tmp_path) -> None:
+    """Real processes: one killed with SIGKILL (its folder must go), one alive (its folder
+    must stay: two apps may share a temp root)."""
+    root = tmp_path / "root"
+
+    def claim() -> tuple[subprocess.Popen, Path]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", CLAIM_AND_WAIT, str(root)], stdout=subprocess.PIPE, text=True
+        )
+        return process, Path(process.stdout.readline().strip())
+
+    killed, killed_folder = claim()
+    alive, alive_folder = claim()
+    try:
+        killed.kill()
+        killed.wait(timeout=30)
+        assert (killed_folder / "patient.dcm").is_file()  # what kill -9 leaves
+        mine = claim_temp_folder(root)
+        assert not killed_folder.exists()
+        assert not killed_folder.with_name(killed_folder.name + ".lock").exists()
+        assert (alive_folder / "patient.dcm").is_file()
+        assert oct(mine.path.stat().st_mode & 0o777) == "0o700"
+        mine.remove()
+        assert not mine.path.exists() and not mine.lock_path.exists()
+    finally:
+        alive.kill()
+        alive.wait(timeout=30)
+    with (alive_folder.parent / (alive_folder.name + ".lock")).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once its process is gone
+
+
+def test_page_shows_no_server_paths(app_server, mirror) -> None:
+    """Before: the page showed ``<bundle folder>/model.keras``; now the model is named by
+    its hash, and neither the page nor its config holds the bundle, data or work paths."""
+    base = app_server["url"].rstrip("/")
+    config = requests.get(base + "/config", timeout=30).text
+    page = requests.get(base + "/", timeout=30).text
+    bundle = app_server["bundle"]
+    for secret in (str(bundle), str(bundle.parent), str(mirror), str(REPO), str(app_server["cwd"])):
+        assert secret not in config and secret not in page, secret
+    sha = json.loads((bundle / "bundle.json").read_text())["model_sha256"][:12]
+    assert f"model sha256 {sha}" in config
+
+
+# --------------------------------------------------------------------------- in-process server
+
+
+class GatedPredictor(Predictor):
+    """The real predictor, held at ``explain`` while ``gate`` is closed, counting how many
+    analyses run at once (instrumentation around the real model, which still runs)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.active = 0
+        self.most = 0
+        self._count = threading.Lock()
+
+    def explain(self, images):
+        with self._count:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            self.gate.wait(60)
+            return super().explain(images)
+        finally:
+            with self._count:
+                self.active -= 1
+
+
+USERS = "# who may log in\nalice:correct horse battery\n\nbob:s3cret:with:colons\n"
+
+
+@pytest.fixture(scope="module")
+def local_app(served_bundle, tmp_path_factory):
+    """``build_app`` + ``serve`` in this process: login required, at most one waiting."""
+    folder = tmp_path_factory.mktemp("local-app")
+    temp = claim_temp_folder(folder / "temp")
+    saved = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(temp.path)
+    auth_file = folder / "users"
+    auth_file.write_text(USERS)
+    predictor = GatedPredictor(Bundle.load(served_bundle), ServingSettings(grayscale_tolerance=6.0))
+    app = build_app(predictor, upload_folder=temp.path)
+    url = serve(
+        app, host="127.0.0.1", port=free_port(), auth=read_auth_file(auth_file), max_queue=1,
+        max_file_size=10_000_000,
+    )  # fmt: skip
+    try:
+        yield {"url": url, "predictor": predictor, "uploads": temp.path}
+    finally:
+        predictor.gate.set()
+        app.close()
+        temp.remove()
+        if saved is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = saved
+
+
+def logged_in(url: str, user: str = "alice", password: str = "correct horse battery"):
+    session = requests.Session()
+    answer = session.post(url + "login", data={"username": user, "password": password})
+    assert answer.status_code == 200, answer.text
+    return session
+
+
+@pytest.mark.slow  # the in-process server's start: about 15 s on a busy machine
+def test_a_login_is_required_and_a_wrong_password_refused(local_app, mirror) -> None:
+    from gradio_client import Client, handle_file
+
+    url = local_app["url"]
+    assert requests.get(url + "config", timeout=30).status_code == 401
+    image = real_images(mirror, 1, offset=22)[0]
+    with image.open("rb") as handle:
+        anonymous = requests.post(url + "gradio_api/upload", files={"files": handle}, timeout=30)
+    assert anonymous.status_code == 401
+    wrong = requests.post(url + "login", data={"username": "alice", "password": "wrong"})
+    assert wrong.status_code == 400 and "Incorrect credentials" in wrong.text
+    assert logged_in(url).get(url + "config", timeout=30).status_code == 200
+    assert logged_in(url, "bob", "s3cret:with:colons").get(url + "config").status_code == 200
+    with pytest.raises(Exception):  # noqa: B017, PT011 - gradio_client's own error types
+        Client(url, verbose=False)
+    client = Client(url, auth=("alice", "correct horse battery"), verbose=False)
+    *_, message = client.predict(handle_file(str(image)), 0.4, api_name="/predict")
+    assert message.startswith(f"Analysed {image.name}"), message
+
+
+@pytest.mark.slow  # the in-process server's start: about 15 s on a busy machine
+def test_queue_runs_one_analysis_at_a_time_and_refuses_beyond_its_bound(local_app, mirror) -> None:
+    """Held at ``explain``: one running, one waiting (``max_queue=1``), the next refused
+    with 503 "Queue is full"; the waiting one shares the running one's upload path (same
+    bytes) and must still find its file."""
+    url, predictor = local_app["url"], local_app["predictor"]
+    session = logged_in(url)
+    first, third = real_images(mirror, 1, offset=23)[:2]
+    data = upload_file(session, url, first)
+    again = upload_file(session, url, first)  # the same content: gradio's same path
+    assert again["path"] == data["path"]
+    predictor.gate.clear()
+    predictor.most = 0
+
+    def call(file_data: dict) -> requests.Response:
+        return session.post(url + "gradio_api/call/predict", json={"data": [file_data, 0.4]})
+
+    running = call(data)
+    deadline = time.monotonic() + 60
+    while predictor.active < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert predictor.active == 1
+    waiting = call(again)
+    refused = call(upload_file(session, url, third))
+    direct = session.post(url + "gradio_api/run/predict", json={"data": [data, 0.4]})
+    predictor.gate.set()
+    assert refused.status_code == 503 and "Queue is full" in refused.text, refused.text
+    assert direct.status_code == 404
+    for started in (running, waiting):
+        message = call_result(session, url, started.json()["event_id"])[4]
+        assert message.startswith(f"Analysed {first.name}"), message
+    assert predictor.most == 1, "two analyses ran at once"
+    assert not Path(data["path"]).exists(), "the shared upload must go after the last use"
+
+
+def test_binding_beyond_loopback_needs_a_login(tmp_path, monkeypatch, capsys) -> None:
+    """Refused before anything loads: one line on stderr naming the option or file."""
+    monkeypatch.delenv("BRAINTUMOR_APP_AUTH_FILE", raising=False)
+    monkeypatch.setenv("BRAINTUMOR_APP_TEMP", str(tmp_path / "temp"))
+    assert main(["--host", "0.0.0.0", "--model", str(tmp_path / "none")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --host 0.0.0.0: not a loopback address") and "\n" not in error
+    assert "--auth-file" in error and "BRAINTUMOR_APP_AUTH_FILE" in error
+    broken = tmp_path / "users"
+    broken.write_text("alice:ok\nbob-without-password\n")
+    monkeypatch.setenv("BRAINTUMOR_APP_AUTH_FILE", str(broken))
+    assert main(["--host", "192.168.1.10", "--model", str(tmp_path / "none")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: auth file {broken}: line 2: expected user:password"
+    assert main(["--max-queue", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --max-queue 0: must be at least 1"
+    assert not (tmp_path / "temp").exists(), "nothing may be made before the checks pass"
+
+
 # --------------------------------------------------------------------------- handlers
 
 
@@ -237,15 +548,25 @@ def test_handler_opens_only_files_in_the_upload_folder(handlers, mirror, tmp_pat
     link.symlink_to(outside)
     *_, message, state = handlers.analyse(str(link), 0.4)
     assert "only uploaded files" in message and state is None
+    assert outside.is_file() and link.is_symlink(), "a refused path must not be deleted"
     *_, message, state = handlers.analyse(None, 0.4)
     assert message.startswith("Upload") and state is None
+    gone = handlers.upload_folder / "0123abcd" / "slice.jpg"
+    *_, message, state = handlers.analyse(str(gone), 0.4)
+    assert "slice.jpg: the upload is no longer on the server; upload it again" in message
+    *_, message, state = handlers.analyse(str(handlers.upload_folder), 0.4)
+    assert "only uploaded files" in message and handlers.upload_folder.is_dir()
 
 
 def test_slider_reblends_without_running_the_model(handlers, mirror, monkeypatch) -> None:
     upload = handlers.upload_folder / "slice.jpg"
     upload.write_bytes(real_images(mirror, 1, offset=5)[0].read_bytes())
-    label, predicted, overlay, preprocessed, message, state = handlers.analyse(str(upload), 0.4)
-    assert message.startswith("Analysed slice.jpg") and overlay.shape == (64, 64, 3)
+    data = upload.read_bytes()
+    label, predicted, overlay, shown, message, state = handlers.analyse(str(upload), 0.4)
+    assert message.startswith("Analysed slice.jpg")
+    assert overlay.shape == (DISPLAY_SIZE, DISPLAY_SIZE, 3)
+    assert not upload.exists(), "an analysed upload must be deleted"
+    model_view = fit_for_display(handlers.predictor.prepare(data, "slice.jpg").image)
 
     def no_model(*args, **kwargs):
         raise AssertionError("the slider must not run the model")
@@ -253,10 +574,27 @@ def test_slider_reblends_without_running_the_model(handlers, mirror, monkeypatch
     monkeypatch.setattr(handlers.predictor, "explain", no_model)
     monkeypatch.setattr(handlers.predictor, "predict", no_model)
     plain = handlers.blend(state, 0.0)
-    np.testing.assert_array_equal(plain, np.repeat(preprocessed[..., None], 3, axis=2))
+    np.testing.assert_array_equal(plain, np.repeat(model_view[..., None], 3, axis=2))
     assert not np.array_equal(handlers.blend(state, 1.0), plain)
     np.testing.assert_array_equal(handlers.blend(state, 0.4), overlay)
     assert handlers.blend(None, 0.5) is None
+
+
+def test_an_upload_sent_again_meanwhile_is_kept_for_its_own_analysis(handlers, mirror) -> None:
+    """Gradio stores identical uploads at one path: a copy uploaded again after this
+    analysis read the file (a new inode) belongs to a later analysis, which deletes it."""
+    upload = handlers.upload_folder / "0123abcd" / "slice.jpg"
+    upload.parent.mkdir()
+    upload.write_bytes(real_images(mirror, 1, offset=6)[0].read_bytes())
+    data, read = handlers.read_upload(upload)
+    again = upload.with_name("incoming")
+    again.write_bytes(data)
+    os.replace(again, upload)  # as gradio's upload route does
+    handlers.discard(upload, read)
+    assert upload.read_bytes() == data
+    *_, message, _ = handlers.analyse(str(upload), 0.4)
+    assert message.startswith("Analysed slice.jpg")
+    assert not upload.exists() and not upload.parent.exists()
 
 
 def test_handler_refuses_an_oversized_upload(reference_predictor, mirror, tmp_path) -> None:
@@ -266,7 +604,7 @@ def test_handler_refuses_an_oversized_upload(reference_predictor, mirror, tmp_pa
     upload.write_bytes(real_images(mirror, 1)[0].read_bytes() + b"\0" * 4096)
     *_, message, state = handlers.analyse(str(upload), 0.4)
     assert "big.jpg: file too large" in message and "the limit is 2 kB" in message
-    assert state is None
+    assert state is None and not upload.exists(), "a refused upload must be deleted too"
 
 
 def test_unusual_images_are_classified_with_a_warning(reference_predictor, mirror, tmp_path):

@@ -1,19 +1,26 @@
 """The web app in a real headless browser (Debian's Chromium driven by Playwright).
 
-Uploads a real MRI slice, reads the four probabilities from the page and compares them
-with the ``predict`` command's, checks the Grad-CAM overlay is displayed and re-blended by
-the slider, uploads a text file renamed ``.png`` and reads the error message, clicks an
-example, and checks that the page fetched nothing from outside the app (every request not
-to the app's loopback address is aborted and recorded). Screenshots of each state go to
-``test-artifacts/browser/``.
+Uploads a real tumour slice, reads the four probabilities from the page and compares them
+with the ``predict`` command's, checks the layout (the uploaded slice and its Grad-CAM
+overlay side by side at display size, the probabilities beside them), that the slider
+re-blends the overlay, that a food photograph gets a refusal and no stale results, that an
+example can be clicked, that the page names no server path, and that the page fetched
+nothing from outside the app (every request not to the app's loopback address is aborted
+and recorded).
+
+Screenshots of each state are test artifacts: in ``$BRAINTUMOR_TEST_ARTIFACTS/browser/``
+when that is set (CI sets it to its ``test-artifacts/`` folder), else in the test's
+temporary folder; the test prints where.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from braintumor.app import DISPLAY_SIZE
 from braintumor.predict import predict_files
 from test_app import (  # noqa: F401 - shared session fixtures
     app_server,
@@ -22,7 +29,7 @@ from test_app import (  # noqa: F401 - shared session fixtures
 )
 
 from conftest import REPO
-from serving_helpers import CLASSES, bad_files, real_images
+from serving_helpers import CLASSES, real_images
 
 pytestmark = pytest.mark.browser
 
@@ -36,7 +43,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOTS = REPO / "test-artifacts" / "browser"
+ARTIFACTS_ENV = "BRAINTUMOR_TEST_ARTIFACTS"
 TIMEOUT_MS = 60_000
 
 
@@ -91,43 +98,46 @@ def _probabilities(page) -> dict[str, float]:
     return {name: float(value) for name, value in pairs}
 
 
-def _overlay_source(page) -> str:
-    image = page.locator("#overlay img")
+def _image_source(page, elem_id: str = "overlay") -> str:
+    image = page.locator(f"#{elem_id} img")
     image.wait_for(state="visible", timeout=TIMEOUT_MS)
     page.wait_for_function(
-        "() => { const i = document.querySelector('#overlay img');"
+        "(id) => { const i = document.querySelector('#' + id + ' img');"
         " return i !== null && i.complete && i.naturalWidth > 0; }",
+        arg=elem_id,
         timeout=TIMEOUT_MS,
     )
     return image.get_attribute("src")
 
 
-def test_upload_shows_probabilities_overlay_and_errors(
-    app_server,  # noqa: F811 - the fixture imported above
-    reference_predictor,  # noqa: F811
-    browser,
-    mirror,
-    tmp_path,
-) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    base = app_server["url"].rstrip("/")
-    outside: list[str] = []
+def _screenshots(tmp_path: Path) -> Path:
+    configured = os.environ.get(ARTIFACTS_ENV)
+    folder = (Path(configured) if configured else tmp_path) / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"browser screenshots in {folder}")
+    return folder
 
-    def only_the_app(route) -> None:
-        if route.request.url.startswith(base):
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
 
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.route("**/*", only_the_app)
-    page.goto(base + "/", timeout=TIMEOUT_MS)
-    page.locator("#upload input[type=file]").wait_for(state="attached", timeout=TIMEOUT_MS)
-    page.screenshot(path=SCREENSHOTS / "1-empty.png", full_page=True)
+def _check_layout(page) -> None:
+    """The slice and the overlay side by side, each shown at least 384 px wide (from
+    ``DISPLAY_SIZE`` images, whatever the model's input size), the probabilities beside."""
+    natural = page.locator("#slice img, #overlay img").evaluate_all(
+        "images => images.map(i => [i.naturalWidth, i.naturalHeight])"
+    )
+    assert natural == [[DISPLAY_SIZE, DISPLAY_SIZE]] * 2, natural
+    shown = page.locator("#slice img").bounding_box()
+    overlay = page.locator("#overlay img").bounding_box()
+    probabilities = page.locator("#probabilities").bounding_box()
+    assert shown["width"] >= 384 and overlay["width"] >= 384, (shown, overlay)
+    assert overlay["x"] >= shown["x"] + shown["width"] - 1, (shown, overlay)
+    assert abs(overlay["y"] - shown["y"]) < 40, (shown, overlay)
+    assert probabilities["x"] >= overlay["x"] + overlay["width"] - 1, (overlay, probabilities)
+    assert probabilities["y"] < shown["y"] + shown["height"], (shown, probabilities)
 
-    # A real slice: four probabilities that sum to one and equal the predict command's.
-    image = real_images(mirror, 1, offset=60)[1]
+
+def _analyse_a_slice(page, image: Path, reference_predictor) -> tuple[dict, str]:  # noqa: F811
+    """Upload ``image``; the page's probabilities must equal the predict command's.
+    Returns them and the overlay's source."""
     _upload(page, image)
     message = _wait_for_message(page, f"Analysed {image.name}")
     shown = _probabilities(page)
@@ -144,9 +154,59 @@ def test_upload_shows_probabilities_overlay_and_errors(
         .first.input_value()
         .startswith(expected.predicted_class)
     )
-    first_overlay = _overlay_source(page)
-    assert page.locator("#preprocessed img").is_visible()
-    page.screenshot(path=SCREENSHOTS / "2-result.png", full_page=True)
+    _image_source(page, "slice")
+    return shown, _image_source(page, "overlay")
+
+
+def _check_no_server_paths(page, server: dict, mirror: Path) -> None:
+    """The page names the model by its hash; no bundle, temp, data or repository path."""
+    text = page.inner_text("body")
+    bundle = server["bundle"]
+    for secret in (str(bundle.parent), str(server["temp_root"]), str(mirror), str(REPO)):
+        assert secret not in text, secret
+    assert "model sha256" in page.locator("#model").inner_text()
+
+
+def _refuse(page, path: Path, words: str) -> None:
+    """Upload ``path``: a one-line refusal naming it, and no stale results."""
+    _upload(page, path)
+    message = _wait_for_message(page, "Cannot analyse this file")
+    assert f"{path.name}: " in message and words in message, message
+    assert "Traceback" not in page.content()
+    assert _probabilities(page) == {}
+    assert page.locator("#overlay img").count() == 0 and page.locator("#slice img").count() == 0
+
+
+def test_upload_shows_slice_overlay_probabilities_and_refusals(
+    app_server,  # noqa: F811 - the fixture imported above
+    reference_predictor,  # noqa: F811
+    browser,
+    mirror,
+    tmp_path,
+) -> None:
+    screenshots = _screenshots(tmp_path)
+    base = app_server["url"].rstrip("/")
+    outside: list[str] = []
+
+    def only_the_app(route) -> None:
+        if route.request.url.startswith(base):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.route("**/*", only_the_app)
+    page.goto(base + "/", timeout=TIMEOUT_MS)
+    page.locator("#upload input[type=file]").wait_for(state="attached", timeout=TIMEOUT_MS)
+    page.screenshot(path=screenshots / "1-empty.png", full_page=True)
+
+    # A real glioma slice: four probabilities that sum to one and equal predict's.
+    image = real_images(mirror, 1, offset=60)[0]
+    shown, first_overlay = _analyse_a_slice(page, image, reference_predictor)
+    _check_layout(page)
+    page.screenshot(path=screenshots / "2-tumour-slice.png", full_page=True)
+    _check_no_server_paths(page, app_server, mirror)
 
     # The opacity slider re-blends the overlay (a new image, same analysis).
     number = page.locator("#opacity input[type=number]")
@@ -159,24 +219,19 @@ def test_upload_shows_probabilities_overlay_and_errors(
         timeout=TIMEOUT_MS,
     )
     assert _probabilities(page) == shown
-    page.screenshot(path=SCREENSHOTS / "3-opacity.png", full_page=True)
+    page.screenshot(path=screenshots / "3-opacity.png", full_page=True)
 
-    # A text file renamed .png: a clear message in the page, and no stale results.
-    text_file, _ = bad_files(tmp_path / "bad", mirror)["text.png"]
-    _upload(page, text_file)
-    message = _wait_for_message(page, "Cannot analyse this file")
-    assert "text.png: not an image" in message, message
-    assert "Traceback" not in page.content()
-    assert _probabilities(page) == {}
-    assert page.locator("#overlay img").count() == 0
-    page.screenshot(path=SCREENSHOTS / "4-not-an-image.png", full_page=True)
+    # A food photograph: a clear refusal, and no stale results.
+    _refuse(page, mirror / "not-mri" / "food_001.jpg", "colour")
+    page.screenshot(path=screenshots / "4-refused-food-photo.png", full_page=True)
 
     # An example from the test set, clicked.
     example = app_server["examples"][0]
     page.get_by_text(example.name, exact=True).first.click()
     _wait_for_message(page, f"Analysed {example.name}")
     assert len(_probabilities(page)) == 4
-    _overlay_source(page)
-    page.screenshot(path=SCREENSHOTS / "5-example.png", full_page=True)
+    _image_source(page, "overlay")
+    page.screenshot(path=screenshots / "5-example.png", full_page=True)
     page.close()
     assert outside == [], f"the page fetched from outside the app: {outside}"
+    assert {"2-tumour-slice.png", "4-refused-food-photo.png"} <= set(os.listdir(screenshots))

@@ -22,12 +22,15 @@ from braintumor.imaging import (
     CORRUPT,
     EMPTY,
     NOT_AN_IMAGE,
+    TOO_LARGE,
     TOO_SMALL,
     TRUNCATED,
     DecodedImage,
     ImageDecodeError,
+    colourfulness,
     decode_image,
     preprocess_gray,
+    rescale_to_uint8,
 )
 
 # Real msoud slices: a 1-channel JPEG and a 3-channel (gray) JPEG, both 224 x 224.
@@ -341,3 +344,69 @@ def test_preprocess_gray_is_deterministic_and_leaves_its_input_alone(
     assert np.array_equal(first, second)
     assert np.array_equal(real_gray, before)
     assert first.flags["C_CONTIGUOUS"]
+
+
+# --------------------------------------------------------------------------- budgets (issue 10)
+
+
+def _png16(side: int) -> bytes:
+    ramp = (np.arange(side, dtype=np.uint32) * 65535 // (side - 1)).astype(np.uint16)
+    return cv2.imencode(".png", np.ascontiguousarray(np.broadcast_to(ramp[:, None], (side,) * 2)))[
+        1
+    ].tobytes()
+
+
+def test_16_bit_png_over_the_byte_budget_is_too_large_before_decoding() -> None:
+    data = _png16(600)  # decoded: 600 * 600 * 2 bytes
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data, name="deep.png", max_decode_bytes=600 * 600 * 2 - 1)
+    assert caught.value.reason == TOO_LARGE
+    assert str(caught.value).startswith("deep.png: image too large to decode (600x600")
+    assert decode_image(data, max_decode_bytes=600 * 600 * 2).gray.shape == (600, 600)
+
+
+def test_png_header_of_60000_squared_is_too_large_not_corrupt() -> None:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data + chunk(b"IEND", b""), name="huge.png")
+    assert caught.value.reason == TOO_LARGE
+
+
+def test_pixel_budget_is_checked_from_the_header(real_gray: np.ndarray) -> None:
+    data = cv2.imencode(".png", real_gray)[1].tobytes()
+    height, width = real_gray.shape
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data, name="slice.png", max_pixels=width * height - 1)
+    assert caught.value.reason == TOO_LARGE
+    assert decode_image(data, max_pixels=width * height).width == width
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.float32, np.float64])
+def test_rescale_to_uint8_equals_the_float64_formula(dtype) -> None:
+    rng = np.random.default_rng(3)
+    values = (rng.integers(0, 30_000, size=(70, 90)) - 200).astype(dtype)
+    if dtype == np.uint8:
+        values = rng.integers(3, 250, size=(70, 90)).astype(np.uint8)
+    low, high = float(values.min()), float(values.max())
+    expected = np.rint((values.astype(np.float64) - low) * (255.0 / (high - low))).astype(np.uint8)
+    np.testing.assert_array_equal(rescale_to_uint8(values), expected)
+    assert rescale_to_uint8(np.full((5, 5), 7, dtype)).max() == 0  # constant: no division
+
+
+def test_colourfulness_equals_the_int16_formula(mirror: Path) -> None:
+    rgb = cv2.cvtColor(cv2.imread(str(mirror.joinpath(*COLOUR_PHOTO))), cv2.COLOR_BGR2RGB)
+    channels = rgb.astype(np.int16)
+    expected = max(
+        np.abs(channels[..., 0] - channels[..., 1]).mean(),
+        np.abs(channels[..., 1] - channels[..., 2]).mean(),
+        np.abs(channels[..., 0] - channels[..., 2]).mean(),
+    )
+    assert colourfulness(rgb) == pytest.approx(expected, abs=1e-9)

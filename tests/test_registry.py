@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,11 +21,12 @@ from braintumor.bundle import Bundle
 from braintumor.config import GateParams
 from braintumor.registry import check_gate
 
-from conftest import evaluate_args, free_port, running_mlflow_server
+from conftest import evaluate_args, free_port, running_mlflow_server, write_params
 
 pytestmark = pytest.mark.integration
 
 NAME = "brain-tumor-classifier"
+CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 
 
 def _run(module: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -45,16 +47,26 @@ def _with_gate(project: dict[str, Path], folder: Path, **gate: float) -> Path:
 
 
 @pytest.fixture(scope="module")
-def registry(tiny_project, tmp_path_factory):
-    """A real server holding two evaluated versions (both runs of the evaluate stage)."""
+def server(tmp_path_factory):
+    """A real MLflow server on loopback for this module's tests."""
     folder = tmp_path_factory.mktemp("registry")
     with running_mlflow_server(folder) as url:
         env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_DISABLE_TELEMETRY": "true"}
-        for run in ("first", "second"):
-            out = folder / run
-            result = _run("braintumor.evaluate", evaluate_args(tiny_project, out), env)
-            assert result.returncode == 0, result.stderr[-3000:]
-        yield {"url": url, "env": env, "folder": folder, "project": tiny_project}
+        yield {"url": url, "env": env, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def registry(server, tiny_project):
+    """Two evaluated versions (both real runs of the evaluate stage) of two different
+    models on the same data: v1 registers the 4-epoch ``finetuned`` weights, v2 the 1-epoch
+    ``base`` weights as its fine-tuned model (on this tiny data v2 scores the higher
+    macro-F1, which the promotion test checks first)."""
+    for run, finetuned in (("first", tiny_project["finetuned"]), ("second", tiny_project["base"])):
+        out = server["folder"] / run
+        args = evaluate_args(tiny_project, out, finetuned=finetuned)
+        result = _run("braintumor.evaluate", args, server["env"])
+        assert result.returncode == 0, result.stderr[-3000:]
+    return {**server, "project": tiny_project}
 
 
 def _api(url: str, path: str, **query: str) -> dict:
@@ -90,12 +102,26 @@ def test_each_evaluation_registers_a_challenger_with_its_evidence(registry) -> N
         assert run_tags["phase"] == "evaluate" and "mlflow.parentRunId" in run_tags
         names = {m["key"] for m in run["data"]["metrics"]}
         assert "finetuned.leakage_free.macro_f1" in names and "base.test.accuracy" in names
+        # the gate's evidence: parameters of the run, which cannot be edited later
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["evaluation.data_digest"] == tags["data.digest"]
+        assert params["evaluation.model_sha256"] == tags["model.sha256"]
+        assert json.loads(params["evaluation.classes"]) == list(CLASSES)
+        assert version["run_id"] == tags["run_id"]
+
+
+def _gate_score(url: str, version: str) -> float:
+    """The macro-F1 the gate reads for ``version``: from its evaluation run."""
+    model_version = _api(url, "model-versions/get", name=NAME, version=version)["model_version"]
+    run = _api(url, "runs/get", run_id=model_version["run_id"])["run"]
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    return metrics["finetuned.leakage_free.macro_f1"]
 
 
 def test_promotion_gate_rollback_and_bad_requests(registry, tmp_path: Path) -> None:
     url, env, project = registry["url"], registry["env"], registry["project"]
     lenient = _with_gate(project, tmp_path / "lenient", min_class_recall=0.0, max_ece=1.0,
-                         min_macro_f1_gain=-1.0)  # fmt: skip
+                         min_macro_f1_gain=0.0)  # fmt: skip
     strict = _with_gate(project, tmp_path / "strict", max_ece=1e-6)
 
     # no champion yet: rollback is refused, the registry is unchanged
@@ -113,6 +139,8 @@ def test_promotion_gate_rollback_and_bad_requests(registry, tmp_path: Path) -> N
     assert {t["key"]: t["value"] for t in version["tags"]}["gate.result"] == "failed"
 
     # promote v1, then the challenger (v2): champion moves, history remembers v1
+    scores = [_gate_score(url, version) for version in ("1", "2")]
+    assert scores[1] >= scores[0], f"fixture: v2 must score at least v1's macro-F1: {scores}"
     for args in (["--version", "1"], []):
         result = _run("braintumor.registry", ["promote", "--params", str(lenient), *args], env)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -154,7 +182,8 @@ def test_champion_pyfunc_takes_raw_images(registry) -> None:
     files = [project["raw"] / path for path in test["path"][:3]]
     frame = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
     classes = ["glioma", "meningioma", "notumor", "pituitary"]
-    assert list(frame.columns) == ["predicted", *classes]
+    assert list(frame.columns) == ["predicted", *classes, "status", "reason", "error", "warning"]
+    assert list(frame["status"]) == ["ok"] * 3
     np.testing.assert_allclose(frame[classes].sum(axis=1), 1.0, atol=1e-6)
     champion = _alias(url, "champion")
     bundle_dir = registry["folder"] / ("first" if champion == "1" else "second") / "bundle"
@@ -222,3 +251,277 @@ def test_gate_logic_is_pure_and_explains_itself() -> None:
     failed = [r for r in decision.reasons if r.startswith("FAIL")]
     assert len(failed) == 3  # macro-F1 gain, recall floor, ECE ceiling
     assert check_gate(better, None, gate).passed
+
+
+# --------------------------------------------------------------------------- the gate's
+# findings, on versions registered straight through the client of the real server: each
+# has an evaluation run shaped as the evaluate stage logs it (see the test above that
+# checks the real stage's run), so no model needs training.
+
+GOOD = {"recall": 0.9, "ece": 0.02}
+
+
+def _evaluated_version(
+    client,
+    name: str,
+    *,
+    sha: str,
+    f1: dict[str, float],
+    digest: str = "d" * 64,
+    tag_view: str = "leakage_free",
+) -> str:
+    """A new version of ``name`` whose evaluation run logged ``f1`` (view -> macro-F1),
+    registered from that run, with the version tags the evaluate stage writes."""
+    from mlflow.entities import Metric, Param
+
+    from braintumor.registry import gate_metrics
+
+    experiment = client.get_experiment_by_name("gate-tests")
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment("gate-tests")
+    )
+    run = client.create_run(experiment_id)
+    flat = {}
+    for view, value in f1.items():
+        flat.update({f"{view}.macro_f1": value, f"{view}.accuracy": value,
+                     f"{view}.ece_after": GOOD["ece"]})  # fmt: skip
+        flat.update({f"{view}.{c}_recall": GOOD["recall"] for c in CLASSES})
+    stamp = int(time.time() * 1000)
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(f"finetuned.{k}", v, stamp, 0) for k, v in flat.items()],
+        params=[Param("evaluation.data_digest", digest),
+                Param("evaluation.classes", json.dumps(list(CLASSES))),
+                Param("evaluation.model_sha256", sha)],
+    )  # fmt: skip
+    client.set_terminated(run.info.run_id, "FINISHED")
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(
+        name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    ).version
+    tags = {"metrics": json.dumps(gate_metrics({"finetuned": flat}, tag_view, CLASSES)),
+            "gate.view": tag_view, "model.sha256": sha, "data.digest": digest,
+            "run_id": run.info.run_id}  # fmt: skip
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return str(version)
+
+
+@pytest.fixture
+def client(server, monkeypatch: pytest.MonkeyPatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["url"])
+    mlflow.set_tracking_uri(server["url"])
+    return MlflowClient()
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{time.time_ns()}"
+
+
+def _history(url: str, name: str) -> list[str]:
+    model = _api(url, "registered-models/get", name=name)["registered_model"]
+    tags = {t["key"]: t["value"] for t in model.get("tags", [])}
+    return json.loads(tags.get("champion.history", "[]"))
+
+
+def _alias_of(url: str, name: str, alias: str = "champion") -> str | None:
+    response = requests.get(f"{url}/api/2.0/mlflow/registered-models/alias",
+                            params={"name": name, "alias": alias}, timeout=30)  # fmt: skip
+    return response.json()["model_version"]["version"] if response.ok else None
+
+
+def _project(folder: Path, name: str, **gate: float) -> Path:
+    """A params.yaml (the repository's, paper profile) for model ``name``."""
+    return write_params(folder, {"tracking": {"registered_model": name},
+                                 "registry": {"gate": gate}})  # fmt: skip
+
+
+def test_champion_weights_with_easier_view_metrics_do_not_pass_against_itself(client) -> None:
+    from braintumor.registry import promote
+
+    name = _unique("easier-view")
+    views = {"leakage_free": 0.70, "test": 0.95}
+    champion = _evaluated_version(client, name, sha="a" * 64, f1=views)
+    assert promote(client, name, GateParams(), champion).passed
+    # the champion's own weights again, tagged with the easier view's numbers
+    again = _evaluated_version(client, name, sha="a" * 64, f1=views, tag_view="test")
+    decision = promote(client, name, GateParams(view="leakage_free"), again)
+    assert not decision.passed
+    assert decision.candidate["macro_f1"] == 0.70  # read on the gate's view, from the run
+    assert any(r.startswith("FAIL: same weights") for r in decision.reasons)
+    assert client.get_model_version_by_alias(name, "champion").version == champion
+
+
+def test_candidate_evaluated_on_other_data_or_classes_is_not_compared(client) -> None:
+    from braintumor.registry import promote
+
+    name = _unique("other-data")
+    champion = _evaluated_version(client, name, sha="a" * 64, f1={"leakage_free": 0.70})
+    promote(client, name, GateParams(), champion)
+    other = _evaluated_version(client, name, sha="b" * 64, f1={"leakage_free": 0.99},
+                               digest="e" * 64)  # fmt: skip
+    decision = promote(client, name, GateParams(), other)
+    assert not decision.passed
+    assert any("evaluate both on the same data" in r for r in decision.reasons)
+    same = _evaluated_version(client, name, sha="c" * 64, f1={"leakage_free": 0.71})
+    decision = promote(client, name, GateParams(), same)
+    assert decision.passed and decision.reasons[0].startswith("ok: same data")
+    # the version's metrics tag is not evidence: editing it changes nothing
+    client.set_model_version_tag(name, other, "metrics", json.dumps({"macro_f1": 0.1}))
+    assert client.get_model_version_by_alias(name, "champion").version == same
+
+
+def _promote_at(start: float, params: Path, version: str, env: dict) -> subprocess.Popen:
+    """``registry promote`` in a new process that imports first, then waits for ``start``,
+    so two of them reach the registry at the same moment."""
+    script = (
+        "import sys, time\n"
+        "from braintumor.registry import main\n"
+        "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
+        "sys.exit(main(sys.argv[2:]))\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script, repr(start), "promote", "--params", str(params),
+         "--version", version],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_concurrent_promotes_keep_the_better_champion_and_the_history(
+    client, server, tmp_path: Path
+) -> None:
+    name = _unique("race")
+    worse = _evaluated_version(client, name, sha="a" * 64, f1={"leakage_free": 0.70})
+    better = _evaluated_version(client, name, sha="b" * 64, f1={"leakage_free": 0.80})
+    params = _project(tmp_path, name, min_macro_f1_gain=0.0)
+    start = time.time() + 15  # both interpreters have imported MLflow by then
+    processes = [_promote_at(start, params, v, server["env"]) for v in (worse, better)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    codes = [process.returncode for process in processes]
+    assert set(codes) <= {0, 2}, outputs
+    assert _alias_of(server["url"], name) == better
+    worse_result = client.get_model_version(name, worse).tags["gate.result"]
+    if worse_result == "passed":  # it went first, then lost to the better one
+        assert _history(server["url"], name) == [worse]
+    else:
+        assert _history(server["url"], name) == []
+
+
+def test_rollback_to_a_deleted_version_keeps_history(client, server) -> None:
+    from braintumor.registry import RegistryError, promote, rollback
+
+    name = _unique("deleted")
+    first = _evaluated_version(client, name, sha="a" * 64, f1={"leakage_free": 0.70})
+    second = _evaluated_version(client, name, sha="b" * 64, f1={"leakage_free": 0.80})
+    assert promote(client, name, GateParams(), first).passed
+    assert promote(client, name, GateParams(), second).passed
+    client.delete_model_version(name, first)
+    with pytest.raises(RegistryError, match=f"v{first} no longer exists"):
+        rollback(client, name)
+    assert _history(server["url"], name) == [first]
+    assert _alias_of(server["url"], name) == second
+
+
+WARNING_LINE = re.compile(r"^\S+:\d+: \w*Warning: ")
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The command's one error line; Python's warnings (a location line, then the indented
+    source line) are not the command's output."""
+    lines, skip = [], False
+    for line in result.stderr.strip().splitlines():
+        skip = bool(WARNING_LINE.match(line)) or (skip and line.startswith(" "))
+        if not skip and line.strip():
+            lines.append(line)
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_champion_without_metrics_tag_is_a_one_line_error(client, server, tmp_path) -> None:
+    name = _unique("no-evidence")
+    client.create_registered_model(name)
+    experiment = client.get_experiment_by_name("gate-tests") or client.get_experiment(
+        client.create_experiment("gate-tests")
+    )
+    run = client.create_run(experiment.experiment_id)  # logged no evidence, no version tags
+    client.set_terminated(run.info.run_id, "FINISHED")
+    bare = client.create_model_version(
+        name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    ).version
+    client.set_registered_model_alias(name, "champion", bare)  # set by hand, no gate
+    candidate = _evaluated_version(client, name, sha="b" * 64, f1={"leakage_free": 0.80})
+    params = _project(tmp_path, name)
+    result = _run("braintumor.registry", ["promote", "--params", str(params), "--version",
+                                          candidate], server["env"])  # fmt: skip
+    line = _one_line_error(result)
+    assert f"v{bare}" in line and "evaluation run" in line
+    assert _alias_of(server["url"], name) == str(bare)
+
+
+@pytest.mark.slow
+def test_negative_or_nan_gate_gain_is_refused(client, server, tmp_path: Path) -> None:
+    name = _unique("gain")
+    version = _evaluated_version(client, name, sha="a" * 64, f1={"leakage_free": 0.80})
+    for gain in (-0.5, float("nan")):
+        params = _project(tmp_path / str(gain), name, min_macro_f1_gain=gain)
+        result = _run("braintumor.registry", ["promote", "--params", str(params), "--version",
+                                              version], server["env"])  # fmt: skip
+        assert "min_macro_f1_gain" in _one_line_error(result)
+    assert _alias_of(server["url"], name) is None
+
+
+@pytest.mark.slow
+def test_registry_errors_are_one_line_without_credentials(tmp_path: Path) -> None:
+    params = _project(tmp_path, "any-model")
+    unreachable = f"http://alice:hunter2@127.0.0.1:{free_port()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": unreachable, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}  # fmt: skip
+    for action in ("promote", "rollback"):
+        result = _run("braintumor.registry", [action, "--params", str(params)], env)
+        line = _one_line_error(result)
+        assert "hunter2" not in result.stdout + result.stderr
+        assert "no registered model" not in line  # the server is down, not the model absent
+        assert "127.0.0.1" in line
+
+
+@pytest.mark.slow
+def test_promote_from_another_folder_uses_the_project_store(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    params = _project(project, "any-model")  # tracking_uri: sqlite:///mlflow.db
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    elsewhere = tmp_path / "elsewhere"
+    inside = project / "notebooks"
+    elsewhere.mkdir()
+    inside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    runs = [
+        (elsewhere, ["promote", "--params", str(params)]),
+        (inside, ["rollback"]),  # params.yaml found above the current folder
+    ]
+    for folder, args in runs:
+        result = subprocess.run(
+            [sys.executable, "-m", "braintumor.registry", *args],
+            capture_output=True, text=True, timeout=300, env=env, cwd=folder,
+        )  # fmt: skip
+        line = _one_line_error(result)
+        assert str(project.resolve() / "mlflow.db") in line
+    assert not list(tmp_path.rglob("mlflow.db")), "an empty store was created"
+
+
+def test_gate_refuses_a_negative_or_nan_gain_however_it_was_built() -> None:
+    """config.py refuses such a gain in params.yaml; the gate refuses it where it is used
+    too, for a ``GateParams`` made any other way (here: past its own check)."""
+    from braintumor.registry import RegistryError
+
+    for gain in (-0.5, float("nan"), float("inf")):
+        gate = GateParams()
+        object.__setattr__(gate, "min_macro_f1_gain", gain)
+        with pytest.raises(RegistryError, match="min_macro_f1_gain"):
+            check_gate({"macro_f1": 0.5, "ece": 0.0}, {"macro_f1": 0.9, "ece": 0.0}, gate)

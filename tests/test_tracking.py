@@ -15,9 +15,8 @@ import pytest
 import requests
 import yaml
 
-from test_train import MSOUD, make_processed, tiny_raw_params
-
 from conftest import running_mlflow_server
+from train_helpers import make_processed, tiny_raw_params
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +57,7 @@ def mlflow_server(tmp_path: Path):
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not MSOUD.is_dir(), reason="needs ../shared/datasets/msoud")
+@pytest.mark.usefixtures("mirror")
 def test_two_phases_logged_to_a_real_server(
     tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

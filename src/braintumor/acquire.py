@@ -14,33 +14,48 @@ included, because raw data is never edited: the clean stage counts and skips wha
 cannot use. ``data/raw/manifest.csv`` lists every file with its size and sha256, so a
 silent change of upstream data shows up as a DVC diff.
 
+Sources are untrusted input. A source's ``sha256``, when pinned, is the sum of its
+archive and is checked wherever the archive comes from (download, local path, mirror); a
+pinned source refuses a folder, whose bytes cannot be checked against it. Archives are
+extracted by our own code: only regular files and folders with relative names, within
+``acquire.max_extracted_bytes``, ``max_members`` and ``max_compression_ratio`` (read from
+the headers first, counted again while writing). Links and special files are refused in
+archives and in folders alike, and files are read without following links, so nothing
+outside a source can reach ``data/raw`` or its manifest.
+
 The whole output is built in a temporary folder beside ``data/raw`` and swapped in only
 once complete, so a failure (a wrong checksum, a missing source, a transfer cut for good)
-leaves ``data/raw`` exactly as it was. Failures raise :class:`AcquireError` with a
-one-line message; :func:`main` prints it and exits with status 1.
+leaves ``data/raw`` exactly as it was. A run killed outright leaves its temporary folder;
+the next run removes it (never one that a live run holds locked). Failures raise
+:class:`AcquireError` with a one-line message; :func:`main` prints it and exits with
+status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tarfile
 import time
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from braintumor.config import AcquireParams, ConfigError, SourceParams, load_params
 from braintumor.io_utils import atomic_path
+from braintumor.redaction import redact_text, redact_uri
 
 if TYPE_CHECKING:
     import requests
@@ -118,7 +133,8 @@ class _Location:
     from_mirror: bool
 
     def describe(self) -> str:
-        return f"mirror {self.value}" if self.from_mirror else f"{self.kind} {self.value}"
+        where = self.value if self.from_mirror else redact_uri(self.value)
+        return f"mirror {where}" if self.from_mirror else f"{self.kind} {where}"
 
 
 # --------------------------------------------------------------------------- locating
@@ -169,18 +185,10 @@ def locate_source(
     read relative to ``base_dir``. Raises :class:`AcquireError` (without the source
     prefix) when a local source is absent or the URI kind is unknown.
     """
-    if mirror is not None:
-        candidate = mirror / source.name
-        if candidate.is_dir():
-            return _Location("folder", str(candidate), from_mirror=True)
-        if candidate.is_file():
-            return _Location("archive", str(candidate), from_mirror=True)
-    if mirror is None:
-        mirror_note = "no mirror set"
-    elif mirror.is_dir():
-        mirror_note = f"not in mirror {mirror}"
-    else:
-        mirror_note = f"mirror {mirror} is not a folder"
+    in_mirror = _mirror_location(source, mirror)
+    if in_mirror is not None:
+        return in_mirror
+    mirror_note = _mirror_note(mirror)
     uri = source.uri
     if uri.startswith(("https://", "http://")):
         return _Location("url", uri, from_mirror=False)
@@ -197,7 +205,34 @@ def locate_source(
             f"unsupported uri {uri!r} (use a local path, https://, or kaggle://) "
             f"and {mirror_note}; {how_to_provide(source)}"
         )
-    path = Path(uri.removeprefix("file://")).expanduser()
+    return _local_location(source, mirror_note, base_dir)
+
+
+def _mirror_location(source: SourceParams, mirror: Path | None) -> _Location | None:
+    """``source``'s entry in the mirror (a folder or an archive), or None if it has none."""
+    if mirror is None:
+        return None
+    candidate = mirror / source.name
+    if candidate.is_dir():
+        return _Location("folder", str(candidate), from_mirror=True)
+    if candidate.is_file():
+        return _Location("archive", str(candidate), from_mirror=True)
+    return None
+
+
+def _mirror_note(mirror: Path | None) -> str:
+    """Why the mirror did not supply a source, for the message when the uri fails too."""
+    if mirror is None:
+        return "no mirror set"
+    if mirror.is_dir():
+        return f"not in mirror {mirror}"
+    return f"mirror {mirror} is not a folder"
+
+
+def _local_location(source: SourceParams, mirror_note: str, base_dir: Path | None) -> _Location:
+    """``source``'s uri read as a local path (``file://`` allowed, relative to
+    ``base_dir``); raises :class:`AcquireError` when nothing is there."""
+    path = Path(source.uri.removeprefix("file://")).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
     if path.is_dir():
@@ -248,30 +283,71 @@ def download(
                 )
             except _TransferError as error:
                 failures += 1
-                if failures > retries:
-                    raise AcquireError(
-                        f"download of {url} failed after {failures} attempts ({error})"
-                    ) from None
-                delay = min(backoff_s * 2 ** (failures - 1), 30.0)
-                logger.warning(
-                    "%s: %s; retry %d of %d in %.1f s", label, error, failures, retries, delay
+                _wait_before_retry(
+                    url, error, failures, retries=retries, backoff_s=backoff_s, label=label
                 )
-                time.sleep(delay)
                 continue
-            actual = state.digest.hexdigest()
-            if actual == expected_sha256.lower():
+            if _verified(state, url, expected_sha256, may_restart=not restarted, label=label):
                 break
-            if state.suspect and not restarted:
-                logger.warning("%s: sha256 mismatch; downloading once more from scratch", label)
-                state.reset()
-                restarted = True
-                continue
-            partial.unlink(missing_ok=True)
-            raise ChecksumError(
-                f"sha256 mismatch for {url}: expected {expected_sha256.lower()}, got {actual} "
-                "(if the new file is trusted, update sha256 in params)"
-            )
+            restarted = True
     os.replace(partial, destination)
+
+
+def _wait_before_retry(
+    url: str,
+    error: _TransferError,
+    failures: int,
+    *,
+    retries: int,
+    backoff_s: float,
+    label: str,
+) -> None:
+    """Sleep before the next attempt, backing off exponentially (at most 30 s), or raise
+    :class:`AcquireError` once ``retries`` are spent: a server down for good must not hang
+    the stage."""
+    if failures > retries:
+        raise AcquireError(
+            redact_text(f"download of {url} failed after {failures} attempts ({error})")
+        ) from None
+    delay = min(backoff_s * 2 ** (failures - 1), 30.0)
+    logger.warning(
+        "%s: %s; retry %d of %d in %.1f s",
+        label,
+        redact_text(str(error)),
+        failures,
+        retries,
+        delay,
+    )
+    time.sleep(delay)
+
+
+def _verified(
+    state: _PartialDownload,
+    url: str,
+    expected_sha256: str,
+    *,
+    may_restart: bool,
+    label: str,
+) -> bool:
+    """True when the completed transfer has the expected sha256.
+
+    A mismatch on a suspect transfer (see :class:`_PartialDownload`) may come from the
+    transfer rather than the file, so when ``may_restart`` the partial file is reset and
+    False returned, for one more download from scratch. Otherwise the partial file is
+    removed and :class:`ChecksumError` raised.
+    """
+    actual = state.digest.hexdigest()
+    if actual == expected_sha256.lower():
+        return True
+    if state.suspect and may_restart:
+        logger.warning("%s: sha256 mismatch; downloading once more from scratch", label)
+        state.reset()
+        return False
+    state.path.unlink(missing_ok=True)
+    raise ChecksumError(
+        f"sha256 mismatch for {url}: expected {expected_sha256.lower()}, got {actual} "
+        "(if the new file is trusted, update sha256 in params)"
+    )
 
 
 class _PartialDownload:
@@ -302,7 +378,6 @@ def _transfer(
     """One HTTP attempt, appending to ``state``; raises :class:`_TransferError` if cut."""
     import requests
     import urllib3
-    from tqdm import tqdm
 
     # identity: a server that gzips on the fly would change the bytes we hash.
     headers = {"Accept-Encoding": "identity"}
@@ -312,52 +387,75 @@ def _transfer(
         with session.get(
             url, stream=True, timeout=(timeout_s, timeout_s), headers=headers
         ) as response:
-            status = response.status_code
-            if status == 206:
-                content_range = response.headers.get("Content-Range", "")
-                if not content_range.startswith(f"bytes {state.received}-"):
-                    state.reset()
-                    raise _TransferError(f"unexpected Content-Range {content_range!r}")
-                state.suspect = state.suspect or state.received > 0
-            elif status == 200:
-                if state.received:  # the server ignored Range: start over
-                    state.reset()
-            elif status == 416:
-                state.reset()
-                raise _TransferError("HTTP 416 on resume")
-            elif status in RETRYABLE_STATUSES:
-                raise _TransferError(f"HTTP {status}")
-            else:
-                raise AcquireError(f"download of {url} failed: HTTP {status} {response.reason}")
+            _accept_status(response, url, state)
             length_header = response.headers.get("Content-Length")
             expected = int(length_header) if length_header and length_header.isdigit() else None
-            total = state.received + expected if expected is not None else None
             state.suspect = state.suspect or expected is None
-            got = 0
-            with (
-                open(state.path, "ab") as writer,
-                tqdm(
-                    total=total,
-                    initial=state.received,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=label or None,
-                    disable=None,  # no bar when stderr is not a terminal (CI logs)
-                    leave=False,
-                ) as progress,
-            ):
-                # raw, undecoded bytes: exactly what Content-Length counts and sha256 covers.
-                for chunk in response.raw.stream(chunk_bytes, decode_content=False):
-                    writer.write(chunk)
-                    state.digest.update(chunk)
-                    state.received += len(chunk)
-                    got += len(chunk)
-                    progress.update(len(chunk))
+            got = _receive(response, state, expected, chunk_bytes=chunk_bytes, label=label)
             if expected is not None and got < expected:
                 raise _TransferError(f"short read: {got} of {expected} bytes")
     except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
         raise _TransferError(_one_line(error)) from None
+
+
+def _accept_status(response: requests.Response, url: str, state: _PartialDownload) -> None:
+    """Decide from the HTTP status whether the body extends ``state``, replaces it (reset
+    first) or is no use: a passing failure raises :class:`_TransferError` (retried), any
+    other error status :class:`AcquireError` (final)."""
+    status = response.status_code
+    if status == 206:
+        content_range = response.headers.get("Content-Range", "")
+        if not content_range.startswith(f"bytes {state.received}-"):
+            state.reset()
+            raise _TransferError(f"unexpected Content-Range {content_range!r}")
+        state.suspect = state.suspect or state.received > 0
+    elif status == 200:
+        if state.received:  # the server ignored Range: start over
+            state.reset()
+    elif status == 416:
+        state.reset()
+        raise _TransferError("HTTP 416 on resume")
+    elif status in RETRYABLE_STATUSES:
+        raise _TransferError(f"HTTP {status}")
+    else:
+        raise AcquireError(f"download of {url} failed: HTTP {status} {response.reason}")
+
+
+def _receive(
+    response: requests.Response,
+    state: _PartialDownload,
+    expected: int | None,
+    *,
+    chunk_bytes: int,
+    label: str,
+) -> int:
+    """Append the response body to ``state`` (file and hash), with a progress bar sized
+    from ``expected`` (the Content-Length, if any); return the bytes received."""
+    from tqdm import tqdm
+
+    total = state.received + expected if expected is not None else None
+    got = 0
+    with (
+        open(state.path, "ab") as writer,
+        tqdm(
+            total=total,
+            initial=state.received,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=label or None,
+            disable=None,  # no bar when stderr is not a terminal (CI logs)
+            leave=False,
+        ) as progress,
+    ):
+        # raw, undecoded bytes: exactly what Content-Length counts and sha256 covers.
+        for chunk in response.raw.stream(chunk_bytes, decode_content=False):
+            writer.write(chunk)
+            state.digest.update(chunk)
+            state.received += len(chunk)
+            got += len(chunk)
+            progress.update(len(chunk))
+    return got
 
 
 def kaggle_download(handle: str) -> Path:
@@ -381,25 +479,208 @@ def kaggle_download(handle: str) -> Path:
         ) from None
 
 
-def extract_archive(archive: Path, destination: Path) -> None:
-    """Unpack a zip or tar (plain, gz, bz2, xz) archive into ``destination``.
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What one archive may expand to (``acquire.max_*`` in params).
 
-    The kind is sniffed from the content, not the name, because URLs often lack a
-    telling suffix. Tar members go through the ``data`` filter and zip member names are
-    sanitised by ``zipfile``, so no member can land outside ``destination``.
+    A 1 MB zip can expand to a gigabyte, and a few MB of zip to tens of thousands of files;
+    without caps that fills the disk or the inode table before anything looks wrong. The
+    caps are read from the archive's headers before a byte is written, and the bytes
+    actually written are counted against them again while streaming.
+    """
+
+    max_bytes: int
+    max_members: int
+    max_ratio: float
+
+    @classmethod
+    def from_params(cls, settings: AcquireParams) -> ArchiveLimits:
+        return cls(
+            settings.max_extracted_bytes, settings.max_members, settings.max_compression_ratio
+        )
+
+
+def extract_archive(archive: Path, destination: Path, limits: ArchiveLimits) -> None:
+    """Unpack a zip or tar (plain, gz, bz2, xz) archive into ``destination``, safely.
+
+    The kind is sniffed from the content, not the name, because URLs often lack a telling
+    suffix. Only regular files and folders are extracted: a symlink, hard link, device or
+    fifo member is refused (a link that stays inside the archive's tree may point outside
+    once the root folder is moved into ``data/raw``), as is an absolute or ``..`` name.
+    ``limits`` are checked from the headers first, then enforced while writing. Raises
+    :class:`AcquireError` naming the archive (and the member, where one is at fault).
     """
     destination.mkdir(parents=True, exist_ok=True)
     try:
         if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as bundle:
-                bundle.extractall(destination)
+            _extract_zip(archive, destination, limits)
         elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive, "r:*") as bundle:
-                bundle.extractall(destination, filter="data")
+            _extract_tar(archive, destination, limits)
         else:
             raise AcquireError(f"{archive.name} is neither a zip nor a tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as error:
+    except (
+        zipfile.BadZipFile,
+        tarfile.TarError,
+        EOFError,
+        OSError,
+        zlib.error,
+        NotImplementedError,  # a zip compression method zipfile lacks
+        RuntimeError,  # an encrypted zip member
+    ) as error:
         raise AcquireError(f"cannot extract {archive.name}: {_one_line(error)}") from None
+    _walk_files(destination)  # defence in depth: nothing but plain files and folders
+
+
+def _extract_zip(archive: Path, destination: Path, limits: ArchiveLimits) -> None:
+    """Check every zip header against ``limits``, then stream each member out."""
+    with zipfile.ZipFile(archive) as bundle:
+        infos = bundle.infolist()
+        if len(infos) > limits.max_members:
+            raise _cap_error(
+                archive, f"has {len(infos)} members", "max_members", limits.max_members
+            )
+        total = 0
+        for info in infos:
+            kind = _mode_kind(info.external_attr >> 16)
+            if kind:
+                raise _member_error(archive, info.filename, f"is a {kind}")
+            _member_parts(archive, info.filename, info.is_dir())
+            _check_ratio(archive, info.filename, info.file_size, info.compress_size, limits)
+            total += info.file_size
+        if total > limits.max_bytes:
+            what = f"expands to {total} bytes"
+            raise _cap_error(archive, what, "max_extracted_bytes", limits.max_bytes)
+        # The whole archive too: many members each under the ratio floor add up.
+        _check_ratio(archive, "", total, archive.stat().st_size, limits)
+        budget = _Budget(archive, limits.max_bytes)
+        for info in infos:
+            target = destination.joinpath(*_member_parts(archive, info.filename, info.is_dir()))
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            with bundle.open(info) as reader:
+                budget.write(reader, target, info.filename, info.file_size)
+
+
+def _extract_tar(archive: Path, destination: Path, limits: ArchiveLimits) -> None:
+    """Check every tar header against ``limits`` (stopping at the first breach, before
+    decompressing past it), then stream each regular member out."""
+    packed = max(archive.stat().st_size, 1)
+    with tarfile.open(archive, "r:*") as bundle:
+        members, total = [], 0
+        for member in bundle:
+            members.append(member)
+            if len(members) > limits.max_members:
+                what = f"has over {limits.max_members} members"
+                raise _cap_error(archive, what, "max_members", limits.max_members)
+            kind = _tar_kind(member)
+            if kind:
+                raise _member_error(archive, member.name, f"is a {kind}")
+            _member_parts(archive, member.name, member.isdir())
+            total += member.size if member.isreg() else 0
+            if total > limits.max_bytes:
+                what = f"expands to at least {total} bytes"
+                raise _cap_error(archive, what, "max_extracted_bytes", limits.max_bytes)
+            _check_ratio(archive, "", total, packed, limits)
+        budget = _Budget(archive, limits.max_bytes)
+        for member in members:
+            target = destination.joinpath(*_member_parts(archive, member.name, member.isdir()))
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            reader = bundle.extractfile(member)
+            if reader is None:  # not reachable for a regular member; refuse rather than skip
+                raise _member_error(archive, member.name, "cannot be read")
+            with reader:
+                budget.write(reader, target, member.name, member.size)
+
+
+class _Budget:
+    """Bytes actually written from one archive, against its cap: headers can lie."""
+
+    def __init__(self, archive: Path, max_bytes: int, chunk_bytes: int = 1 << 20) -> None:
+        self.archive = archive
+        self.max_bytes = max_bytes
+        self.left = max_bytes
+        self.chunk_bytes = chunk_bytes
+
+    def write(self, reader: BinaryIO, target: Path, name: str, stated: int) -> None:
+        """Copy ``reader`` to ``target``, refusing more than ``stated`` or the budget."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with open(target, "wb") as writer:
+            while chunk := reader.read(self.chunk_bytes):
+                written += len(chunk)
+                self.left -= len(chunk)
+                if written > stated:
+                    raise _member_error(self.archive, name, f"holds more than its stated {stated}")
+                if self.left < 0:
+                    what = f"wrote over {self.max_bytes} bytes"
+                    raise _cap_error(self.archive, what, "max_extracted_bytes", self.max_bytes)
+                writer.write(chunk)
+
+
+# Below this many expanded bytes a compression ratio is not checked: a small file of
+# repeated bytes honestly compresses a hundredfold, and cannot fill a disk.
+RATIO_FLOOR_BYTES = 1 << 20
+
+
+def _check_ratio(
+    archive: Path, name: str, expanded: int, packed: int, limits: ArchiveLimits
+) -> None:
+    """Refuse ``expanded / packed`` above the cap (``name`` empty: the whole archive)."""
+    if expanded > RATIO_FLOOR_BYTES and expanded > limits.max_ratio * max(packed, 1):
+        what = f"member {name!r} expands" if name else "expands"
+        ratio = expanded / max(packed, 1)
+        raise _cap_error(
+            archive, f"{what} {ratio:.0f}-fold", "max_compression_ratio", limits.max_ratio
+        )
+
+
+def _member_parts(archive: Path, name: str, is_dir: bool) -> tuple[str, ...]:
+    """The relative path parts of a member's name; absolute or ``..`` names are refused."""
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name) or ".." in parts:
+        raise _member_error(archive, name, "has an absolute or parent ('..') path")
+    if not parts and not is_dir:
+        raise _member_error(archive, name, "has an empty path")
+    return parts
+
+
+def _mode_kind(mode: int) -> str:
+    """What a file mode says the entry is, when it is neither a regular file nor a folder
+    (an empty string otherwise; 0, as many zips store, counts as a regular file)."""
+    kind = stat.S_IFMT(mode)
+    if kind in (0, stat.S_IFREG, stat.S_IFDIR):
+        return ""
+    names = {stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+    return names.get(kind, "device")
+
+
+def _tar_kind(member: tarfile.TarInfo) -> str:
+    if member.isreg() or member.isdir():
+        return ""
+    if member.issym():
+        return "symlink"
+    if member.islnk():
+        return "hard link"
+    if member.ischr() or member.isblk():
+        return "device"
+    return "fifo" if member.isfifo() else "special member"
+
+
+def _member_error(archive: Path, name: str, problem: str) -> AcquireError:
+    return AcquireError(
+        f"{archive.name}: member {name!r} {problem}; only regular files and folders "
+        "with relative paths are extracted"
+    )
+
+
+def _cap_error(archive: Path, what: str, param: str, limit: float) -> AcquireError:
+    return AcquireError(
+        f"{archive.name} {what}, over acquire.{param} ({limit:g}); raise it if the archive "
+        "is trusted"
+    )
 
 
 # --------------------------------------------------------------------------- root
@@ -440,6 +721,7 @@ def find_root(
             for folder in level
             for child in sorted(folder.iterdir())
             if child.is_dir()
+            and not child.is_symlink()
             and not child.name.startswith(".")
             and child.name not in IGNORED_ROOT_CANDIDATES
         ]
@@ -458,9 +740,10 @@ def copy_tree(
 ) -> list[tuple[str, int, str]]:
     """Copy every regular file under ``source`` to ``destination``, hashing while copying.
 
-    Hidden folders and stray files are copied too (raw data is kept as found). Each file
-    is read once; the sha256 comes from the same bytes that were written. Returns
-    ``(relative posix path, bytes, sha256)`` per file.
+    Hidden folders and stray files are copied too (raw data is kept as found); a link or
+    special file inside is refused (see :func:`_walk_files`). Each file is read once,
+    without following a link; the sha256 comes from the same bytes that were written.
+    Returns ``(relative posix path, bytes, sha256)`` per file.
     """
     pairs = []
     for relative in _walk_files(source):
@@ -473,7 +756,7 @@ def copy_tree(
         origin, target = pair
         digest = hashlib.sha256()
         size = 0
-        with open(origin, "rb") as reader, open(target, "wb") as writer:
+        with _open_no_follow(origin) as reader, open(target, "wb") as writer:
             while chunk := reader.read(chunk_bytes):
                 digest.update(chunk)
                 writer.write(chunk)
@@ -485,12 +768,13 @@ def copy_tree(
 
 
 def hash_tree(folder: Path, chunk_bytes: int = 1 << 20) -> list[tuple[str, int, str]]:
-    """``(relative posix path, bytes, sha256)`` of every regular file under ``folder``."""
+    """``(relative posix path, bytes, sha256)`` of every regular file under ``folder``;
+    a link or special file inside is refused, never followed."""
 
     def hash_one(relative: Path) -> tuple[str, int, str]:
         digest = hashlib.sha256()
         size = 0
-        with open(folder / relative, "rb") as reader:
+        with _open_no_follow(folder / relative) as reader:
             while chunk := reader.read(chunk_bytes):
                 digest.update(chunk)
                 size += len(chunk)
@@ -500,16 +784,52 @@ def hash_tree(folder: Path, chunk_bytes: int = 1 << 20) -> list[tuple[str, int, 
         return list(pool.map(hash_one, _walk_files(folder)))
 
 
+def file_digest(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """The sha256 of an archive. Its path may be a link: it is the mirror's or the user's
+    choice of where the archive lives, and the sum checks the bytes wherever they are."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as reader:
+            while chunk := reader.read(chunk_bytes):
+                digest.update(chunk)
+    except OSError as error:
+        raise AcquireError(f"cannot read {path}: {_one_line(error)}") from None
+    return digest.hexdigest()
+
+
+def _open_no_follow(path: Path) -> BinaryIO:
+    """Open ``path`` for reading, refusing a symlink swapped in after the walk checked it."""
+    try:
+        return open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW))
+    except OSError as error:
+        raise AcquireError(f"cannot read {path}: {_one_line(error)}") from None
+
+
 def _walk_files(folder: Path) -> list[Path]:
-    """Relative paths of the regular files under ``folder`` (symlinked folders not followed)."""
+    """Relative paths of the regular files under ``folder``, none reached through a link.
+
+    Raw data must be the files themselves: a symlink (to a file or a folder), a fifo, a
+    socket or a device inside ``folder`` is refused with :class:`AcquireError` naming it,
+    rather than followed (it may point outside, or nowhere, and crash ``clean`` later) or
+    skipped (``data/raw`` would no longer match its source). Since the walk only descends
+    into real folders, every path it returns resolves inside ``folder``. ``folder`` itself
+    may be a link: that is the mirror's or the user's choice of where the source lives.
+    The entry types come from the directory listing (no extra system call per file).
+    """
     files = []
-    for current, _, names in os.walk(folder):
-        for name in names:
-            path = Path(current, name)
-            if path.is_file():
-                files.append(path.relative_to(folder))
-            else:
-                logger.warning("skipping %s: not a regular file", path)
+    pending = [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    files.append(Path(entry.path).relative_to(folder))
+                else:
+                    kind = _mode_kind(entry.stat(follow_symlinks=False).st_mode) or "special file"
+                    raise AcquireError(
+                        f"{entry.path} is a {kind}; links and special files are refused"
+                    )
     return files
 
 
@@ -532,10 +852,22 @@ def acquire_source(
     and extraction; content we extracted ourselves is moved into place rather than
     copied, content owned by someone else (a local folder, the mirror, kagglehub's
     cache) is copied.
+
+    A pinned ``sha256`` is the sum of the source's archive, and it is checked wherever
+    that archive comes from: the download, a local path or the mirror. A folder (in the
+    mirror, at a local path, or kagglehub's unpacked download) has no archive bytes to
+    check, so a pinned source refuses one rather than take it on trust.
     """
     location = locate_source(source, mirror, base_dir)
     split_names = tuple(source.splits)
     logger.info("%s: from %s", source.name, location.describe())
+    if source.sha256 is not None and location.kind in ("folder", "kaggle"):
+        where = f"{mirror if mirror is not None else '$' + MIRROR_ENV_VAR}/{source.name}"
+        raise AcquireError(
+            f"sha256 is pinned but {location.describe()} gives a folder, which cannot be "
+            f"checked against it (the sum is the archive's); put the archive itself at "
+            f"{where} (or point uri at it), or remove sha256 from params"
+        )
     if location.kind == "folder":
         root = find_root(
             Path(location.value), split_names, source.root, rooted_fallback=location.from_mirror
@@ -548,32 +880,51 @@ def acquire_source(
             raise AcquireError(f"{error}; {how_to_provide(source)}") from None
         root = find_root(cached, split_names, source.root)
         return location.describe(), copy_tree(root, destination, settings.chunk_bytes)
-    if location.kind == "url":
-        archive = workspace / "download"
-        if source.sha256 is None:  # config already refuses this; say so rather than crash
-            raise AcquireError("a URL source needs sha256")
-        try:
-            download(
-                location.value,
-                archive,
-                source.sha256,
-                retries=settings.retries,
-                timeout_s=settings.timeout_s,
-                chunk_bytes=settings.chunk_bytes,
-                backoff_s=backoff_s,
-                label=source.name,
-            )
-        except ChecksumError:
-            raise
-        except AcquireError as error:
-            raise AcquireError(f"{error}; {how_to_provide(source)}") from None
-    else:
-        archive = Path(location.value)
+    archive = _fetch_archive(location, source, settings, workspace, backoff_s)
     extracted = workspace / "extracted"
-    extract_archive(archive, extracted)
+    extract_archive(archive, extracted, ArchiveLimits.from_params(settings))
     root = find_root(extracted, split_names, source.root, rooted_fallback=location.from_mirror)
     os.replace(root, destination)
     return location.describe(), hash_tree(destination, settings.chunk_bytes)
+
+
+def _fetch_archive(
+    location: _Location,
+    source: SourceParams,
+    settings: AcquireParams,
+    workspace: Path,
+    backoff_s: float,
+) -> Path:
+    """The archive behind ``location``, downloaded if need be, its pinned sum verified."""
+    if location.kind != "url":
+        archive = Path(location.value)
+        if source.sha256 is not None:
+            actual = file_digest(archive, settings.chunk_bytes)
+            if actual != source.sha256.lower():
+                raise ChecksumError(
+                    f"sha256 mismatch for {archive}: expected {source.sha256.lower()}, "
+                    f"got {actual} (if the new file is trusted, update sha256 in params)"
+                )
+        return archive
+    if source.sha256 is None:  # config already refuses this; say so rather than crash
+        raise AcquireError("a URL source needs sha256")
+    archive = workspace / "download"
+    try:
+        download(
+            location.value,
+            archive,
+            source.sha256,
+            retries=settings.retries,
+            timeout_s=settings.timeout_s,
+            chunk_bytes=settings.chunk_bytes,
+            backoff_s=backoff_s,
+            label=source.name,
+        )
+    except ChecksumError:
+        raise
+    except AcquireError as error:
+        raise AcquireError(f"{error}; {how_to_provide(source)}") from None
+    return archive
 
 
 def acquire(
@@ -587,45 +938,126 @@ def acquire(
     """Build ``out`` (``data/raw``) from every source, atomically, with its manifest.
 
     Everything is assembled in a temporary folder beside ``out`` and swapped in at the
-    end, so on any error ``out`` keeps what it had before and no temporary is left.
+    end, so on any error ``out`` keeps what it had before and no temporary is left. A run
+    killed outright (SIGKILL, a power cut) cannot clean up after itself; the next run
+    removes what it left (:func:`remove_stale_temporaries`).
     """
     out = Path(out)
     mirror = mirror_folder(settings.mirror, environ, base_dir)
     if mirror is not None and not mirror.is_dir():
         logger.warning("mirror %s is not a folder; using the sources' uris", mirror)
+    remove_stale_temporaries(out)
+    lock: int | None = None
+    try:
+        with atomic_path(out, directory=True) as temporary:
+            lock = _claim(temporary)
+            report = _acquire_into(
+                settings, temporary, mirror=mirror, base_dir=base_dir, backoff_s=backoff_s
+            )
+    finally:
+        if lock is not None:
+            os.close(lock)  # held through the swap, so no other run takes it for stale
+    return report
+
+
+def _acquire_into(
+    settings: AcquireParams,
+    temporary: Path,
+    *,
+    mirror: Path | None,
+    base_dir: Path | None,
+    backoff_s: float,
+) -> AcquireReport:
+    """Acquire every source into ``temporary`` and write its manifest there."""
     reports: list[SourceReport] = []
     records: list[FileRecord] = []
-    with atomic_path(out, directory=True) as temporary:
-        for source in settings.sources:
-            workspace = temporary / f".work-{source.name}"
-            workspace.mkdir()
-            try:
-                origin, files = acquire_source(
-                    source,
-                    settings,
-                    temporary / source.name,
-                    workspace,
-                    mirror=mirror,
-                    base_dir=base_dir,
-                    backoff_s=backoff_s,
-                )
-            except AcquireError as error:
-                raise type(error)(f"source {source.name!r}: {error}") from None
-            finally:
-                shutil.rmtree(workspace, ignore_errors=True)
-            source_records = [
-                FileRecord(source.name, f"{source.name}/{path}", size, digest)
-                for path, size, digest in files
-            ]
-            records.extend(source_records)
-            reports.append(
-                SourceReport(
-                    source.name, origin, len(source_records), sum(r.bytes for r in source_records)
-                )
+    for source in settings.sources:
+        workspace = temporary / f".work-{source.name}"
+        workspace.mkdir()
+        try:
+            origin, files = acquire_source(
+                source,
+                settings,
+                temporary / source.name,
+                workspace,
+                mirror=mirror,
+                base_dir=base_dir,
+                backoff_s=backoff_s,
             )
-        records.sort(key=lambda record: (record.source, record.path))
-        write_manifest(records, temporary / MANIFEST_NAME)
+        except AcquireError as error:
+            raise type(error)(f"source {source.name!r}: {error}") from None
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+        source_records = [
+            FileRecord(source.name, f"{source.name}/{path}", size, digest)
+            for path, size, digest in files
+        ]
+        records.extend(source_records)
+        size = sum(record.bytes for record in source_records)
+        reports.append(SourceReport(source.name, origin, len(source_records), size))
+    records.sort(key=lambda record: (record.source, record.path))
+    write_manifest(records, temporary / MANIFEST_NAME)
     return AcquireReport(tuple(reports), tuple(records))
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def _temporary_prefix(out: Path) -> str:
+    """How ``io_utils.atomic_path`` names the temporary folders it makes for ``out``."""
+    return f".{out.name}.tmp-"
+
+
+def _claim(temporary: Path) -> int:
+    """Hold an exclusive lock on our temporary folder; returns the descriptor to close.
+
+    The kernel drops the lock however the process ends, SIGKILL included, so another
+    run can tell a live run's temporary (locked) from a dead run's (lockable).
+    """
+    descriptor = os.open(temporary, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise AcquireError(f"{temporary} is locked by another run of this stage") from None
+    return descriptor
+
+
+def remove_stale_temporaries(out: str | Path) -> list[Path]:
+    """Remove the temporary folders that killed runs left beside ``out``; return them.
+
+    Only folders named as ``atomic_path`` names ours (``.raw.tmp-*`` for ``data/raw``)
+    are candidates, and one is removed only if its lock can be taken, i.e. no live run
+    owns it (see :func:`_claim`); a lock we cannot take is left alone. Anything else
+    beside ``out`` (another stage's temporaries, files) is never touched.
+    """
+    out = Path(out)
+    prefix = _temporary_prefix(out)
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for candidate in sorted(out.parent.iterdir()):
+        if not candidate.name.startswith(prefix) or candidate.is_symlink():
+            continue
+        if not candidate.is_dir():
+            continue
+        try:
+            descriptor = os.open(candidate, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue  # gone already, or not ours to read
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.info("keeping %s: a live run owns it", candidate)
+            os.close(descriptor)
+            continue
+        try:
+            shutil.rmtree(candidate, ignore_errors=True)
+        finally:
+            os.close(descriptor)
+        logger.warning("removed %s, left by a run that was killed", candidate)
+        removed.append(candidate)
+    return removed
 
 
 def write_manifest(records: Iterable[FileRecord], path: Path) -> None:
@@ -669,7 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = load_params(args.params)
         report = acquire(params.acquire, args.out, base_dir=args.params.resolve().parent)
     except (AcquireError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact_text(str(error))}", file=sys.stderr)
         return 1
     print(format_summary(report, args.out))
     return 0

@@ -159,7 +159,12 @@ class Bundle:
         return cls(folder, model, meta)
 
     def preprocess_bytes(self, data: bytes, name: str = "<upload>") -> np.ndarray:
-        """Raw file bytes to the (H, W) uint8 image the model sees (raises ImageDecodeError)."""
+        """Raw file bytes to the (H, W) uint8 image the model sees (raises ImageDecodeError).
+
+        The bare transform, for evaluation and tests on trusted files: it has none of the
+        serving checks (budgets, DICOM, blank, out-of-distribution). Serving goes through
+        ``serving.Predictor.prepare`` instead.
+        """
         gray = decode_image(data, name=name).gray
         return preprocess_gray(gray, self.meta.image_size, self.meta.preprocess)
 

@@ -17,6 +17,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,6 +32,13 @@ CORRUPT = "corrupt"
 TRUNCATED = "truncated"
 TOO_SMALL = "too_small"
 COLOUR = "colour"
+TOO_LARGE = "too_large"
+_BLOCK = 1 << 20  # values per block when rescaling (8 MB of float64)
+
+# Bytes per pixel of each PIL mode once decoded (what ``Image.load`` allocates).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3,
+               "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4,
+               "F": 4}  # fmt: skip
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "jpeg"),
@@ -95,26 +103,50 @@ def colourfulness(rgb: np.ndarray) -> float:
     """Largest mean absolute difference between two colour channels (0 for true gray).
 
     JPEG chroma noise on a gray scan stays around 1; a colour photograph is in the tens.
+    Computed on uint8 planes with ``cv2.absdiff`` (exact), so a large image costs three
+    one-byte planes, not int16 copies of the whole array.
     """
-    channels = rgb.astype(np.int16)
+    red, green, blue = cv2.split(np.ascontiguousarray(rgb[..., :3], dtype=np.uint8))
     diffs = (
-        np.abs(channels[..., 0] - channels[..., 1]).mean(),
-        np.abs(channels[..., 1] - channels[..., 2]).mean(),
-        np.abs(channels[..., 0] - channels[..., 2]).mean(),
+        float(cv2.absdiff(red, green).mean()),
+        float(cv2.absdiff(green, blue).mean()),
+        float(cv2.absdiff(red, blue).mean()),
     )
-    return float(max(diffs))
+    return max(diffs)
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """What decoding a ``width`` x ``height`` image of PIL ``mode`` allocates, in bytes."""
+    per_pixel = 2 if mode.startswith("I;16") else _MODE_BYTES.get(mode, 4)
+    return width * height * per_pixel
+
+
+def check_budget(
+    name: str, width: int, height: int, frame_bytes: int, max_pixels: int, max_bytes: int
+) -> None:
+    """Refuse (``TOO_LARGE``) an image whose header promises more pixels or decoded bytes
+    than the budget: called before decoding, so a small file cannot make a huge array."""
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            TOO_LARGE,
+            f"{name}: image too large ({width}x{height} pixels; the limit is "
+            f"{max_pixels:,} pixels)",
+        )
+    if frame_bytes > max_bytes:
+        raise ImageDecodeError(
+            TOO_LARGE,
+            f"{name}: image too large to decode ({width}x{height} needs {frame_bytes:,} "
+            f"bytes; the limit is {max_bytes:,})",
+        )
 
 
 def _to_gray(image: Image.Image, notes: list[str]) -> tuple[np.ndarray, int, int, float]:
     """Convert a decoded PIL image to uint8 gray; returns (gray, channels, bits, colour)."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        low, high = float(values.min()), float(values.max())
-        scaled = (values - low) * (255.0 / (high - low)) if high > low else values * 0
         notes.append(f"{'16' if mode.startswith('I;16') else '32'}-bit rescaled to 8-bit")
         bits = 16 if mode.startswith("I;16") else 32
-        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8), 1, bits, 0.0
+        return rescale_to_uint8(np.asarray(image)), 1, bits, 0.0
     if mode == "1":
         return np.asarray(image.convert("L")), 1, 1, 0.0
     if mode == "L":
@@ -138,18 +170,91 @@ def _to_gray(image: Image.Image, notes: list[str]) -> tuple[np.ndarray, int, int
     return gray, channels, 8, colour
 
 
+def rescale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Min-max rescale any numeric array to uint8: ``rint((v - low) * 255 / (high - low))``.
+
+    Computed in float64 blocks of a million values, so the result is exactly the float64
+    formula's while the temporaries stay at 8 MB: a 16-bit 6000 x 6000 image no longer
+    costs three 288 MB float64 arrays.
+    """
+    flat = np.asarray(values).reshape(-1)
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        flat = np.nan_to_num(flat, posinf=0.0, neginf=0.0)
+    output = np.zeros(flat.shape, dtype=np.uint8)
+    low, high = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
+    if high > low:
+        scale = 255.0 / (high - low)
+        for start in range(0, flat.size, _BLOCK):
+            block = flat[start : start + _BLOCK].astype(np.float64)
+            block -= low
+            block *= scale
+            np.rint(block, out=block)
+            output[start : start + _BLOCK] = np.clip(block, 0, 255, out=block)
+    return output.reshape(np.shape(values))
+
+
+def rescale_unit_to_uint8(unit: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (float32) to uint8 0-255, rounded, without float64 temporaries."""
+    work = np.asarray(unit, dtype=np.float32) * np.float32(255)
+    np.rint(work, out=work)
+    np.clip(work, 0, 255, out=work)
+    return work.astype(np.uint8)
+
+
+def _open_checked(data: bytes, name: str, budget: tuple[int, int]) -> Any:
+    """Open the image lazily (header only), check the budget, then decode the pixels."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(TOO_LARGE, f"{name}: image too large ({error})") from None
+    width, height = image.size
+    max_pixels, max_bytes = budget
+    check_budget(
+        name, width, height, decoded_bytes(width, height, image.mode), max_pixels, max_bytes
+    )
+    image.load()
+    return ImageOps.exif_transpose(image)
+
+
+def _open_image(data: bytes, name: str, file_format: str, budget: tuple[int, int]) -> Any:
+    """The decoded PIL image, or ``ImageDecodeError`` sorting PIL's failures into reasons."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning etc.
+            image = _open_checked(data, name, budget)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(CORRUPT, f"{name}: corrupt {file_format} (cannot decode)") from None
+    except OSError as error:
+        complete = file_format != "jpeg" or data.rstrip(b"\x00").endswith(b"\xff\xd9")
+        if "truncated" in str(error).lower() and not complete:
+            raise ImageDecodeError(TRUNCATED, f"{name}: truncated {file_format} file") from None
+        raise ImageDecodeError(CORRUPT, f"{name}: corrupt {file_format} ({error})") from None
+    except ImageDecodeError:
+        raise
+    except (SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageDecodeError(CORRUPT, f"{name}: corrupt {file_format} ({error})") from None
+    if file_format == "jpeg" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # libjpeg fills a cut-off scan with gray without complaint; the missing end-of-image
+        # marker is the reliable sign.
+        raise ImageDecodeError(TRUNCATED, f"{name}: truncated jpeg file (no end marker)")
+    return image
+
+
 def decode_image(
     data: bytes,
     *,
     name: str = "<bytes>",
     min_side: int = 1,
     grayscale_tolerance: float | None = None,
+    max_pixels: int = 2**31,
+    max_decode_bytes: int = 2**33,
 ) -> DecodedImage:
     """Decode file bytes into an 8-bit grayscale slice, or raise ``ImageDecodeError``.
 
     ``name`` only labels messages (its extension is compared with the content, and a
     mismatch is noted, not refused). ``grayscale_tolerance`` (None: accept colour) refuses
-    3-channel images whose channels differ more than that on average.
+    3-channel images whose channels differ more than that on average. ``max_pixels`` and
+    ``max_decode_bytes`` are checked against the header before decoding (``TOO_LARGE``).
     """
     if len(data) == 0:
         raise ImageDecodeError(EMPTY, f"{name}: empty file (0 bytes)")
@@ -163,25 +268,7 @@ def decode_image(
     expected = _EXTENSION_FORMATS.get(extension)
     if expected is not None and expected != file_format:
         notes.append(f"extension {extension} but content is {file_format}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning etc.
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except UnidentifiedImageError:
-        raise ImageDecodeError(CORRUPT, f"{name}: corrupt {file_format} (cannot decode)") from None
-    except OSError as error:
-        complete = file_format != "jpeg" or data.rstrip(b"\x00").endswith(b"\xff\xd9")
-        if "truncated" in str(error).lower() and not complete:
-            raise ImageDecodeError(TRUNCATED, f"{name}: truncated {file_format} file") from None
-        raise ImageDecodeError(CORRUPT, f"{name}: corrupt {file_format} ({error})") from None
-    except (SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageDecodeError(CORRUPT, f"{name}: corrupt {file_format} ({error})") from None
-    if file_format == "jpeg" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        # libjpeg fills a cut-off scan with gray without complaint; the missing end-of-image
-        # marker is the reliable sign.
-        raise ImageDecodeError(TRUNCATED, f"{name}: truncated jpeg file (no end marker)")
+    image = _open_image(data, name, file_format, (max_pixels, max_decode_bytes))
     width, height = image.size
     gray, channels, bit_depth, colour = _to_gray(image, notes)
     if min(width, height) < min_side:
@@ -239,5 +326,6 @@ def preprocess_gray(gray: np.ndarray, size: int, params: PreprocessParams) -> np
 def load_and_preprocess(
     data: bytes, size: int, params: PreprocessParams, *, name: str = "<bytes>"
 ) -> np.ndarray:
-    """Decode file bytes and apply the transform: what serving calls on an upload."""
+    """Decode file bytes and apply the transform (no serving checks: serving calls
+    ``serving.Predictor.prepare``)."""
     return preprocess_gray(decode_image(data, name=name).gray, size, params)

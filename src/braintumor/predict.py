@@ -38,7 +38,6 @@ import numpy as np
 from braintumor.io_utils import atomic_path, write_text
 from braintumor.serving import (
     SUPPORTED_EXTENSIONS,
-    UNREADABLE,
     InputError,
     Predictor,
     PreparedImage,
@@ -75,10 +74,9 @@ class FileResult:
 def find_inputs(path: Path, *, all_files: bool = False) -> list[Path]:
     """The files to classify: ``path`` itself, or the supported files under the folder
     (recursively, sorted, hidden entries and symlinked folders skipped)."""
-    if path.is_file():
-        return [path]
     if not path.is_dir():
-        return []
+        # A FIFO or device is listed too: it gets a ``not_a_file`` row, not silence.
+        return [path] if path.exists() else []
     found = []
     for folder, subfolders, files in os.walk(path):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
@@ -91,13 +89,10 @@ def find_inputs(path: Path, *, all_files: bool = False) -> list[Path]:
 
 
 def _prepare(predictor: Predictor, path: Path) -> PreparedImage | FileResult:
+    """One file through the serving path (``Predictor.prepare_file``, as the app): a
+    refusal of any kind becomes this file's row, never a stopped batch."""
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        return FileResult(str(path), ERROR, UNREADABLE, f"{path.name}: cannot read ({reason})")
-    try:
-        return predictor.prepare(data, path.name)
+        return predictor.prepare_file(path, path.name)
     except InputError as error:
         return FileResult(str(path), ERROR, error.reason, str(error))
 
@@ -143,54 +138,81 @@ def predict_files(
     """
     from tqdm import tqdm
 
-    classes = predictor.classes
-    alpha = predictor.settings.overlay_alpha
     results: list[FileResult] = []
     batches = list(_chunks(paths, predictor.settings.batch_size))
     with (
         ThreadPoolExecutor(max_workers=1) as reader,
         tqdm(total=len(paths), unit="file", disable=not progress, file=sys.stderr) as bar,
     ):
-
-        def read(batch: Sequence[Path]) -> list[PreparedImage | FileResult]:
-            return [_prepare(predictor, path) for path in batch]
-
-        pending = reader.submit(read, batches[0]) if batches else None
-        for index, batch in enumerate(batches):
-            prepared = pending.result() if pending is not None else []
-            pending = reader.submit(read, batches[index + 1]) if index + 1 < len(batches) else None
-            good = [item for item in prepared if isinstance(item, PreparedImage)]
-            heatmaps = None
-            if good:
-                images = np.stack([item.image for item in good])
-                if overlays_dir is not None:
-                    probabilities, heatmaps = predictor.explain(images)
-                else:
-                    probabilities = predictor.predict(images)
-            position = 0
-            for path, item in zip(batch, prepared, strict=True):
-                if isinstance(item, FileResult):
-                    results.append(item)
-                    continue
-                row = probabilities[position]
-                overlay = ""
-                if heatmaps is not None and overlays_dir is not None:
-                    target = _overlay_path(overlays_dir, path, root)
-                    _write_png(target, overlay_image(item.image, heatmaps[position], alpha))
-                    overlay = str(target)
-                results.append(
-                    FileResult(
-                        file=str(path),
-                        status=OK,
-                        warning=item.warning or "",
-                        predicted_class=classes[int(np.argmax(row))],
-                        probabilities={c: float(p) for c, p in zip(classes, row, strict=True)},
-                        overlay=overlay,
-                    )
-                )
-                position += 1
+        for batch, prepared in _read_ahead(reader, predictor, batches):
+            results.extend(_classify_batch(predictor, batch, prepared, overlays_dir, root))
             bar.update(len(batch))
     return results
+
+
+def _read_ahead(
+    reader: ThreadPoolExecutor, predictor: Predictor, batches: Sequence[Sequence[Path]]
+) -> Iterator[tuple[Sequence[Path], list[PreparedImage | FileResult]]]:
+    """Each batch with its files prepared, the next batch already being read and
+    preprocessed in ``reader`` while the caller runs the model on this one."""
+
+    def read(batch: Sequence[Path]) -> list[PreparedImage | FileResult]:
+        return [_prepare(predictor, path) for path in batch]
+
+    pending = reader.submit(read, batches[0]) if batches else None
+    for index, batch in enumerate(batches):
+        prepared = pending.result() if pending is not None else []
+        pending = reader.submit(read, batches[index + 1]) if index + 1 < len(batches) else None
+        yield batch, prepared
+
+
+def _classify_batch(
+    predictor: Predictor,
+    batch: Sequence[Path],
+    prepared: Sequence[PreparedImage | FileResult],
+    overlays_dir: Path | None,
+    root: Path | None,
+) -> list[FileResult]:
+    """One row per file of ``batch``, in order: the refusals as they are, the readable
+    files classified together in one model call (with Grad-CAM when overlays are wanted)."""
+    good = [item for item in prepared if isinstance(item, PreparedImage)]
+    if not good:
+        return [item for item in prepared if isinstance(item, FileResult)]
+    images = np.stack([item.image for item in good])
+    heatmaps = None
+    if overlays_dir is not None:
+        probabilities, heatmaps = predictor.explain(images)
+    else:
+        probabilities = predictor.predict(images)
+    results: list[FileResult] = []
+    position = 0
+    for path, item in zip(batch, prepared, strict=True):
+        if isinstance(item, FileResult):
+            results.append(item)
+            continue
+        overlay = ""
+        if heatmaps is not None and overlays_dir is not None:
+            target = _overlay_path(overlays_dir, path, root)
+            alpha = predictor.settings.overlay_alpha
+            _write_png(target, overlay_image(item.image, heatmaps[position], alpha))
+            overlay = str(target)
+        results.append(_prediction(path, item, probabilities[position], predictor.classes, overlay))
+        position += 1
+    return results
+
+
+def _prediction(
+    path: Path, item: PreparedImage, row: np.ndarray, classes: Sequence[str], overlay: str
+) -> FileResult:
+    """The row of a classified file: its most probable class and every probability."""
+    return FileResult(
+        file=str(path),
+        status=OK,
+        warning=item.warning or "",
+        predicted_class=classes[int(np.argmax(row))],
+        probabilities={c: float(p) for c, p in zip(classes, row, strict=True)},
+        overlay=overlay,
+    )
 
 
 def result_columns(classes: Sequence[str]) -> list[str]:

@@ -1,23 +1,26 @@
-"""Serving logic shared by the web app and the ``predict`` command.
+"""Serving logic shared by every entry point: the web app, the ``predict`` command, the
+registered pyfunc (``served_model.BundleModel``) and so ``mlflow models serve``.
 
-One place turns an uploaded file into what the model sees and the model's answer into
-calibrated probabilities and a Grad-CAM map, so the app and batch prediction cannot drift
-apart:
+One place turns an uploaded file into what the model sees, so the entry points cannot
+drift apart: the same bad file gets the same ``InputError`` reason from all of them.
 
-- ``load_bundle`` opens a model bundle from a local folder, or from the MLflow registry
-  (``models:/<name>@<alias>`` or ``models:/<name>/<version>``: the registered pyfunc model
-  carries the bundle folder as its artifact ``bundle``).
-- ``Predictor.prepare`` checks an upload (size in bytes and pixels, decodable, grayscale,
-  not blank, not far from the training images' intensity statistics) and applies exactly
-  the bundle's preprocessing. DICOM slices are windowed (VOI LUT, or window centre and
-  width, else min-max) to 8 bits first; every other format goes through
-  ``imaging.decode_image`` like the training images did.
+- ``load_serving_config`` reads the ``serving`` section that ``config`` parses (one schema,
+  ``config.ServingParams``; ``ServingSettings`` is the same class under its old name).
+- ``load_bundle`` opens a model bundle from a local folder or the MLflow registry.
+- ``Predictor.prepare_file`` (the app and ``predict``: a path) reads a file safely (regular
+  files only, size checked with ``fstat`` before reading, never more than the limit read)
+  and calls ``Predictor.prepare`` (the pyfunc: bytes), which decodes within the budgets
+  (``max_pixels`` and ``max_decode_bytes`` checked from the header before decoding; a
+  Deflated DICOM inflated under a cap; one DICOM frame), refuses what cleaning would
+  have refused (colour, too small, corrupt, truncated, not an image), blank images and
+  images far from the training statistics, and applies the bundle's preprocessing.
+  DICOM slices are windowed (VOI LUT, or window centre and width, else min-max) to 8 bits.
 - ``Predictor.predict`` gives calibrated probabilities in batches; ``Predictor.explain``
-  gives them together with Grad-CAM maps from the same forward pass (the cached, compiled
-  ``explain.GradCam``).
+  gives them with Grad-CAM maps from the same forward pass.
 
-Every refusal is an ``InputError`` with a machine-readable ``reason`` and a one-line
-message meant for the person who uploaded the file.
+Patient data: only allow-listed DICOM attributes (``DICOM_INFO_TAGS``) are returned, DICOM
+refusals never quote the file's values, and pydicom's log messages (which can) are
+withheld.
 
 Serving layer: imports the core (bundle, imaging, explain, calibration, config) and, only
 for a registry URI, MLflow; never a stage module.
@@ -28,11 +31,14 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import io
+import logging
+import os
 import shutil
+import stat
 import tempfile
 import threading
-import typing
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +53,13 @@ from braintumor.config import (
     CleanParams,
     ConfigError,
     Params,
+    ServingParams,
     TrackingParams,
-    params_from_mapping,
+    load_params,
 )
+from braintumor.ood import FeatureExtractor, load_detector
 from braintumor.paths import resolve_tracking_uri
+from braintumor.redaction import redact_text
 
 REGISTRY_SCHEME = "models:/"
 BUNDLE_ARTIFACT = "bundle"
@@ -60,7 +69,9 @@ DEFAULT_ALIAS = "champion"
 SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm")
 
 # Reasons beyond imaging's (empty, not_an_image, corrupt, truncated, too_small, colour).
-TOO_LARGE = "too_large"
+TOO_LARGE = imaging.TOO_LARGE
+NOT_A_FILE = "not_a_file"
+DECODE_FAILED = "decode_failed"
 OUT_OF_DISTRIBUTION = "out_of_distribution"
 UNREADABLE = "unreadable"
 
@@ -77,80 +88,9 @@ class InputError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class ServingSettings:
-    """Limits and thresholds of the app and the ``predict`` command (``serving`` section of
-    ``params.yaml``; every key optional).
-
-    ``grayscale_tolerance`` and ``min_side``: None takes the clean stage's values, so the
-    app refuses what cleaning would have excluded from training. ``ood_warn_z`` and
-    ``ood_refuse_z``: how many training standard deviations an image's mean or spread may
-    be off before a warning, and before a refusal. ``examples``: test images the app offers
-    to click. ``batch_size``: images per model call.
-    """
-
-    max_upload_bytes: int = 20_000_000
-    max_pixels: int = 40_000_000
-    grayscale_tolerance: float | None = None
-    min_side: int | None = None
-    ood_warn_z: float = 4.0
-    ood_refuse_z: float = 8.0
-    examples: int = 4
-    overlay_alpha: float = 0.4
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        checks = (
-            (self.max_upload_bytes >= 1024, "max_upload_bytes", "must be >= 1024"),
-            (self.max_pixels >= 64 * 64, "max_pixels", "must be >= 4096"),
-            (
-                self.grayscale_tolerance is None or self.grayscale_tolerance >= 0,
-                "grayscale_tolerance",
-                "must be >= 0 or null",
-            ),
-            (self.min_side is None or self.min_side >= 1, "min_side", "must be >= 1 or null"),
-            (self.ood_warn_z > 0, "ood_warn_z", "must be > 0"),
-            (self.ood_refuse_z >= self.ood_warn_z, "ood_refuse_z", "must be >= ood_warn_z"),
-            (self.examples >= 0, "examples", "must be >= 0"),
-            (0 <= self.overlay_alpha <= 1, "overlay_alpha", "must be in [0, 1]"),
-            (self.batch_size >= 1, "batch_size", "must be >= 1"),
-        )
-        for passed, key, problem in checks:
-            if not passed:
-                raise ConfigError(f"serving.{key}: {problem}")
-
-    @classmethod
-    def from_mapping(cls, data: Any, params: Params | None = None) -> ServingSettings:
-        """Build from the ``serving`` mapping; unknown keys and wrong types are refused."""
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ConfigError(f"serving: expected a mapping, got {data!r}")
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            if key not in known:
-                raise ConfigError(f"serving.{key}: unknown key (known: {', '.join(sorted(known))})")
-            values[key] = _convert_number(hints[key], value, f"serving.{key}")
-        if params is not None:
-            values.setdefault("grayscale_tolerance", params.clean.grayscale_tolerance)
-            values.setdefault("min_side", params.clean.min_side)
-        return cls(**values)
-
-
-def _convert_number(hint: Any, value: Any, key: str) -> Any:
-    allows_none = "None" in str(hint)
-    if value is None:
-        if allows_none:
-            return None
-        raise ConfigError(f"{key}: must not be null")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if "int" in str(hint):
-        if not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    return float(value)
+# The one serving schema is ``config.ServingParams`` (the ``serving`` section of
+# ``params.yaml``); this name stays for callers written before it held every key.
+ServingSettings = ServingParams
 
 
 @dataclass(frozen=True)
@@ -167,39 +107,18 @@ class ServingConfig:
 def load_serving_config(params_path: str | Path | None = "params.yaml") -> ServingConfig:
     """Read ``params.yaml`` (and its profile) for serving; defaults when there is none.
 
-    The ``serving`` section is read here rather than by ``config.load_params`` until the
-    config module knows it; once it does, its typed section is used instead.
+    The ``serving`` section is parsed by ``config`` like every other section (one schema:
+    a key serving accepts, every stage accepts), then ``resolved`` against ``clean``.
     """
     path = Path(params_path) if params_path is not None else None
     if path is None or not path.is_file():
-        clean, tracking = CleanParams(), TrackingParams()
-        settings = ServingSettings(
-            grayscale_tolerance=clean.grayscale_tolerance, min_side=clean.min_side
-        )
+        tracking = TrackingParams()
+        settings = ServingParams().resolved(CleanParams())
         uri = resolve_tracking_uri(tracking.tracking_uri, Path.cwd())
         default_model = f"{REGISTRY_SCHEME}{tracking.registered_model}@{DEFAULT_ALIAS}"
         return ServingConfig(settings, default_model, uri)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    serving_raw = raw.get("serving")
-    try:
-        params = params_from_mapping(raw, path.parent / "profiles")
-        typed = getattr(params, "serving", None)
-        if typed is not None and dataclasses.is_dataclass(typed):
-            # The config module knows the section (and applied the profile): use it.
-            serving_raw = dataclasses.asdict(typed)
-    except ConfigError as error:
-        if not str(error).startswith("serving"):
-            raise
-        # A serving key the config module does not know yet: read the section here.
-        params = params_from_mapping(
-            {k: v for k, v in raw.items() if k != "serving"}, path.parent / "profiles"
-        )
-    settings = ServingSettings.from_mapping(serving_raw, params)
+    params = load_params(path)
+    settings = params.serving.resolved(params.clean)
     default_model = f"{REGISTRY_SCHEME}{params.tracking.registered_model}@{DEFAULT_ALIAS}"
     uri = resolve_tracking_uri(params.tracking.tracking_uri, path.parent.resolve())
     return ServingConfig(settings, default_model, uri, params)
@@ -296,9 +215,9 @@ def _load_registered(uri: str, tracking_uri: str | None) -> Bundle:
             )
     except MlflowException as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise BundleError(f"{uri}: {message} (tracking URI {tracking_uri})") from None
+        raise BundleError(redact_text(f"{uri}: {message} (tracking URI {tracking_uri})")) from None
     except OSError as error:
-        raise BundleError(f"{uri}: cannot download the model ({error})") from None
+        raise BundleError(redact_text(f"{uri}: cannot download the model ({error})")) from None
     bundle = Bundle.load(_bundle_folder(local, uri))
     source = dict(bundle.meta.source)
     source.update(registered_model=name, version=version, model_uri=uri)
@@ -330,6 +249,52 @@ def _bundle_folder(model_dir: Path, uri: str) -> Path:
 
 # --------------------------------------------------------------------------- decoding
 
+# DICOM attributes that may be returned to callers, logged or written out: an allow-list,
+# so patient tags (name, ID, birth date, ...) and every other identifying attribute never
+# leave the decoder.
+DICOM_INFO_TAGS = (
+    "Modality",
+    "PhotometricInterpretation",
+    "BitsStored",
+    "SamplesPerPixel",
+    "NumberOfFrames",
+)
+
+
+def read_upload(path: Path, max_bytes: int, name: str | None = None) -> bytes:
+    """A file's bytes, refused before reading when it is not a regular file or too large.
+
+    Opened non-blocking (a FIFO named ``.png`` cannot hang the caller) and checked with
+    ``fstat`` on the open descriptor (no race with a rename); at most ``max_bytes + 1``
+    bytes are ever read, so a file that grows after the check is refused, not loaded.
+    """
+    label = name or Path(path).name
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise InputError(UNREADABLE, f"{label}: cannot read ({reason})") from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or status.st_size > max_bytes:
+        os.close(descriptor)
+        if status.st_size > max_bytes and stat.S_ISREG(status.st_mode):
+            raise InputError(TOO_LARGE, _too_large_message(label, status.st_size, max_bytes))
+        kind = "folder" if stat.S_ISDIR(status.st_mode) else "special file"
+        raise InputError(NOT_A_FILE, f"{label}: not a regular file (a {kind})")
+    with os.fdopen(descriptor, "rb") as handle:
+        try:
+            data = handle.read(max_bytes + 1)
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise InputError(UNREADABLE, f"{label}: cannot read ({reason})") from None
+    if len(data) > max_bytes:
+        raise InputError(TOO_LARGE, _too_large_message(label, len(data), max_bytes))
+    return data
+
+
+def _too_large_message(name: str, size: int, limit: int) -> str:
+    return f"{name}: file too large ({format_bytes(size)}; the limit is {format_bytes(limit)})"
+
 
 def sniff_dicom(data: bytes, name: str) -> bool:
     """DICOM by its preamble magic, or by extension (files written without a preamble)."""
@@ -339,13 +304,19 @@ def sniff_dicom(data: bytes, name: str) -> bool:
 
 
 def _window_linear(values: np.ndarray, center: float, width: float, exact: bool) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 (LINEAR) and C.11.2.1.3.2 (LINEAR_EXACT), to 0-1."""
+    """DICOM PS3.3 C.11.2.1.2 (LINEAR) and C.11.2.1.3.2 (LINEAR_EXACT), to 0-1 (float32,
+    computed in place on one copy)."""
+    work = np.array(values, dtype=np.float32)
     if exact:
-        return np.clip((values - (center - width / 2)) / width, 0.0, 1.0)
-    width = max(width, 1.0)
-    if width == 1.0:
-        return (values > center - 0.5).astype(np.float64)
-    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+        work -= center - width / 2
+        work /= width
+    elif width <= 1.0:
+        return (work > center - 0.5).astype(np.float32)
+    else:
+        work -= center - 0.5
+        work /= width - 1
+        work += 0.5
+    return np.clip(work, 0.0, 1.0, out=work)
 
 
 def _first_number(value: Any) -> float:
@@ -354,97 +325,238 @@ def _first_number(value: Any) -> float:
     return float(value)
 
 
-def decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, float]:
-    """An 8-bit gray slice from DICOM bytes and its colourfulness (0 for monochrome).
+class _WithheldValues(logging.Filter):
+    """pydicom logs malformed elements with their values ("Invalid value for VR PN:
+    'Doe^Jane'"): keep the record and its level, drop the text that may be patient data."""
 
-    Modality LUT (rescale slope and intercept) first, then the VOI transform the file
-    asks for: a VOI LUT sequence, else its first window (centre and width, with the
-    LINEAR, LINEAR_EXACT or SIGMOID function), else min-max; MONOCHROME1 is inverted so
-    that tissue is bright, as in the training images. A multi-frame file gives its middle
-    frame.
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = "pydicom: a malformed DICOM element (details withheld: may be patient data)"
+        record.args = ()
+        return True
+
+
+def _withhold_pydicom_values() -> None:
+    """Install the filter on pydicom's logger once (at first use, not at import)."""
+    logger = logging.getLogger("pydicom")
+    if not any(isinstance(item, _WithheldValues) for item in logger.filters):
+        logger.addFilter(_WithheldValues())
+
+
+def _corrupt_dicom(name: str, what: str) -> InputError:
+    """A refusal that names the problem without quoting the file (which may hold patient
+    data): pydicom's own messages can echo element values."""
+    return InputError(imaging.CORRUPT, f"{name}: corrupt DICOM ({what})")
+
+
+def _inflate(body: bytes, name: str, max_bytes: int) -> bytes:
+    """Inflate a Deflated DICOM's dataset, refusing it once the output passes ``max_bytes``
+    (pydicom would inflate all of it first: 1 MB can become gigabytes)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(body, max_bytes + 1)
+    except zlib.error:
+        raise _corrupt_dicom(name, "bad deflate stream") from None
+    if len(inflated) > max_bytes or inflater.unconsumed_tail:
+        raise InputError(
+            TOO_LARGE, f"{name}: Deflated DICOM inflates past the limit of {max_bytes:,} bytes"
+        )
+    return inflated
+
+
+def _read_dicom(data: bytes, name: str, max_bytes: int) -> Any:
+    """The dataset of DICOM bytes; a Deflated one is inflated here, capped."""
+    from pydicom.dataset import FileDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    stream = DicomBytesIO(data)
+    preamble = read_preamble(stream, True)
+    file_meta = _read_file_meta_info(stream)
+    if file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        import pydicom
+
+        return pydicom.dcmread(io.BytesIO(data), force=True)
+    body = _inflate(data[stream.tell() :], name, max_bytes)
+    dataset = read_dataset(DicomBytesIO(body), False, True)
+    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return FileDataset(io.BytesIO(), dataset, preamble, file_meta, False, True)
+
+
+def _header_int(dataset: Any, keyword: str, default: int, name: str) -> int:
+    """One integer attribute of the header, or a ``corrupt`` refusal naming it (two
+    values for ``Rows``, ``NumberOfFrames="ab"`` ...)."""
+    try:
+        value = dataset.get(keyword, None)
+    except Exception:  # noqa: BLE001 - pydicom converts raw values lazily, raising anything
+        raise _corrupt_dicom(name, f"{keyword} cannot be read") from None
+    if value is None or value == "":
+        return default
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        raise _corrupt_dicom(name, f"{keyword} has {len(value)} values, expected one")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise _corrupt_dicom(name, f"{keyword} is not an integer") from None
+    if number < 0:
+        raise _corrupt_dicom(name, f"{keyword} is negative")
+    return number
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """The few header numbers decoding needs, read and checked before any pixel."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    bits_allocated: int
+
+
+def _dicom_header(dataset: Any, name: str, max_pixels: int, max_bytes: int) -> DicomHeader:
+    """Read and check the header: shape, and the bytes one decoded frame will take (as
+    float32, what the transforms work in) against the budget."""
+    if "PixelData" not in dataset:
+        raise InputError(imaging.NOT_AN_IMAGE, f"{name}: DICOM file without image data")
+    header = DicomHeader(
+        rows=_header_int(dataset, "Rows", 0, name),
+        columns=_header_int(dataset, "Columns", 0, name),
+        frames=max(_header_int(dataset, "NumberOfFrames", 1, name), 1),
+        samples=_header_int(dataset, "SamplesPerPixel", 1, name),
+        bits_allocated=_header_int(dataset, "BitsAllocated", 16, name),
+    )
+    if header.rows == 0 or header.columns == 0 or header.samples not in (1, 3):
+        raise _corrupt_dicom(name, "bad Rows, Columns or SamplesPerPixel")
+    frame_bytes = header.rows * header.columns * header.samples * 4
+    imaging.check_budget(name, header.columns, header.rows, frame_bytes, max_pixels, max_bytes)
+    return header
+
+
+def _dicom_frame(dataset: Any, header: DicomHeader, name: str) -> np.ndarray:
+    """The middle frame only (pydicom decodes just that frame of an RLE or JPEG file)."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        index = header.frames // 2 if header.frames > 1 else None
+        return pixel_array(dataset, index=index)
+    except Exception as error:  # noqa: BLE001 - pydicom's decoders raise many kinds
+        raise _corrupt_dicom(name, f"pixels cannot be decoded: {type(error).__name__}") from None
+
+
+def _modality(pixels: np.ndarray, dataset: Any) -> np.ndarray:
+    """The modality LUT in float32 (pydicom's ``apply_modality_lut`` returns float64: a
+    2048^2 frame would cost 32 MB more); the pixels themselves when it is the identity."""
+    if "ModalityLUTSequence" in dataset:
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float32)
+    slope = float(dataset.get("RescaleSlope", 1) or 1)
+    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+    if slope == 1.0 and intercept == 0.0:
+        return pixels
+    values = pixels.astype(np.float32)
+    values *= slope
+    values += intercept
+    return values
+
+
+def _voi_uint8(values: np.ndarray, dataset: Any) -> np.ndarray:
+    """The VOI transform the file asks for, to uint8: a VOI LUT sequence, else its first
+    window (LINEAR, LINEAR_EXACT or SIGMOID), else min-max."""
+    if "VOILUTSequence" in dataset:
+        from pydicom.pixels import apply_voi_lut
+
+        return imaging.rescale_to_uint8(apply_voi_lut(values, dataset))
+    if "WindowCenter" in dataset and "WindowWidth" in dataset:
+        center = _first_number(dataset.WindowCenter)
+        width = _first_number(dataset.WindowWidth)
+        function = str(dataset.get("VOILUTFunction", "LINEAR")).upper()
+        if width > 0 and function == "SIGMOID":
+            work = np.array(values, dtype=np.float32)
+            work -= center
+            work *= -4.0 / width
+            np.exp(work, out=work)
+            work += 1.0
+            return imaging.rescale_unit_to_uint8(np.reciprocal(work, out=work))
+        if width > 0:
+            unit = _window_linear(values, center, width, function == "LINEAR_EXACT")
+            return imaging.rescale_unit_to_uint8(unit)
+    return imaging.rescale_to_uint8(values)
+
+
+def _dicom_gray(pixels: np.ndarray, dataset: Any, name: str) -> tuple[np.ndarray, float]:
+    """8-bit gray and colourfulness of one decoded frame (no float64 anywhere)."""
+    import cv2
+    from pydicom.pixels import convert_color_space
+
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        if photometric.startswith("YBR"):
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        rgb = imaging.rescale_to_uint8(pixels)
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), imaging.colourfulness(rgb)
+    if pixels.ndim != 2:
+        raise _corrupt_dicom(name, f"unexpected pixel shape {pixels.shape}")
+    try:
+        gray = _voi_uint8(_modality(pixels, dataset), dataset)
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError):
+        raise _corrupt_dicom(name, "bad pixel transform attributes") from None
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray
+    return gray, 0.0
+
+
+def dicom_info(dataset: Any, header: DicomHeader) -> dict[str, str]:
+    """What may be shown about a DICOM file: the allow-listed, non-identifying tags."""
+    info = {"format": "dicom", "frames": str(header.frames)}
+    for keyword in DICOM_INFO_TAGS:
+        try:
+            value = dataset.get(keyword, None)
+        except Exception:  # noqa: BLE001 - a bad optional tag is just not shown
+            value = None
+        if value is not None and keyword != "NumberOfFrames":
+            info[keyword] = str(value)[:64]
+    return info
+
+
+def decode_dicom(
+    data: bytes, name: str, max_pixels: int, max_decode_bytes: int = 2**33
+) -> tuple[np.ndarray, float, dict[str, str]]:
+    """An 8-bit gray slice from DICOM bytes, its colourfulness and its shown metadata.
+
+    Budget first: a Deflated dataset is inflated at most ``max_decode_bytes``; the header
+    (Rows, Columns, NumberOfFrames ...) is checked before a pixel is decoded, and only
+    the middle frame is decoded. Then the modality LUT (rescale slope and intercept), the
+    VOI transform the file asks for, and MONOCHROME1 inverted so tissue is bright, as in
+    the training images. Messages never quote the file's values, and the returned
+    metadata is an allow-list (``DICOM_INFO_TAGS``): no patient data leaves here.
     """
     try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        import pydicom  # noqa: F401 - only to say so when it is missing
     except ImportError:
         raise InputError(
             imaging.NOT_AN_IMAGE, f"{name}: DICOM support needs pydicom (not installed)"
         ) from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dataset = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as error:
-        raise InputError(imaging.CORRUPT, f"{name}: corrupt DICOM ({error})") from None
-    if "PixelData" not in dataset and "FloatPixelData" not in dataset:
-        raise InputError(imaging.NOT_AN_IMAGE, f"{name}: DICOM file without image data")
-    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    if rows * columns > max_pixels or rows * columns * frames > 16 * max_pixels:
-        raise InputError(
-            TOO_LARGE, f"{name}: image too large ({columns}x{rows} pixels, {frames} frames)"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pixels = dataset.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(
-            imaging.CORRUPT, f"{name}: cannot read the DICOM pixels ({message})"
-        ) from None
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        pixels = pixels[frames // 2]
-    if samples == 3:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            pixels = convert_color_space(pixels, photometric, "RGB")
-        rgb = _min_max_uint8(pixels.astype(np.float64))
-        colour = imaging.colourfulness(rgb)
-        import cv2
-
-        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), colour
-    if pixels.ndim != 2:
-        raise InputError(imaging.CORRUPT, f"{name}: unexpected DICOM pixel shape {pixels.shape}")
-    try:
-        values = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float64)
-        if "VOILUTSequence" in dataset:
-            unit = _min_max_unit(np.asarray(apply_voi_lut(values, dataset), dtype=np.float64))
-        elif "WindowCenter" in dataset and "WindowWidth" in dataset:
-            center = _first_number(dataset.WindowCenter)
-            width = _first_number(dataset.WindowWidth)
-            function = str(dataset.get("VOILUTFunction", "LINEAR")).upper()
-            if width <= 0:
-                unit = _min_max_unit(values)
-            elif function == "SIGMOID":
-                unit = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-            else:
-                unit = _window_linear(values, center, width, function == "LINEAR_EXACT")
-        else:
-            unit = _min_max_unit(values)
-    except (ValueError, TypeError, IndexError, AttributeError) as error:
-        raise InputError(imaging.CORRUPT, f"{name}: bad DICOM pixel transform ({error})") from None
-    if photometric == "MONOCHROME1":
-        unit = 1.0 - unit
-    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8), 0.0
-
-
-def _min_max_unit(values: np.ndarray) -> np.ndarray:
-    values = np.nan_to_num(values.astype(np.float64))
-    low, high = float(values.min()), float(values.max())
-    return (values - low) / (high - low) if high > low else np.zeros_like(values)
-
-
-def _min_max_uint8(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(_min_max_unit(values) * 255.0), 0, 255).astype(np.uint8)
+    _withhold_pydicom_values()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's warnings can quote element values
+        try:
+            dataset = _read_dicom(data, name, max_decode_bytes)
+        except InputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - pydicom's parser raises many kinds
+            raise _corrupt_dicom(name, f"unreadable header: {type(error).__name__}") from None
+        header = _dicom_header(dataset, name, max_pixels, max_decode_bytes)
+        pixels = _dicom_frame(dataset, header, name)
+        gray, colour = _dicom_gray(pixels, dataset, name)
+    return gray, colour, dicom_info(dataset, header)
 
 
 def format_bytes(count: int) -> str:
-    """A size for people: ``20.0 MB``, ``340 kB``, ``12 bytes`` (decimal units)."""
+    """A size for people: ``3.2 GB``, ``20.0 MB``, ``340 kB``, ``12 bytes`` (decimal)."""
+    if count >= 1_000_000_000:
+        return f"{count / 1e9:.1f} GB"
     if count >= 1_000_000:
         return f"{count / 1e6:.1f} MB"
     if count >= 1_000:
@@ -452,69 +564,73 @@ def format_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-def raster_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from an image header without decoding the pixels, if readable."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-    except Exception:  # noqa: BLE001 - any unreadable header: decode_image explains it
-        return None
-
-
-def decode_upload(data: bytes, name: str, settings: ServingSettings) -> np.ndarray:
-    """An uploaded file's bytes to the 8-bit gray slice (before the model's transform).
-
-    Refuses (``InputError``) an empty or oversized file, too many pixels (checked from the
-    header, before decoding), what ``imaging.decode_image`` refuses (not an image, corrupt,
-    truncated, too small, a colour photograph) and a blank image.
-    """
-    if len(data) > settings.max_upload_bytes:
-        raise InputError(
-            TOO_LARGE,
-            f"{name}: file too large ({format_bytes(len(data))}; the limit is "
-            f"{format_bytes(settings.max_upload_bytes)})",
-        )
-    if len(data) == 0:
-        raise InputError(imaging.EMPTY, f"{name}: empty file (0 bytes)")
+def _decode(data: bytes, name: str, settings: ServingParams) -> tuple[np.ndarray, dict[str, str]]:
+    """Bytes to the 8-bit gray slice and its shown metadata, within the budgets."""
     min_side = settings.min_side or 1
-    if sniff_dicom(data, name):
-        gray, colour = decode_dicom(data, name, settings.max_pixels)
-        height, width = gray.shape
-        tolerance = settings.grayscale_tolerance
-        if tolerance is not None and colour > tolerance:
-            raise InputError(
-                imaging.COLOUR, f"{name}: colour image (channel difference {colour:.1f})"
-            )
-        if min(width, height) < min_side:
-            raise InputError(
-                imaging.TOO_SMALL, f"{name}: too small ({width}x{height}, minimum side {min_side})"
-            )
-    else:
-        size = raster_size(data)
-        if size is not None and size[0] * size[1] > settings.max_pixels:
-            raise InputError(
-                TOO_LARGE,
-                f"{name}: image too large ({size[0]}x{size[1]} pixels; the limit is "
-                f"{settings.max_pixels:,} pixels)",
-            )
+    tolerance = settings.grayscale_tolerance
+    if not sniff_dicom(data, name):
         try:
-            gray = imaging.decode_image(
+            decoded = imaging.decode_image(
                 data,
                 name=name,
                 min_side=min_side,
-                grayscale_tolerance=settings.grayscale_tolerance,
-            ).gray
+                grayscale_tolerance=tolerance,
+                max_pixels=settings.max_pixels,
+                max_decode_bytes=settings.max_decode_bytes,
+            )
         except imaging.ImageDecodeError as error:
             raise InputError(error.reason, str(error)) from None
-    if float(gray.std()) < BLANK_STD:
+        info = {"format": decoded.file_format, "width": str(decoded.width)}
+        info["height"] = str(decoded.height)
+        return decoded.gray, info
+    try:
+        gray, colour, info = decode_dicom(
+            data, name, settings.max_pixels, settings.max_decode_bytes
+        )
+    except imaging.ImageDecodeError as error:
+        raise InputError(error.reason, str(error)) from None
+    height, width = gray.shape
+    if tolerance is not None and colour > tolerance:
+        raise InputError(imaging.COLOUR, f"{name}: colour image (channel difference {colour:.1f})")
+    if min(width, height) < min_side:
+        raise InputError(
+            imaging.TOO_SMALL, f"{name}: too small ({width}x{height}, minimum side {min_side})"
+        )
+    return gray, {**info, "width": str(width), "height": str(height)}
+
+
+def _spread(gray: np.ndarray) -> float:
+    """Standard deviation of the gray levels without a float64 copy of the image
+    (``ndarray.std`` of a 6000 x 6000 slice would allocate 288 MB)."""
+    import cv2
+
+    return float(cv2.meanStdDev(gray)[1][0, 0])
+
+
+def decode_upload(data: bytes, name: str, settings: ServingParams) -> np.ndarray:
+    """An uploaded file's bytes to the 8-bit gray slice (before the model's transform).
+
+    Refuses (``InputError``) an empty or oversized file, an image whose header promises
+    more pixels or decoded bytes than the budget (before decoding), what
+    ``imaging.decode_image`` refuses (not an image, corrupt, truncated, too small, a colour
+    photograph), a bad DICOM, and a blank image.
+    """
+    return _checked_gray(data, name, settings)[0]
+
+
+def _checked_gray(
+    data: bytes, name: str, settings: ServingParams
+) -> tuple[np.ndarray, dict[str, str]]:
+    if len(data) > settings.max_upload_bytes:
+        raise InputError(TOO_LARGE, _too_large_message(name, len(data), settings.max_upload_bytes))
+    if len(data) == 0:
+        raise InputError(imaging.EMPTY, f"{name}: empty file (0 bytes)")
+    gray, info = _decode(data, name, settings)
+    if _spread(gray) < BLANK_STD:
         raise InputError(
             OUT_OF_DISTRIBUTION, f"{name}: blank image (a single gray level, no MRI slice)"
         )
-    return gray
+    return gray, info
 
 
 # --------------------------------------------------------------------------- prediction
@@ -522,43 +638,106 @@ def decode_upload(data: bytes, name: str, settings: ServingSettings) -> np.ndarr
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """An upload ready for the model: the preprocessed slice and what was noticed."""
+    """An upload ready for the model: the preprocessed slice and what was noticed.
+
+    ``info`` is what may be shown about the file (format, size, and for DICOM only the
+    allow-listed ``DICOM_INFO_TAGS``): never patient data.
+    """
 
     name: str
     image: np.ndarray  # (S, S) uint8: exactly what the model is fed
     z_scores: tuple[float, float] | None  # mean, spread vs the training images
     warning: str | None
+    info: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Predictor:
-    """A loaded bundle behind the checks, batching and Grad-CAM that serving needs.
+    """A loaded bundle behind the checks, batching and Grad-CAM that serving needs: the
+    one decode-check-predict path of the app, ``predict`` and the registered pyfunc.
+
+    ``prepare_file`` (a path: the app and ``predict``) and ``prepare`` (bytes: the pyfunc
+    and ``mlflow models serve``) apply the same checks and give the same ``InputError``
+    reason for the same bad file; ``predict`` and ``explain`` run the model.
 
     Thread-safe: the model is called under a lock (Keras's compiled predict function and
     the Grad-CAM step are shared), preparation runs outside it.
     """
 
-    def __init__(self, bundle: Bundle, settings: ServingSettings | None = None) -> None:
+    def __init__(self, bundle: Bundle, settings: ServingParams | None = None) -> None:
         self.bundle = bundle
-        self.settings = settings or ServingSettings()
+        self.settings = settings or ServingParams().resolved(CleanParams())
         self.classes = tuple(bundle.meta.classes)
         self.image_size = int(bundle.meta.image_size)
         self._lock = threading.Lock()
         self._gradcam: Any = None
+        self._ood = load_detector(bundle.folder)  # None: a bundle from before evaluate shipped one
+        self._extractor: Any = None
 
     def describe(self) -> str:
         return self.bundle.describe()
 
+    def prepare_file(self, path: str | Path, name: str | None = None) -> PreparedImage:
+        """Read (safely: regular files only, size checked before reading) and prepare a
+        file: what the app and ``predict`` call. Raises ``InputError``."""
+        label = name or Path(path).name
+        data = read_upload(Path(path), self.settings.max_upload_bytes, label)
+        return self.prepare(data, label)
+
     def prepare(self, data: bytes, name: str = "<upload>") -> PreparedImage:
-        """Check and preprocess one file's bytes (raises ``InputError``)."""
-        gray = decode_upload(data, name, self.settings)
-        image = imaging.preprocess_gray(gray, self.image_size, self.bundle.meta.preprocess)
+        """Check and preprocess one file's bytes (raises ``InputError``, whatever fails:
+        a decoder's unforeseen exception becomes ``decode_failed``, never a traceback that
+        stops a batch)."""
+        try:
+            gray, info = _checked_gray(data, name, self.settings)
+            image = imaging.preprocess_gray(gray, self.image_size, self.bundle.meta.preprocess)
+        except InputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - last line of defence for one file
+            raise InputError(
+                DECODE_FAILED, f"{name}: cannot be decoded ({type(error).__name__})"
+            ) from None
+        z_scores, warning = self._distribution_check(image, name)
+        warning = self._feature_check(image, name) or warning
+        return PreparedImage(name, image, z_scores, warning, info)
+
+    def _feature_check(self, image: np.ndarray, name: str) -> str | None:
+        """The learned out-of-distribution check (``ood.py``): the model's own pooled
+        features against the training slices', thresholded on validation. Refuses what
+        lies beyond the threshold, warns on the top 1 % of what validation scored."""
+        if self._ood is None:
+            return None
+        with self._lock:
+            if self._extractor is None:
+                self._extractor = FeatureExtractor(self.bundle.model)
+            outputs = self._extractor(image[None], batch_size=1)
+        scores = self._ood.score(outputs.features, outputs.logits)
+        percent = float(self._ood.percentile(scores)[0])
+        if bool(self._ood.is_outlier(scores)[0]):
+            raise InputError(
+                OUT_OF_DISTRIBUTION,
+                f"{name}: does not look like a brain MRI slice: its features are further from "
+                f"the training slices than {percent:.1f}% of validation slices' "
+                "(no prediction made)",
+            )
+        if percent >= 99.0:
+            return (
+                "unusual image for this model (its features are at the edge of what it was "
+                "validated on); treat the prediction with caution"
+            )
+        return None
+
+    def _distribution_check(
+        self, image: np.ndarray, name: str
+    ) -> tuple[tuple[float, float] | None, str | None]:
+        """z-scores against the training images; warns on odd ones, and refuses far-off
+        ones where the bundle has no learned detector (it catches far less: ``ood.py``)."""
         stats = self.bundle.meta.input_stats
         if stats is None:
-            return PreparedImage(name, image, None, None)
+            return None, None
         z_mean, z_spread = stats.z_scores(image)
         worst = max(z_mean, z_spread)
         what = "brightness" if z_mean >= z_spread else "contrast"
-        if worst > self.settings.ood_refuse_z:
+        if worst > self.settings.ood_refuse_z and self._ood is None:
             raise InputError(
                 OUT_OF_DISTRIBUTION,
                 f"{name}: does not look like a brain MRI slice: its {what} is {worst:.1f} "
@@ -570,7 +749,7 @@ class Predictor:
                 f"unusual image: its {what} is {worst:.1f} standard deviations away from the "
                 "training images; treat the prediction with caution"
             )
-        return PreparedImage(name, image, (z_mean, z_spread), warning)
+        return (z_mean, z_spread), warning
 
     def _batch(self, images: np.ndarray) -> np.ndarray:
         batch = np.asarray(images, dtype=np.float32)

@@ -8,10 +8,11 @@ the same invocation (same DVC process and experiment name), or starts a new pare
 the frozen stage was skipped as up to date. A phase resumed after a kill continues its own
 interrupted child run.
 
-Logged per phase: every parameter (flattened), tags (git commit, DVC experiment and stage,
-profile, backend), the datasets (digest and counts of the processed data), per-epoch
-metrics with the epoch as step, system metrics, the history, the figures and the model
-(``mlflow.keras`` flavour with a signature).
+Logged per phase: every parameter (flattened; secret-named keys and credentials in URIs
+redacted by ``redact_params``, as every URI shown or written goes through ``redact_uri``),
+tags (git commit, DVC experiment and stage, profile, backend), the datasets (digest and
+counts of the processed data), per-epoch metrics with the epoch as step, system metrics,
+the history, the figures and the model (``mlflow.keras`` flavour with a signature).
 
 The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``tracking.tracking_uri``;
 a relative ``sqlite:///`` path is made absolute against the project root, because
@@ -43,6 +44,10 @@ from mlflow.tracking import MlflowClient
 from braintumor.config import Params, flatten
 from braintumor.io_utils import write_json
 from braintumor.paths import real_project_root, resolve_tracking_uri
+from braintumor.redaction import (  # re-exported: stages and tests import them from here
+    redact_params,
+    redact_uri,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -128,8 +133,7 @@ def _experiment_id(name: str, uri: str, project_root: Path) -> str:
 
 
 def _log_params(client: MlflowClient, run_id: str, params: Params) -> None:
-    flat = {key: str(value) for key, value in flatten(params).items()}
-    items = sorted(flat.items())
+    items = sorted(redact_params(flatten(params)).items())
     for start in range(0, len(items), PARAMS_PER_CALL):
         batch = [Param(k, v) for k, v in items[start : start + PARAMS_PER_CALL]]
         client.log_batch(run_id, params=batch)
@@ -226,6 +230,33 @@ class PhaseRun:
         )
 
 
+def _parent_run_id(
+    client: MlflowClient,
+    params: Params,
+    resumed: Any | None,
+    parent_file: Path | None,
+    invocation: str,
+    experiment_id: str,
+    project_root: Path,
+) -> str:
+    """The resumed run's parent, else the parent of the same invocation's earlier phase,
+    else a new parent run (with the parameters, credentials redacted)."""
+    if resumed is not None and (known := resumed.data.tags.get("mlflow.parentRunId")):
+        return known
+    previous = _read_run_file(parent_file)
+    if previous and previous.get("invocation") == invocation:
+        if _existing_run(client, previous.get("parent_run_id")) is not None:
+            return previous["parent_run_id"]
+    name = os.environ.get("DVC_EXP_NAME") or "pipeline"
+    parent = client.create_run(
+        experiment_id, run_name=name, tags=run_tags(params, None, project_root)
+    )
+    _log_params(client, parent.info.run_id, params)
+    if previous_frozen := (previous or {}).get("run_id"):
+        client.set_tag(parent.info.run_id, "reused_frozen_run", previous_frozen)
+    return parent.info.run_id
+
+
 @contextlib.contextmanager
 def phase_run(
     params: Params,
@@ -249,23 +280,9 @@ def phase_run(
     invocation = pipeline_invocation()
 
     resumed = _existing_run(client, resume_run_id)
-    parent_run_id = None
-    if resumed is not None:
-        parent_run_id = resumed.data.tags.get("mlflow.parentRunId")
-    if parent_run_id is None:
-        previous = _read_run_file(parent_file)
-        if previous and previous.get("invocation") == invocation:
-            if _existing_run(client, previous.get("parent_run_id")) is not None:
-                parent_run_id = previous["parent_run_id"]
-    if parent_run_id is None:
-        name = os.environ.get("DVC_EXP_NAME") or "pipeline"
-        parent = client.create_run(
-            experiment_id, run_name=name, tags=run_tags(params, None, project_root)
-        )
-        parent_run_id = parent.info.run_id
-        _log_params(client, parent_run_id, params)
-        if previous_frozen := (_read_run_file(parent_file) or {}).get("run_id"):
-            client.set_tag(parent_run_id, "reused_frozen_run", previous_frozen)
+    parent_run_id = _parent_run_id(
+        client, params, resumed, parent_file, invocation, experiment_id, project_root
+    )
 
     if resumed is not None:
         run = mlflow.start_run(run_id=resumed.info.run_id, log_system_metrics=True)
@@ -296,6 +313,6 @@ def phase_run(
             "invocation": invocation,
             "parent_run_id": parent_run_id,
             "run_id": tracked.run_id,
-            "tracking_uri": uri,
+            "tracking_uri": redact_uri(uri),
         },
     )

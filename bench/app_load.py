@@ -1,0 +1,321 @@
+"""Load the running web app through its queue: N clients for D seconds, plain HTTP.
+
+Usage (from the repository root; a trained bundle is needed)::
+
+    nice -n 10 .venv/bin/python bench/app_load.py --model models/bundle \\
+        [--clients 50] [--duration 30] [--max-queue 32] [--mirror DIR] [--json out.json]
+
+Starts ``python -m braintumor.app`` on a free loopback port (its temp root in a fresh
+temporary folder), then:
+
+1. **The direct API is closed**: one upload, then ``POST /gradio_api/run/predict`` and
+   ``/gradio_api/api/predict`` must answer 404 (they would skip the queue).
+2. **Load**: ``--clients`` threads, each in a loop for ``--duration`` seconds, as the page
+   does: upload a file (``/gradio_api/upload``), join the queue (``/gradio_api/call/predict``)
+   and read the outcome from its event stream. Files: real msoud test slices, and one
+   request in ten a food photograph from ``not-mri/`` that must come back as a refusal.
+   Outcomes: ``ok``; ``refused_as_expected`` (the food photo); ``queue_full`` (HTTP 503:
+   the bounded queue doing its job; that client waits 1 s before its next try); ``errors``
+   (anything else: an exception, a wrong or missing answer). Latency: upload to answer,
+   p50 and p95, over ``ok`` and ``refused_as_expected``.
+3. **Memory**: resident memory of the app (its process tree) sampled every 0.5 s: before
+   the load (after one warm request), the peak, the end; growth = end - before, and the
+   growth over the second half of the run (the first half absorbs allocator warm-up).
+4. **Disk**: files left in the app's run folder after the load (every analysed upload is
+   deleted; display images go after the app's cache age), and that SIGTERM removes the
+   folder.
+
+Not a test: numbers depend on the machine and its load (both printed with the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+STARTUP_TIMEOUT_S = 300
+
+
+def _mirror(path: Path | None) -> Path:
+    root = path or Path(os.environ.get("BRAINTUMOR_MIRROR") or REPO.parent / "shared" / "datasets")
+    if not (root / "msoud").is_dir() or not (root / "not-mri").is_dir():
+        raise SystemExit(f"--mirror {root}: no msoud/ and not-mri/ folders there")
+    return root
+
+
+def _files(mirror: Path, count: int) -> tuple[list[Path], list[Path]]:
+    """``count`` real test slices (round-robin over the classes) and 5 food photos."""
+    per_class = [
+        sorted(p for p in (mirror / "msoud" / "Testing" / name).iterdir() if p.is_file())
+        for name in CLASSES
+    ]
+    slices = [per_class[i % len(CLASSES)][i // len(CLASSES)] for i in range(count)]
+    food = sorted((mirror / "not-mri").glob("*.jpg"))[:5]
+    return slices, food
+
+
+def _tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def start_app(model: Path, max_queue: int, work: Path) -> tuple[subprocess.Popen, str, Path]:
+    """The app in a subprocess; returns it, its URL and its run folder."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "BRAINTUMOR_APP_TEMP": str(work / "temp")}
+    env.pop("GRADIO_TEMP_DIR", None)
+    command = [
+        sys.executable, "-m", "braintumor.app", "--model", str(model), "--port", str(port),
+        "--params", str(REPO / "params.yaml"), "--max-queue", str(max_queue), "--examples",
+    ]  # fmt: skip
+    log_path = work / "app.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        text = log_path.read_text()
+        found = re.search(r"Running on local URL: (\S+)", text)
+        if found:
+            folder = re.search(r"uploads kept in (\S+)", text)
+            return server, found.group(1), Path(folder.group(1)) if folder else work
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit(f"the app did not start:\n{text[-3000:]}")
+        time.sleep(0.5)
+
+
+def upload(session: requests.Session, url: str, path: Path) -> dict[str, Any]:
+    with path.open("rb") as handle:
+        answer = session.post(url + "gradio_api/upload", files={"files": handle}, timeout=60)
+    answer.raise_for_status()
+    return {"path": answer.json()[0], "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+
+def analyse(session: requests.Session, url: str, path: Path) -> tuple[int, str]:
+    """One request as the page makes it: (HTTP status of joining the queue, message)."""
+    data = upload(session, url, path)
+    joined = session.post(url + "gradio_api/call/predict", json={"data": [data, 0.4]}, timeout=60)
+    if joined.status_code != 200:
+        return joined.status_code, joined.text[:200]
+    stream = session.get(
+        f"{url}gradio_api/call/predict/{joined.json()['event_id']}", stream=True, timeout=600
+    )
+    event = None
+    for line in stream.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            event = line.removeprefix("event: ")
+        elif line.startswith("data: ") and event in ("complete", "error"):
+            payload = json.loads(line.removeprefix("data: "))
+            if event == "error" or not isinstance(payload, list) or len(payload) < 5:
+                return 500, f"{event}: {str(payload)[:200]}"
+            return 200, str(payload[4])
+    return 500, "the event stream ended without an answer"
+
+
+def direct_api_status(url: str, path: Path) -> dict[str, int]:
+    session = requests.Session()
+    data = upload(session, url, path)
+    return {
+        route: session.post(url + route, json={"data": [data, 0.4]}, timeout=60).status_code
+        for route in ("gradio_api/run/predict", "gradio_api/api/predict")
+    }
+
+
+def _request(session: requests.Session, url: str, path: Path) -> tuple[int, str]:
+    try:
+        return analyse(session, url, path)
+    except requests.RequestException as error:
+        return 0, f"{type(error).__name__}: {str(error)[:150]}"
+
+
+def _outcome(status: int, message: str, bad: bool) -> str:
+    if status == 503 and "Queue is full" in message:
+        return "queue_full"
+    if status == 200 and message.startswith("Cannot analyse this file" if bad else "Analysed"):
+        return "refused_as_expected" if bad else "ok"
+    return "errors"
+
+
+def run_load(
+    url: str, process: psutil.Process, slices: list[Path], food: list[Path], args: Any
+) -> dict[str, Any]:
+    """``args.clients`` client threads for ``args.duration`` seconds; counts, latencies,
+    RSS samples."""
+    counts = {"ok": 0, "refused_as_expected": 0, "queue_full": 0, "errors": 0}
+    latencies: list[float] = []
+    problems: list[str] = []
+    samples: list[int] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(number: int) -> None:
+        session = requests.Session()
+        index = number
+        while not stop.is_set():
+            bad = index % 10 == 9
+            path = food[index % len(food)] if bad else slices[index % len(slices)]
+            index += args.clients
+            began = time.perf_counter()
+            status, message = _request(session, url, path)
+            elapsed = time.perf_counter() - began
+            outcome = _outcome(status, message, bad)
+            with lock:
+                counts[outcome] += 1
+                if outcome in ("ok", "refused_as_expected"):
+                    latencies.append(elapsed)
+                elif outcome == "errors" and len(problems) < 20:
+                    problems.append(f"{path.name}: {status} {message}")
+            if outcome == "queue_full":
+                stop.wait(1.0)
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(_tree_rss(process))
+            stop.wait(0.5)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+    sampler = threading.Thread(target=sample, daemon=True)
+    started = time.perf_counter()
+    sampler.start()
+    for thread in threads:
+        thread.start()
+    time.sleep(args.duration)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=600)
+    wall = time.perf_counter() - started
+    sampler.join(timeout=5)
+    return {"counts": counts, "latencies": latencies, "problems": problems, "rss": samples,
+            "wall_s": wall}  # fmt: skip
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    array = np.asarray(values) * 1000
+    return {f"p{q}_ms": float(np.percentile(array, q)) for q in (50, 95)} | {
+        "max_ms": float(array.max())
+    }
+
+
+def _second_half_growth(samples: list[int]) -> float:
+    second = samples[len(samples) // 2 :]
+    return float(max(second) - second[0]) if second else float("nan")
+
+
+def summarise(load: dict[str, Any], before: int, after: int, folder: Path) -> dict[str, Any]:
+    left = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return {
+        "counts": load["counts"],
+        "requests_per_s": sum(load["counts"].values()) / load["wall_s"],
+        "latency": _percentiles(load["latencies"]),
+        "rss_mb": {
+            "before": before / 1e6,
+            "peak": max(load["rss"], default=before) / 1e6,
+            "end": after / 1e6,
+            "growth": (after - before) / 1e6,
+            # As bench/serve.py: the first half absorbs allocator warm-up; a leak would
+            # keep growing through the second.
+            "second_half_growth": _second_half_growth(load["rss"]) / 1e6,
+        },
+        "files_left": {
+            "count": len(left),
+            "uploads": sum(p.suffix.lower() in (".jpg", ".jpeg", ".dcm") for p in left),
+            "bytes": sum(p.stat().st_size for p in left),
+        },
+        "problems": load["problems"],
+        "wall_s": load["wall_s"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="a bundle folder")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--mirror", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if not (args.model / "bundle.json").is_file():
+        raise SystemExit(f"--model {args.model}: no bundle.json there")
+    slices, food = _files(_mirror(args.mirror), 40)
+    with tempfile.TemporaryDirectory(prefix="app-load-") as work:
+        server, url, folder = start_app(args.model, args.max_queue, Path(work))
+        try:
+            process = psutil.Process(server.pid)
+            direct = direct_api_status(url, slices[0])
+            analyse(requests.Session(), url, slices[1])  # one warm request
+            before = _tree_rss(process)
+            load = run_load(url, process, slices, food, args)
+            result = summarise(load, before, _tree_rss(process), folder)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+        result |= {"direct_api_status": direct, "folder_removed_at_exit": not folder.exists()}
+    result |= {"clients": args.clients, "duration_s": args.duration,
+               "max_queue": args.max_queue, "model": str(args.model),
+               "cpus": os.cpu_count(), "load_average": os.getloadavg()}  # fmt: skip
+    report(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["counts"]["errors"] == 0 and set(direct.values()) == {404} else 1
+
+
+def report(result: dict[str, Any]) -> None:
+    counts, latency, rss = result["counts"], result["latency"], result["rss_mb"]
+    print(f"direct API (skips the queue): {result['direct_api_status']} (404 = closed)")
+    print(
+        f"load: {result['clients']} clients for {result['wall_s']:.0f} s, queue bound "
+        f"{result['max_queue']}: {counts} ({result['requests_per_s']:.1f} requests/s)"
+    )
+    if latency:
+        print(
+            f"latency upload->answer: p50 {latency['p50_ms']:.0f} ms, p95 "
+            f"{latency['p95_ms']:.0f} ms, max {latency['max_ms']:.0f} ms"
+        )
+    print(
+        f"app RSS: {rss['before']:.0f} MB before, peak {rss['peak']:.0f} MB, "
+        f"end {rss['end']:.0f} MB (growth {rss['growth']:+.0f} MB; over the second half "
+        f"{rss['second_half_growth']:+.0f} MB)"
+    )
+    left = result["files_left"]
+    print(
+        f"files left in the run folder after the load: {left['count']} "
+        f"({left['uploads']} uploads, {left['bytes'] / 1e6:.1f} MB); "
+        f"folder removed at exit: {result['folder_removed_at_exit']}"
+    )
+    for problem in result["problems"]:
+        print(f"  error: {problem}")
+    print(f"machine: {result['cpus']} CPUs, load average {result['load_average']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
