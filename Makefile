@@ -1,6 +1,8 @@
 # The two commands of the README. Each creates the environment it needs from the lock file.
 #   make run    the whole DVC pipeline on the CPU quickstart profile (real data, offline mirror)
 #   make test   the test suite
+# For development: `make lint` (ruff, ruff format, mypy; CI runs it before the tests) and
+# `make test-fast` (the unit tier, about a minute).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +23,7 @@ ifeq ($(origin BRAINTUMOR_MIRROR), undefined)
   endif
 endif
 
-.PHONY: install run test lint bench-preprocess chromium serve
+.PHONY: install run test test-fast lint bench-preprocess chromium serve plots-template
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +32,39 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $@
 
 install: $(STAMP)
+	@$(MAKE) --no-print-directory $(PLOTS_TEMPLATE) || echo "warning: no $(PLOTS_TEMPLATE): \
+	dvc plots show fails until \`make plots-template\` succeeds (it needs npm and its registry)"
+
+# `dvc plots show` offline. DVC's own page loads vega, vega-lite and vega-embed from a CDN
+# and is blank offline; .dvc/config points `plots.html_template` at this page instead, with
+# the three libraries inlined (pinned versions, checked against these sha512 sums).
+PLOTS_TEMPLATE := .dvc/offline-plots.html
+PLOTS_JS := vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
+define PLOTS_JS_SHA512
+d5f02b7d50d4a956dbe73f27fbf9d541bf95341cf1f2cbd8e82aecc932b85239b8cab77d2356aea0ac4100f5cb09abd8d4b72b6c752c9106c650ff205cecf243  vega-5.33.1.tgz
+97827af80584dc3223be8bc4a079762ddb425247e6e33b3c5f1c7b20dc19100bfe5d56fa911eaf20dd60b77b7680dda0b3fcb80d84ecfd13e84de600b8483a98  vega-lite-5.23.0.tgz
+3e696c8532ed2c52e05ad17f6f6dd3d4ec17e7702e809f51677a8f136734d551406e0b77fc648d23f7adcc0fc6cddae471e5c599af850c7357529a4ab8cd14e9  vega-embed-6.29.0.tgz
+endef
+export PLOTS_JS_SHA512
+PLOTS_NPM := .dvc/tmp/plots-npm
+
+plots-template: $(PLOTS_TEMPLATE)
+
+# A library holding "</script" would end the inline script early: refused, not inlined.
+$(PLOTS_TEMPLATE): Makefile
+	rm -rf $(PLOTS_NPM) && mkdir -p $(PLOTS_NPM)
+	cd $(PLOTS_NPM) && npm pack --silent $(PLOTS_JS) >/dev/null
+	cd $(PLOTS_NPM) && echo "$$PLOTS_JS_SHA512" | sha512sum --check --quiet
+	{ printf '%s\n' '<!DOCTYPE html>' '<html>' '<head>' '<meta charset="utf-8">' \
+	    '{refresh_tag}' '<title>DVC plots</title>' \
+	    '<style>body { font-family: sans-serif; } table { border-spacing: 15px; }</style>'; \
+	  for package in $(PLOTS_JS); do \
+	    js=$$(tar -xzOf $(PLOTS_NPM)/$${package/@/-}.tgz package/build/$${package%@*}.min.js); \
+	    if grep -qi '</script' <<<"$$js"; then echo "$$package holds </script" >&2; exit 1; fi; \
+	    printf '<script>/* %s, inlined by make plots-template */\n%s\n</script>\n' "$$package" "$$js"; \
+	  done; \
+	  printf '%s\n' '</head>' '<body>' '{plot_divs}' '</body>' '</html>'; } > $(PLOTS_NPM)/page.html
+	mv $(PLOTS_NPM)/page.html $@ && rm -rf $(PLOTS_NPM)
 
 # dvc exp run records the run as an experiment and sets profile=quickstart in params.yaml
 # (as applied experiments do); `git checkout params.yaml` returns to the paper profile.
@@ -44,9 +79,17 @@ chromium:
 test: install chromium
 	$(BIN)/python -m pytest -q -ra
 
+# The unit tier: pure functions on tiny generated inputs; no slow, integration or browser test
+# and none that reads the data mirror (markers in pyproject.toml; `data` is set by conftest).
+FAST_TESTS := not slow and not integration and not browser and not data
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "$(FAST_TESTS)"
+
+# The same checks as .pre-commit-config.yaml; mypy's scope and strictness are in pyproject.toml.
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench services
+	$(BIN)/ruff format --check src tests bench services
+	$(BIN)/mypy
 
 # The web app on the champion model (or MODEL=path/to/bundle); prints its local URL.
 serve: install
@@ -54,3 +97,15 @@ serve: install
 
 bench-preprocess: install
 	$(BIN)/python bench/preprocess.py
+
+# Team services on loopback (docs/team.md): PostgreSQL + SeaweedFS (S3) + MLflow with basic
+# auth, all data under .services/. Optional: `make run` and `make test` never need them.
+.PHONY: services-up services-down services-status
+services-up: install
+	$(BIN)/python services/team_services.py up
+
+services-down: install
+	$(BIN)/python services/team_services.py down
+
+services-status: install
+	$(BIN)/python services/team_services.py status

@@ -18,12 +18,36 @@ def mirror_dir() -> Path:
     return Path(configured) if configured else REPO.parent / "shared" / "datasets"
 
 
+MIRROR_SOURCES = ("msoud", "sartaj")
+
+
+def require_mirror() -> Path:
+    """The mirror, or the calling test fails saying where it was looked for.
+
+    One rule for every test that reads real images: a missing mirror is a failure with
+    this message, never a skip (a skipped data tier would pass CI without testing)."""
+    path = mirror_dir()
+    missing = [name for name in MIRROR_SOURCES if not (path / name).is_dir()]
+    if missing:
+        pytest.fail(
+            f"data mirror not found at {path} (missing {', '.join(missing)}): set BRAINTUMOR_MIRROR"
+        )
+    return path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that reads the mirror (directly or through a fixture) ``data``, so
+    that ``make test-fast`` can leave out the data and model tiers."""
+    for item in items:
+        if "mirror" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
+
+
 @pytest.fixture(scope="session")
 def mirror() -> Path:
-    path = mirror_dir()
-    if not (path / "msoud").is_dir():
-        pytest.fail(f"data mirror not found at {path}: set BRAINTUMOR_MIRROR")
-    return path
+    """The data mirror; a module whose helpers read it uses
+    ``pytestmark = pytest.mark.usefixtures("mirror")``."""
+    return require_mirror()
 
 
 def copy_sample(
@@ -95,7 +119,28 @@ def write_params(directory: Path, overrides: dict | None = None) -> Path:
     return path
 
 
+def write_acquire_params(
+    folder: Path, sources: list[dict[str, object]], **acquire_extra: object
+) -> Path:
+    """A params.yaml with the project's ``common`` and ``acquire`` sections, sources replaced.
+
+    Only the sections the acquire stage reads are kept (every other one takes its
+    defaults), so its tests do not break while another stage's parameters are changed.
+    """
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    settings = {**raw["acquire"], "mirror": None, "retries": 2, "timeout_s": 5.0}
+    settings.update(chunk_bytes=4096, **acquire_extra, sources=sources)
+    params = {"profile": "paper", "common": raw["common"], "acquire": settings}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (for a server the test starts)."""
     import socket
 
     with socket.socket() as probe:

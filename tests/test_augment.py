@@ -159,6 +159,7 @@ def test_layer_refuses_negative_factors() -> None:
         RandomIntensity(contrast=1.0)
 
 
+@pytest.mark.slow  # XLA compiles the training step: about 25 s on 2 shared cores
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_intensity_layer_runs_inside_a_compiled_training_step(jit_compile: bool) -> None:
     """A graph (or XLA) training step with a dynamic batch size, as ``train`` runs it."""
@@ -215,6 +216,7 @@ json.dump({
 """
 
 
+@pytest.mark.slow  # a fresh process imports jax and keras: over a minute on 2 cores
 def test_intensity_augmentation_on_the_jax_backend(tmp_path) -> None:
     """The layers run, seeded, on JAX and inside a jit-compiled training step."""
     probe = subprocess.run([sys.executable, "-c", "import jax"], capture_output=True)

@@ -13,7 +13,7 @@ import pytest
 
 from braintumor.bundle import Bundle
 
-from conftest import TINY_SIZE, evaluate_args
+from conftest import TINY_OVERRIDES, TINY_SIZE, evaluate_args, write_params
 
 SIZE = TINY_SIZE
 
@@ -27,12 +27,22 @@ def _args(project: dict[str, Path], out: Path, **replace: Path) -> list[str]:
     return [*evaluate_args(project, out, **replace), "--no-tracking"]
 
 
+# The tiny validation split is smaller than the default minimum for a temperature fit;
+# lowered here so that the stage really fits one (and the tests can check which data it used).
+CALIBRATION_MIN_SAMPLES = 5
+
+
 @pytest.fixture(scope="module")
 def evaluated(project, tmp_path_factory) -> Path:
+    from braintumor.config import deep_merge
     from braintumor.evaluate import main
 
     out = tmp_path_factory.mktemp("evaluated")
-    assert main(_args(project, out)) == 0
+    overrides = deep_merge(
+        TINY_OVERRIDES, {"evaluate": {"calibration": {"min_samples": CALIBRATION_MIN_SAMPLES}}}
+    )
+    params = write_params(out / "params", overrides)
+    assert main(_args(project, out, params=params)) == 0
     return out
 
 
@@ -77,12 +87,37 @@ def test_calibration_is_fitted_on_validation_and_reported(evaluated: Path, proje
         calibration = node if view == "validation" else node["calibration"]
         assert set(calibration) == {"ece_before", "ece_after", "nll_before", "nll_after"}
     fit = report["finetuned"]["calibration"]
-    val = pd.read_csv(project["data"] / "val_index.csv")
     assert fit["fit_view"] == "val_leakage_free"
-    assert fit["samples"] == int(val["leakage_free"].sum())
-    # The applied temperature is the fitted one, or the identity with the reason.
-    assert fit["temperature"] == (1.0 if fit["reason"] else fit["fitted_temperature"])
+    # Refit here: the reported temperature is the one the leakage-free validation
+    # predictions give, and not the one the test predictions would give.
+    on_validation, on_test = _refit_calibration(evaluated, project)
+    assert fit["samples"] == on_validation.samples >= CALIBRATION_MIN_SAMPLES
+    assert fit["fitted_temperature"] == pytest.approx(on_validation.fitted_temperature, rel=1e-6)
+    assert fit["fitted_temperature"] != pytest.approx(on_test.fitted_temperature, rel=1e-3)
+    assert (fit["temperature"], fit["reason"]) == (on_validation.temperature, on_validation.reason)
     assert report["finetuned"]["temperature"] == fit["temperature"]
+
+
+def _refit_calibration(evaluated: Path, project: dict[str, Path]) -> tuple:
+    """The calibration fitted on the fine-tuned model's validation predictions (the
+    leakage-free rows) and, for contrast, on its test predictions."""
+    from braintumor.calibration import calibrate
+    from braintumor.config import load_params
+    from braintumor.data_loading import load_processed
+    from braintumor.evaluate import load_keras_model, predict_probabilities
+
+    params = load_params(evaluated / "params" / "params.yaml")
+    classes, settings = params.common.classes, params.evaluate.calibration
+    data = load_processed(project["data"], classes, SIZE, ("val", "test"))
+    model = load_keras_model(project["finetuned"], len(classes))
+    val, test = data.splits["val"], data.splits["test"]
+    val_rows = pd.read_csv(project["data"] / "val_index.csv")["leakage_free"].astype(bool)
+
+    def fit(split, rows: np.ndarray):
+        probabilities = predict_probabilities(model, split.images, params.evaluate.batch_size)
+        return calibrate(split.labels, probabilities, rows, settings)
+
+    return fit(val, val_rows.to_numpy()), fit(test, np.ones(len(test.labels), dtype=bool))
 
 
 def test_robustness_view_starts_from_the_raw_slices(evaluated: Path) -> None:

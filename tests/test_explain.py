@@ -379,6 +379,7 @@ def _jax_available() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow  # a fresh process imports jax and keras: about a minute on 2 cores
 def test_gradcam_on_the_jax_backend_matches_tensorflow(trained, held_out, tmp_path: Path):
     """The same saved model explained on JAX (in a subprocess: the backend is fixed at
     import) gives the TensorFlow maps."""

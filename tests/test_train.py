@@ -17,71 +17,14 @@ import numpy as np
 import pytest
 import yaml
 
-from braintumor.config import PreprocessParams, params_from_mapping
-from braintumor.imaging import decode_image, preprocess_gray
+from braintumor.config import params_from_mapping
 
-MSOUD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "msoud"
-PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
-CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
-SIZE = 32
+from train_helpers import CLASSES, SIZE, make_processed, tiny_raw_params
 
-pytestmark = pytest.mark.skipif(not MSOUD.is_dir(), reason="needs ../shared/datasets/msoud")
+pytestmark = pytest.mark.usefixtures("mirror")  # a missing mirror fails, with its path
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def make_processed(
-    folder: Path,
-    size: int = SIZE,
-    counts: dict[str, int] | None = None,
-    classes: tuple[str, ...] = CLASSES,
-) -> Path:
-    """A ``data/processed`` look-alike from real JPEGs: ``counts`` images per class per
-    split (train and val from Training, disjoint; test from Testing)."""
-    counts = counts or {"train": 8, "val": 3}
-    folder.mkdir(parents=True, exist_ok=True)
-    first = {"train": 0, "val": 400, "test": 0}
-    for split, per_class in counts.items():
-        source = "Testing" if split == "test" else "Training"
-        images, labels, paths = [], [], []
-        for label, name in enumerate(CLASSES):
-            files = sorted((MSOUD / source / name).glob("*.jpg"))
-            for path in files[first[split] : first[split] + per_class]:
-                gray = decode_image(path.read_bytes(), name=path.name).gray
-                images.append(preprocess_gray(gray, size, PreprocessParams()))
-                labels.append(label)
-                paths.append(f"msoud/{source}/{name}/{path.name}")
-        np.save(folder / f"{split}_images.npy", np.stack(images)[..., None])
-        np.save(folder / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
-        with (folder / f"{split}_index.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["id", "path", "source", "label", "leakage_free"])
-            for row, (path, label) in enumerate(zip(paths, labels, strict=True)):
-                writer.writerow([row, path, "msoud", CLASSES[label], split == "test"])
-    meta = {
-        "classes": list(classes),
-        "image_size": size,
-        "digest": f"test-{size}-{sorted(counts.items())}",
-        "counts": counts,
-    }
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
-
-
-def tiny_raw_params(**train: Any) -> dict[str, Any]:
-    """The project's params.yaml, shrunk: 32 px, tinycnn, small head, 2 epochs, no XLA."""
-    raw = yaml.safe_load(PARAMS_FILE.read_text())
-    raw["profile"] = "paper"
-    raw["common"]["image_size"] = SIZE
-    raw["model"].update(backbone="tinycnn", weights="none", dense_units=[32, 16])
-    raw["train"]["jit_compile"] = False
-    for phase in ("frozen", "finetune"):
-        raw["train"][phase].update(epochs=2, batch_size=8)
-    for key, value in train.items():
-        phase, _, name = key.partition("__")
-        raw["train"][phase][name] = value
-    return raw
 
 
 def tiny_params(**train: Any):

@@ -289,7 +289,7 @@ def augment_examples(augmenter: keras.Sequential, images: np.ndarray, seed: int)
     return np.clip(np.rint(keras.ops.convert_to_numpy(augmented)), 0, 255).astype(np.uint8)
 
 
-def reseed_random_layers(model: keras.Model, seed: int) -> None:
+def reseed_random_layers(model: keras.Model, seed: int | list[int]) -> None:
     """Set the generator state of every random layer in ``model`` (augmentation, dropout)
     from ``seed``.
 

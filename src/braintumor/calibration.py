@@ -36,12 +36,16 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from braintumor.config import CalibrationParams
 from braintumor.metrics import validate_labels, validate_probabilities
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 # Search range of the temperature (bounded, on log T). Real networks land in about 0.5-5;
 # the range keeps the search finite, and a fit that reaches it is flagged (``at_bound``).
@@ -295,35 +299,15 @@ def calibrate(
     folders, on which the model is less accurate, so confidence learnt on validation
     should only ever go down on test.
     """
-    labels, probabilities = _check_pair(val_labels, val_probs)
-    mask = np.asarray(val_leakage_free_mask)
-    if mask.dtype != bool or mask.shape != labels.shape:
-        raise ValueError(
-            f"val_leakage_free_mask must be a boolean array of shape {labels.shape}, "
-            f"got {mask.dtype} {mask.shape}"
-        )
-    rows = mask if params.fit_view == "val_leakage_free" else np.ones_like(mask)
-    labels, probabilities = labels[rows], probabilities[rows]
+    labels, probabilities = _fitting_rows(
+        val_labels, val_probs, val_leakage_free_mask, params.fit_view
+    )
     samples = int(labels.shape[0])
     nll = negative_log_likelihood(labels, probabilities) if samples else float("nan")
-
-    def identity(reason: str, fitted: TemperatureFit | None = None) -> CalibrationFit:
-        return CalibrationFit(
-            method=params.method,
-            temperature=1.0,
-            fitted_temperature=None if fitted is None else fitted.temperature,
-            at_bound=False if fitted is None else fitted.at_bound,
-            nll_before=nll,
-            nll_after=nll,
-            fit_view=params.fit_view,
-            samples=samples,
-            reason=reason,
-        )
-
     if params.method == METHOD_NONE:
-        return identity("method_none")
+        return _identity_fit(params, samples, nll, "method_none")
     if samples < params.min_samples:
-        return identity("too_few_samples")
+        return _identity_fit(params, samples, nll, "too_few_samples")
     low, high = params.temperature_bounds
     fit = fit_temperature(
         log_probabilities(probabilities),
@@ -331,10 +315,9 @@ def calibrate(
         bounds=(low, high),
         bound_tolerance=params.bound_tolerance,
     )
-    if fit.at_bound:
-        return identity("at_bound", fit)
-    if fit.temperature < 1 and not params.allow_sharpening:
-        return identity("would_sharpen", fit)
+    reason = _refusal_reason(fit, params.allow_sharpening)
+    if reason:
+        return _identity_fit(params, samples, nll, reason, fit)
     return CalibrationFit(
         method=params.method,
         temperature=fit.temperature,
@@ -344,6 +327,54 @@ def calibrate(
         nll_after=fit.nll_after,
         fit_view=params.fit_view,
         samples=samples,
+    )
+
+
+def _fitting_rows(
+    val_labels: Any, val_probs: Any, val_leakage_free_mask: Any, fit_view: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The validation (labels, probabilities) the temperature is fitted on: all rows for
+    ``fit_view`` ``val``, else only the leakage-free ones (see the module docstring)."""
+    labels, probabilities = _check_pair(val_labels, val_probs)
+    mask = np.asarray(val_leakage_free_mask)
+    if mask.dtype != bool or mask.shape != labels.shape:
+        raise ValueError(
+            f"val_leakage_free_mask must be a boolean array of shape {labels.shape}, "
+            f"got {mask.dtype} {mask.shape}"
+        )
+    rows = mask if fit_view == "val_leakage_free" else np.ones_like(mask)
+    return labels[rows], probabilities[rows]
+
+
+def _refusal_reason(fit: TemperatureFit, allow_sharpening: bool) -> str:
+    """Why a fitted temperature must not be applied (``at_bound``, ``would_sharpen``), or
+    the empty string when it may be."""
+    if fit.at_bound:
+        return "at_bound"
+    if fit.temperature < 1 and not allow_sharpening:
+        return "would_sharpen"
+    return ""
+
+
+def _identity_fit(
+    params: CalibrationParams,
+    samples: int,
+    nll: float,
+    reason: str,
+    fitted: TemperatureFit | None = None,
+) -> CalibrationFit:
+    """The identity calibration (T = 1, so the NLL is unchanged), with the reason it was
+    kept and, when a fit was attempted, what the search found."""
+    return CalibrationFit(
+        method=params.method,
+        temperature=1.0,
+        fitted_temperature=None if fitted is None else fitted.temperature,
+        at_bound=False if fitted is None else fitted.at_bound,
+        nll_before=nll,
+        nll_after=nll,
+        fit_view=params.fit_view,
+        samples=samples,
+        reason=reason,
     )
 
 
@@ -414,32 +445,43 @@ def reliability_figure(
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2, sharey=True)
     for axis, data, title in zip(axes, panels, titles, strict=True):
-        width = np.diff(data.bin_edges)
-        left = data.bin_edges[:-1]
-        filled = data.count > 0
-        axis.bar(
-            left[filled], data.accuracy[filled], width=width[filled], align="edge",
-            color="#4c72b0", edgecolor="white", label="accuracy",
-        )  # fmt: skip
-        axis.bar(
-            left[filled], (data.confidence - data.accuracy)[filled], width=width[filled],
-            bottom=data.accuracy[filled], align="edge", color="#dd8452", alpha=0.45,
-            edgecolor="#dd8452", label="gap to confidence",
-        )  # fmt: skip
-        share = data.count / max(1, data.count.sum())
-        axis.step(
-            data.bin_edges, np.append(share, share[-1]), where="post", color="0.4",
-            linewidth=1, label="share of samples",
-        )  # fmt: skip
-        axis.plot([0, 1], [0, 1], linestyle="--", color="black", linewidth=1)
-        axis.set_xlim(0, 1)
-        axis.set_ylim(0, 1)
-        axis.set_xlabel("confidence (top probability)")
-        axis.set_title(f"{title}\nECE = {data.expected_calibration_error:.4f}")
+        _draw_reliability_panel(axis, data, title)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=8)
+    return _save_png_atomically(figure, Path(path))
 
-    destination = Path(path)
+
+def _draw_reliability_panel(axis: Axes, data: ReliabilityData, title: str) -> None:
+    """One reliability diagram: per-bin accuracy bars, the gap up to the bin's mean
+    confidence, the share of samples per bin, the diagonal of perfect calibration, and
+    the ECE in the title. Empty bins draw no bar (their accuracy is NaN)."""
+    width = np.diff(data.bin_edges)
+    left = data.bin_edges[:-1]
+    filled = data.count > 0
+    axis.bar(
+        left[filled], data.accuracy[filled], width=width[filled], align="edge",
+        color="#4c72b0", edgecolor="white", label="accuracy",
+    )  # fmt: skip
+    axis.bar(
+        left[filled], (data.confidence - data.accuracy)[filled], width=width[filled],
+        bottom=data.accuracy[filled], align="edge", color="#dd8452", alpha=0.45,
+        edgecolor="#dd8452", label="gap to confidence",
+    )  # fmt: skip
+    share = data.count / max(1, data.count.sum())
+    axis.step(
+        data.bin_edges, np.append(share, share[-1]), where="post", color="0.4",
+        linewidth=1, label="share of samples",
+    )  # fmt: skip
+    axis.plot([0, 1], [0, 1], linestyle="--", color="black", linewidth=1)
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("confidence (top probability)")
+    axis.set_title(f"{title}\nECE = {data.expected_calibration_error:.4f}")
+
+
+def _save_png_atomically(figure: Figure, destination: Path) -> Path:
+    """Write ``figure`` as a PNG under a temporary name, then rename it into place, so a
+    failed write leaves no partial file at ``destination``."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
     try:

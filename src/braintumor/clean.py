@@ -332,63 +332,76 @@ def summarise(frame: pd.DataFrame, near_pairs: np.ndarray) -> dict[str, Any]:
     """The numbers of ``metrics/data.json``: what came in, what was kept and why not."""
     kept = frame[frame["status"] == "kept"]
     images = frame[frame["status"] != "skipped"]
-    grouped = frame[frame["dup_group_size"] > 1]
-    group_facts = grouped.groupby("dup_group").agg(
-        sources=("source", "nunique"), splits=("split", "nunique"), labels=("label", "nunique")
-    )
-    exact_groups = frame[frame["pixel_hash"].notna()].groupby("pixel_hash").size()
-    test = frame[frame["split"] == "test"]
-    kept_test = kept[kept["split"] == "test"]
-
-    def nested_counts(data: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for values, count in data.groupby(keys).size().items():
-            values = values if isinstance(values, tuple) else (values,)
-            node = result
-            for value in values[:-1]:
-                node = node.setdefault(str(value), {})
-            node[str(values[-1])] = int(count)
-        return result
-
     notes = Counter(note for text in kept["notes"].fillna("") for note in text.split("; ") if note)
     return {
         "files_in": len(frame),
         "images_in": len(images),
         "kept": len(kept),
-        "skipped": {
-            str(k): int(v)
-            for k, v in frame.loc[frame["status"] == "skipped", "reason"].value_counts().items()
-        },
-        "dropped": {
-            str(k): int(v)
-            for k, v in frame.loc[frame["status"] == "dropped", "reason"].value_counts().items()
-        },
+        "skipped": _reason_counts(frame, "skipped"),
+        "dropped": _reason_counts(frame, "dropped"),
         "normalised": dict(sorted(notes.items())),
-        "kept_by_split_label": nested_counts(kept, ["split", "label"]),
-        "kept_by_source_split": nested_counts(kept, ["source", "split"]),
-        "in_by_source_split": nested_counts(images, ["source", "split"]),
-        "duplicates": {
-            "groups": len(group_facts),
-            "images_in_groups": int(len(grouped)),
-            "extra_copies": int(len(grouped) - len(group_facts)),
-            "exact_groups": int((exact_groups > 1).sum()),
-            "near_pairs": int(len(near_pairs)),
-            "cross_source_groups": int((group_facts["sources"] > 1).sum()),
-            "cross_split_groups": int((group_facts["splits"] > 1).sum()),
-            "label_conflict_groups": int((group_facts["labels"] > 1).sum()),
-        },
-        "leakage": {
-            "test_images": int(test["status"].ne("skipped").sum()),
-            "test_with_train_twin": int(test["has_train_twin"].sum()),
-            "test_with_train_twin_average_hash": reference_leakage(frame),
-            "test_similar_to_train": int(
-                (test["similar_to_train"] & ~test["has_train_twin"]).sum()
-            ),
-            "kept_test_leakage_free": int(kept_test["leakage_free"].sum()),
-            "kept_test_not_leakage_free": int((~kept_test["leakage_free"]).sum()),
-            "by_source": test_counts_by_source(frame),
-        },
+        "kept_by_split_label": _nested_counts(kept, ["split", "label"]),
+        "kept_by_source_split": _nested_counts(kept, ["source", "split"]),
+        "in_by_source_split": _nested_counts(images, ["source", "split"]),
+        "duplicates": _duplicate_counts(frame, near_pairs),
+        "leakage": _leakage_counts(frame),
         "cross_source": cross_source_counts(frame),
+    }
+
+
+def _reason_counts(frame: pd.DataFrame, status: str) -> dict[str, int]:
+    """How many files have ``status``, per reason (most frequent first)."""
+    reasons = frame.loc[frame["status"] == status, "reason"].value_counts()
+    return {str(k): int(v) for k, v in reasons.items()}
+
+
+def _nested_counts(data: pd.DataFrame, keys: list[str]) -> dict[str, Any]:
+    """Row counts per combination of ``keys``, nested one level per key (JSON-friendly,
+    unlike a MultiIndex): ``{split: {label: count}}`` for two keys."""
+    result: dict[str, Any] = {}
+    for values, count in data.groupby(keys).size().items():
+        values = values if isinstance(values, tuple) else (values,)
+        node = result
+        for value in values[:-1]:
+            node = node.setdefault(str(value), {})
+        node[str(values[-1])] = int(count)
+    return result
+
+
+def _duplicate_counts(frame: pd.DataFrame, near_pairs: np.ndarray) -> dict[str, int]:
+    """How much duplication there is, and how much of it crosses a source, a split or a
+    label (a label conflict means the same image is labelled two ways)."""
+    grouped = frame[frame["dup_group_size"] > 1]
+    group_facts = grouped.groupby("dup_group").agg(
+        sources=("source", "nunique"), splits=("split", "nunique"), labels=("label", "nunique")
+    )
+    exact_groups = frame[frame["pixel_hash"].notna()].groupby("pixel_hash").size()
+    return {
+        "groups": len(group_facts),
+        "images_in_groups": int(len(grouped)),
+        "extra_copies": int(len(grouped) - len(group_facts)),
+        "exact_groups": int((exact_groups > 1).sum()),
+        "near_pairs": int(len(near_pairs)),
+        "cross_source_groups": int((group_facts["sources"] > 1).sum()),
+        "cross_split_groups": int((group_facts["splits"] > 1).sum()),
+        "label_conflict_groups": int((group_facts["labels"] > 1).sum()),
+    }
+
+
+def _leakage_counts(frame: pd.DataFrame) -> dict[str, Any]:
+    """How many test images have a twin (or a look-alike) in training, before and after
+    cleaning: the leakage that would inflate test scores."""
+    test = frame[frame["split"] == "test"]
+    kept = frame[frame["status"] == "kept"]
+    kept_test = kept[kept["split"] == "test"]
+    return {
+        "test_images": int(test["status"].ne("skipped").sum()),
+        "test_with_train_twin": int(test["has_train_twin"].sum()),
+        "test_with_train_twin_average_hash": reference_leakage(frame),
+        "test_similar_to_train": int((test["similar_to_train"] & ~test["has_train_twin"]).sum()),
+        "kept_test_leakage_free": int(kept_test["leakage_free"].sum()),
+        "kept_test_not_leakage_free": int((~kept_test["leakage_free"]).sum()),
+        "by_source": test_counts_by_source(frame),
     }
 
 

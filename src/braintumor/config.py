@@ -13,6 +13,8 @@ This module imports nothing of ours: it is the bottom layer.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -23,6 +25,12 @@ from typing import Any, Literal
 import yaml
 
 BASE_PROFILE = "paper"
+# A profile is a file name in profiles/, never a path: letters, digits, '-', '_'.
+PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+# Worker processes or threads: a fixed bound, not the machine's core count, so that one
+# params.yaml loads the same everywhere; 100000 would fork-bomb any machine.
+MAX_WORKERS = 256
 
 
 class ConfigError(ValueError):
@@ -55,6 +63,9 @@ class SourceParams:
     ``kaggle://<owner>/<dataset>``. ``root`` is the folder inside the source that holds
     the split folders (empty: found automatically). ``labels`` maps class-folder names to
     ``common.classes``; ``splits`` maps split-folder names to ``train`` / ``test``.
+    ``sha256`` pins the bytes of the source's archive: it is checked on a download, a
+    local archive and a mirror archive alike, and a pinned source refuses a folder (in
+    the mirror, at a local path, or unpacked by Kaggle), which cannot be checked.
     """
 
     name: str
@@ -72,25 +83,30 @@ class SourceParams:
         )
         for folder, split in self.splits.items():
             _check(split in ("train", "test"), f"splits.{folder}", "must be train or test")
+        _check(
+            self.sha256 is None or SHA256_HEX.fullmatch(self.sha256) is not None,
+            "sha256",
+            "must be 64 hexadecimal digits (the archive's sha256)",
+        )
         if self.uri.startswith("https://") or self.uri.startswith("http://"):
-            _check(
-                self.sha256 is not None and len(self.sha256) == 64,
-                "sha256",
-                "a URL source needs a 64-hex-digit sha256",
-            )
+            _check(self.sha256 is not None, "sha256", "a URL source needs a 64-hex-digit sha256")
 
 
 @dataclass(frozen=True)
 class AcquireParams:
     """Where the raw data comes from. ``mirror`` (or the ``BRAINTUMOR_MIRROR`` environment
     variable, which wins) is a local folder holding sources by name, used before the
-    network."""
+    network. ``max_extracted_bytes``, ``max_members`` and ``max_compression_ratio`` cap
+    what one archive may expand to (a zip bomb is refused before it fills the disk)."""
 
     sources: tuple[SourceParams, ...] = ()
     mirror: str | None = None
     retries: int = 3
     timeout_s: float = 60.0
     chunk_bytes: int = 1 << 20
+    max_extracted_bytes: int = 2_000_000_000
+    max_members: int = 20_000
+    max_compression_ratio: float = 100.0
 
     def __post_init__(self) -> None:
         _check(len(self.sources) > 0, "sources", "must name at least one source")
@@ -99,6 +115,13 @@ class AcquireParams:
         _check(self.retries >= 0, "retries", "must be >= 0")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
         _check(self.chunk_bytes >= 1024, "chunk_bytes", "must be >= 1024")
+        _check(self.max_extracted_bytes >= 1, "max_extracted_bytes", "must be >= 1")
+        _check(self.max_members >= 1, "max_members", "must be >= 1")
+        _check(
+            math.isfinite(self.max_compression_ratio) and self.max_compression_ratio >= 1,
+            "max_compression_ratio",
+            "must be a finite number >= 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -140,7 +163,7 @@ class CleanParams:
         _check(0 <= self.content_threshold < 255, "content_threshold", "in [0, 255)")
         _check(0 <= self.content_trim < 0.25, "content_trim", "must be in [0, 0.25)")
         _check(self.average_hash_size >= 4, "average_hash_size", "must be >= 4")
-        _check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
+        _check_workers(self.workers)
 
 
 @dataclass(frozen=True)
@@ -185,7 +208,7 @@ class PreprocessParams:
 
     def __post_init__(self) -> None:
         _check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
-        _check(self.workers >= 0, "workers", "must be >= 0 (0 = all cores)")
+        _check_workers(self.workers)
         _check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
 
 
@@ -340,7 +363,11 @@ class TrainParams:
     )
 
     def __post_init__(self) -> None:
-        _check(self.loader_workers >= 1, "loader_workers", "must be >= 1")
+        _check(
+            1 <= self.loader_workers <= MAX_WORKERS,
+            "loader_workers",
+            f"must be in [1, {MAX_WORKERS}]",
+        )
         _check(
             self.xla_gpu_autotune_level is None or 0 <= self.xla_gpu_autotune_level <= 4,
             "xla_gpu_autotune_level",
@@ -460,7 +487,9 @@ class CalibrationParams:
 class EvaluateParams:
     """Evaluation settings. ``study_*_matrix`` are the study's published confusion matrices
     (rows true, columns predicted, in ``common.classes`` order), from which the comparison
-    table recomputes the study's numbers correctly."""
+    table recomputes the study's numbers correctly. ``ood_method``: the out-of-distribution
+    detector shipped in the bundle (``braintumor.ood``; ``none`` ships none), refusing the
+    share ``ood_false_alarm_rate`` of validation slices."""
 
     batch_size: int = 64
     bootstrap_resamples: int = 1000
@@ -473,8 +502,11 @@ class EvaluateParams:
     study_finetuned_matrix: tuple[tuple[int, ...], ...] = STUDY_FINETUNED_MATRIX
     robustness: RobustnessParams = field(default_factory=RobustnessParams)
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
+    ood_method: Literal["mahalanobis", "energy", "none"] = "mahalanobis"
+    ood_false_alarm_rate: float = 0.005
 
     def __post_init__(self) -> None:
+        _check(0 < self.ood_false_alarm_rate < 0.5, "ood_false_alarm_rate", "must be in (0, 0.5)")
         _check(self.bootstrap_resamples >= 10, "bootstrap_resamples", "must be >= 10")
         _check(0.5 < self.confidence < 1, "confidence", "must be in (0.5, 1)")
         _check(self.calibration_bins >= 2, "calibration_bins", "must be >= 2")
@@ -491,6 +523,12 @@ class GateParams:
     max_ece: float = 0.10
 
     def __post_init__(self) -> None:
+        # A negative gain would promote a worse model; NaN would make every test false.
+        _check(
+            math.isfinite(self.min_macro_f1_gain) and 0 <= self.min_macro_f1_gain < 1,
+            "min_macro_f1_gain",
+            "must be a finite number in [0, 1)",
+        )
         _check(0 <= self.min_class_recall <= 1, "min_class_recall", "must be in [0, 1]")
         _check(0 < self.max_ece <= 1, "max_ece", "must be in (0, 1]")
 
@@ -503,18 +541,63 @@ class RegistryParams:
 
 @dataclass(frozen=True)
 class ServingParams:
-    """Limits and warnings of the app and the ``predict`` command."""
+    """Limits, thresholds and batching of every serving entry point (the app, ``predict``,
+    the registered pyfunc and ``mlflow models serve``): the one serving schema.
+
+    ``max_upload_bytes`` bounds the file; ``max_pixels`` and ``max_decode_bytes`` bound
+    what decoding may allocate (width x height, and width x height x frames-decoded x
+    bytes per pixel), both checked from the header before any pixel is decoded, and
+    ``max_decode_bytes`` also caps how far a Deflated DICOM is inflated.
+    ``grayscale_tolerance`` and ``min_side``: null takes the clean stage's values
+    (``resolved``), so serving refuses what cleaning excluded from training.
+    ``ood_warn_z`` and ``ood_refuse_z``: training standard deviations an image's mean or
+    spread may be off before a warning, and before a refusal. ``examples``: test images
+    the app offers. ``overlay_alpha``: Grad-CAM blend. ``batch_size``: images per call.
+    """
 
     max_upload_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
+    max_decode_bytes: int = 64_000_000
+    grayscale_tolerance: float | None = None
+    min_side: int | None = None
     ood_warn_z: float = 4.0
     ood_refuse_z: float = 8.0
     examples: int = 4
+    overlay_alpha: float = 0.4
+    batch_size: int = 16
 
     def __post_init__(self) -> None:
-        _check(self.max_upload_bytes > 0, "max_upload_bytes", "must be > 0")
-        _check(self.max_pixels > 0, "max_pixels", "must be > 0")
+        _check(self.max_upload_bytes >= 1024, "max_upload_bytes", "must be >= 1024")
+        _check(self.max_pixels >= 64 * 64, "max_pixels", "must be >= 4096")
+        _check(self.max_decode_bytes >= 64 * 64 * 4, "max_decode_bytes", "must be >= 16384")
+        _check(
+            self.grayscale_tolerance is None or self.grayscale_tolerance >= 0,
+            "grayscale_tolerance",
+            "must be >= 0 or null",
+        )
+        _check(self.min_side is None or self.min_side >= 1, "min_side", "must be >= 1 or null")
         _check(0 < self.ood_warn_z <= self.ood_refuse_z, "ood_warn_z", "in (0, ood_refuse_z]")
+        _check(self.examples >= 0, "examples", "must be >= 0")
+        _check(0 <= self.overlay_alpha <= 1, "overlay_alpha", "must be in [0, 1]")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> ServingParams:
+        """The section from a mapping (e.g. a registered model's config), same checks."""
+        return _build(cls, data, "serving")
+
+    def resolved(self, clean: CleanParams) -> ServingParams:
+        """These settings with null ``grayscale_tolerance`` / ``min_side`` taken from
+        ``clean``, so the served model refuses what cleaning kept out of training."""
+        return dataclasses.replace(
+            self,
+            grayscale_tolerance=(
+                clean.grayscale_tolerance
+                if self.grayscale_tolerance is None
+                else self.grayscale_tolerance
+            ),
+            min_side=clean.min_side if self.min_side is None else self.min_side,
+        )
 
 
 @dataclass(frozen=True)
@@ -557,6 +640,14 @@ class Params:
 def _check(condition: bool, key: str, problem: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {problem}")
+
+
+def _check_workers(workers: int) -> None:
+    _check(
+        0 <= workers <= MAX_WORKERS,
+        "workers",
+        f"must be 0 (all cores) or 1-{MAX_WORKERS}",
+    )
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -617,7 +708,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            # NaN compares false with everything, so it would slip past every range check.
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
@@ -655,11 +747,18 @@ def params_from_mapping(raw: Mapping[str, Any], profile_dir: Path | None = None)
     profile = raw.get("profile", BASE_PROFILE)
     if not isinstance(profile, str):
         raise ConfigError(f"profile: expected a profile name, got {profile!r}")
+    if not PROFILE_NAME.fullmatch(profile):
+        raise ConfigError(
+            f"profile: {profile!r} is not a plain profile name (letters, digits, '-', '_'; "
+            "it names profiles/<profile>.yaml)"
+        )
     merged = dict(raw)
     if profile != BASE_PROFILE:
         if profile_dir is None:
             raise ConfigError(f"profile: {profile!r} needs a profiles folder")
         override_path = profile_dir / f"{profile}.yaml"
+        if not override_path.resolve().is_relative_to(profile_dir.resolve()):
+            raise ConfigError(f"profile: {override_path} resolves outside {profile_dir}")
         if not override_path.is_file():
             raise ConfigError(f"profile: no profile file {override_path}")
         override = _read_yaml(override_path)
@@ -667,9 +766,22 @@ def params_from_mapping(raw: Mapping[str, Any], profile_dir: Path | None = None)
     return _build(Params, merged, "")
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``3e-05`` is a number, not a string.
+    ``dvc exp run -S train.finetune.learning_rate=3e-5`` writes exactly that (its writer
+    speaks YAML 1.2, PyYAML's resolver wants a dot in the mantissa)."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ParamsLoader)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
     if data is None:

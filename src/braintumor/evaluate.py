@@ -8,11 +8,14 @@ confusion matrix and its one-vs-rest table, one-vs-rest ROC AUC and bootstrap in
 A temperature fitted on the validation split only calibrates the test probabilities; the
 expected calibration error is reported before and after.
 
-Outputs: ``metrics/eval.json`` (a DVC metric: ``dvc metrics diff`` compares experiments),
+Outputs: ``metrics/evaluate.json``, the DVC metric (a short headline, ``headline.py``:
+``dvc metrics diff`` and ``dvc exp show`` compare experiments on it), ``metrics/eval.json``
+(every number, logged to MLflow),
 a Markdown + JSON comparison with the study's published numbers (recomputed from its
 confusion matrices), confusion matrices and ROC curves as DVC plot tables and figures,
-Grad-CAM and occlusion figures, and the fine-tuned model's bundle (``bundle.py``), which
-the registry and the app serve. The stage logs all of it to an MLflow child run of the
+Grad-CAM and occlusion figures, and the fine-tuned model's bundle (``bundle.py``, with the
+out-of-distribution detector ``ood.npz`` from ``ood.py``), which the registry and the app
+serve. The stage logs all of it to an MLflow child run of the
 pipeline's run and registers the bundle as a new version with the alias ``challenger``.
 """
 
@@ -29,6 +32,7 @@ import numpy as np
 
 from braintumor.backend import configure_backend
 from braintumor.config import ConfigError, Params, load_params
+from braintumor.headline import evaluation_headline
 
 MODELS = ("base", "finetuned")
 VIEW_TEST = "test"
@@ -505,6 +509,32 @@ def write_model_bundle(
     )
 
 
+def fit_ood_detector(inputs: Inputs, params: Params) -> tuple[Any, dict[str, float]]:
+    """The bundle's out-of-distribution detector (``ood.py``): fitted on the fine-tuned
+    model's training outputs, thresholded on validation; and its false-alarm rate per test
+    view, so a detector that would refuse too many real slices shows in the metrics.
+    ``(None, {})`` when ``evaluate.ood_method`` is ``none``."""
+    from braintumor.ood import FeatureExtractor, fit_detector
+
+    settings = params.evaluate
+    if settings.ood_method == "none":
+        return None, {}
+    extractor = FeatureExtractor(inputs.models["finetuned"])
+    train, val, test = (inputs.data.splits[name] for name in ("train", "val", "test"))
+    detector = fit_detector(
+        settings.ood_method, extractor(train.images, settings.batch_size), train.labels,
+        extractor(val.images, settings.batch_size), settings.ood_false_alarm_rate,
+    )  # fmt: skip
+    outputs = extractor(test.images, settings.batch_size)
+    refused = detector.is_outlier(detector.score(outputs.features, outputs.logits))
+    summary = {"ood.threshold": round(detector.threshold, 4)}
+    for view in (VIEW_TEST, VIEW_LEAKAGE_FREE):
+        mask = inputs.views[view]
+        if mask.any():
+            summary[f"ood.{view}.false_alarms"] = round(float(refused[mask].mean()), 4)
+    return detector, summary
+
+
 def headline_metrics(results: dict[str, dict[str, Any]], robustness: list[dict]) -> dict[str, Any]:
     """``metrics/eval.json``: per model and view the summary, and the fine-tuned model's
     accuracy per perturbation."""
@@ -524,6 +554,11 @@ def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     robustness = score_robustness(inputs, args.raw, params)
     confusion, roc = write_figures(args.figures, inputs, results, robustness, params)
     bundle_meta = write_model_bundle(args, inputs, results, params)
+    detector, ood_summary = fit_ood_detector(inputs, params)
+    if detector is not None:
+        from braintumor.ood import OOD_FILE
+
+        detector.save(args.bundle / OOD_FILE)  # beside model.keras: registered with it
     write_plot_tables(args.plots, confusion, roc, robustness)
     report_json: dict[str, Any] = {
         name: {k: v for k, v in result.items() if k not in ("calibrated", "raw")}
@@ -534,8 +569,11 @@ def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     write_json(args.report.with_suffix(".json"), report_json)
     write_text(args.report.with_suffix(".md"), comparison_markdown(results, params))
     metrics = headline_metrics(results, robustness)
+    metrics["finetuned"].update(ood_summary)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     write_json(args.metrics, metrics)
+    if args.headline is not None:
+        write_json(args.headline, evaluation_headline(metrics, params.common.classes))
 
     if not args.no_tracking:
         from braintumor import registry
@@ -562,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", required=True, type=Path)
     parser.add_argument("--finetuned-model", required=True, type=Path)
     parser.add_argument("--metrics", required=True, type=Path, help="metrics/eval.json")
+    parser.add_argument("--headline", type=Path, help="metrics/evaluate.json: the DVC metric")
     parser.add_argument("--report", required=True, type=Path, help="report path (.md/.json)")
     parser.add_argument("--plots", required=True, type=Path, help="folder for plot tables")
     parser.add_argument("--figures", required=True, type=Path)

@@ -242,6 +242,111 @@ def _weighted_maps(features: Any, gradients: Any) -> Any:
     return ops.relu(ops.einsum("nhwc,nc->nhw", features, weights))
 
 
+# --------------------------------------------------------------------------- JAX helpers
+
+
+def _split_clone_at(
+    model: keras.Model, layer_name: str
+) -> tuple[keras.Model, keras.Model, keras.Model]:
+    """A structural clone of ``model`` and its two halves split at ``layer_name``: the
+    feature part (input -> the layer's output) and the head part (that output -> the
+    score source).
+
+    JAX differentiates functions, not intermediate tensors, so the gradient with respect to
+    the layer's output needs the head as a function of its own. The clone is split rather
+    than the model itself, because splitting the model would add nodes to its layers.
+    """
+    clone = keras.models.clone_model(model)
+    clone_features = clone.get_layer(layer_name).output
+    clone_source, _, _ = _score_source(clone)
+    feature_part = keras.Model(clone.input, clone_features, name="gradcam_features")
+    try:
+        head_part = keras.Model(clone_features, clone_source, name="gradcam_head")
+    except ValueError as error:
+        raise ValueError(
+            f"on the JAX backend the layer {layer_name!r} must separate the model: "
+            f"everything after it may depend only on its output ({error})"
+        ) from None
+    return clone, feature_part, head_part
+
+
+def _clone_to_original(clone: keras.Model, model: keras.Model) -> dict[int, Any]:
+    """Map each of the clone's variables (by ``id``) to the model's own variable.
+
+    The clone has the original's structure, so its variables come in the same order; a
+    count or shape mismatch means that assumption broke, and is refused rather than
+    silently explaining the model with the wrong weights.
+    """
+    originals: dict[int, Any] = {}
+    if len(clone.variables) != len(model.variables):
+        raise ValueError("the cloned model's variables do not match the model's")
+    for copy, original in zip(clone.variables, model.variables, strict=True):
+        if tuple(copy.shape) != tuple(original.shape):
+            raise ValueError(f"cannot match the clone's variable {copy.path!r}")
+        originals[id(copy)] = original
+    return originals
+
+
+def _live_variables(
+    parts: tuple[keras.Model, ...], originals: dict[int, Any]
+) -> tuple[list[list[Any]], list[int]]:
+    """For each part: the model's variables standing in for the part's trainable then
+    non-trainable ones (the order ``stateless_call`` takes them), and the number of
+    trainable ones, where each part's value list is split.
+
+    Reading the model's variables at every call, not the clone's, explains the model with
+    its current weights even after it is trained further.
+    """
+
+    def counterparts(variables: list[Any]) -> list[Any]:
+        return [originals[id(variable)] for variable in variables]
+
+    live = [
+        counterparts(list(part.trainable_variables))
+        + counterparts(list(part.non_trainable_variables))
+        for part in parts
+    ]
+    splits = [len(part.trainable_variables) for part in parts]
+    return live, splits
+
+
+def _jax_step(
+    feature_part: keras.Model,
+    head_part: keras.Model,
+    splits: list[int],
+    mode: ScoreMode,
+    centre: bool,
+) -> Callable[..., tuple[Any, Any, Any]]:
+    """The stateless Grad-CAM step for ``jax.jit``: variable values in, (maps, chosen class,
+    probabilities) out, with the gradient of the class score taken with respect to the
+    feature maps through ``jax.grad`` of the head part."""
+    import jax
+
+    def step(
+        feature_values: list[Any],
+        head_values: list[Any],
+        kernel: Any,
+        bias: Any,
+        images: Any,
+        class_index: Any,
+    ) -> tuple[Any, Any, Any]:
+        feature_maps, _ = feature_part.stateless_call(
+            feature_values[: splits[0]], feature_values[splits[0] :], images, training=False
+        )
+
+        def total_score(maps: Any) -> tuple[Any, tuple[Any, Any]]:
+            source, _ = head_part.stateless_call(
+                head_values[: splits[1]], head_values[splits[1] :], maps, training=False
+            )
+            total, chosen, probabilities = _scores(source, class_index, mode, centre, kernel, bias)
+            return total, (chosen, probabilities)
+
+        gradients, (chosen, probabilities) = jax.grad(total_score, has_aux=True)(feature_maps)
+        return _weighted_maps(feature_maps, gradients), chosen, probabilities
+
+    return step
+
+
 # --------------------------------------------------------------------------- Grad-CAM
 
 
@@ -369,64 +474,10 @@ class GradCam:
     def _build_jax(self, model: keras.Model) -> Callable[..., Any]:
         import jax
 
-        # JAX differentiates functions, not intermediate tensors: split a structural clone
-        # at the layer. Splitting the model itself would add nodes to its layers.
-        clone = keras.models.clone_model(model)
-        clone_features = clone.get_layer(self.layer_name).output
-        clone_source, _, _ = _score_source(clone)
-        feature_part = keras.Model(clone.input, clone_features, name="gradcam_features")
-        try:
-            head_part = keras.Model(clone_features, clone_source, name="gradcam_head")
-        except ValueError as error:
-            raise ValueError(
-                f"on the JAX backend the layer {self.layer_name!r} must separate the model: "
-                f"everything after it may depend only on its output ({error})"
-            ) from None
-        # The clone has the original's structure, so its variables come in the same order.
-        originals: dict[int, Any] = {}
-        if len(clone.variables) != len(model.variables):
-            raise ValueError("the cloned model's variables do not match the model's")
-        for copy, original in zip(clone.variables, model.variables, strict=True):
-            if tuple(copy.shape) != tuple(original.shape):
-                raise ValueError(f"cannot match the clone's variable {copy.path!r}")
-            originals[id(copy)] = original
-
-        def counterparts(variables: list[Any]) -> list[Any]:
-            return [originals[id(variable)] for variable in variables]
-
+        clone, feature_part, head_part = _split_clone_at(model, self.layer_name)
         parts = (feature_part, head_part)
-        live = [
-            counterparts(list(part.trainable_variables))
-            + counterparts(list(part.non_trainable_variables))
-            for part in parts
-        ]
-        splits = [len(part.trainable_variables) for part in parts]
-        mode, centre = self._mode, self.score == "centred"
-
-        def step(
-            feature_values: list[Any],
-            head_values: list[Any],
-            kernel: Any,
-            bias: Any,
-            images: Any,
-            class_index: Any,
-        ) -> tuple[Any, Any, Any]:
-            feature_maps, _ = feature_part.stateless_call(
-                feature_values[: splits[0]], feature_values[splits[0] :], images, training=False
-            )
-
-            def total_score(maps: Any) -> tuple[Any, tuple[Any, Any]]:
-                source, _ = head_part.stateless_call(
-                    head_values[: splits[1]], head_values[splits[1] :], maps, training=False
-                )
-                total, chosen, probabilities = _scores(
-                    source, class_index, mode, centre, kernel, bias
-                )
-                return total, (chosen, probabilities)
-
-            gradients, (chosen, probabilities) = jax.grad(total_score, has_aux=True)(feature_maps)
-            return _weighted_maps(feature_maps, gradients), chosen, probabilities
-
+        live, splits = _live_variables(parts, _clone_to_original(clone, model))
+        step = _jax_step(feature_part, head_part, splits, self._mode, self.score == "centred")
         compiled = jax.jit(step)
 
         def run(images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -441,7 +492,7 @@ class GradCam:
             )
             return tuple(np.asarray(output) for output in outputs)
 
-        self._auxiliary = (feature_part, head_part)
+        self._auxiliary = parts
         return run
 
     # ---- public
@@ -533,6 +584,57 @@ def _patch_starts(size: int, patch_size: int, stride: int) -> list[int]:
     return starts
 
 
+def _check_patch(patch_size: int, stride: int, height: int, width: int) -> None:
+    """Patch size and stride must be positive integers, and the patch must fit the image."""
+    for name, value in (("patch_size", patch_size), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if patch_size > min(height, width):
+        raise ValueError(f"patch_size {patch_size} exceeds the image size {height} x {width}")
+
+
+def _fill_values(array: np.ndarray, fill: Literal["mean", "zero"] | float) -> np.ndarray:
+    """The value painted over the patch, per image and channel (N, C): the image's own
+    mean (the least conspicuous patch), zero, or one given number."""
+    count, channels = array.shape[0], array.shape[3]
+    if isinstance(fill, str):
+        if fill not in ("mean", "zero"):
+            raise ValueError(f"fill must be 'mean', 'zero' or a number, got {fill!r}")
+        return array.mean(axis=(1, 2)) if fill == "mean" else np.zeros((count, channels))
+    return np.full((count, channels), float(fill))
+
+
+def _predict(model: keras.Model, batch: np.ndarray) -> np.ndarray:
+    """The model's output on one batch, as a numpy array whatever the backend."""
+    return np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(batch)))
+
+
+def _occluded_batch(
+    array: np.ndarray,
+    chunk: list[tuple[int, int, int]],
+    fills: np.ndarray,
+    patch_size: int,
+) -> np.ndarray:
+    """Copies of the images named in ``chunk`` (image, top, left), each with its patch
+    painted over by that image's fill value; ``array`` itself is left untouched."""
+    batch = array[[image for image, _, _ in chunk]].copy()
+    for row, (image, top, left) in enumerate(chunk):
+        batch[row, top : top + patch_size, left : left + patch_size] = fills[image]
+    return batch
+
+
+def _coverage(
+    positions: list[tuple[int, int]], patch_size: int, height: int, width: int
+) -> np.ndarray:
+    """How many patch positions cover each pixel (H, W): the divisor that turns summed
+    drops into each pixel's mean drop. Every pixel is covered at least once, since the
+    last position of each axis is flush with the border."""
+    coverage = np.zeros((height, width), dtype=np.float64)
+    for top, left in positions:
+        coverage[top : top + patch_size, left : left + patch_size] += 1.0
+    return coverage
+
+
 def occlusion_sensitivity(
     model: keras.Model,
     images: Any,
@@ -561,23 +663,14 @@ def occlusion_sensitivity(
     num_classes = int(_single_output(model).shape[-1])
     array = _check_images(images, input_shape)
     count, height, width = array.shape[:3]
-    for name, value in (("patch_size", patch_size), ("stride", stride)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if patch_size > min(height, width):
-        raise ValueError(f"patch_size {patch_size} exceeds the image size {height} x {width}")
-    if isinstance(fill, str):
-        if fill not in ("mean", "zero"):
-            raise ValueError(f"fill must be 'mean', 'zero' or a number, got {fill!r}")
-        fills = array.mean(axis=(1, 2)) if fill == "mean" else np.zeros((count, array.shape[3]))
-    else:
-        fills = np.full((count, array.shape[3]), float(fill))
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(batch)))
+    _check_patch(patch_size, stride, height, width)
+    fills = _fill_values(array, fill)
 
     base = np.concatenate(
-        [predict(array[start : start + batch_size]) for start in range(0, count, batch_size)]
+        [
+            _predict(model, array[start : start + batch_size])
+            for start in range(0, count, batch_size)
+        ]
     )
     indices = _class_indices(class_index, count, num_classes).astype(np.int64)
     indices = np.where(indices < 0, base.argmax(axis=1), indices)
@@ -590,19 +683,13 @@ def occlusion_sensitivity(
     ]
     jobs = [(image, top, left) for image in range(count) for top, left in positions]
     drops = np.zeros((count, height, width), dtype=np.float64)
-    coverage = np.zeros((height, width), dtype=np.float64)
-    for top, left in positions:
-        coverage[top : top + patch_size, left : left + patch_size] += 1.0
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        batch = array[[image for image, _, _ in chunk]].copy()
-        for row, (image, top, left) in enumerate(chunk):
-            batch[row, top : top + patch_size, left : left + patch_size] = fills[image]
-        scores = predict(batch)
+        scores = _predict(model, _occluded_batch(array, chunk, fills, patch_size))
         for row, (image, top, left) in enumerate(chunk):
             drop = base_score[image] - scores[row, indices[image]]
             drops[image, top : top + patch_size, left : left + patch_size] += max(0.0, drop)
-    return normalize_maps(drops / coverage)
+    return normalize_maps(drops / _coverage(positions, patch_size, height, width))
 
 
 # --------------------------------------------------------------------------- overlay

@@ -387,6 +387,24 @@ def bootstrap_intervals(
         raise ValueError(
             f"y_true has {labels.shape[0]} samples but y_pred has {predictions.shape[0]}"
         )
+    _check_bootstrap_settings(resamples, confidence)
+    accuracy, macro_f1, recall = _bootstrap_statistics(
+        labels, predictions, num_classes, resamples, seed
+    )
+    return {
+        "confidence": confidence,
+        "resamples": int(resamples),
+        "seed": seed,
+        "accuracy": _percentile_interval(accuracy, confidence),
+        "macro_f1": _percentile_interval(macro_f1, confidence),
+        "recall": [
+            _percentile_interval(recall[:, index], confidence) for index in range(num_classes)
+        ],
+    }
+
+
+def _check_bootstrap_settings(resamples: int, confidence: float) -> None:
+    """At least two resamples (an integer) and a confidence strictly between 0 and 1."""
     if isinstance(resamples, bool) or not isinstance(resamples, int | np.integer):
         raise ValueError(f"resamples must be an integer, got {resamples!r}")
     if resamples < 2:
@@ -394,6 +412,16 @@ def bootstrap_intervals(
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
+
+def _bootstrap_statistics(
+    labels: np.ndarray, predictions: np.ndarray, num_classes: int, resamples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy (B,), macro-F1 (B,) and per-class recall (B, K, NaN where the class is
+    absent) of ``resamples`` seeded resamples of the (true, predicted) pairs.
+
+    Resamples are drawn chunk by chunk (``_BOOTSTRAP_CHUNK_ENTRIES``) from one seeded
+    generator, so the memory stays bounded whatever the resample count.
+    """
     generator = np.random.default_rng(seed)
     samples = labels.shape[0]
     chunk = max(1, _BOOTSTRAP_CHUNK_ENTRIES // samples)
@@ -404,35 +432,42 @@ def bootstrap_intervals(
         stop = min(resamples, start + chunk)
         indices = generator.integers(0, samples, size=(stop - start, samples))
         counts = _batched_confusion(labels, predictions, indices, num_classes)
-        true_positive = np.diagonal(counts, axis1=1, axis2=2).astype(np.float64)
-        support = counts.sum(axis=2)
-        predicted = counts.sum(axis=1)
-        accuracy[start:stop] = true_positive.sum(axis=1) / samples
-        with np.errstate(divide="ignore", invalid="ignore"):
-            class_recall = np.where(support > 0, true_positive / support, np.nan)
-            precision = np.where(predicted > 0, true_positive / predicted, 0.0)
-        recall_zeroed = np.nan_to_num(class_recall, nan=0.0)
-        denominator = precision + recall_zeroed
-        f1 = _safe_ratio(2 * precision * recall_zeroed, denominator)
-        macro_f1[start:stop] = f1.mean(axis=1)
-        recall[start:stop] = class_recall
+        accuracy[start:stop], macro_f1[start:stop], recall[start:stop] = _resample_metrics(
+            counts, samples
+        )
+    return accuracy, macro_f1, recall
 
+
+def _resample_metrics(
+    counts: np.ndarray, samples: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy, macro-F1 and per-class recall of a stack of confusion matrices (B, K, K).
+
+    Recall is NaN for a class absent from a resample (it has no recall there, and the
+    interval skips it); inside the F1 it counts as 0, like a precision of a class never
+    predicted, as ``metrics_from_confusion`` reports them.
+    """
+    true_positive = np.diagonal(counts, axis1=1, axis2=2).astype(np.float64)
+    support = counts.sum(axis=2)
+    predicted = counts.sum(axis=1)
+    accuracy = true_positive.sum(axis=1) / samples
+    with np.errstate(divide="ignore", invalid="ignore"):
+        class_recall = np.where(support > 0, true_positive / support, np.nan)
+        precision = np.where(predicted > 0, true_positive / predicted, 0.0)
+    recall_zeroed = np.nan_to_num(class_recall, nan=0.0)
+    denominator = precision + recall_zeroed
+    f1 = _safe_ratio(2 * precision * recall_zeroed, denominator)
+    return accuracy, f1.mean(axis=1), class_recall
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> list[float | None]:
+    """The central ``confidence`` percentile interval of the finite values, or
+    ``[None, None]`` when there are none (a class absent from every resample)."""
     quantiles = [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2]
-
-    def interval(values: np.ndarray) -> list[float | None]:
-        finite = values[np.isfinite(values)]
-        if finite.size == 0:
-            return [None, None]
-        return [float(q) for q in np.percentile(finite, quantiles)]
-
-    return {
-        "confidence": confidence,
-        "resamples": int(resamples),
-        "seed": seed,
-        "accuracy": interval(accuracy),
-        "macro_f1": interval(macro_f1),
-        "recall": [interval(recall[:, index]) for index in range(num_classes)],
-    }
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return [None, None]
+    return [float(q) for q in np.percentile(finite, quantiles)]
 
 
 # --------------------------------------------------------------------------- the report

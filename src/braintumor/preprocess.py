@@ -121,6 +121,78 @@ def neighbour_groups(training: pd.DataFrame) -> np.ndarray:
     return pd.factorize(training["neighbour_group"])[0]
 
 
+def _kept_rows(index: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Kept training and test rows, sorted by path, with ``label_index``; refuses labels
+    outside ``common.classes`` and classes too small to split."""
+    kept = index[index["status"] == "kept"].sort_values("path").reset_index(drop=True)
+    unknown = sorted(set(kept["label"]) - set(params.common.classes))
+    if unknown:
+        raise PreprocessError(f"index has labels not in common.classes: {unknown}")
+    kept = kept.assign(label_index=kept["label"].map(params.common.classes.index).astype("int64"))
+    training = kept[kept["split"] == "train"].reset_index(drop=True)
+    if training.empty:
+        raise PreprocessError("no kept training images in the index")
+    counts = training["label"].value_counts()
+    if (counts < 2).any():
+        raise PreprocessError(
+            f"class {counts.idxmin()!r} has {counts.min()} training image(s); "
+            "a stratified validation split needs at least 2 per class"
+        )
+    return training, kept[kept["split"] == "test"]
+
+
+def validation_mask(training: pd.DataFrame, groups: np.ndarray, params: Params) -> np.ndarray:
+    """Which training rows go to validation: whole neighbour groups, or image by image
+    (scikit-learn's stratified split) when ``preprocess.val_grouping`` is ``none``."""
+    fraction = params.preprocess.val_fraction
+    labels = training["label"].to_numpy()
+    if params.preprocess.val_grouping == "neighbours":
+        return grouped_stratified_split(labels, groups, fraction, params.common.seed)
+    try:
+        _, val_rows = train_test_split(
+            np.arange(len(training)),
+            test_size=fraction,
+            stratify=labels,
+            random_state=params.common.seed,
+        )
+    except ValueError as error:  # sklearn: a split too small to hold every class
+        raise PreprocessError(
+            f"preprocess.val_fraction={fraction} cannot split "
+            f"{len(training)} training images by class: {error}"
+        ) from None
+    is_val = np.zeros(len(training), dtype=bool)
+    is_val[val_rows] = True
+    return is_val
+
+
+def _split_frames(
+    training: pd.DataFrame,
+    test: pd.DataFrame,
+    is_val: np.ndarray,
+    has_neighbour: np.ndarray,
+    fraction: float,
+) -> dict[str, pd.DataFrame]:
+    """The three frames with ids and ``leakage_free``; every class on both sides."""
+    train, val = training[~is_val], training[is_val]
+    for name, rows in (("train", train), ("val", val)):
+        missing = sorted(set(training["label"]) - set(rows["label"]))
+        if missing:
+            raise PreprocessError(
+                f"preprocess.val_fraction={fraction} leaves no {name} image of class(es) {missing}"
+            )
+    flags = {
+        "train": lambda rows: False,
+        "val": lambda rows: ~rows.index.isin(np.flatnonzero(has_neighbour)),
+        "test": lambda rows: rows["leakage_free"].astype(bool),
+    }
+    frames = {}
+    for name, rows in (("train", train), ("val", val), ("test", test)):
+        leakage_free = flags[name](rows)
+        rows = rows.assign(leakage_free=leakage_free).sort_values("path").reset_index(drop=True)
+        frames[name] = rows.assign(id=np.arange(len(rows)))
+    return frames
+
+
 def assign_splits(index: pd.DataFrame, params: Params) -> SplitResult:
     """Kept rows per split: train/val from the training images, test from the test images.
 
@@ -133,62 +205,11 @@ def assign_splits(index: pd.DataFrame, params: Params) -> SplitResult:
     image shares their group; training rows never are; test rows keep the clean stage's
     flag.
     """
-    kept = index[index["status"] == "kept"].sort_values("path").reset_index(drop=True)
-    unknown = sorted(set(kept["label"]) - set(params.common.classes))
-    if unknown:
-        raise PreprocessError(f"index has labels not in common.classes: {unknown}")
-    kept = kept.assign(label_index=kept["label"].map(params.common.classes.index).astype("int64"))
-    training = kept[kept["split"] == "train"].reset_index(drop=True)
-    test = kept[kept["split"] == "test"]
-    if training.empty:
-        raise PreprocessError("no kept training images in the index")
-    counts = training["label"].value_counts()
-    if (counts < 2).any():
-        raise PreprocessError(
-            f"class {counts.idxmin()!r} has {counts.min()} training image(s); "
-            "a stratified validation split needs at least 2 per class"
-        )
-    fraction = params.preprocess.val_fraction
+    training, test = _kept_rows(index, params)
     groups = neighbour_groups(training)
-    if params.preprocess.val_grouping == "neighbours":
-        is_val = grouped_stratified_split(
-            training["label"].to_numpy(), groups, fraction, params.common.seed
-        )
-    else:
-        try:
-            _, val_rows = train_test_split(
-                np.arange(len(training)),
-                test_size=fraction,
-                stratify=training["label"],
-                random_state=params.common.seed,
-            )
-        except ValueError as error:  # sklearn: a split too small to hold every class
-            raise PreprocessError(
-                f"preprocess.val_fraction={fraction} cannot split "
-                f"{len(training)} training images by class: {error}"
-            ) from None
-        is_val = np.zeros(len(training), dtype=bool)
-        is_val[val_rows] = True
+    is_val = validation_mask(training, groups, params)
     has_neighbour = is_val & np.isin(groups, np.unique(groups[~is_val]))
-    training = training.assign(_neighbour=has_neighbour)
-    train, val = training[~is_val], training[is_val]
-    for name, rows in (("train", train), ("val", val)):
-        missing = sorted(set(training["label"]) - set(rows["label"]))
-        if missing:
-            raise PreprocessError(
-                f"preprocess.val_fraction={fraction} leaves no {name} image of class(es) {missing}"
-            )
-    frames = {}
-    for name, rows in (("train", train), ("val", val), ("test", test)):
-        rows = rows.sort_values("path").reset_index(drop=True)
-        if name == "test":
-            leakage_free = rows["leakage_free"].astype(bool)
-        elif name == "val":
-            leakage_free = ~rows["_neighbour"].astype(bool)
-        else:
-            leakage_free = False
-        rows = rows.drop(columns=["_neighbour"], errors="ignore")
-        frames[name] = rows.assign(id=np.arange(len(rows)), leakage_free=leakage_free)
+    frames = _split_frames(training, test, is_val, has_neighbour, params.preprocess.val_fraction)
     sizes = np.bincount(groups) if len(groups) else np.zeros(1, dtype=np.int64)
     return SplitResult(
         frames=frames,
@@ -254,6 +275,52 @@ def figure_examples(train: pd.DataFrame, seed: int, count: int = 9) -> list[int]
     return chosen
 
 
+def _worker_pool(workers: int, total: int, chunk_size: int) -> Any:
+    """A spawn pool of ``workers`` processes, or None where one process is enough."""
+    if workers > 1 and total > chunk_size:
+        return multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)
+    return None
+
+
+def _write_split_files(
+    raw_dir: Path,
+    frames: dict[str, pd.DataFrame],
+    params: Params,
+    folder: Path,
+    pool: Any,
+    progress: bool,
+) -> dict[str, Any]:
+    """Images, labels and index of every split, then ``meta.json``; returns the meta."""
+    for name in SPLITS:
+        paths = [str(raw_dir / p) for p in frames[name]["path"]]
+        write_split_arrays(
+            paths,
+            folder / f"{name}_images.npy",
+            params.common.image_size,
+            params.preprocess,
+            pool,
+            progress,
+            f"preprocess {name}",
+        )
+        np.save(folder / f"{name}_labels.npy", frames[name]["label_index"].to_numpy())
+        frames[name][INDEX_COLUMNS].to_csv(folder / f"{name}_index.csv", index=False)
+    counts = {
+        name: {
+            label: int((frames[name]["label"] == label).sum()) for label in params.common.classes
+        }
+        for name in SPLITS
+    }
+    meta = {
+        "classes": list(params.common.classes),
+        "image_size": params.common.image_size,
+        "preprocess": dataclasses.asdict(params.preprocess),
+        "digest": index_digest(frames),
+        "counts": counts,
+    }
+    write_json(folder / "meta.json", meta)
+    return meta
+
+
 def preprocess(
     raw_dir: Path,
     index: pd.DataFrame,
@@ -267,52 +334,25 @@ def preprocess(
     ``index`` is the clean stage's index; its ``neighbour_group`` column decides the
     grouped split."""
     started = time.perf_counter()
-    size = params.common.image_size
     workers = worker_count(params.preprocess.workers)
     total = int((index["status"] == "kept").sum())
-    pool = (
-        multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)
-        if workers > 1 and total > params.preprocess.chunk_size
-        else None
-    )
+    pool = _worker_pool(workers, total, params.preprocess.chunk_size)
     try:
         split = assign_splits(index, params)
-        frames = split.frames
         with atomic_path(out_dir, directory=True) as folder:
-            for name in SPLITS:
-                paths = [str(raw_dir / p) for p in frames[name]["path"]]
-                write_split_arrays(
-                    paths, folder / f"{name}_images.npy", size, params.preprocess, pool,
-                    progress, f"preprocess {name}",
-                )  # fmt: skip
-                np.save(folder / f"{name}_labels.npy", frames[name]["label_index"].to_numpy())
-                frames[name][INDEX_COLUMNS].to_csv(folder / f"{name}_index.csv", index=False)
+            meta = _write_split_files(raw_dir, split.frames, params, folder, pool, progress)
             seconds = time.perf_counter() - started
-            counts = {
-                name: {
-                    label: int((frames[name]["label"] == label).sum())
-                    for label in params.common.classes
-                }
-                for name in SPLITS
-            }
-            meta = {
-                "classes": list(params.common.classes),
-                "image_size": size,
-                "preprocess": dataclasses.asdict(params.preprocess),
-                "digest": index_digest(frames),
-                "counts": counts,
-            }
-            write_json(folder / "meta.json", meta)
             if figures_dir is not None:
-                write_figures(raw_dir, folder, frames["train"], figures_dir, params.common.seed)
+                train = split.frames["train"]
+                write_figures(raw_dir, folder, train, figures_dir, params.common.seed)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
     return {
         "images": total,
-        "counts": {name: sum(c.values()) for name, c in counts.items()},
-        "test_leakage_free": int(frames["test"]["leakage_free"].sum()),
+        "counts": {name: sum(c.values()) for name, c in meta["counts"].items()},
+        "test_leakage_free": int(split.frames["test"]["leakage_free"].sum()),
         "val_with_train_neighbour": split.val_with_train_neighbour,
         "neighbour_groups": split.neighbour_groups,
         "largest_neighbour_group": split.largest_group,

@@ -26,8 +26,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 import statistics
 import sys
 import time
@@ -40,6 +38,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from braintumor.backend import configure_backend
+from braintumor.checkpointing import (
+    BEST_MODEL,
+    HISTORY_COLUMNS,
+    PHASES,
+    STATE_FILE,
+    TrainingInterrupted,
+    improves,
+    load_resume_state,
+    lower_is_better,
+    reset_checkpoint_dir,
+    save_model_atomic,
+)
 from braintumor.config import ConfigError, Params, PhaseParams, load_params
 from braintumor.io_utils import atomic_path, file_sha256, write_json
 
@@ -48,24 +58,7 @@ if TYPE_CHECKING:
 
     from braintumor.data_loading import ProcessedData
 
-PHASES = ("frozen", "finetune")
-HISTORY_COLUMNS = (
-    "epoch",
-    "loss",
-    "accuracy",
-    "val_loss",
-    "val_accuracy",
-    "learning_rate",
-    "seconds",
-    "train_seconds",
-)
-STATE_FILE = "state.json"
-BEST_MODEL = "best.keras"
 FIGURE_EXAMPLES = 9
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised by the test hook that stops a phase after some epochs (a simulated kill)."""
 
 
 @dataclass(frozen=True)
@@ -169,29 +162,6 @@ def fingerprint(
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def epoch_seed(seed: int, phase: str, epoch: int) -> list[int]:
-    """The seed of one epoch's random layers: a pure function of (seed, phase, epoch)."""
-    return [seed, PHASES.index(phase), epoch]
-
-
-def load_resume_state(checkpoint_dir: Path, expected_fingerprint: str) -> dict[str, Any] | None:
-    """The saved state to continue from, or None (absent, finished, or made from other
-    parameters or data)."""
-    path = checkpoint_dir / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if state.get("complete") or state.get("fingerprint") != expected_fingerprint:
-        return None
-    for name in (state.get("weights", ""), BEST_MODEL):
-        if not name or not (checkpoint_dir / name).is_file():
-            return None
-    return state
-
-
 def find_checkpoint(
     params: Params, phase: str, data: ProcessedData, paths: PhasePaths
 ) -> tuple[str, dict[str, Any] | None]:
@@ -200,19 +170,12 @@ def find_checkpoint(
     return expected, load_resume_state(paths.checkpoint_dir, expected)
 
 
-def reset_checkpoint_dir(checkpoint_dir: Path) -> None:
-    """Empty the checkpoint folder (it is a DVC output, so the folder itself stays)."""
-    if checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-
-
 def summarise(history: list[dict[str, float]], monitor: str) -> dict[str, Any]:
     """Best epoch by ``monitor`` and throughput from the per-epoch history."""
     if not history:
         raise ValueError("no epoch was run")
     values = [row[monitor] for row in history]
-    best = (min if _lower_is_better(monitor) else max)(range(len(values)), key=values.__getitem__)
+    best = (min if lower_is_better(monitor) else max)(range(len(values)), key=values.__getitem__)
     rates = [row["images_per_second"] for row in history if row.get("images_per_second")]
     return {
         "best_epoch": int(history[best]["epoch"]),
@@ -264,188 +227,6 @@ def history_figure(history: list[dict[str, float]], path: Path, title: str) -> N
         axis.legend()
     figure.suptitle(title)
     figure.savefig(path, dpi=110, bbox_inches="tight")
-
-
-def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` name beside ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- callbacks
-
-
-def _callbacks_module() -> Any:
-    import keras
-
-    class EpochState(keras.callbacks.Callback):
-        """Reseeds random layers, times and records each epoch, and saves the state.
-
-        Must come after the callbacks whose counters it saves (early stopping, learning-rate
-        reduction, best checkpoint), so it sees their end-of-epoch values.
-        """
-
-        def __init__(
-            self,
-            *,
-            phase: str,
-            seed: int,
-            checkpoint_dir: Path,
-            fingerprint: str,
-            stateful: dict[str, Any],
-            history: list[dict[str, float]],
-            images_per_epoch: int,
-            run: Any,
-            resume: dict[str, Any] | None,
-            stop_after_epochs: int | None,
-        ) -> None:
-            super().__init__()
-            self.phase = phase
-            self.seed = seed
-            self.checkpoint_dir = checkpoint_dir
-            self.fingerprint = fingerprint
-            self.stateful = stateful
-            self.history = history
-            self.images_per_epoch = images_per_epoch
-            self.run = run
-            self.resume = resume
-            self.stop_after_epochs = stop_after_epochs
-            self.epochs_this_session = 0
-            self.stopped = False
-            self.phase_started = time.perf_counter()
-            self.previous_wall_seconds = (resume or {}).get("wall_seconds", 0.0)
-
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            # The other callbacks reset their counters in their own on_train_begin, which
-            # ran before this one: restore what the checkpoint saved.
-            if self.resume is None:
-                return
-            for name, callback in self.stateful.items():
-                for key, value in self.resume["callbacks"][name].items():
-                    setattr(callback, key, value)
-
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            from braintumor.augment import reseed_random_layers
-
-            reseed_random_layers(self.model, epoch_seed(self.seed, self.phase, epoch))
-            rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            self.learning_rate = float(f"{rate:.6g}")  # 1e-4, not float32's 9.9999997e-05
-            self.started = time.perf_counter()
-            self.train_ended: float | None = None
-
-        def on_test_begin(self, logs: dict | None = None) -> None:
-            if self.train_ended is None:
-                # JAX (and PyTorch on a GPU) return from a step before it has run: wait for
-                # the last one by reading a value it wrote, or the time is dispatch only.
-                keras.ops.convert_to_numpy(self.model.optimizer.iterations)
-                self.train_ended = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logs = logs or {}
-            now = time.perf_counter()
-            train_seconds = (self.train_ended or now) - self.started
-            row = {
-                "epoch": epoch + 1,
-                "loss": float(logs["loss"]),
-                "accuracy": float(logs["accuracy"]),
-                "val_loss": float(logs["val_loss"]),
-                "val_accuracy": float(logs["val_accuracy"]),
-                "learning_rate": self.learning_rate,
-                "seconds": round(now - self.started, 3),
-                "train_seconds": round(train_seconds, 3),
-            }
-            if self.epochs_this_session > 0:  # the first one includes compilation
-                row["images_per_second"] = round(self.images_per_epoch / train_seconds, 2)
-            self.history.append(row)
-            self.run.log_epoch(epoch + 1, {k: row[k] for k in HISTORY_COLUMNS[1:]})
-            self.stopped = bool(self.model.stop_training)
-            self.save(epoch + 1)
-            self.epochs_this_session += 1
-            if self.stop_after_epochs is not None:
-                if self.epochs_this_session >= self.stop_after_epochs and not self.stopped:
-                    raise TrainingInterrupted(
-                        f"{self.phase}: stopped after {self.epochs_this_session} epoch(s) "
-                        "by request (test hook); rerun to resume"
-                    )
-
-        def save(self, epochs_done: int) -> None:
-            """Write weights and optimizer state, then the JSON that points at them.
-
-            The JSON is replaced last and atomically, so a kill at any moment leaves either
-            the previous complete state or the new one.
-            """
-            weights = f"state-epoch{epochs_done:04d}.weights.h5"
-            self.model.save_weights(self.checkpoint_dir / weights)
-            state = {
-                "fingerprint": self.fingerprint,
-                "complete": False,
-                "epoch": epochs_done,
-                "stopped": self.stopped,
-                "weights": weights,
-                "callbacks": {
-                    name: _callback_state(name, callback)
-                    for name, callback in self.stateful.items()
-                },
-                "wall_seconds": round(
-                    self.previous_wall_seconds + time.perf_counter() - self.phase_started, 3
-                ),
-                "history": self.history,
-                "run_id": self.run.run_id,
-            }
-            write_json(self.checkpoint_dir / STATE_FILE, state)
-            for old in self.checkpoint_dir.glob("state-epoch*.weights.h5"):
-                if old.name != weights:
-                    old.unlink()
-
-    class BestModelCheckpoint(keras.callbacks.Callback):
-        """Saves ``target`` (the inference model) when ``monitor`` improves on its best."""
-
-        def __init__(self, target: keras.Model, path: Path, monitor: str) -> None:
-            super().__init__()
-            self.target = target
-            self.path = path
-            self.monitor = monitor
-            self.lower_is_better = "acc" not in monitor
-            self.best: float | None = None
-            self.best_epoch: int | None = None
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            value = (logs or {}).get(self.monitor)
-            if value is None:
-                raise ValueError(f"best checkpoint: metric {self.monitor!r} was not computed")
-            value = float(value)
-            better = self.best is None or (
-                value < self.best if self.lower_is_better else value > self.best
-            )
-            if better:
-                self.best, self.best_epoch = value, epoch
-                save_model_atomic(self.target, self.path)
-
-    return EpochState, BestModelCheckpoint
-
-
-# The counters each stateful callback keeps between epochs (restored on resume). Early
-# stopping's best_weights are not among them: the phase's result is the best checkpoint.
-CALLBACK_STATE = {
-    "early_stopping": ("wait", "stopped_epoch", "best", "best_epoch"),
-    "reduce_lr": ("wait", "cooldown_counter", "best"),
-    "best_checkpoint": ("best", "best_epoch"),
-}
-
-
-def _callback_state(name: str, callback: Any) -> dict[str, Any]:
-    values = {}
-    for key in CALLBACK_STATE[name]:
-        value = getattr(callback, key)
-        if value is not None:
-            value = float(value) if key == "best" else int(value)
-        values[key] = value
-    return values
 
 
 # --------------------------------------------------------------------------- the phase
@@ -527,6 +308,103 @@ def backbone_features(
     return features
 
 
+@dataclass
+class PhaseInputs:
+    """What ``fit`` trains and validates on: the model it steps (the inference model with
+    augmentation in front, or the head alone on cached backbone features) and batches."""
+
+    training_model: keras.Model
+    train_batches: Any
+    val_batches: Any
+    indices: np.ndarray  # training rows used (a per-class subset, or all)
+    class_weight: dict[int, float] | None
+
+
+def phase_inputs(
+    params: Params,
+    phase: str,
+    model: keras.Model,
+    augmenter: Any,
+    data: ProcessedData,
+    initial_epoch: int,
+) -> PhaseInputs:
+    """The training model and batches of a phase, compiled with its optimizer."""
+    import keras
+
+    from braintumor.augment import build_training_model
+    from braintumor.data_loading import ArrayBatches, class_weights, subset_per_class
+
+    settings = phase_params(params, phase)
+    train, val = data.splits["train"], data.splits["val"]
+    indices = subset_per_class(train.labels, params.train.subset_per_class, params.common.seed)
+    if settings.cache_features:
+        # The frozen backbone gives every epoch the same features: compute them once and
+        # train the head alone (without augmentation, which would change them).
+        _check_cacheable(phase, settings)
+        training_model = head_model(model)
+        train_inputs = backbone_features(model, train.images, indices, settings.batch_size)
+        train_labels, batch_indices = train.labels[indices], None
+        val_inputs = backbone_features(model, val.images, None, settings.batch_size)
+    else:
+        training_model = build_training_model(model, augmenter)
+        train_inputs, train_labels, val_inputs = train.images, train.labels, val.images
+        batch_indices = indices
+    training_model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=params.train.jit_compile,
+    )
+    train_batches = ArrayBatches(
+        train_inputs,
+        train_labels,
+        settings.batch_size,
+        indices=batch_indices,
+        shuffle=True,
+        seed=params.common.seed,
+        epoch=initial_epoch,
+        steps=settings.steps_per_epoch,
+        workers=params.train.loader_workers,
+        drop_remainder=params.train.drop_remainder,
+    )
+    val_batches = ArrayBatches(
+        val_inputs, val.labels, settings.batch_size, workers=params.train.loader_workers
+    )
+    weights = class_weights(
+        train.labels[indices], len(params.common.classes), settings.class_weight
+    )
+    return PhaseInputs(training_model, train_batches, val_batches, indices, weights)
+
+
+def fit_phase(
+    settings: PhaseParams,
+    inputs: PhaseInputs,
+    callbacks: list[Any],
+    resume: dict[str, Any] | None,
+    checkpoint_dir: Path,
+    verbose: int,
+) -> None:
+    """``fit`` from the resumed state (weights and optimizer slots), unless the saved
+    state says the phase had already finished."""
+    model = inputs.training_model
+    if resume is not None:
+        # Optimizer slots must exist before load_weights can fill them.
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(checkpoint_dir / resume["weights"])
+        if resume["stopped"] or resume["epoch"] >= settings.epochs:
+            return
+    model.fit(
+        inputs.train_batches,
+        validation_data=inputs.val_batches,
+        epochs=settings.epochs,
+        initial_epoch=resume["epoch"] if resume else 0,
+        class_weight=inputs.class_weight,
+        callbacks=callbacks,
+        shuffle=False,  # ArrayBatches shuffles itself, seeded per epoch
+        verbose=verbose,
+    )
+
+
 def run_phase(
     params: Params,
     phase: str,
@@ -545,208 +423,157 @@ def run_phase(
     ``find_checkpoint``'s answer when the caller already has it. ``stop_after_epochs`` is
     a test hook: raise ``TrainingInterrupted`` after that many epochs, as if killed.
     """
-    import keras
-
-    from braintumor.augment import build_augmenter, build_training_model
+    from braintumor.augment import build_augmenter
+    from braintumor.callbacks import phase_callbacks
     from braintumor.compile_stats import CompileMeter
-    from braintumor.data_loading import ArrayBatches, class_weights, subset_per_class
 
     run = run or NullRun()
     settings = phase_params(params, phase)
-    seed = params.common.seed
+    monitor = settings.early_stopping.monitor
     started = time.perf_counter()
-    keras.utils.set_random_seed(seed)
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if params.train.mixed_precision else "float32"
+    _seed_and_precision(params)
+    expected, resume = _open_checkpoint(params, phase, data, paths, checkpoint, verbose)
+    history: list[dict[str, float]] = list(resume["history"]) if resume else []
+    # Counted from the model's build: on JAX its weight initialisers compile too.
+    with CompileMeter() as meter:
+        model = build_phase_model(params, phase, paths.init_model, paths.pretrained)
+        augmenter = build_augmenter(params.augment, params.common.image_size, params.common.seed)
+        inputs = phase_inputs(
+            params, phase, model, augmenter, data, resume["epoch"] if resume else 0
+        )
+        run.log_dataset(data, inputs.indices)
+        tensorboard = _tensorboard(paths.tensorboard, params.train.backend)
+        callbacks, epoch_state = phase_callbacks(
+            settings, model, paths.checkpoint_dir, [tensorboard] if tensorboard else [],
+            phase=phase, seed=params.common.seed, fingerprint=expected, history=history,
+            images_per_epoch=inputs.train_batches.images_per_epoch, run=run, resume=resume,
+            stop_after_epochs=stop_after_epochs,
+        )  # fmt: skip
+        guard = settings.must_improve and paths.init_model is not None
+        start = starting_point(model, inputs, monitor) if guard else None
+        fit_phase(settings, inputs, callbacks, resume, paths.checkpoint_dir, verbose)
+    kept_start = _keep_best_weights(model, paths, history, start, monitor)
+    metrics = {
+        **phase_metrics(params, phase, model, history, inputs, resume, started, start, kept_start),
+        **session_epoch_seconds(history, epoch_state.epochs_this_session),
+        **meter.summary(),
+    }
+    _write_outputs(
+        params, phase, paths, model, augmenter, data, inputs.indices, history, metrics, run
     )
+    _close_checkpoint(paths.checkpoint_dir, expected, len(history))
+    return PhaseResult(model=model, history=history, metrics=metrics)
 
+
+def _open_checkpoint(
+    params: Params,
+    phase: str,
+    data: ProcessedData,
+    paths: PhasePaths,
+    checkpoint: tuple[str, dict[str, Any] | None] | None,
+    verbose: int,
+) -> tuple[str, dict[str, Any] | None]:
+    """The phase's fingerprint and the state to resume from; without one, the checkpoint
+    folder is emptied for a fresh start."""
     expected, resume = checkpoint or find_checkpoint(params, phase, data, paths)
     if resume is None:
         reset_checkpoint_dir(paths.checkpoint_dir)
     elif verbose:
         print(f"{phase}: resuming after epoch {resume['epoch']}")
+    return expected, resume
 
-    # Counted from the model's build: on JAX its weight initialisers compile too.
-    with CompileMeter() as meter:
-        model = build_phase_model(params, phase, paths.init_model, paths.pretrained)
-        augmenter = build_augmenter(params.augment, params.common.image_size, seed)
-        train, val = data.splits["train"], data.splits["val"]
-        indices = subset_per_class(train.labels, params.train.subset_per_class, seed)
-        if settings.cache_features:
-            # The frozen backbone gives every epoch the same features: compute them once
-            # and train the head alone (without augmentation, which would change them).
-            _check_cacheable(phase, settings)
-            training_model = head_model(model)
-            train_inputs = backbone_features(model, train.images, indices, settings.batch_size)
-            train_labels = train.labels[indices]
-            val_inputs = backbone_features(model, val.images, None, settings.batch_size)
-            batch_indices = None
-        else:
-            training_model = build_training_model(model, augmenter)
-            train_inputs, train_labels, val_inputs = train.images, train.labels, val.images
-            batch_indices = indices
-        training_model.compile(
-            optimizer=keras.optimizers.Adam(settings.learning_rate),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            jit_compile=params.train.jit_compile,
-        )
 
-        initial_epoch = resume["epoch"] if resume else 0
-        train_batches = ArrayBatches(
-            train_inputs,
-            train_labels,
-            settings.batch_size,
-            indices=batch_indices,
-            shuffle=True,
-            seed=seed,
-            epoch=initial_epoch,
-            steps=settings.steps_per_epoch,
-            workers=params.train.loader_workers,
-            drop_remainder=params.train.drop_remainder,
-        )
-        val_batches = ArrayBatches(
-            val_inputs, val.labels, settings.batch_size, workers=params.train.loader_workers
-        )
-        weights = class_weights(
-            train.labels[indices], len(params.common.classes), settings.class_weight
-        )
-        run.log_dataset(data, indices)
+def _seed_and_precision(params: Params) -> None:
+    import keras
 
-        EpochState, BestModelCheckpoint = _callbacks_module()
-        stopping = settings.early_stopping
-        early_stopping = keras.callbacks.EarlyStopping(
-            monitor=stopping.monitor,
-            min_delta=stopping.min_delta,
-            patience=stopping.patience,
-            restore_best_weights=stopping.restore_best_weights,
-        )
-        reduce = settings.reduce_lr
-        reduce_lr = keras.callbacks.ReduceLROnPlateau(
-            monitor=reduce.monitor,
-            factor=reduce.factor,
-            patience=reduce.patience,
-            min_lr=reduce.min_learning_rate,
-        )
-        best_checkpoint = BestModelCheckpoint(
-            model, paths.checkpoint_dir / BEST_MODEL, stopping.monitor
-        )
-        stateful = {
-            "early_stopping": early_stopping,
-            "reduce_lr": reduce_lr,
-            "best_checkpoint": best_checkpoint,
-        }
-        history: list[dict[str, float]] = list(resume["history"]) if resume else []
-        epoch_state = EpochState(
-            phase=phase,
-            seed=seed,
-            checkpoint_dir=paths.checkpoint_dir,
-            fingerprint=expected,
-            stateful=stateful,
-            history=history,
-            images_per_epoch=train_batches.images_per_epoch,
-            run=run,
-            resume=resume,
-            stop_after_epochs=stop_after_epochs,
-        )
-        callbacks = [early_stopping, reduce_lr, best_checkpoint]
-        tensorboard = _tensorboard(paths.tensorboard, params.train.backend)
-        if tensorboard is not None:
-            callbacks.append(tensorboard)
-        callbacks.append(epoch_state)  # last: it saves the others' end-of-epoch state
+    keras.utils.set_random_seed(params.common.seed)
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if params.train.mixed_precision else "float32"
+    )
 
-        start = (
-            starting_point(model, training_model, val_batches, stopping.monitor, paths.init_model)
-            if settings.must_improve
-            else None
-        )
-        if resume is not None:
-            # Optimizer slots must exist before load_weights can fill them.
-            training_model.optimizer.build(training_model.trainable_variables)
-            training_model.load_weights(paths.checkpoint_dir / resume["weights"])
-        finished = resume is not None and (resume["stopped"] or resume["epoch"] >= settings.epochs)
-        if not finished:
-            training_model.fit(
-                train_batches,
-                validation_data=val_batches,
-                epochs=settings.epochs,
-                initial_epoch=initial_epoch,
-                class_weight=weights,
-                callbacks=callbacks,
-                shuffle=False,  # ArrayBatches shuffles itself, seeded per epoch
-                verbose=verbose,
-            )
+
+def _keep_best_weights(
+    model: keras.Model,
+    paths: PhasePaths,
+    history: list[dict[str, float]],
+    start: tuple[float, list[np.ndarray]] | None,
+    monitor: str,
+) -> bool:
+    """Give ``model`` the best epoch's weights, or the starting weights when no epoch beat
+    them (a guarded fine-tuning); returns whether the start was kept."""
+    import keras
 
     best = keras.saving.load_model(paths.checkpoint_dir / BEST_MODEL)
     model.set_weights(best.get_weights())
-    summary = summarise(history, stopping.monitor)
-    kept_start = start is not None and not _improves(
-        summary.get(f"best_{stopping.monitor}"), start[0], stopping.monitor
-    )
+    best_value = summarise(history, monitor).get(f"best_{monitor}")
+    kept_start = start is not None and not improves(best_value, start[0], monitor)
     if kept_start:
         model.set_weights(start[1])
-    metrics = {
+    return kept_start
+
+
+def phase_metrics(
+    params: Params,
+    phase: str,
+    model: keras.Model,
+    history: list[dict[str, float]],
+    inputs: PhaseInputs,
+    resume: dict[str, Any] | None,
+    started: float,
+    start: tuple[float, list[np.ndarray]] | None,
+    kept_start: bool,
+) -> dict[str, Any]:
+    """The phase's metrics file (without the timing of this session's epochs)."""
+    import keras
+
+    settings = phase_params(params, phase)
+    monitor = settings.early_stopping.monitor
+    return {
         "phase": phase,
-        **summary,
+        **summarise(history, monitor),
         "stopped_early": bool(history and len(history) < settings.epochs),
         "resumed": resume is not None,
         "wall_seconds": round(
             time.perf_counter() - started + (resume or {}).get("wall_seconds", 0.0), 2
         ),
-        "train_images": int(len(indices)),
-        "val_images": int(len(val)),
+        "train_images": int(len(inputs.indices)),
+        "val_images": int(len(inputs.val_batches.labels)),
         "trainable_mode": trainable_mode(phase, settings),
         "cached_features": settings.cache_features,
-        "start_" + stopping.monitor: None if start is None else round(start[0], 6),
+        "start_" + monitor: None if start is None else round(start[0], 6),
         "kept_starting_weights": kept_start,
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "backbone": params.model.backbone,
         "backend": keras.backend.backend(),
-        **session_epoch_seconds(history, epoch_state.epochs_this_session),
-        **meter.summary(),
     }
-    _write_outputs(params, phase, paths, model, augmenter, data, indices, history, metrics, run)
+
+
+def _close_checkpoint(checkpoint_dir: Path, expected: str, epochs: int) -> None:
+    """Mark the phase complete and drop its resumable state (outputs are written)."""
     write_json(
-        paths.checkpoint_dir / STATE_FILE,
-        {"fingerprint": expected, "complete": True, "epoch": len(history)},
+        checkpoint_dir / STATE_FILE, {"fingerprint": expected, "complete": True, "epoch": epochs}
     )
-    for leftover in paths.checkpoint_dir.iterdir():
+    for leftover in checkpoint_dir.iterdir():
         if leftover.name != STATE_FILE:
             leftover.unlink()
-    return PhaseResult(model=model, history=history, metrics=metrics)
 
 
 def starting_point(
-    model: keras.Model,
-    training_model: keras.Model,
-    val_batches: Any,
-    monitor: str,
-    init_model: Path | None,
+    model: keras.Model, inputs: PhaseInputs, monitor: str
 ) -> tuple[float, list[np.ndarray]] | None:
     """For a phase that starts from a trained model (fine-tuning): its ``monitor`` value on
     validation before any step, and its weights. The phase must beat it, or it keeps these
     weights: a fine-tuning that only made the model worse does not replace it. ``model``
-    is the inference model whose weights are kept; ``training_model`` (augmentation in
-    front, an identity at evaluation) is what validation runs through during ``fit``."""
-    if init_model is None or not monitor.startswith("val_"):
+    is the inference model whose weights are kept; ``inputs.training_model``
+    (augmentation in front, an identity at evaluation) is what validation runs through
+    during ``fit``."""
+    if not monitor.startswith("val_"):
         return None
-    values = training_model.evaluate(val_batches, return_dict=True, verbose=0)
+    values = inputs.training_model.evaluate(inputs.val_batches, return_dict=True, verbose=0)
     key = monitor.removeprefix("val_")
     if key not in values:
         return None
     return float(values[key]), [np.array(w) for w in model.get_weights()]
-
-
-def _lower_is_better(monitor: str) -> bool:
-    """How Keras's callbacks read a monitored value: accuracies up, losses down."""
-    return "acc" not in monitor
-
-
-def _improves(best: float | None, start: float, monitor: str) -> bool:
-    """Whether the best epoch's ``monitor`` is better than the starting value."""
-    if best is None:
-        return False
-    return best < start if _lower_is_better(monitor) else best > start
 
 
 def session_epoch_seconds(
@@ -818,7 +645,7 @@ def _write_outputs(
 # --------------------------------------------------------------------------- the stage
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", required=True, choices=PHASES)
     parser.add_argument("--params", default="params.yaml", type=Path)
@@ -835,6 +662,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
     parser.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)  # test hook
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.phase == "finetune" and args.init is None:
         parser.error("--phase finetune needs --init (the frozen phase's model.keras)")
@@ -884,14 +716,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    metrics = result.metrics
+    _print_summary(args.phase, result.metrics)
+    return 0
+
+
+def _print_summary(phase: str, metrics: dict[str, Any]) -> None:
     print(
-        f"{args.phase}: {metrics['epochs_run']} epochs, best val_loss "
+        f"{phase}: {metrics['epochs_run']} epochs, best val_loss "
         f"{metrics['best_val_loss']:.4f} (accuracy {metrics['best_val_accuracy']:.4f}) at "
         f"epoch {metrics['best_epoch']}, {metrics['images_per_second']} img/s, "
         f"{metrics['wall_seconds']:.0f} s"
     )
-    return 0
 
 
 @contextmanager

@@ -1,0 +1,94 @@
+"""The few numbers a team compares between experiments, picked from evaluate's detail.
+
+``metrics/eval.json`` holds every number the evaluate stage computes (hundreds: per model,
+per view, per class, intervals, calibration, robustness). As DVC metrics they made
+``dvc metrics show``, ``dvc metrics diff`` and ``dvc exp show`` hundreds of columns wide.
+The headline keeps, for the fine-tuned model (the one that is served): accuracy, macro-F1
+and the calibrated ECE on every test view, the per-class recall on the two headline views
+(all of the test set, and its leakage-free part), the worst accuracy under the
+robustness perturbations and the out-of-distribution detector's false-alarm rates (real
+test slices it would refuse). It is written as ``metrics/evaluate.json``, the stage's DVC
+metric; the detail stays in ``metrics/eval.json`` and MLflow.
+
+Pure: dicts in, a dict out, so it is tested on small dicts and applied to any old
+``eval.json`` to see what its headline would have been.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+HEADLINE_MODEL = "finetuned"
+RECALL_VIEWS = ("test", "leakage_free")
+VIEW_FIELDS = {"accuracy": "accuracy", "macro_f1": "macro_f1", "ece": "ece_after"}
+DIGITS = 4
+
+
+class HeadlineError(ValueError):
+    """The detail dict lacks what every headline needs (the served model's test view)."""
+
+
+def _number(value: Any) -> float | None:
+    """A rounded float, or None for a missing or non-numeric value (bools are flags)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return round(float(value), DIGITS)
+
+
+def _views(flat: Mapping[str, Any]) -> list[str]:
+    """The view names of one model's flat numbers (``<view>.accuracy``), test views first
+    so the headline reads in the same order whatever order the detail had."""
+    names = {key.rsplit(".", 1)[0] for key in flat if key.endswith(".accuracy")}
+    return sorted(
+        names, key=lambda name: (RECALL_VIEWS.index(name) if name in RECALL_VIEWS else 9, name)
+    )
+
+
+def _view_headline(flat: Mapping[str, Any], view: str, classes: Sequence[str]) -> dict:
+    """Accuracy, macro-F1, ECE and (on the headline views) recall per class of one view;
+    a number the detail does not have (an undefined recall) is left out, not invented."""
+    numbers: dict[str, Any] = {}
+    for name, key in VIEW_FIELDS.items():
+        value = _number(flat.get(f"{view}.{key}"))
+        if value is not None:
+            numbers[name] = value
+    if view in RECALL_VIEWS:
+        recall = {name: _number(flat.get(f"{view}.{name}_recall")) for name in classes}
+        numbers["recall"] = {name: value for name, value in recall.items() if value is not None}
+    return numbers
+
+
+def evaluation_headline(detail: Mapping[str, Any], classes: Sequence[str]) -> dict[str, Any]:
+    """The headline of an ``eval.json`` detail dict (``{model: {"<view>.<metric>": x}}``).
+
+    Nested by view (``test.accuracy``, ``test.recall.glioma``) so DVC's flattened column
+    names stay short and one ``--keep``/``--drop`` pattern selects a group of them.
+    Raises ``HeadlineError`` when the served model or its test view is missing.
+    """
+    flat = detail.get(HEADLINE_MODEL)
+    if not isinstance(flat, Mapping) or _number(flat.get("test.accuracy")) is None:
+        raise HeadlineError(f"eval detail: no {HEADLINE_MODEL!r} model with a test.accuracy")
+    headline: dict[str, Any] = {view: _view_headline(flat, view, classes) for view in _views(flat)}
+    perturbed = _numbers(
+        flat, lambda key: key.startswith("robustness.") and key != "robustness.clean"
+    )
+    if perturbed:
+        headline["robustness"] = {"worst_accuracy": min(perturbed.values())}
+    false_alarms = _numbers(
+        flat, lambda key: key.startswith("ood.") and key.endswith(".false_alarms")
+    )
+    if false_alarms:  # per view; DVC shows ood.test.false_alarms (not the fitted threshold)
+        headline["ood"] = {key.removeprefix("ood."): value for key, value in false_alarms.items()}
+    return headline
+
+
+def _numbers(flat: Mapping[str, Any], wanted: Callable[[str], bool]) -> dict[str, float]:
+    """The rounded numbers of the keys ``wanted`` picks; anything else is skipped."""
+    picked = {key: _number(value) for key, value in flat.items() if wanted(key)}
+    return {key: value for key, value in picked.items() if value is not None}
+
+
+def count_keys(metrics: Mapping[str, Any]) -> int:
+    """How many leaf numbers a metrics dict holds: the columns DVC will show for it."""
+    return sum(count_keys(value) if isinstance(value, Mapping) else 1 for value in metrics.values())
