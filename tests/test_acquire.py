@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from braintumor.acquire import (
 )
 from braintumor.config import load_params
 
-from conftest import mirror_dir, write_acquire_params
+from conftest import http_server, mirror_dir, write_acquire_params
 
 DATASETS = mirror_dir()
 MSOUD = DATASETS / "msoud"
@@ -218,15 +217,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server() -> Iterator[tuple[str, _State]]:
     """A real HTTP server on 127.0.0.1 and a free port; yields its base URL and state."""
     state = _State()
-    handler = type("Handler", (_Handler,), {"state": state})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with http_server(type("Handler", (_Handler,), {"state": state})) as httpd:
         yield f"http://127.0.0.1:{httpd.server_address[1]}", state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 # --------------------------------------------------------------------------- local sources

@@ -36,7 +36,7 @@ from braintumor.acquire import (
 )
 from braintumor.config import ConfigError, load_params
 
-from conftest import REPO, write_acquire_params
+from conftest import REPO, http_server, write_acquire_params
 from conftest import write_params as write_full_params
 
 LABELS = {"glioma": "glioma", "notumor": "notumor"}
@@ -467,15 +467,11 @@ class _StallingHandler(http.server.BaseHTTPRequestHandler):
 def stalling_server() -> Iterator[tuple[str, threading.Event]]:
     release, seen = threading.Event(), threading.Event()
     handler = type("Handler", (_StallingHandler,), {"release": release, "seen": seen})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/data.tgz", seen
-    finally:
-        release.set()
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server(handler) as httpd:
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}/data.tgz", seen
+        finally:
+            release.set()  # before the server's shutdown waits for the stalled request
 
 
 def temporaries(out: Path) -> list[str]:

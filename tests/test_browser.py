@@ -28,21 +28,11 @@ from test_app import (  # noqa: F401 - shared session fixtures
     served_bundle,
 )
 
-from conftest import REPO
+from conftest import CHROMIUM, CHROMIUM_ARGS, REPO
 from serving_helpers import CLASSES, real_images
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS_ENV = "BRAINTUMOR_TEST_ARTIFACTS"
 TIMEOUT_MS = 60_000
 

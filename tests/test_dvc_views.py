@@ -33,21 +33,13 @@ import yaml
 
 from braintumor.headline import HeadlineError, count_keys, evaluation_headline
 
+from conftest import CHROMIUM, CHROMIUM_ARGS
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 TERMINAL_COLUMNS = 120
 MAX_HEADLINE_KEYS = 36
 LEARNING_RATES = (1.0e-5, 3.0e-5)  # the baseline's (params.yaml) and the experiment's
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOTS = REPO / "test-artifacts" / "dvc-views"
 TIMEOUT_MS = 60_000
 
