@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import shutil
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "src" / "braintumor"
 # Debian's Chromium, driven by Playwright (never `playwright install`: no downloads here).
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -284,3 +286,31 @@ def evaluate_args(project: dict[str, Path], out: Path, **replace: Path) -> list[
         "--plots", str(out / "plots"), "--figures", str(out / "figures"),
         "--bundle", str(out / "bundle"), "--run-file", str(out / "evaluate_run.json"),
     ]  # fmt: skip
+
+
+def braintumor_imports(source: str) -> set[str]:
+    """The ``braintumor`` modules a module's source imports, read from its syntax tree:
+    at module level, under ``if TYPE_CHECKING`` and inside functions alike (a function's
+    import runs when the function does). Counts ``from braintumor import x``,
+    ``from braintumor.x import y``, ``import braintumor.x`` and their relative forms.
+    Names that are not modules (``from braintumor import __version__``) come back too;
+    callers keep the ones they know as modules."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            # A relative import names its module without the package: ".x" is braintumor.x.
+            if node.level:
+                module = "braintumor" + (f".{node.module}" if node.module else "")
+            else:
+                module = node.module or ""
+            if module == "braintumor":
+                found.update(alias.name for alias in node.names)
+            elif module.startswith("braintumor."):
+                found.add(module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(
+                alias.name.split(".")[1]
+                for alias in node.names
+                if alias.name.startswith("braintumor.")
+            )
+    return found

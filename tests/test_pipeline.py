@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import PACKAGE, REPO, braintumor_imports
 
 pytestmark = pytest.mark.integration
 
@@ -118,25 +118,14 @@ def test_a_failing_stage_keeps_the_last_good_outputs(project) -> None:
 def _imported_modules(module: str) -> set[str]:
     """``braintumor`` modules ``module`` imports, at any depth and inside functions too
     (those run when the stage runs), found by reading the sources."""
-    import ast
-
-    package = REPO / "src" / "braintumor"
     seen: set[str] = set()
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in seen or not (package / f"{name}.py").is_file():
+        if name in seen or not (PACKAGE / f"{name}.py").is_file():
             continue
         seen.add(name)
-        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "braintumor":
-                todo.extend(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("braintumor."):
-                todo.append(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                todo.extend(
-                    a.name.split(".")[1] for a in node.names if a.name.startswith("braintumor.")
-                )
+        todo.extend(braintumor_imports((PACKAGE / f"{name}.py").read_text()))
     return seen
 
 
