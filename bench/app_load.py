@@ -35,7 +35,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,8 @@ from typing import Any
 import numpy as np
 import psutil
 import requests
+
+from serve import free_port, tree_rss  # bench/serve.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
@@ -71,21 +72,9 @@ def _files(mirror: Path, count: int) -> tuple[list[Path], list[Path]]:
     return slices, food
 
 
-def _tree_rss(process: psutil.Process) -> int:
-    total = 0
-    for member in [process, *process.children(recursive=True)]:
-        try:
-            total += member.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def start_app(model: Path, max_queue: int, work: Path) -> tuple[subprocess.Popen, str, Path]:
     """The app in a subprocess; returns it, its URL and its run folder."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BRAINTUMOR_APP_TEMP": str(work / "temp")}
     env.pop("GRADIO_TEMP_DIR", None)
     command = [
@@ -197,7 +186,7 @@ def run_load(
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append(_tree_rss(process))
+            samples.append(tree_rss(process))
             stop.wait(0.5)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
@@ -273,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             process = psutil.Process(server.pid)
             direct = direct_api_status(url, slices[0])
             analyse(requests.Session(), url, slices[1])  # one warm request
-            before = _tree_rss(process)
+            before = tree_rss(process)
             load = run_load(url, process, slices, food, args)
-            result = summarise(load, before, _tree_rss(process), folder)
+            result = summarise(load, before, tree_rss(process), folder)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)

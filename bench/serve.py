@@ -266,7 +266,15 @@ def measure_throughput(
 # --------------------------------------------------------------------------- 3. concurrency
 
 
-def _tree_rss(process: psutil.Process) -> int:
+def free_port() -> int:
+    """A free loopback port for a server started as a subprocess."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def tree_rss(process: psutil.Process) -> int:
+    """Resident memory of ``process`` and all its children (the app spawns workers)."""
     total = 0
     for member in [process, *process.children(recursive=True)]:
         try:
@@ -281,9 +289,7 @@ def measure_concurrency(
 ) -> dict[str, Any]:
     from gradio_client import Client, handle_file
 
-    with socket.socket() as probe:  # a free loopback port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log_path = work / "app.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     env.pop("GRADIO_TEMP_DIR", None)
@@ -309,7 +315,7 @@ def measure_concurrency(
                 time.sleep(0.5)
         startup_s = time.perf_counter() - started
         process = psutil.Process(server.pid)
-        idle_rss = _tree_rss(process)
+        idle_rss = tree_rss(process)
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
         lock = threading.Lock()
@@ -319,7 +325,7 @@ def measure_concurrency(
 
         def sample() -> None:
             while not stop.is_set():
-                samples.append((time.perf_counter(), _tree_rss(process)))
+                samples.append((time.perf_counter(), tree_rss(process)))
                 stop.wait(0.5)
 
         def client_loop(number: int) -> None:

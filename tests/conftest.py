@@ -154,6 +154,16 @@ def write_acquire_params(
     return path
 
 
+@pytest.fixture
+def acquire_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No machine setting leaks into acquire: `make run` exports BRAINTUMOR_MIRROR, CI may
+    set proxies (the loopback test servers must be reached directly)."""
+    monkeypatch.delenv("BRAINTUMOR_MIRROR", raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
 @contextlib.contextmanager
 def http_server(handler: type) -> Iterator[Any]:
     """A real threaded HTTP server with ``handler`` on 127.0.0.1 and a free port, serving

@@ -42,19 +42,11 @@ MSOUD = DATASETS / "msoud"
 SARTAJ = DATASETS / "sartaj"
 LABELS = {"glioma": "glioma", "meningioma": "meningioma", "notumor": "notumor"}
 
-pytestmark = pytest.mark.usefixtures("mirror")  # a missing mirror fails, with its path
+# A missing mirror fails, with its path; no machine setting leaks into acquire.
+pytestmark = pytest.mark.usefixtures("mirror", "acquire_environment")
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No machine setting leaks in: `make run` exports BRAINTUMOR_MIRROR, CI may set proxies."""
-    monkeypatch.delenv("BRAINTUMOR_MIRROR", raising=False)
-    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
 @pytest.fixture(scope="module")

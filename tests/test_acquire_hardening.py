@@ -48,12 +48,7 @@ TREE = {
 LOOSE = {"max_extracted_bytes": 10**12, "max_members": 10**6, "max_compression_ratio": 1e9}
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("BRAINTUMOR_MIRROR", raising=False)
-    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+pytestmark = pytest.mark.usefixtures("acquire_environment")
 
 
 # --------------------------------------------------------------------------- helpers
