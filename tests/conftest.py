@@ -154,6 +154,22 @@ def write_acquire_params(
     return path
 
 
+# What a pipeline project needs of this repository (tests build throwaway git + DVC copies).
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "profiles", "src", ".dvcignore"]
+
+
+def copy_project(destination: Path) -> None:
+    """Copy the pipeline's files (``PROJECT_FILES``) of this repository into ``destination``."""
+    for name in PROJECT_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(
+                source, destination / name, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        else:
+            shutil.copy(source, destination / name)
+
+
 @pytest.fixture
 def acquire_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No machine setting leaks into acquire: `make run` exports BRAINTUMOR_MIRROR, CI may

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PACKAGE, REPO, braintumor_imports
+from conftest import PACKAGE, REPO, braintumor_imports, copy_project
 
 pytestmark = pytest.mark.integration
-
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "profiles", "src", ".dvcignore"]
 
 
 def _dvc(project: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -39,12 +36,7 @@ def project(tmp_path: Path, small_mirror: Path) -> tuple[Path, dict[str, str]]:
     with images shrunk to 64 px and the small real-data mirror."""
     project = tmp_path / "project"
     project.mkdir()
-    for name in PROJECT_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, project / name)
+    copy_project(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["profile"] = "quickstart"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

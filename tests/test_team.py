@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_OVERRIDES, copy_sample, write_params
+from conftest import REPO, TINY_OVERRIDES, copy_project, copy_sample, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,7 +32,6 @@ BIN = Path(sys.executable).parent
 SERVICES_SCRIPT = REPO / "services" / "team_services.py"
 # Not the repository's .gitignore: it ignores all of /models/, and so would keep
 # models/evaluate_run.json (a git-tracked `cache: false` output) from the other runner.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "profiles", "src", ".dvcignore"]
 ONE_EPOCH = {"epochs": 1, "batch_size": 16, "early_stopping": {"patience": 1}}
 TEAM_OVERRIDES = {
     **TINY_OVERRIDES,
@@ -134,12 +133,7 @@ def origin(team: Team, mirror: Path) -> Path:
     """A bare git repository with this project on the tiny profile, DVC initialised."""
     work = team.root.parent / "origin-work"
     work.mkdir()
-    for name in PROJECT_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, work / name)
+    copy_project(work)
     params = yaml.safe_load(write_params(team.root.parent, TEAM_OVERRIDES).read_text())
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = runner_env(team)
