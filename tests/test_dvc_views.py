@@ -31,7 +31,13 @@ import numpy as np
 import pytest
 import yaml
 
-from braintumor.headline import HeadlineError, count_keys, evaluation_headline
+from braintumor.headline import (
+    HeadlineError,
+    count_keys,
+    data_headline,
+    evaluation_headline,
+    phase_headline,
+)
 
 from conftest import CHROMIUM, CHROMIUM_ARGS
 
@@ -179,14 +185,54 @@ def _paths(entries: list) -> list[str]:
     return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
 
 
-def test_dvc_yaml_tracks_the_headline_as_the_metric_and_the_detail_as_an_output() -> None:
-    evaluate = _dvc_yaml()["stages"]["evaluate"]
-    command = evaluate["cmd"].split()
-    assert command[command.index("--headline") + 1] == "metrics/evaluate.json"
-    assert command[command.index("--metrics") + 1] == "metrics/eval.json"
-    assert _paths(evaluate["metrics"]) == ["metrics/evaluate.json"]
-    assert "metrics/eval.json" in _paths(evaluate["outs"])
-    assert "src/braintumor/headline.py" in evaluate["deps"]
+@pytest.mark.parametrize(
+    ("stage", "headline", "detail"),
+    [
+        ("clean", "metrics/data_headline.json", "metrics/data.json"),
+        ("train", "metrics/frozen_headline.json", "metrics/frozen.json"),
+        ("finetune", "metrics/finetune_headline.json", "metrics/finetune.json"),
+        ("evaluate", "metrics/evaluate.json", "metrics/eval.json"),
+    ],
+)
+def test_dvc_yaml_tracks_the_headline_as_the_metric_and_the_detail_as_an_output(
+    stage: str, headline: str, detail: str
+) -> None:
+    declared = _dvc_yaml()["stages"][stage]
+    command = declared["cmd"].split()
+    assert command[command.index("--headline") + 1] == headline
+    assert command[command.index("--metrics") + 1] == detail
+    assert _paths(declared["metrics"]) == [headline]
+    assert detail in _paths(declared["outs"])
+    assert "src/braintumor/headline.py" in declared["deps"]
+
+
+def test_a_phase_headline_drops_timings_and_names() -> None:
+    detail = _training_summary("finetune", 1e-4, time.perf_counter() - 5)
+    detail["kept_starting_weights"] = True
+    headline = phase_headline(detail)
+    assert headline == {"best_epoch": 3, "best_val_accuracy": 0.8, "best_val_loss": 0.25,
+                        "epochs_run": 4, "kept_starting_weights": 1}  # fmt: skip
+
+
+def test_the_data_headline_keeps_counts_per_source_duplicates_and_leakage() -> None:
+    detail = {
+        "kept": 9000, "images_in": 9500, "files_in": 9501,
+        "kept_by_source_split": {"msoud": {"train": 5000, "test": 1000},
+                                 "sartaj": {"train": 2500, "test": 500}},
+        "duplicates": {"groups": 600, "cross_source_groups": 1900, "cross_split_groups": 350,
+                       "near_pairs": 12000, "extra_copies": 800},
+        "leakage": {"test_with_train_twin": 700, "kept_test_leakage_free": 800,
+                    "by_source": {"msoud": {"in": 1311}}},
+    }  # fmt: skip
+    headline = data_headline(detail)
+    assert headline == {
+        "kept": 9000,
+        "kept_by_source": {"msoud.train": 5000, "msoud.test": 1000, "sartaj.train": 2500,
+                           "sartaj.test": 500},
+        "duplicates": {"groups": 600, "cross_source_groups": 1900, "cross_split_groups": 350},
+        "leakage": {"test_with_train_twin": 700, "kept_test_leakage_free": 800},
+    }  # fmt: skip
+    assert count_keys(headline) == 10 < count_keys(detail)
 
 
 def test_dvc_config_names_the_page_the_makefile_builds() -> None:
@@ -229,13 +275,16 @@ def write_views(root: Path) -> None:
     for phase in ("frozen", "finetune"):
         summary = _training_summary(phase, learning_rate, started)
         (metrics / f"{phase}.json").write_text(json.dumps(summary))
+        (metrics / f"{phase}_headline.json").write_text(json.dumps(phase_headline(summary)))
         _write_csv(
             metrics / f"{phase}_history.csv",
             "epoch,loss,accuracy,val_loss,val_accuracy",
             [(e, 1 / e, 0.7 + e / 50, 1.2 / e, 0.65 + e / 40) for e in range(1, 6)],
         )
     (metrics / "preprocess.json").write_text(json.dumps({"images": 120, "counts": {"test": 80}}))
-    (metrics / "data.json").write_text(json.dumps({"kept": 120, "dropped": {"duplicate": 7}}))
+    data = {"kept": 120, "dropped": {"duplicate": 7}, "duplicates": {"groups": 7, "pairs": 9}}
+    (metrics / "data.json").write_text(json.dumps(data))
+    (metrics / "data_headline.json").write_text(json.dumps(data_headline(data)))
     _write_csv(
         metrics / "data_composition.csv",
         "split,source,label,count,group",

@@ -4,6 +4,7 @@ a real model and real slices, and the evaluate stage's step."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -199,13 +200,17 @@ def test_extractor_gives_the_models_probabilities_and_matching_logits(mirror: Pa
 @pytest.mark.slow
 def test_evaluate_fits_the_detector_on_train_and_thresholds_on_val(tiny_project) -> None:
     from braintumor.config import load_params
-    from braintumor.evaluate import fit_ood_detector, load_inputs
+    from braintumor.evaluate import EvaluatePaths, fit_ood_detector, load_inputs
     from braintumor.ood import FeatureExtractor
 
     params = load_params(tiny_project["params"])
-    args = type("Args", (), {"data": tiny_project["data"], "base_model": tiny_project["base"],
-                             "finetuned_model": tiny_project["finetuned"]})  # fmt: skip
-    inputs = load_inputs(args, params)
+    unused = tiny_project["data"] / "unused"
+    paths = EvaluatePaths(
+        data=tiny_project["data"], base_model=tiny_project["base"],
+        finetuned_model=tiny_project["finetuned"],
+        metrics=unused, report=unused, plots=unused, figures=unused, bundle=unused,
+    )  # fmt: skip
+    inputs = load_inputs(paths, params)
     detector, summary = fit_ood_detector(inputs, params)
     val = inputs.data.splits["val"]
     outputs = FeatureExtractor(inputs.models["finetuned"])(val.images)
@@ -270,4 +275,19 @@ def test_serving_refuses_what_the_bundles_detector_flags(mirror: Path, tmp_path:
     with pytest.raises(InputError, match="features are further") as refused:
         predictor.prepare_file(flagged)
     assert refused.value.reason == OUT_OF_DISTRIBUTION
-    assert predictor.prepare_file(val_paths[int(np.argmin(scores))]).image.shape[0] > 0
+    accepted = predictor.prepare_file(val_paths[int(np.argmin(scores))])
+    assert accepted.image.shape[0] > 0 and accepted.probabilities is not None
+    # The check's forward pass is the prediction: classify runs the model no second time,
+    # and gives what a separate predict call gives.
+    expected = predictor.predict(accepted.image[None])
+    calls: list[int] = []
+    original = predictor.bundle.model.predict_on_batch
+    predictor.bundle.model.predict_on_batch = lambda batch: (
+        calls.append(len(batch)) or original(batch)
+    )
+    np.testing.assert_allclose(predictor.classify([accepted]), expected, atol=1e-5)
+    assert calls == []
+    without = dataclasses.replace(accepted, probabilities=None)
+    np.testing.assert_allclose(predictor.classify([without, accepted]), np.vstack([expected] * 2),
+                               atol=1e-5)  # fmt: skip
+    assert calls == [1]

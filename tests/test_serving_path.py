@@ -25,11 +25,11 @@ import pytest
 
 from braintumor.bundle import Bundle
 from braintumor.config import CleanParams, ConfigError, ServingParams, load_params
+from braintumor.dicom import DICOM_INFO_TAGS
 from braintumor.imaging import decode_image
 from braintumor.predict import main as predict_main
 from braintumor.predict import predict_files
 from braintumor.serving import (
-    DICOM_INFO_TAGS,
     InputError,
     Predictor,
     ServingSettings,

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from braintumor import figures
 from braintumor.config import CleanParams, ConfigError, Params, SourceParams, load_params
 from braintumor.hashing import connected_groups, pair_similarity, similar_pairs
+from braintumor.headline import data_headline
 from braintumor.io_utils import atomic_path, worker_count, write_json
 from braintumor.workers import init_worker, inspect_file
 
@@ -445,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--raw", required=True, type=Path, help="data/raw from acquire")
     parser.add_argument("--index", required=True, type=Path, help="index table (.parquet)")
-    parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON")
+    parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON (detail)")
+    parser.add_argument("--headline", type=Path, help="the stage's DVC metric (a few numbers)")
     parser.add_argument("--composition", required=True, type=Path, help="composition CSV")
     parser.add_argument("--figures", required=True, type=Path, help="folder for figures")
     parser.add_argument("--no-progress", action="store_true")
@@ -470,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.composition) as temporary:
         composition.to_csv(temporary, index=False)
     write_json(args.metrics, metrics)
+    if args.headline is not None:
+        write_json(args.headline, data_headline(metrics))
     dropped = ", ".join(f"{k} {v}" for k, v in metrics["dropped"].items()) or "none"
     print(
         f"clean: {metrics['images_in']} images in, {metrics['kept']} kept; dropped: {dropped}; "

@@ -355,7 +355,40 @@ class Inputs:
     models: dict[str, Any]
 
 
-def load_inputs(args: argparse.Namespace, params: Params) -> Inputs:
+@dataclass(frozen=True)
+class EvaluatePaths:
+    """Where the stage reads (the processed splits, the raw slices for the robustness view,
+    the two models) and writes (metrics, reports, plot tables, figures, the bundle, the
+    MLflow run file). ``raw``, ``headline`` and the run files are optional."""
+
+    data: Path
+    base_model: Path
+    finetuned_model: Path
+    metrics: Path
+    report: Path
+    plots: Path
+    figures: Path
+    bundle: Path
+    raw: Path | None = None
+    headline: Path | None = None
+    parent_run_file: Path | None = None
+    run_file: Path | None = None
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` found, before anything is written: the inputs it scored, both
+    models' calibrated reports, the robustness rows, the OOD detector and its summary, and
+    the headline metrics (``metrics/eval.json``)."""
+
+    inputs: Inputs
+    results: dict[str, dict[str, Any]]
+    robustness: list[dict]
+    detector: Any
+    metrics: dict[str, Any]
+
+
+def load_inputs(paths: EvaluatePaths, params: Params) -> Inputs:
     import pandas as pd
 
     from braintumor.data_loading import load_processed
@@ -363,15 +396,15 @@ def load_inputs(args: argparse.Namespace, params: Params) -> Inputs:
 
     perturbation_names(params.evaluate.robustness)  # a bad name fails before the models load
     data = load_processed(
-        args.data, params.common.classes, params.common.image_size, ("train", "val", "test")
+        paths.data, params.common.classes, params.common.image_size, ("train", "val", "test")
     )
-    test_index = pd.read_csv(args.data / "test_index.csv")
-    val_index = pd.read_csv(args.data / "val_index.csv")
+    test_index = pd.read_csv(paths.data / "test_index.csv")
+    val_index = pd.read_csv(paths.data / "val_index.csv")
     if "leakage_free" in val_index:
         val_leakage_free = val_index["leakage_free"].astype(bool).to_numpy()
     else:  # a processed folder from before validation rows were flagged
         val_leakage_free = np.ones(len(val_index), dtype=bool)
-    model_paths = {"base": args.base_model, "finetuned": args.finetuned_model}
+    model_paths = {"base": paths.base_model, "finetuned": paths.finetuned_model}
     models = {
         name: load_keras_model(path, len(params.common.classes))
         for name, path in model_paths.items()
@@ -490,13 +523,13 @@ def write_plot_tables(
 
 
 def write_model_bundle(
-    args: argparse.Namespace, inputs: Inputs, results: dict[str, dict[str, Any]], params: Params
+    paths: EvaluatePaths, inputs: Inputs, results: dict[str, dict[str, Any]], params: Params
 ) -> Any:
     from braintumor.bundle import BundleMeta, InputStats, write_bundle
 
     return write_bundle(
-        args.bundle,
-        args.finetuned_model,
+        paths.bundle,
+        paths.finetuned_model,
         BundleMeta(
             classes=tuple(params.common.classes),
             image_size=params.common.image_size,
@@ -544,52 +577,67 @@ def headline_metrics(results: dict[str, dict[str, Any]], robustness: list[dict])
     return metrics
 
 
-def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
-    """Evaluate both models, write every output, log and register. Returns eval.json."""
+def evaluate(params: Params, paths: EvaluatePaths) -> Evaluation:
+    """Score both models on every view, the fine-tuned one under perturbations, and fit
+    the OOD detector; writes nothing (``write_evaluation`` does)."""
+    started = time.perf_counter()
+    inputs = load_inputs(paths, params)
+    results = score_models(inputs, params)
+    robustness = score_robustness(inputs, paths.raw, params)
+    detector, ood_summary = fit_ood_detector(inputs, params)
+    metrics = headline_metrics(results, robustness)
+    metrics["finetuned"].update(ood_summary)
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    return Evaluation(inputs, results, robustness, detector, metrics)
+
+
+def write_evaluation(evaluation: Evaluation, paths: EvaluatePaths, params: Params) -> Any:
+    """Every output of the stage, each atomically: figures, the bundle (with the OOD
+    detector beside model.keras, so it is registered with it), plot tables, the reports,
+    eval.json and the headline file. Returns the bundle's metadata."""
     from braintumor.io_utils import write_json, write_text
 
-    started = time.perf_counter()
-    inputs = load_inputs(args, params)
-    results = score_models(inputs, params)
-    robustness = score_robustness(inputs, args.raw, params)
-    confusion, roc = write_figures(args.figures, inputs, results, robustness, params)
-    bundle_meta = write_model_bundle(args, inputs, results, params)
-    detector, ood_summary = fit_ood_detector(inputs, params)
-    if detector is not None:
+    inputs, results, robustness = evaluation.inputs, evaluation.results, evaluation.robustness
+    confusion, roc = write_figures(paths.figures, inputs, results, robustness, params)
+    bundle_meta = write_model_bundle(paths, inputs, results, params)
+    if evaluation.detector is not None:
         from braintumor.ood import OOD_FILE
 
-        detector.save(args.bundle / OOD_FILE)  # beside model.keras: registered with it
-    write_plot_tables(args.plots, confusion, roc, robustness)
+        evaluation.detector.save(paths.bundle / OOD_FILE)
+    write_plot_tables(paths.plots, confusion, roc, robustness)
     report_json: dict[str, Any] = {
         name: {k: v for k, v in result.items() if k not in ("calibrated", "raw")}
         for name, result in results.items()
     }
     report_json["study"] = study_reports(params)
     report_json["robustness"] = {"finetuned": robustness}
-    write_json(args.report.with_suffix(".json"), report_json)
-    write_text(args.report.with_suffix(".md"), comparison_markdown(results, params))
-    metrics = headline_metrics(results, robustness)
-    metrics["finetuned"].update(ood_summary)
-    metrics["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(args.metrics, metrics)
-    if args.headline is not None:
-        write_json(args.headline, evaluation_headline(metrics, params.common.classes))
+    write_json(paths.report.with_suffix(".json"), report_json)
+    write_text(paths.report.with_suffix(".md"), comparison_markdown(results, params))
+    write_json(paths.metrics, evaluation.metrics)
+    if paths.headline is not None:
+        write_json(paths.headline, evaluation_headline(evaluation.metrics, params.common.classes))
+    return bundle_meta
 
-    if not args.no_tracking:
+
+def run(params: Params, paths: EvaluatePaths, tracking: bool = True) -> dict[str, Any]:
+    """The stage: evaluate, write, then log to MLflow and register. Returns eval.json."""
+    evaluation = evaluate(params, paths)
+    bundle_meta = write_evaluation(evaluation, paths, params)
+    if tracking:
         from braintumor import registry
 
         registry.log_evaluation(
             params,
             project_root=Path.cwd(),
-            parent_file=args.parent_run_file,
-            run_file=args.run_file,
-            metrics=metrics,
-            figures=args.figures,
-            reports=[args.report.with_suffix(".json"), args.report.with_suffix(".md")],
-            bundle=args.bundle,
+            parent_file=paths.parent_run_file,
+            run_file=paths.run_file,
+            metrics=evaluation.metrics,
+            figures=paths.figures,
+            reports=[paths.report.with_suffix(".json"), paths.report.with_suffix(".md")],
+            bundle=paths.bundle,
             bundle_meta=bundle_meta,
         )
-    return metrics
+    return evaluation.metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -608,22 +656,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-run-file", type=Path, help="finetune's MLflow run file")
     parser.add_argument("--run-file", type=Path, default=None, help="this stage's run file")
     parser.add_argument("--no-tracking", action="store_true", help="skip MLflow")
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))
+    params_file, tracking = args.pop("params"), not args.pop("no_tracking")
     try:
-        params = load_params(args.params)
-        configure_backend(params.train, Path(args.params).resolve().parent)
-        metrics = run(args, params)
-    except (EvaluateError, ConfigError) as error:
+        params = load_params(params_file)
+        configure_backend(params.train, Path(params_file).resolve().parent)
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except Exception as error:
-        from braintumor.bundle import BundleError
-        from braintumor.data_loading import DataError
+    # Imported once the backend is set: data_loading imports keras.
+    from braintumor.bundle import BundleError
+    from braintumor.data_loading import DataError
 
-        if isinstance(error, DataError | BundleError):
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        raise
+    try:
+        metrics = run(params, EvaluatePaths(**args), tracking=tracking)
+    except (EvaluateError, ConfigError, DataError, BundleError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     view = metrics["finetuned"]
     print(
         "evaluate: fine-tuned accuracy "

@@ -30,10 +30,11 @@ class HeadlineError(ValueError):
 
 
 def _number(value: Any) -> float | None:
-    """A rounded float, or None for a missing or non-numeric value (bools are flags)."""
+    """A rounded float (an int stays an int: a count), or None for a missing or
+    non-numeric value (bools are flags)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return round(float(value), DIGITS)
+    return value if isinstance(value, int) else round(float(value), DIGITS)
 
 
 def _views(flat: Mapping[str, Any]) -> list[str]:
@@ -92,3 +93,41 @@ def _numbers(flat: Mapping[str, Any], wanted: Callable[[str], bool]) -> dict[str
 def count_keys(metrics: Mapping[str, Any]) -> int:
     """How many leaf numbers a metrics dict holds: the columns DVC will show for it."""
     return sum(count_keys(value) if isinstance(value, Mapping) else 1 for value in metrics.values())
+
+
+# A training phase's headline: what decides whether it worked. The detail (timings,
+# throughput, parameter counts, the backend) changes on every run and would fill
+# `dvc exp show --only-changed` with columns nobody compares.
+PHASE_KEYS = ("best_epoch", "best_val_loss", "best_val_accuracy", "epochs_run")
+
+
+def phase_headline(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics/<phase>_headline.json`` from a phase's ``metrics/<phase>.json``; whether
+    fine-tuning kept its starting weights as 0/1 (DVC compares numbers)."""
+    headline = _numbers(detail, lambda key: key in PHASE_KEYS)
+    if isinstance(detail.get("kept_starting_weights"), bool):
+        headline["kept_starting_weights"] = int(detail["kept_starting_weights"])
+    return headline
+
+
+def data_headline(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics/data_headline.json`` from clean's ``metrics/data.json``: images kept (in
+    all and per source and split), duplicate groups (in all, across sources, across
+    splits) and the test images with a training twin or none. Nested like the detail."""
+    duplicates = detail.get("duplicates", {})
+    leakage = detail.get("leakage", {})
+    headline: dict[str, Any] = {"kept": _number(detail.get("kept"))}
+    by_source = detail.get("kept_by_source_split", {})
+    if isinstance(by_source, Mapping) and by_source:
+        headline["kept_by_source"] = {
+            f"{source}.{split}": _number(count)
+            for source, splits in by_source.items()
+            for split, count in splits.items()
+        }
+    headline["duplicates"] = _numbers(
+        duplicates, lambda key: key in ("groups", "cross_source_groups", "cross_split_groups")
+    )
+    headline["leakage"] = _numbers(
+        leakage, lambda key: key in ("test_with_train_twin", "kept_test_leakage_free")
+    )
+    return {key: value for key, value in headline.items() if value not in (None, {})}

@@ -7,12 +7,12 @@ fails on one that points up. Each layer exists for a reason a test can hold:
 - ``foundation``: parameters, paths, atomic writes and redaction, the plumbing every
   other module uses. It imports nothing else of ours, so loading ``params.yaml`` or
   resolving a path never drags in imaging, Keras or MLflow.
-- ``science``: the pure functions on arrays and files that hold the method (decoding and
-  the recipe's transform, duplicate hashing, metrics, calibration, robustness, the OOD
-  detector, the headline numbers, PyTorch state dicts read without torch, a training
-  phase's resumable state, the data stages' figures and workers). It never imports our
-  Keras model code, so each function stays testable on small arrays without building a
-  network.
+- ``science``: the pure functions on arrays and files that hold the method (decoding,
+  DICOM included, and the recipe's transform, duplicate hashing, metrics, calibration,
+  robustness, the OOD detector, the headline numbers, PyTorch state dicts read without
+  torch, a training phase's resumable state, the data stages' figures and workers). It
+  never imports our Keras model code, so each function stays testable on small arrays
+  without building a network.
 - ``model``: the Keras side: backend selection, the model builder and its pretrained
   weights, augmentation, the input pipeline, training callbacks, compile counts and
   Grad-CAM. It knows nothing of serving, tracking or the stages.
@@ -33,6 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "science": (
         "calibration",
         "checkpointing",
+        "dicom",
         "figures",
         "hashing",
         "headline",

@@ -183,7 +183,7 @@ def _classify_batch(
     if overlays_dir is not None:
         probabilities, heatmaps = predictor.explain(images)
     else:
-        probabilities = predictor.predict(images)
+        probabilities = predictor.classify(good)
     results: list[FileResult] = []
     position = 0
     for path, item in zip(batch, prepared, strict=True):

@@ -118,9 +118,7 @@ class BundleModel(mlflow.pyfunc.PythonModel):
             except InputError as error:
                 outcomes.append(error)
         good = [item for item in outcomes if isinstance(item, PreparedImage)]
-        probabilities = (
-            self.predictor.predict(np.stack([item.image for item in good])) if good else []
-        )
+        probabilities = self.predictor.classify(good)
         rows, position = [], 0
         for item in outcomes:
             if isinstance(item, InputError):

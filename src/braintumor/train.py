@@ -71,6 +71,7 @@ class PhasePaths:
     history: Path
     figures: Path
     tensorboard: Path | None = None
+    headline: Path | None = None  # the few numbers DVC compares (headline.phase_headline)
     init_model: Path | None = None  # finetune: the frozen phase's model.keras
     pretrained: Path | None = None  # frozen: the weights stage's converted backbone file
 
@@ -621,6 +622,10 @@ def _write_outputs(
     save_model_atomic(model, paths.model)
     write_history_csv(paths.history, history)
     write_json(paths.metrics, metrics)
+    if paths.headline is not None:
+        from braintumor.headline import phase_headline
+
+        write_json(paths.headline, phase_headline(metrics))
     train = data.splits["train"]
     with atomic_path(paths.figures, directory=True) as folder:
         history_figure(history, folder / "history.png", f"{phase} phase")
@@ -652,14 +657,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, type=Path, help="data/processed")
     parser.add_argument("--model-dir", required=True, type=Path, help="model.keras and run id")
     parser.add_argument("--checkpoints", required=True, type=Path, help="resumable state")
-    parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON")
+    parser.add_argument("--metrics", required=True, type=Path, help="metrics JSON (detail)")
+    parser.add_argument("--headline", type=Path, help="the phase's DVC metric (a few numbers)")
     parser.add_argument("--history", required=True, type=Path, help="per-epoch CSV")
     parser.add_argument("--figures", required=True, type=Path, help="figures folder")
     parser.add_argument("--tensorboard", type=Path, help="TensorBoard log folder")
     parser.add_argument("--init", type=Path, help="finetune: the frozen phase's model.keras")
     parser.add_argument("--pretrained", type=Path, help="the weights stage's folder")
-    parser.add_argument("--parent-run", type=Path, help="finetune: the frozen phase's run file")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    # The same names as evaluate's; the old ones still work.
+    parser.add_argument("--parent-run-file", "--parent-run", dest="parent_run", type=Path,
+                        help="finetune: the frozen phase's run file")  # fmt: skip
+    parser.add_argument("--no-tracking", "--no-mlflow", dest="no_mlflow", action="store_true",
+                        help="do not log to MLflow")  # fmt: skip
     parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
     parser.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)  # test hook
     return parser
@@ -692,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         history=args.history,
         figures=args.figures,
         tensorboard=args.tensorboard,
+        headline=args.headline,
         init_model=args.init,
         pretrained=(
             weights_file(args.pretrained, params.model.backbone) if args.pretrained else None
