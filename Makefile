@@ -43,6 +43,19 @@ $(DEV_STAMP): $(STAMP) requirements-dev.lock
 
 install-dev: install $(DEV_STAMP)
 
+# GPU runners (CUDA 12 driver): `make install GPU=1` adds requirements-gpu.lock, JAX with
+# its CUDA plugin and the NVIDIA libraries as wheels (no system CUDA toolkit needed). Run
+# with KERAS_BACKEND=jax (params: train.backend: jax); README "GPU runners" says why.
+# tests/test_gpu_runner.py resolves this lock against the index so that it cannot rot.
+GPU ?= 0
+GPU_STAMP := $(VENV)/.installed-gpu
+$(GPU_STAMP): $(STAMP) requirements-gpu.lock
+	$(PIP) -r requirements-gpu.lock
+	touch $@
+
+ifeq ($(GPU),1)
+install: $(GPU_STAMP)
+endif
 install: $(STAMP)
 	@$(MAKE) --no-print-directory $(PLOTS_TEMPLATE) || echo "warning: no $(PLOTS_TEMPLATE): \
 	dvc plots show fails until \`make plots-template\` succeeds (it needs npm and its registry)"

@@ -37,6 +37,9 @@ TEAM_OVERRIDES = {
     **TINY_OVERRIDES,
     "train": {"frozen": ONE_EPOCH, "finetune": ONE_EPOCH},
     "tracking": {"experiment": "team-test"},
+    # A one-epoch model on 32 images: the gate's absolute floors are not what is tested
+    # here (test_registry does that), the path through it from another runner is.
+    "registry": {"gate": {"min_class_recall": 0.0, "max_ece": 1.0}},
 }
 MODEL_NAME = "brain-tumor-classifier"
 
@@ -175,7 +178,8 @@ def dvc(team: Team, project: Path, *args: str, check: bool = True, **extra: str)
 def runner_a(team: Team, origin: Path, mirror: Path) -> Path:
     """Runner A: the pipeline end to end against the team stack, then push everything."""
     project = clone(team, origin, "runner-a")
-    repro = dvc(team, project, "repro", BRAINTUMOR_MIRROR=str(tiny_mirror(team, mirror)))
+    repro = dvc(team, project, "repro", BRAINTUMOR_MIRROR=str(tiny_mirror(team, mirror)),
+                BRAINTUMOR_RUNNER="runner-a")  # fmt: skip
     assert "Running stage 'evaluate'" in repro.stdout
     env = runner_env(team)
     run(["git", "add", "-A"], project, env)  # dvc.lock and the outputs git keeps (cache: false)
@@ -229,14 +233,17 @@ def test_a_second_start_reports_what_already_runs(team: Team) -> None:
     assert team.services("status").returncode == 0
 
 
-def test_runner_b_pulls_reruns_nothing_and_loads_runner_a_model(
-    team: Team, origin: Path, runner_a: Path
-) -> None:
-    runner_b = clone(team, origin, "runner-b")
-    dvc(team, runner_b, "pull", "--run-cache")
-    repro = dvc(team, runner_b, "repro")
+@pytest.fixture(scope="module")
+def runner_b(team: Team, origin: Path, runner_a: Path) -> Path:
+    """Runner B: a clone that pulls data, outputs and run cache; `dvc repro` reruns nothing."""
+    project = clone(team, origin, "runner-b")
+    dvc(team, project, "pull", "--run-cache")
+    repro = dvc(team, project, "repro", BRAINTUMOR_RUNNER="runner-b")
     assert "Running stage" not in repro.stdout, repro.stdout
+    return project
 
+
+def test_runner_b_pulls_reruns_nothing_and_loads_runner_a_model(team: Team, runner_b: Path) -> None:
     tracking = client(team)
     experiment = tracking.get_experiment_by_name("team-test")
     runs = tracking.search_runs([experiment.experiment_id])
@@ -263,6 +270,86 @@ def test_runner_b_pulls_reruns_nothing_and_loads_runner_a_model(
 
     predictions = model.predict(pd.DataFrame({"image": [image]}))
     assert len(predictions) == 1
+
+
+def test_runner_b_promotes_a_model_then_runs_an_experiment_beside_a(
+    team: Team, runner_b: Path
+) -> None:
+    """B promotes A's challenger through the gate (the registry CLI, B's checkout and
+    credentials), runs an experiment of its own that registers the next challenger, and
+    loads the champion by alias; the shared UI, in headless Chromium, lists both runners'
+    runs and the model's aliases (screenshots in the test artifacts)."""
+    tracking = client(team)
+    a_version = tracking.get_registered_model(MODEL_NAME).aliases["challenger"]
+    env = runner_env(team)
+    promoted = run([str(BIN / "python"), "-m", "braintumor.registry", "promote"], runner_b, env)
+    assert f"champion is now v{a_version}" in promoted.stdout, promoted.stdout + promoted.stderr
+    assert "ok: ECE" in promoted.stdout  # the gate's reasons, printed
+
+    change = "train.finetune.learning_rate=0.002"
+    experiment_run = dvc(team, runner_b, "exp", "run", "-n", "b-lr", "-S", change,
+                         BRAINTUMOR_RUNNER="runner-b")  # fmt: skip
+    assert "Running stage 'finetune'" in experiment_run.stdout
+    assert "Running stage 'train'" not in experiment_run.stdout  # phase 1 unchanged: cached
+
+    experiment = tracking.get_experiment_by_name("team-test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = tracking.search_runs([experiment.experiment_id])
+    by_runner = {run.data.tags.get("runner") for run in runs}
+    assert {"runner-a", "runner-b"} <= by_runner, by_runner
+    model = tracking.get_registered_model(MODEL_NAME)
+    assert model.aliases["champion"] == a_version
+    assert int(model.aliases["challenger"]) > int(a_version)  # B's, registered by its evaluate
+
+    import mlflow
+    import pandas as pd
+
+    champion = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    image = next((runner_b / "data" / "raw").rglob("*.jpg")).read_bytes()
+    assert len(champion.predict(pd.DataFrame({"image": [image]}))) == 1
+
+    texts = screenshot_mlflow_ui(team, experiment.experiment_id)
+    # The experiment opens on its runs (the parents: A's `dvc repro`, B's experiment).
+    assert "pipeline" in texts["runs"] and "b-lr" in texts["runs"], texts["runs"][:2000]
+    assert "champion" in texts["model"] and "challenger" in texts["model"], texts["model"][:2000]
+
+
+def screenshot_mlflow_ui(team: Team, experiment_id: str) -> dict[str, str]:
+    """The experiment's runs and the registered model's versions in the real MLflow UI
+    (basic auth as the team user); returns each page's text, saves PNGs under
+    ``$BRAINTUMOR_TEST_ARTIFACTS/team/``."""
+    from playwright.sync_api import sync_playwright
+
+    from conftest import CHROMIUM, CHROMIUM_ARGS
+
+    credentials = team.credentials()
+    base = credentials["MLFLOW_TRACKING_URI"].rstrip("/")
+    folder = Path(os.environ.get("BRAINTUMOR_TEST_ARTIFACTS", team.root.parent)) / "team"
+    folder.mkdir(parents=True, exist_ok=True)
+    pages = {
+        "runs": (f"{base}/#/experiments/{experiment_id}", "b-lr"),
+        "model": (f"{base}/#/models/{MODEL_NAME}", "challenger"),
+    }
+    texts = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        context = browser.new_context(
+            viewport={"width": 1600, "height": 1000},
+            http_credentials={"username": credentials["MLFLOW_TRACKING_USERNAME"],
+                              "password": credentials["MLFLOW_TRACKING_PASSWORD"]},
+        )  # fmt: skip
+        page = context.new_page()
+        for name, (url, wanted) in pages.items():
+            page.goto(url)
+            try:
+                page.get_by_text(wanted).first.wait_for(timeout=60_000)
+            finally:
+                page.screenshot(path=str(folder / f"mlflow_{name}.png"), full_page=True)
+            texts[name] = page.inner_text("body")
+        browser.close()
+    return texts
 
 
 def test_wrong_credentials_are_refused_with_a_clear_message(

@@ -65,6 +65,7 @@ def test_two_phases_logged_to_a_real_server(
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("DVC_EXP_NAME", "tracking-test")
+    monkeypatch.setenv("BRAINTUMOR_RUNNER", "gpu-runner-7")
     data = make_processed(tmp_path / "processed")
     raw = tiny_raw_params(frozen__epochs=2, finetune__epochs=3)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -72,7 +73,7 @@ def test_two_phases_logged_to_a_real_server(
     for phase in ("frozen", "finetune"):
         extra = (
             ["--init", str(tmp_path / "models/frozen/model.keras"),
-             "--parent-run", str(tmp_path / "models/frozen/mlflow_run.json")]
+             "--parent-run-file", str(tmp_path / "models/frozen/mlflow_run.json")]
             if phase == "finetune" else []
         )  # fmt: skip
         code = main(
@@ -94,6 +95,9 @@ def test_two_phases_logged_to_a_real_server(
     experiment = requests.get(
         f"{api}/experiments/get-by-name", params={"experiment_name": raw["tracking"]["experiment"]}
     ).json()["experiment"]
+    # The UI opens it on the training runs, not MLflow 3's GenAI overview.
+    experiment_tags = {t["key"]: t["value"] for t in experiment["tags"]}
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
     found = requests.post(
         f"{api}/runs/search",
         json={
@@ -112,6 +116,7 @@ def test_two_phases_logged_to_a_real_server(
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert tags["dvc.exp_name"] == "tracking-test" and tags["backend"] == "tensorflow"
         assert tags["phase"] == phase and tags["profile"] == "paper"
+        assert tags["runner"] == "gpu-runner-7"
         metrics = json.loads((tmp_path / "metrics" / f"{phase}.json").read_text())
         history = requests.get(
             f"{api}/metrics/get-history",

@@ -347,9 +347,12 @@ class TrainParams:
     them, and on a GPU XLA keeps its autotuning results there too, shared between programs.
     ``xla_gpu_autotune_level``: XLA's ``--xla_gpu_autotune_level`` (0 none ... 4 XLA's
     default, with correctness checks; null: leave XLA_FLAGS alone); lower trades a slower
-    step for a faster compile."""
+    step for a faster compile. ``distribution``: ``data_parallel`` replicates the model on
+    every local accelerator and splits each batch across them (``braintumor.distribution``:
+    the batch size stays the global batch, so does the learning rate)."""
 
     backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
+    distribution: Literal["none", "data_parallel"] = "none"
     mixed_precision: bool = False
     jit_compile: bool | Literal["auto"] = "auto"
     loader_workers: int = 1

@@ -50,6 +50,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "callbacks",
         "compile_stats",
         "data_loading",
+        "distribution",
         "explain",
         "model",
         "pretrained",

@@ -20,7 +20,7 @@ from typing import Any
 
 import keras
 
-from braintumor.config import ModelParams
+from braintumor.config import ConfigError, ModelParams
 
 GRAY_TO_RGB = "input_gray_to_rgb"
 NORMALIZATION = "input_normalization"
@@ -207,7 +207,7 @@ def feature_layer_name(backbone: str) -> str:
 
 def _spec(backbone: str) -> BackboneSpec:
     if backbone not in BACKBONES:
-        raise ValueError(f"model.backbone: unknown {backbone!r} (known: {', '.join(BACKBONES)})")
+        raise ConfigError(f"model.backbone: unknown {backbone!r} (known: {', '.join(BACKBONES)})")
     return BACKBONES[backbone]
 
 
@@ -223,14 +223,14 @@ def _resolve_weights(backbone: str, weights: str, pretrained: Path | None) -> st
         if backbone not in PRETRAINED_BY_STAGE:
             return "imagenet"
         if pretrained is None or not Path(pretrained).is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"model.weights: imagenet for {backbone} needs the converted weights file "
                 f"{pretrained or 'models/pretrained/...'}; run `dvc repro weights` "
                 "(or set model.weights: none)"
             )
         return str(pretrained)
     if not Path(weights).is_file():
-        raise ValueError(
+        raise ConfigError(
             f"model.weights: {weights!r} is not 'imagenet', 'none' or an existing weights file"
         )
     return str(weights)
@@ -285,7 +285,7 @@ def build_model(
     """
     spec = _spec(params.backbone)
     if image_size < spec.min_size:
-        raise ValueError(
+        raise ConfigError(
             f"common.image_size: {image_size} is below {params.backbone}'s minimum {spec.min_size}"
         )
     weights = _resolve_weights(params.backbone, params.weights, pretrained)
@@ -337,7 +337,7 @@ def set_trainable(model: keras.Model, mode: str) -> None:
     fine-tuning). ``all``: everything, for training from scratch.
     """
     if mode not in TRAINABLE_MODES:
-        raise ValueError(f"trainable: unknown mode {mode!r} (known: {', '.join(TRAINABLE_MODES)})")
+        raise ConfigError(f"trainable: unknown mode {mode!r} (known: {', '.join(TRAINABLE_MODES)})")
     model.trainable = True
     backbone = {id(layer) for layer in backbone_layers(model)}
     for layer in model.layers:

@@ -29,6 +29,7 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import socket
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -104,6 +105,9 @@ def run_tags(params: Params, phase: str | None, project_root: Path) -> dict[str,
         "profile": params.profile,
         "backend": params.train.backend,
         "backbone": params.model.backbone,
+        # Which machine ran it, for a team's shared server: BRAINTUMOR_RUNNER (a CI
+        # runner's name), else the host name.
+        "runner": os.environ.get("BRAINTUMOR_RUNNER") or socket.gethostname(),
         **git_state(project_root),
     }
     for variable, tag in (
@@ -118,18 +122,27 @@ def run_tags(params: Params, phase: str | None, project_root: Path) -> dict[str,
     return tags
 
 
+# MLflow 3's UI opens an experiment by its kind; without this tag it infers one and may
+# open on the GenAI overview (traces, evaluations) instead of the training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def _experiment_id(name: str, uri: str, project_root: Path) -> str:
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):  # no server: keep artifacts beside the project
-        location = (real_project_root(project_root) / "mlartifacts").resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # created meanwhile by a concurrent stage
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:"):  # no server: keep artifacts beside the project
+            location = (real_project_root(project_root) / "mlartifacts").resolve().as_uri()
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by a concurrent stage
+            pass
+        experiment = client.get_experiment_by_name(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def _log_params(client: MlflowClient, run_id: str, params: Params) -> None:

@@ -61,6 +61,10 @@ if TYPE_CHECKING:
 FIGURE_EXAMPLES = 9
 
 
+class PhaseError(ValueError):
+    """A phase cannot run on what it was given (a model of another shape, no epoch run)."""
+
+
 @dataclass(frozen=True)
 class PhasePaths:
     """Where one phase reads and writes; ``dvc.yaml`` passes all of them."""
@@ -117,7 +121,7 @@ class NullRun:
 
 def phase_params(params: Params, phase: str) -> PhaseParams:
     if phase not in PHASES:
-        raise ValueError(f"phase: unknown {phase!r} (known: {', '.join(PHASES)})")
+        raise PhaseError(f"phase: unknown {phase!r} (known: {', '.join(PHASES)})")
     return getattr(params.train, phase)
 
 
@@ -174,7 +178,7 @@ def find_checkpoint(
 def summarise(history: list[dict[str, float]], monitor: str) -> dict[str, Any]:
     """Best epoch by ``monitor`` and throughput from the per-epoch history."""
     if not history:
-        raise ValueError("no epoch was run")
+        raise PhaseError("no epoch was run")
     values = [row[monitor] for row in history]
     best = (min if lower_is_better(monitor) else max)(range(len(values)), key=values.__getitem__)
     rates = [row["images_per_second"] for row in history if row.get("images_per_second")]
@@ -254,7 +258,7 @@ def build_phase_model(
         model = keras.saving.load_model(init_model)
         expected = (None, size, size, 1)
         if tuple(model.input_shape) != expected or model.output_shape[-1] != num_classes:
-            raise ValueError(
+            raise PhaseError(
                 f"{init_model}: takes {model.input_shape} and gives {model.output_shape[-1]} "
                 f"classes; the parameters need {expected} and {num_classes}"
             )
@@ -264,7 +268,7 @@ def build_phase_model(
 
 def _check_cacheable(phase: str, settings: PhaseParams) -> None:
     if trainable_mode(phase, settings) != "head":
-        raise ValueError(
+        raise PhaseError(
             f"train.{phase}.cache_features: only a phase that trains the head alone can "
             f"reuse backbone features (trainable is {trainable_mode(phase, settings)!r})"
         )
@@ -281,7 +285,7 @@ def head_model(model: keras.Model) -> keras.Model:
     layers = [layer for layer in model.layers if is_head_layer(layer)]
     pool = model.get_layer(f"{HEAD_PREFIX}pool")
     if not layers or layers[0] is not pool:
-        raise ValueError("model has no head_pool layer first in its head")
+        raise PhaseError("model has no head_pool layer first in its head")
     inputs = keras.Input(pool.output.shape[1:], name="features")
     x = inputs
     for layer in layers[1:]:
@@ -418,12 +422,33 @@ def run_phase(
     stop_after_epochs: int | None = None,
 ) -> PhaseResult:
     """Train one phase, resuming from ``paths.checkpoint_dir`` when it holds a matching
-    unfinished state, and write the phase's outputs.
+    unfinished state, and write the phase's outputs; over every local device when
+    ``train.distribution`` is ``data_parallel`` (``braintumor.distribution``).
 
     ``run`` is a ``tracking.PhaseRun`` (None: nothing is logged). ``checkpoint`` is
     ``find_checkpoint``'s answer when the caller already has it. ``stop_after_epochs`` is
     a test hook: raise ``TrainingInterrupted`` after that many epochs, as if killed.
     """
+    from braintumor.distribution import check_batch, data_parallel
+
+    with data_parallel(params.train.distribution, params.train.backend) as devices:
+        settings = phase_params(params, phase)
+        check_batch(settings.batch_size, devices, f"train.{phase}.batch_size")
+        return _train_phase(params, phase, data, paths, run, checkpoint, verbose,
+                            stop_after_epochs, devices)  # fmt: skip
+
+
+def _train_phase(
+    params: Params,
+    phase: str,
+    data: ProcessedData,
+    paths: PhasePaths,
+    run: Any | None,
+    checkpoint: tuple[str, dict[str, Any] | None] | None,
+    verbose: int,
+    stop_after_epochs: int | None,
+    devices: int,
+) -> PhaseResult:
     from braintumor.augment import build_augmenter
     from braintumor.callbacks import phase_callbacks
     from braintumor.compile_stats import CompileMeter
@@ -458,6 +483,7 @@ def run_phase(
         **phase_metrics(params, phase, model, history, inputs, resume, started, start, kept_start),
         **session_epoch_seconds(history, epoch_state.epochs_this_session),
         **meter.summary(),
+        "devices": devices,
     }
     _write_outputs(
         params, phase, paths, model, augmenter, data, inputs.indices, history, metrics, run
@@ -687,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     from braintumor.data_loading import DataError, load_processed  # imports keras
-    from braintumor.pretrained import weights_file
+    from braintumor.pretrained import PretrainedError, weights_file
 
     try:
         data = load_processed(args.data, params.common.classes, params.common.image_size)
@@ -723,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as error:
         print(f"interrupted: {error}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as error:
+    except (ConfigError, DataError, PretrainedError, PhaseError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     _print_summary(args.phase, result.metrics)
