@@ -30,7 +30,9 @@ endif
 # run, nothing unlisted pulled in): requirements.lock is what `make run` needs;
 # requirements-dev.lock adds the test, lint and team-service tools and the JAX and PyTorch
 # backends (~1.4 GB that a pipeline run does not unpack). tests/test_locks.py checks both.
-PIP := $(BIN)/pip install --quiet --disable-pip-version-check --no-deps
+# --no-compile: no bytecode for every installed module up front (about a minute here);
+# Python writes it on first import, for the modules a run actually imports.
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-compile
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.lock

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +353,9 @@ class Inputs:
     views: dict[str, np.ndarray]
     val_leakage_free: np.ndarray
     models: dict[str, Any]
+    # The fine-tuned model's val and test outputs (probabilities, pooled features, logits)
+    # from score_models' forward pass, reused by the OOD fit instead of a second pass.
+    finetuned_outputs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -413,12 +416,23 @@ def load_inputs(paths: EvaluatePaths, params: Params) -> Inputs:
 
 
 def score_models(inputs: Inputs, params: Params) -> dict[str, dict[str, Any]]:
-    """Both models' calibrated reports on every view (``evaluate_probabilities``)."""
+    """Both models' calibrated reports on every view (``evaluate_probabilities``). The
+    fine-tuned model's pass also keeps its features for the OOD detector."""
+    from braintumor.ood import FeatureExtractor
+
     val, test = inputs.data.splits["val"], inputs.data.splits["test"]
+    size = params.evaluate.batch_size
     results: dict[str, dict[str, Any]] = {}
     for name, model in inputs.models.items():
-        val_probabilities = predict_probabilities(model, val.images, params.evaluate.batch_size)
-        test_probabilities = predict_probabilities(model, test.images, params.evaluate.batch_size)
+        if name == "finetuned" and params.evaluate.ood_method != "none":
+            extractor = FeatureExtractor(model)
+            outputs = {"val": extractor(val.images, size), "test": extractor(test.images, size)}
+            inputs.finetuned_outputs.update(outputs)
+            val_probabilities = outputs["val"].probabilities
+            test_probabilities = outputs["test"].probabilities
+        else:
+            val_probabilities = predict_probabilities(model, val.images, size)
+            test_probabilities = predict_probabilities(model, test.images, size)
         results[name] = evaluate_probabilities(
             val.labels, val_probabilities, inputs.val_leakage_free,
             test.labels, test_probabilities, inputs.views, params,
@@ -553,12 +567,15 @@ def fit_ood_detector(inputs: Inputs, params: Params) -> tuple[Any, dict[str, flo
     if settings.ood_method == "none":
         return None, {}
     extractor = FeatureExtractor(inputs.models["finetuned"])
-    train, val, test = (inputs.data.splits[name] for name in ("train", "val", "test"))
+    splits = inputs.data.splits
+    known = inputs.finetuned_outputs
+    val = known.get("val") or extractor(splits["val"].images, settings.batch_size)
+    outputs = known.get("test") or extractor(splits["test"].images, settings.batch_size)
+    train = splits["train"]
     detector = fit_detector(
         settings.ood_method, extractor(train.images, settings.batch_size), train.labels,
-        extractor(val.images, settings.batch_size), settings.ood_false_alarm_rate,
+        val, settings.ood_false_alarm_rate,
     )  # fmt: skip
-    outputs = extractor(test.images, settings.batch_size)
     refused = detector.is_outlier(detector.score(outputs.features, outputs.logits))
     summary = {"ood.threshold": round(detector.threshold, 4)}
     for view in (VIEW_TEST, VIEW_LEAKAGE_FREE):
