@@ -37,6 +37,7 @@ from braintumor.headline import (
     data_headline,
     evaluation_headline,
     phase_headline,
+    preprocess_headline,
 )
 
 from conftest import CHROMIUM, CHROMIUM_ARGS
@@ -189,6 +190,7 @@ def _paths(entries: list) -> list[str]:
     ("stage", "headline", "detail"),
     [
         ("clean", "metrics/data_headline.json", "metrics/data.json"),
+        ("preprocess", "metrics/preprocess_headline.json", "metrics/preprocess.json"),
         ("train", "metrics/frozen_headline.json", "metrics/frozen.json"),
         ("finetune", "metrics/finetune_headline.json", "metrics/finetune.json"),
         ("evaluate", "metrics/evaluate.json", "metrics/eval.json"),
@@ -212,6 +214,17 @@ def test_a_phase_headline_drops_timings_and_names() -> None:
     headline = phase_headline(detail)
     assert headline == {"best_epoch": 3, "best_val_accuracy": 0.8, "best_val_loss": 0.25,
                         "epochs_run": 4, "kept_starting_weights": 1}  # fmt: skip
+
+
+def test_the_preprocess_headline_drops_the_digest_workers_and_timing() -> None:
+    detail = {"counts": {"train": 4098, "val": 723, "test": 1234}, "digest": "b926",
+              "images": 6055, "images_per_second": 427.9, "seconds": 14.15, "workers": 2,
+              "test_leakage_free": 452, "val_with_train_neighbour": 0,
+              "neighbour_groups": 3639, "largest_neighbour_group": 47}  # fmt: skip
+    assert preprocess_headline(detail) == {
+        "images": 6055, "test_leakage_free": 452, "val_with_train_neighbour": 0,
+        "neighbour_groups": 3639, "counts": {"train": 4098, "val": 723, "test": 1234},
+    }  # fmt: skip
 
 
 def test_the_data_headline_keeps_counts_per_source_duplicates_and_leakage() -> None:
@@ -281,7 +294,10 @@ def write_views(root: Path) -> None:
             "epoch,loss,accuracy,val_loss,val_accuracy",
             [(e, 1 / e, 0.7 + e / 50, 1.2 / e, 0.65 + e / 40) for e in range(1, 6)],
         )
-    (metrics / "preprocess.json").write_text(json.dumps({"images": 120, "counts": {"test": 80}}))
+    processed = {"images": 120, "counts": {"test": 80}, "seconds": time.perf_counter() - started}
+    (metrics / "preprocess.json").write_text(json.dumps(processed))
+    headline = preprocess_headline(processed)
+    (metrics / "preprocess_headline.json").write_text(json.dumps(headline))
     data = {"kept": 120, "dropped": {"duplicate": 7}, "duplicates": {"groups": 7, "pairs": 9}}
     (metrics / "data.json").write_text(json.dumps(data))
     (metrics / "data_headline.json").write_text(json.dumps(data_headline(data)))

@@ -110,6 +110,19 @@ def phase_headline(detail: Mapping[str, Any]) -> dict[str, Any]:
     return headline
 
 
+PREPROCESS_KEYS = ("images", "test_leakage_free", "val_with_train_neighbour", "neighbour_groups")
+
+
+def preprocess_headline(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics/preprocess_headline.json``: rows per split and the split's leakage
+    numbers; not the data digest, the worker count or the timing."""
+    headline: dict[str, Any] = _numbers(detail, lambda key: key in PREPROCESS_KEYS)
+    counts = detail.get("counts", {})
+    if isinstance(counts, Mapping):
+        headline["counts"] = _numbers(counts, lambda key: True)
+    return headline
+
+
 def data_headline(detail: Mapping[str, Any]) -> dict[str, Any]:
     """``metrics/data_headline.json`` from clean's ``metrics/data.json``: images kept (in
     all and per source and split), duplicate groups (in all, across sources, across

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from braintumor import figures
 from braintumor.config import ConfigError, Params, PreprocessParams, load_params
+from braintumor.headline import preprocess_headline
 from braintumor.imaging import decode_image
 from braintumor.io_utils import atomic_path, worker_count, write_json
 from braintumor.workers import init_worker, transform_file
@@ -387,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", required=True, type=Path, help="index from clean")
     parser.add_argument("--out", required=True, type=Path, help="folder for the arrays")
     parser.add_argument("--figures", type=Path, help="folder for the example figures")
-    parser.add_argument("--metrics", type=Path, help="metrics JSON")
+    parser.add_argument("--metrics", type=Path, help="metrics JSON (detail)")
+    parser.add_argument("--headline", type=Path, help="the stage's DVC metric (a few numbers)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -403,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.metrics is not None:
         write_json(args.metrics, metrics)
+    if args.headline is not None:
+        write_json(args.headline, preprocess_headline(metrics))
     print(
         f"preprocess: {metrics['counts']} at {params.common.image_size} px, "
         f"{metrics['images_per_second']} img/s with {metrics['workers']} workers"
