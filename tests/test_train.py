@@ -19,7 +19,7 @@ import yaml
 
 from braintumor.config import params_from_mapping
 
-from train_helpers import CLASSES, SIZE, make_processed, tiny_raw_params
+from train_helpers import CLASSES, SIZE, make_processed, run_frozen_phase, tiny_raw_params
 
 pytestmark = pytest.mark.usefixtures("mirror")  # a missing mirror fails, with its path
 
@@ -50,20 +50,8 @@ def weights_by_path(model) -> dict[str, np.ndarray]:
 
 
 def run_frozen_phase_cli(params_file: Path, data_dir: Path, out: Path) -> dict[str, Any]:
-    """``python -m braintumor.train --phase frozen`` in its own process (the backend comes
-    from the parameters, not this process's environment); returns its metrics JSON."""
-    import subprocess
-    import sys
-
-    command = [
-        sys.executable, "-m", "braintumor.train", "--phase", "frozen",
-        "--params", str(params_file), "--data", str(data_dir),
-        "--model-dir", str(out / "m"), "--checkpoints", str(out / "c"),
-        "--metrics", str(out / "m.json"), "--history", str(out / "h.csv"),
-        "--figures", str(out / "f"), "--no-mlflow", "--verbose", "0",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    """``run_frozen_phase`` that must succeed; returns its metrics JSON."""
+    result = run_frozen_phase(params_file, data_dir, out)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "m.json").read_text())
 

@@ -74,3 +74,32 @@ def tiny_raw_params(**train: Any) -> dict[str, Any]:
         phase, _, name = key.partition("__")
         raw["train"][phase][name] = value
     return raw
+
+
+def run_frozen_phase(
+    params_file: Path,
+    data_dir: Path,
+    out: Path,
+    launcher: tuple[str, ...] = ("-m", "braintumor.train"),
+    phase: str = "frozen",
+    init: Path | None = None,
+) -> Any:
+    """``braintumor.train --phase frozen`` (or ``phase`` from ``init``) in its own process:
+    the backend comes from the parameters, not this process's environment, and starts
+    fresh. ``launcher`` is what follows the interpreter (``-c <driver> ...`` to set devices
+    up first). Returns the completed process; the phase writes ``out/m.json`` (metrics),
+    ``out/h.csv`` (history) and ``out/m/model.keras``."""
+    import os
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, *launcher, "--phase", phase,
+        "--params", str(params_file), "--data", str(data_dir),
+        "--model-dir", str(out / "m"), "--checkpoints", str(out / "c"),
+        "--metrics", str(out / "m.json"), "--history", str(out / "h.csv"),
+        "--figures", str(out / "f"), "--no-tracking", "--verbose", "0",
+        *(["--init", str(init)] if init is not None else []),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
