@@ -320,6 +320,8 @@ def screenshot_mlflow_ui(team: Team, experiment_id: str) -> dict[str, str]:
     ``$BRAINTUMOR_TEST_ARTIFACTS/team/``."""
     from playwright.sync_api import sync_playwright
 
+    from braintumor.tracking import ui_url
+
     from conftest import CHROMIUM, CHROMIUM_ARGS
 
     credentials = team.credentials()
@@ -327,7 +329,7 @@ def screenshot_mlflow_ui(team: Team, experiment_id: str) -> dict[str, str]:
     folder = Path(os.environ.get("BRAINTUMOR_TEST_ARTIFACTS", team.root.parent)) / "team"
     folder.mkdir(parents=True, exist_ok=True)
     pages = {
-        "runs": (f"{base}/#/experiments/{experiment_id}", "b-lr"),
+        "runs": (ui_url(base, experiment_id), "b-lr"),  # the "Model training" view
         "model": (f"{base}/#/models/{MODEL_NAME}", "challenger"),
     }
     texts = {}

@@ -40,6 +40,15 @@ def test_relative_sqlite_uri_is_made_absolute(monkeypatch: pytest.MonkeyPatch) -
     assert resolve_tracking_uri("sqlite:///mlflow.db", root) == "http://127.0.0.1:1"
 
 
+def test_the_ui_link_opens_the_training_view_without_credentials() -> None:
+    from braintumor.tracking import ui_url
+
+    link = ui_url("http://team:s3cret@127.0.0.1:5000/", "7")
+    assert link is not None and link.endswith("/#/experiments/7?workflowType=machine_learning")
+    assert "s3cret" not in link
+    assert ui_url("sqlite:////tmp/mlflow.db", "7") is None
+
+
 def test_invocation_outside_dvc(monkeypatch: pytest.MonkeyPatch) -> None:
     from braintumor.tracking import _is_dvc, pipeline_invocation
 

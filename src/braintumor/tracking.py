@@ -31,6 +31,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,10 +123,22 @@ def run_tags(params: Params, phase: str | None, project_root: Path) -> dict[str,
     return tags
 
 
-# MLflow 3's UI opens an experiment by its kind; without this tag it infers one and may
-# open on the GenAI overview (traces, evaluations) instead of the training runs.
+# The experiment's kind for MLflow 3 (tools, and UIs that read it). MLflow 3.17's UI
+# chooses between its GenAI and "Model training" views with a toggle instead: the
+# `workflowType` URL parameter, remembered per browser, GenAI by default. `ui_url` gives
+# the link that opens an experiment on its training runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(tracking_uri: str, experiment_id: str) -> str | None:
+    """The MLflow UI link that opens ``experiment_id`` on its training runs (MLflow 3.17
+    would open the GenAI overview); None for a store without a server (SQLite, files)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    base = redact_uri(tracking_uri).rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}?{TRAINING_VIEW}"
 
 
 def _experiment_id(name: str, uri: str, project_root: Path) -> str:
@@ -309,6 +322,8 @@ def phase_run(
         )
         _log_params(client, run.info.run_id, params)
     tracked = PhaseRun(run.info.run_id, parent_run_id, params.train.backend)
+    if (url := ui_url(uri, experiment_id)) is not None:
+        print(f"MLflow: {url}", file=sys.stderr)  # opens on the training runs
     status = "FAILED"
     try:
         yield tracked
