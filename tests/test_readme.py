@@ -12,7 +12,9 @@ def _layout_paths() -> list[str]:
     text = (REPO / "README.md").read_text()
     block = re.search(r"## Repository layout\n\n```text\n(.*?)```", text, re.S)
     assert block, "README has no Repository layout block"
-    return [line.split()[0] for line in block.group(1).splitlines() if line.strip()]
+    # Lines starting with "#" head the groups (the package's layers), not paths.
+    lines = block.group(1).splitlines()
+    return [line.split()[0] for line in lines if line.strip() and not line.startswith("#")]
 
 
 def _tracked() -> set[str]:
