@@ -37,11 +37,6 @@ NONE = "none"
 DATA_PARALLEL = "data_parallel"
 
 
-def device_count(backend: str) -> int:
-    """Devices ``data_parallel`` would use on this machine for ``backend``."""
-    return len(_devices(backend))
-
-
 def _devices(backend: str) -> list[Any]:
     if backend == "jax":
         import keras
