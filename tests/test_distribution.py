@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train_helpers import make_processed, run_frozen_phase, tiny_raw_params
+from train_helpers import make_processed, run_phase_cli, tiny_raw_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mirror")]
 # Relative tolerance between the one- and two-device loss curves: float32 sums reordered
@@ -68,7 +68,7 @@ def finetune(root: Path, data_dir: Path, init: Path, backend: str, devices: int)
     distribution = "data_parallel" if devices > 1 else "none"
     params = write_params(root, backend, distribution, finetune__epochs=3,
                           finetune__batch_size=6)  # fmt: skip
-    result = run_frozen_phase(params, data_dir, root, launcher=("-c", DRIVER, str(devices),
+    result = run_phase_cli(params, data_dir, root, launcher=("-c", DRIVER, str(devices),
                               backend), phase="finetune", init=init)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((root / "m.json").read_text())
@@ -87,7 +87,7 @@ def test_two_devices_give_the_one_device_loss_curve(
         pytest.skip(f"{backend} is not installed")
     start = tmp_path / "frozen"
     params = write_params(start, backend, "none", frozen__epochs=1, frozen__batch_size=6)
-    made = run_frozen_phase(params, data_dir, start)
+    made = run_phase_cli(params, data_dir, start)
     assert made.returncode == 0, made.stderr[-3000:]
     init = start / "m" / "model.keras"
     one = finetune(tmp_path / "one", data_dir, init, backend, 1)
@@ -103,7 +103,7 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path: Path, data_dir:
         pytest.skip("jax is not installed")
     params = write_params(tmp_path, "jax", "data_parallel", frozen__epochs=1,
                           frozen__batch_size=5)  # fmt: skip
-    result = run_frozen_phase(params, data_dir, tmp_path, launcher=("-c", DRIVER, "2", "jax"))
+    result = run_phase_cli(params, data_dir, tmp_path, launcher=("-c", DRIVER, "2", "jax"))
     assert result.returncode == 1
     assert "does not split evenly over 2 devices" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

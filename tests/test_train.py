@@ -19,7 +19,7 @@ import yaml
 
 from braintumor.config import params_from_mapping
 
-from train_helpers import CLASSES, SIZE, make_processed, run_frozen_phase, tiny_raw_params
+from train_helpers import CLASSES, SIZE, make_processed, run_phase_cli, tiny_raw_params
 
 pytestmark = pytest.mark.usefixtures("mirror")  # a missing mirror fails, with its path
 
@@ -50,8 +50,8 @@ def weights_by_path(model) -> dict[str, np.ndarray]:
 
 
 def run_frozen_phase_cli(params_file: Path, data_dir: Path, out: Path) -> dict[str, Any]:
-    """``run_frozen_phase`` that must succeed; returns its metrics JSON."""
-    result = run_frozen_phase(params_file, data_dir, out)
+    """``run_phase_cli`` that must succeed; returns its metrics JSON."""
+    result = run_phase_cli(params_file, data_dir, out)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "m.json").read_text())
 

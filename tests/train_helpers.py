@@ -76,7 +76,7 @@ def tiny_raw_params(**train: Any) -> dict[str, Any]:
     return raw
 
 
-def run_frozen_phase(
+def run_phase_cli(
     params_file: Path,
     data_dir: Path,
     out: Path,
@@ -84,7 +84,7 @@ def run_frozen_phase(
     phase: str = "frozen",
     init: Path | None = None,
 ) -> Any:
-    """``braintumor.train --phase frozen`` (or ``phase`` from ``init``) in its own process:
+    """``braintumor.train --phase <phase>`` (fine-tuning starts from ``init``) in a process:
     the backend comes from the parameters, not this process's environment, and starts
     fresh. ``launcher`` is what follows the interpreter (``-c <driver> ...`` to set devices
     up first). Returns the completed process; the phase writes ``out/m.json`` (metrics),
