@@ -120,7 +120,7 @@ lint: install-dev
 
 # The web app on the champion model (or MODEL=path/to/bundle); prints its local URL.
 serve: install
-	$(BIN)/python -m braintumor.app $(if $(MODEL),--model $(MODEL),)
+	$(BIN)/python -m braintumor.serving.app $(if $(MODEL),--model $(MODEL),)
 
 bench-preprocess: install
 	$(BIN)/python bench/preprocess.py

@@ -5,7 +5,7 @@ Usage (from the repository root; a trained bundle is needed)::
     nice -n 10 .venv/bin/python bench/app_load.py --model models/bundle \\
         [--clients 50] [--duration 30] [--max-queue 32] [--mirror DIR] [--json out.json]
 
-Starts ``python -m braintumor.app`` on a free loopback port (its temp root in a fresh
+Starts ``python -m braintumor.serving.app`` on a free loopback port (its temp root in a fresh
 temporary folder), then:
 
 1. **The direct API is closed**: one upload, then ``POST /gradio_api/run/predict`` and
@@ -78,15 +78,29 @@ def start_app(model: Path, max_queue: int, work: Path) -> tuple[subprocess.Popen
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BRAINTUMOR_APP_TEMP": str(work / "temp")}
     env.pop("GRADIO_TEMP_DIR", None)
     command = [
-        sys.executable, "-m", "braintumor.app", "--model", str(model), "--port", str(port),
-        "--params", str(REPO / "params.yaml"), "--max-queue", str(max_queue), "--examples",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "braintumor.serving.app",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--params",
+        str(REPO / "params.yaml"),
+        "--max-queue",
+        str(max_queue),
+        "--examples",
+    ]
     log_path = work / "app.log"
     with log_path.open("w") as log:
         server = subprocess.Popen(
-            command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+            command,
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         text = log_path.read_text()
@@ -201,8 +215,13 @@ def run_load(
         thread.join(timeout=600)
     wall = time.perf_counter() - started
     sampler.join(timeout=5)
-    return {"counts": counts, "latencies": latencies, "problems": problems, "rss": samples,
-            "wall_s": wall}  # fmt: skip
+    return {
+        "counts": counts,
+        "latencies": latencies,
+        "problems": problems,
+        "rss": samples,
+        "wall_s": wall,
+    }
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -269,9 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
         result |= {"direct_api_status": direct, "folder_removed_at_exit": not folder.exists()}
-    result |= {"clients": args.clients, "duration_s": args.duration,
-               "max_queue": args.max_queue, "model": str(args.model),
-               "cpus": os.cpu_count(), "load_average": os.getloadavg()}  # fmt: skip
+    result |= {
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "max_queue": args.max_queue,
+        "model": str(args.model),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
     report(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

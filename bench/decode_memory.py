@@ -1,9 +1,9 @@
-"""Peak memory of ``python -m braintumor.predict`` on hostile files, against a normal slice.
+"""Peak memory of ``python -m braintumor.serving.predict`` on hostile files, against a normal slice.
 
     .venv/bin/python bench/decode_memory.py                      # this tree
     .venv/bin/python bench/decode_memory.py --source /tmp/old/src  # e.g. `git archive` of HEAD
 
-Each measurement is a fresh process that runs ``braintumor.predict.main`` on one file with
+Each measurement is a fresh process that runs ``braintumor.serving.predict.main`` on one file with
 a small untrained bundle (tinycnn, 64 px: the model's size does not matter here) and then
 reports its peak resident set (``VmHWM``). The baseline is the same command on a real
 224 x 224 MRI slice, so ``extra`` is what decoding the file cost beyond Python, TensorFlow
@@ -35,7 +35,7 @@ def _child(argv: list[str]) -> None:
     """Run predict in this process, then print its outcome and peak RSS as JSON."""
     from contextlib import redirect_stdout
 
-    from braintumor.predict import main
+    from braintumor.serving.predict import main
 
     buffer = io.StringIO()
     try:
@@ -53,9 +53,9 @@ def _child(argv: list[str]) -> None:
 def _bundle(folder: Path) -> Path:
     import keras
 
-    from braintumor.bundle import BundleMeta, write_bundle
-    from braintumor.config import ModelParams, PreprocessParams
-    from braintumor.model import build_model, feature_layer_name
+    from braintumor.core.config import ModelParams, PreprocessParams
+    from braintumor.model.classifier import build_model, feature_layer_name
+    from braintumor.serving.bundle import BundleMeta, write_bundle
 
     classes = ("glioma", "meningioma", "notumor", "pituitary")
     model = build_model(ModelParams(backbone="tinycnn", weights="none", dense_units=(16,)), 64, 4)
@@ -101,8 +101,17 @@ def main() -> None:
         baseline = None
         print(f"{'file':45s} {'outcome':22s} {'peak MB':>8s} {'extra MB':>9s}")
         for label, path in _files(folder).items():
-            command = [sys.executable, __file__, "--child", str(path), "--model", str(bundle),
-                       "--no-progress", "--params", str(folder / "none.yaml")]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(path),
+                "--model",
+                str(bundle),
+                "--no-progress",
+                "--params",
+                str(folder / "none.yaml"),
+            ]
             done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             result = json.loads(lines[-1]) if lines else {"outcome": "died", "peak_mb": 0.0}

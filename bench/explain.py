@@ -5,7 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python bench/explain.py [--backbone efficientnet_lite0] [--size 128]
         [--images 16] [--batch-sizes 8 16] [--repeats 3] [--naive-images 4]
 
-The model is ``braintumor.model.build_model`` with ``--backbone`` built flat, the study's
+The model is ``braintumor.model.classifier.build_model`` with ``--backbone`` built flat, the study's
 head, and ``weights: none`` (latency does not depend on the weight values, and no download
 or converted file is needed); the layer is ``model.feature_layer_name(backbone)``. The
 default, EfficientNet-Lite0 at 128 px (layer ``top_activation``, a 4x4 map), is the model
@@ -13,7 +13,7 @@ the CPU quickstart profile serves; ``--backbone resnet50 --size 224`` (layer
 ``conv5_block3_out``, 7x7) is the paper profile's. On random 0-255 gray images it
 measures, in one run and one process:
 
-- ``cached, batch B``: ``braintumor.explain.GradCam`` (the auxiliary model and the
+- ``cached, batch B``: ``braintumor.explain.gradcam.GradCam`` (the auxiliary model and the
   ``tf.function`` step built once per model and layer), B images per call;
 - ``cached, one by one``: the same instance, one image per call (what the app does);
 - ``eager, model prebuilt``: the auxiliary model built once, the gradient step run
@@ -49,8 +49,8 @@ DEFAULT_SIZE = 128
 
 def build(backbone: str, size: int) -> Any:
     """The served architecture (``backbone`` flat + the study's head), random weights."""
-    from braintumor.config import ModelParams
-    from braintumor.model import build_model
+    from braintumor.core.config import ModelParams
+    from braintumor.model.classifier import build_model
 
     return build_model(ModelParams(backbone=backbone, weights="none"), size, 4)
 
@@ -62,7 +62,7 @@ def naive_gradcam(model: Any, image: np.ndarray, layer: str, prebuilt: Any = Non
     import keras
     import tensorflow as tf
 
-    from braintumor.model import OUTPUT
+    from braintumor.model.classifier import OUTPUT
 
     output_layer = model.get_layer(OUTPUT)
     auxiliary = prebuilt or keras.Model(
@@ -93,7 +93,7 @@ def timed(function: Callable[[], Any], repeats: int, images: int) -> list[float]
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from braintumor.model import BACKBONES
+    from braintumor.model.classifier import BACKBONES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    from braintumor.explain import GradCam
-    from braintumor.model import OUTPUT, feature_layer_name
+    from braintumor.explain.gradcam import GradCam
+    from braintumor.model.classifier import OUTPUT, feature_layer_name
 
     layer = feature_layer_name(args.backbone)
 

@@ -1,4 +1,4 @@
-"""Benchmark out-of-distribution detection: learned (``braintumor.ood``) vs input statistics.
+"""Benchmark out-of-distribution detection: learned (``evaluation.ood``) vs input statistics.
 
 Usage (from the repository root; ``--clone`` is a project copy where ``dvc repro`` ran)::
 
@@ -57,7 +57,7 @@ def photo_grays(folder: Path, gray_first: bool) -> list[np.ndarray]:
     """The not-MRI photographs as serving decodes them (optionally saved as gray JPEG first)."""
     from PIL import Image
 
-    from braintumor.imaging import decode_image
+    from braintumor.data.imaging import decode_image
 
     grays = []
     for path in sorted(folder.glob("*.jpg")):
@@ -117,8 +117,16 @@ def text_images(count: int, rng: np.random.Generator) -> list[np.ndarray]:
         step = int(30 * scale) + 4
         for y in range(step, side, step):
             line = "".join(rng.choice(letters, 40))
-            cv2.putText(image, line, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                        20 if dark else 235, 1, cv2.LINE_AA)  # fmt: skip
+            cv2.putText(
+                image,
+                line,
+                (4, y),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                scale,
+                20 if dark else 235,
+                1,
+                cv2.LINE_AA,
+            )
         images.append(image)
     return images
 
@@ -132,8 +140,9 @@ def ellipse_images(count: int, rng: np.random.Generator) -> list[np.ndarray]:
         for _ in range(int(rng.integers(1, 6))):
             centre = tuple(int(v) for v in rng.uniform(0.25, 0.75, 2) * side)
             axes = tuple(int(v) for v in rng.uniform(0.05, 0.35, 2) * side)
-            cv2.ellipse(image, centre, axes, rng.uniform(0, 180), 0, 360,
-                        int(rng.integers(60, 256)), -1)  # fmt: skip
+            cv2.ellipse(
+                image, centre, axes, rng.uniform(0, 180), 0, 360, int(rng.integers(60, 256)), -1
+            )
         images.append(cv2.GaussianBlur(image, (0, 0), 2))
     return images
 
@@ -153,10 +162,15 @@ def mri_transforms(slices: list[np.ndarray], rng: np.random.Generator) -> dict[s
         tiles = 2 + index % 2
         chosen = rng.choice(len(slices), tiles * tiles, replace=False)
         parts = [cv2.resize(slices[c], (128, 128), interpolation=cv2.INTER_AREA) for c in chosen]
-        mosaic.append(np.vstack([np.hstack(parts[r * tiles : (r + 1) * tiles])
-                                 for r in range(tiles)]))  # fmt: skip
-    return {"zoom4": zoom, "rot90_crop": rotated, "mosaic": mosaic,
-            "inverted": [255 - gray for gray in slices]}  # fmt: skip
+        mosaic.append(
+            np.vstack([np.hstack(parts[r * tiles : (r + 1) * tiles]) for r in range(tiles)])
+        )
+    return {
+        "zoom4": zoom,
+        "rot90_crop": rotated,
+        "mosaic": mosaic,
+        "inverted": [255 - gray for gray in slices],
+    }
 
 
 def ood_sets(test_slices: list[np.ndarray], per_set: int, seed: int) -> dict[str, list]:
@@ -179,8 +193,8 @@ def ood_sets(test_slices: list[np.ndarray], per_set: int, seed: int) -> dict[str
 
 def preprocess_set(grays: list[np.ndarray], size: int, preprocess: Any) -> np.ndarray:
     """What the model sees: serving's blank check, then ``imaging.preprocess_gray``."""
-    from braintumor.imaging import preprocess_gray
-    from braintumor.serving import BLANK_STD
+    from braintumor.data.imaging import preprocess_gray
+    from braintumor.serving.predictor import BLANK_STD
 
     kept = [g for g in grays if float(g.std()) >= BLANK_STD]
     return np.stack([preprocess_gray(g, size, preprocess) for g in kept])
@@ -196,7 +210,7 @@ def extract(
     read from / written to that ``.npz`` (the inputs are deterministic given the seed)."""
     import keras
 
-    from braintumor.ood import FeatureExtractor, ModelOutputs
+    from braintumor.evaluation.ood import FeatureExtractor, ModelOutputs
 
     fields = ("probabilities", "features", "logits")
     if cache is not None and cache.is_file():
@@ -207,8 +221,10 @@ def extract(
     extractor = FeatureExtractor(model)
     outputs = {name: extractor(images, batch_size) for name, images in sets.items()}
     if cache is not None:
-        np.savez(cache, **{f"{name}.{f}": getattr(out, f) for name, out in outputs.items()
-                           for f in fields})  # fmt: skip
+        np.savez(
+            cache,
+            **{f"{name}.{f}": getattr(out, f) for name, out in outputs.items() for f in fields},
+        )
     return outputs
 
 
@@ -223,7 +239,7 @@ REAL = ("train", "val", "leakage_free", "test")
 def method_rows(name: str, scores: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
     """One table row: false alarms on the real views, AUROC (against the leakage-free test
     slices) and the share refused for each out-of-distribution set."""
-    from braintumor.ood import auroc
+    from braintumor.evaluation.ood import auroc
 
     row: dict[str, Any] = {"method": name, "threshold": threshold}
     for view, values in scores.items():
@@ -248,8 +264,9 @@ def print_table(rows: list[dict[str, Any]], set_names: list[str], counts: dict[s
     print("| set (n) | " + " | ".join(row["method"] for row in rows) + " |")
     print("|---|" + "---:|" * len(rows))
     for set_name in set_names:
-        cells = [f"{row[f'auroc_{set_name}']:.3f} ({row[f'refused_{set_name}']:.0%})"
-                 for row in rows]  # fmt: skip
+        cells = [
+            f"{row[f'auroc_{set_name}']:.3f} ({row[f'refused_{set_name}']:.0%})" for row in rows
+        ]
         print(f"| {set_name} ({counts[set_name]}) | " + " | ".join(cells) + " |")
 
 
@@ -258,21 +275,23 @@ def load_images(args: argparse.Namespace, params: Any) -> tuple[dict[str, np.nda
     model sees them; the test index's leakage-free rows give the sources' views."""
     import pandas as pd
 
-    from braintumor.data_loading import load_processed
-    from braintumor.evaluate import read_raw_grays
+    from braintumor.stages.evaluate import read_raw_grays
+    from braintumor.training.inputs import load_processed
 
     size, processed = params.common.image_size, args.clone / "data" / "processed"
     data = load_processed(processed, params.common.classes, size, ("train", "val", "test"))
     index = pd.read_csv(processed / "test_index.csv")
     leakage_free = index["leakage_free"].astype(bool).to_numpy()
-    raw_slices = read_raw_grays(args.clone / "data" / "raw",
-                                index.loc[leakage_free, "path"].tolist())  # fmt: skip
+    raw_slices = read_raw_grays(
+        args.clone / "data" / "raw", index.loc[leakage_free, "path"].tolist()
+    )
     images = {split: np.asarray(data.splits[split].images)[..., 0] for split in REAL[:2]}
     images["test"] = np.asarray(data.splits["test"].images)[..., 0]
     images["leakage_free"] = images["test"][leakage_free]
     raw_sets = ood_sets(raw_slices, args.per_set, args.seed)
-    images.update({name: preprocess_set(grays, size, params.preprocess)
-                   for name, grays in raw_sets.items()})  # fmt: skip
+    images.update(
+        {name: preprocess_set(grays, size, params.preprocess) for name, grays in raw_sets.items()}
+    )
     return images, data, index["source"].to_numpy()[leakage_free]
 
 
@@ -284,29 +303,38 @@ def with_sources(scores: dict[str, np.ndarray], sources: np.ndarray) -> dict[str
 
 def run(args: argparse.Namespace) -> None:
     """Build the sets, extract outputs, fit and threshold, score every method, print."""
-    from braintumor.bundle import InputStats, read_meta
-    from braintumor.config import load_params
-    from braintumor.ood import fit_detector
+    from braintumor.core.config import load_params
+    from braintumor.evaluation.ood import fit_detector
+    from braintumor.serving.bundle import InputStats, read_meta
 
     params = load_params(args.clone / "params.yaml")
     images, data, sources = load_images(args, params)
     started = time.perf_counter()
     outputs = extract(args.clone, images, args.batch_size, args.cache)
-    print(f"model outputs of {sum(len(v) for v in images.values())} images in "
-          f"{time.perf_counter() - started:.0f} s", file=sys.stderr)  # fmt: skip
+    print(
+        f"model outputs of {sum(len(v) for v in images.values())} images in "
+        f"{time.perf_counter() - started:.0f} s",
+        file=sys.stderr,
+    )
     stats = read_meta(args.clone / "models" / "bundle").input_stats  # what serving uses
     stats = stats or InputStats.from_images(data.splits["train"].images)
     z = with_sources({name: baseline_scores(stats, v) for name, v in images.items()}, sources)
-    rows = [method_rows("input stats z>8 (refuse)", z, params.serving.ood_refuse_z),
-            method_rows("input stats z>4 (warn)", z, params.serving.ood_warn_z)]  # fmt: skip
+    rows = [
+        method_rows("input stats z>8 (refuse)", z, params.serving.ood_refuse_z),
+        method_rows("input stats z>4 (warn)", z, params.serving.ood_warn_z),
+    ]
     labels = np.asarray(data.splits["train"].labels)
     for method in ("energy", "mahalanobis"):
         for rate in args.rates:
             detector = fit_detector(method, outputs["train"], labels, outputs["val"], rate)
-            scores = {name: detector.score(out.features, out.logits)
-                      for name, out in outputs.items()}  # fmt: skip
-            rows.append(method_rows(f"{method} @{rate:.1%}", with_sources(scores, sources),
-                                    detector.threshold))  # fmt: skip
+            scores = {
+                name: detector.score(out.features, out.logits) for name, out in outputs.items()
+            }
+            rows.append(
+                method_rows(
+                    f"{method} @{rate:.1%}", with_sources(scores, sources), detector.threshold
+                )
+            )
     counts = {name: len(values) for name, values in with_sources(images, sources).items()}
     print_table(rows, [n for n in images if n not in REAL], counts)
 
@@ -314,8 +342,13 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clone", type=Path, required=True, help="a project copy after repro")
-    parser.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.005],
-                        help="false-alarm rates on validation to threshold at")  # fmt: skip
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.005],
+        help="false-alarm rates on validation to threshold at",
+    )
     parser.add_argument("--per-set", type=int, default=100, help="images per synthetic set")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--batch-size", type=int, default=64)

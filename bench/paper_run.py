@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DVC_FILE = ROOT / "dvc.yaml"
 # Options of the stage commands that name MLflow run files, with the flag that turns
 # tracking off instead, per module.
-TRACKING_OPTIONS = ("--parent-run", "--parent-run-file", "--run-file")
+TRACKING_OPTIONS = ("--parent-run-file", "--run-file")
 UNTRACKED = {
-    "braintumor.train": ["--no-mlflow"],
-    "braintumor.evaluate": ["--no-tracking"],
+    "braintumor.stages.train": ["--no-tracking"],
+    "braintumor.stages.evaluate": ["--no-tracking"],
 }
 PHASE_METRICS = {"train": "frozen", "finetune": "finetune"}  # stage -> metrics/<name>.json
 
@@ -55,7 +55,7 @@ def pipeline_stages() -> dict[str, str]:
 
 
 def stage_command(cmd: str) -> list[str]:
-    """A ``dvc.yaml`` command (``python -m braintumor.<stage> ...``) run by this Python,
+    """A ``dvc.yaml`` command (``python -m braintumor.stages.<stage> ...``) run by this Python,
     without its MLflow run-file options and with tracking turned off."""
     words = shlex.split(cmd)
     if words[:2] != ["python", "-m"]:
@@ -182,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["failed"] = failed
 
     print(f"\nprofile {args.profile}, overrides {args.overrides or 'none'}")
-    print("| stage | wall s | epochs | first epoch s | later epoch s | img/s | compile s "
-          "| compiles | cache hits | best val acc |")  # fmt: skip
+    print(
+        "| stage | wall s | epochs | first epoch s | later epoch s | img/s | compile s "
+        "| compiles | cache hits | best val acc |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for stage, row in summary["stages"].items():
         compiles = ", ".join(f"{k} {v}" for k, v in row.get("compiles", {}).items())
@@ -192,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             for key in ("epochs", "first_epoch_s", "later_epoch_s", "images_per_s", "compile_s")
         ]
         print(
-            f"| {stage} | {row['wall_s']} | " + " | ".join(str(c) for c in cells)
+            f"| {stage} | {row['wall_s']} | "
+            + " | ".join(str(c) for c in cells)
             + f" | {compiles} | {row.get('cache_hits', '')} | "
             f"{row.get('best_val_accuracy', row.get('test_accuracy', ''))} |"
-        )  # fmt: skip
+        )
     print(f"total {summary['total_s']} s" + (f"; FAILED: {failed}" if failed else ""))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

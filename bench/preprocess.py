@@ -9,7 +9,7 @@ with the quickstart profile's parameters (224 x 224), it measures in one run:
 
 - ``baseline``: a plain serial loop of the same transform (``decode_image`` then
   ``preprocess_gray`` per file, results appended to a list, then ``np.stack``);
-- ``stage``: the stage's own code path, ``braintumor.preprocess.write_split_arrays`` fed
+- ``stage``: the stage's own code path, ``braintumor.data.preprocessing.write_split_arrays`` fed
   by a spawn ``Pool`` of W workers with the stage's initializer, created under the same
   condition as ``preprocess.preprocess`` creates it, streaming into a ``.npy`` in a
   temporary folder.
@@ -21,7 +21,7 @@ anonymous (total minus file-backed pages: what the processes really hold, as opp
 shared libraries and the page cache of a memory-mapped output file). The subprocess also
 reports ``getrusage`` peaks (its own, and the largest of its waited-for children). Both
 main processes import the same modules before the work starts; the stage's workers pay
-their own imports (they unpickle ``braintumor.workers.transform_file``), which is part
+their own imports (they unpickle ``braintumor.data.workers.transform_file``), which is part
 of the stage's cost, so the timed section includes the pool's start-up.
 
 Wall time on a shared machine depends on what else runs: ``--repeat R`` alternates the
@@ -72,7 +72,7 @@ def default_mirror() -> Path:
 
 def quickstart_params() -> Any:
     """``params.yaml`` with the quickstart profile applied (what ``make run`` uses)."""
-    from braintumor.config import params_from_mapping
+    from braintumor.core.config import params_from_mapping
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     raw["profile"] = "quickstart"
@@ -145,7 +145,7 @@ def _cpu_seconds() -> float:
 
 def run_baseline(paths: list[str], params: Any) -> dict[str, Any]:
     """A plain serial loop: decode, transform, append to a list, stack at the end."""
-    from braintumor.imaging import decode_image, preprocess_gray
+    from braintumor.data.imaging import decode_image, preprocess_gray
 
     size = params.common.image_size
     started, cpu_started = time.perf_counter(), _cpu_seconds()
@@ -167,8 +167,8 @@ def run_baseline(paths: list[str], params: Any) -> dict[str, Any]:
 def run_stage(paths: list[str], params: Any, workers: int, folder: Path) -> dict[str, Any]:
     """The stage's code path: a spawn pool (as ``preprocess.preprocess`` creates it) and
     ``write_split_arrays`` streaming into a ``.npy`` file."""
-    from braintumor.preprocess import write_split_arrays
-    from braintumor.workers import init_worker
+    from braintumor.data.preprocessing import write_split_arrays
+    from braintumor.data.workers import init_worker
 
     destination = folder / "images.npy"
     started, cpu_started = time.perf_counter(), _cpu_seconds()
@@ -206,7 +206,7 @@ def child_main(variant: str, paths_file: Path, workers: int, folder: Path) -> No
     """Run one variant in this (fresh) process and print its result as one JSON line."""
     import cv2
 
-    import braintumor.preprocess  # noqa: F401 (both variants pay the same imports)
+    import braintumor.data.preprocessing  # noqa: F401 (both variants pay the same imports)
 
     paths = json.loads(paths_file.read_text(encoding="utf-8"))
     params = quickstart_params()
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         child_main(args.child, args.paths_file, args.workers, args.folder)
         return 0
 
-    from braintumor.io_utils import worker_count
+    from braintumor.core.files import worker_count
 
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be >= 1")

@@ -34,8 +34,16 @@ CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 
 
 def paper_run(work: Path, stages: str, profile: str, overrides: list[str], mirror: Path | None):
-    command = [sys.executable, str(ROOT / "bench" / "paper_run.py"), "--profile", profile,
-               "--work", str(work), "--stages", stages]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "paper_run.py"),
+        "--profile",
+        profile,
+        "--work",
+        str(work),
+        "--stages",
+        stages,
+    ]
     if mirror is not None:
         command += ["--mirror", str(mirror)]
     for item in overrides:
@@ -116,16 +124,22 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [*args.overrides, f"common.seed={seed}"]
             paper_run(folder, SEED_STAGES, args.profile, overrides, None)
         rows[seed] = seed_row(folder)
-    summary = {"profile": args.profile, "overrides": args.overrides, "seeds": rows,
-               "spread": spread(list(rows.values()))}  # fmt: skip
+    summary = {
+        "profile": args.profile,
+        "overrides": args.overrides,
+        "seeds": rows,
+        "spread": spread(list(rows.values())),
+    }
     (work / "seeds.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{len(seeds)} seeds ({args.seeds}), profile {args.profile}")
     print("| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | range |")
     print("|---" * (len(seeds) + 4) + "|")
     for key, stats in summary["spread"].items():
         cells = " | ".join(f"{rows[s].get(key, float('nan')):.4f}" for s in seeds)
-        print(f"| {key} | {cells} | {stats['mean']:.4f} | {stats['sd']:.4f} | "
-              f"{stats['min']:.4f}-{stats['max']:.4f} |")  # fmt: skip
+        print(
+            f"| {key} | {cells} | {stats['mean']:.4f} | {stats['sd']:.4f} | "
+            f"{stats['min']:.4f}-{stats['max']:.4f} |"
+        )
     return 0
 
 

@@ -27,7 +27,7 @@ model. In one run:
 2. **Throughput of ``predict``** on a folder of real slices: ``predict.predict_files``
    (batched, reading ahead) with and without overlays, against the naive per-image loop
    (without Grad-CAM on every image; with Grad-CAM from scratch on ``--naive-images``).
-3. **Concurrency**: ``python -m braintumor.app`` on loopback with that bundle, ``--clients``
+3. **Concurrency**: ``python -m braintumor.serving.app`` on loopback with that bundle, ``--clients``
    ``gradio_client`` clients calling ``/predict`` in parallel for ``--duration`` seconds
    (one upload in ten a text file renamed .png, which must come back as a refusal). It
    counts errors (exceptions, or a wrong answer), client-side latency, and samples the
@@ -90,10 +90,10 @@ def build_bundle(folder: Path, mirror: Path, size: int, backbone: str) -> tuple[
     """The serving model (random weights) as a bundle; returns its folder and build time."""
     import keras
 
-    from braintumor.bundle import BundleMeta, InputStats, write_bundle
-    from braintumor.config import ModelParams, PreprocessParams
-    from braintumor.imaging import decode_image, preprocess_gray
-    from braintumor.model import build_model, feature_layer_name
+    from braintumor.core.config import ModelParams, PreprocessParams
+    from braintumor.data.imaging import decode_image, preprocess_gray
+    from braintumor.model.classifier import build_model, feature_layer_name
+    from braintumor.serving.bundle import BundleMeta, InputStats, write_bundle
 
     started = time.perf_counter()
     params = PreprocessParams()
@@ -152,8 +152,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def measure_latency(predictor: Any, uploads: list[Path]) -> dict[str, Any]:
-    from braintumor.calibration import apply_temperature
-    from braintumor.serving import overlay_image
+    from braintumor.evaluation.calibration import apply_temperature
+    from braintumor.serving.predictor import overlay_image
 
     bundle, model = predictor.bundle, predictor.bundle.model
     layer, temperature = bundle.meta.gradcam_layer, bundle.meta.temperature
@@ -232,7 +232,7 @@ def measure_latency(predictor: Any, uploads: list[Path]) -> dict[str, Any]:
 def measure_throughput(
     predictor: Any, paths: list[Path], naive_count: int, work: Path
 ) -> dict[str, Any]:
-    from braintumor.predict import predict_files
+    from braintumor.serving.predict import predict_files
 
     bundle, model = predictor.bundle, predictor.bundle.model
     results: dict[str, Any] = {}
@@ -294,14 +294,26 @@ def measure_concurrency(
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     env.pop("GRADIO_TEMP_DIR", None)
     command = [
-        sys.executable, "-m", "braintumor.app", "--model", str(bundle), "--port", str(port),
-        "--params", str(REPO / "params.yaml"), "--examples",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "braintumor.serving.app",
+        "--model",
+        str(bundle),
+        "--port",
+        str(port),
+        "--params",
+        str(REPO / "params.yaml"),
+        "--examples",
+    ]
     with log_path.open("w") as log:
         server = subprocess.Popen(
-            command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+            command,
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
     started = time.perf_counter()
     try:
         url = None
@@ -477,7 +489,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from braintumor.model import BACKBONES
+    from braintumor.model.classifier import BACKBONES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uploads", type=int, default=40, help="uploads timed per variant")
@@ -502,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     mirror = _mirror(args.mirror)
-    from braintumor.bundle import Bundle
-    from braintumor.serving import Predictor, ServingSettings
+    from braintumor.serving.bundle import Bundle
+    from braintumor.serving.predictor import Predictor, ServingSettings
 
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -49,8 +49,8 @@ def cached_arrays(data: Path, size: int, count: int, out: Path) -> Path:
     folder = out / f"cache{size}"
     if (folder / "train_images.npy").is_file():
         return folder
-    from braintumor.config import PreprocessParams
-    from braintumor.imaging import decode_image, preprocess_gray
+    from braintumor.core.config import PreprocessParams
+    from braintumor.data.imaging import decode_image, preprocess_gray
 
     classes = sorted(p.name for p in (MSOUD / "Training").iterdir() if p.is_dir())
     images, labels = [], []
@@ -70,10 +70,10 @@ def measure(args: argparse.Namespace) -> dict[str, float | str]:
     """Runs in the child process, after KERAS_BACKEND was set."""
     import keras
 
-    from braintumor.augment import build_augmenter, build_training_model
-    from braintumor.config import AugmentParams, ModelParams
-    from braintumor.data_loading import ArrayBatches
-    from braintumor.model import build_model, set_trainable
+    from braintumor.core.config import AugmentParams, ModelParams
+    from braintumor.model.augment import build_augmenter, build_training_model
+    from braintumor.model.classifier import build_model, set_trainable
+    from braintumor.training.inputs import ArrayBatches
 
     class FixedBatch(keras.utils.PyDataset):
         def __init__(self, images: np.ndarray, labels: np.ndarray, steps: int) -> None:
@@ -105,9 +105,15 @@ def measure(args: argparse.Namespace) -> dict[str, float | str]:
 
     def memmap_data(epoch: int, steps: int = args.steps) -> ArrayBatches:
         return ArrayBatches(
-            images, labels, batch, shuffle=True, seed=0, epoch=epoch, steps=steps,
+            images,
+            labels,
+            batch,
+            shuffle=True,
+            seed=0,
+            epoch=epoch,
+            steps=steps,
             workers=args.workers,
-        )  # fmt: skip
+        )
 
     started = time.perf_counter()
     training.fit(memmap_data(0, steps=2), epochs=1, verbose=0, shuffle=False)  # trace, compile

@@ -168,9 +168,14 @@ def spawn(paths: Layout, name: str, command: list[str], env: dict[str, str]) -> 
     logging to ``logs/<name>.log`` and recording its pid."""
     with paths.log(name).open("a") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True, cwd=paths.root,
-        )  # fmt: skip
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            cwd=paths.root,
+        )
     paths.pid_file(name).write_text(f"{process.pid}\n")
     return process.pid
 
@@ -218,8 +223,9 @@ def pg_bin(program: str) -> str:
     subprocess.run(["apt-get", "update", "-qq"], check=True)
     subprocess.run(
         ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"],
-        check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )  # fmt: skip
+        check=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
     return pg_bin(program)
 
 
@@ -245,8 +251,18 @@ def postgres_init(paths: Layout) -> None:
     if os.geteuid() == 0:
         shutil.chown(pg_data(paths), "postgres", "postgres")
         shutil.chown(data, "postgres", "postgres")
-    command = [pg_bin("initdb"), "-D", str(data), "-U", pg_owner(), "--no-locale",
-               "-E", "UTF8", "--auth-local=peer", "--auth-host=scram-sha-256"]  # fmt: skip
+    command = [
+        pg_bin("initdb"),
+        "-D",
+        str(data),
+        "-U",
+        pg_owner(),
+        "--no-locale",
+        "-E",
+        "UTF8",
+        "--auth-local=peer",
+        "--auth-host=scram-sha-256",
+    ]
     subprocess.run(as_pg_owner(command), check=True, capture_output=True, text=True)
 
 
@@ -260,8 +276,19 @@ def postgres_up(paths: Layout) -> None:
         f"-c listen_addresses=127.0.0.1 -p {paths.port('postgres')} "
         f"-c unix_socket_directories={pg_data(paths)}"
     )
-    command = [pg_bin("pg_ctl"), "-D", str(pg_data(paths) / "data"), "-l", str(log),
-               "-o", options, "-w", "-t", "60", "start"]  # fmt: skip
+    command = [
+        pg_bin("pg_ctl"),
+        "-D",
+        str(pg_data(paths) / "data"),
+        "-l",
+        str(log),
+        "-o",
+        options,
+        "-w",
+        "-t",
+        "60",
+        "start",
+    ]
     result = subprocess.run(as_pg_owner(command), capture_output=True, text=True)
     if result.returncode != 0:
         raise ServiceError(f"PostgreSQL did not start: {result.stdout}{result.stderr}")
@@ -270,8 +297,20 @@ def postgres_up(paths: Layout) -> None:
 
 def psql(paths: Layout, sql: str) -> str:
     """Run ``sql`` as the cluster owner over the socket; the SQL goes on stdin."""
-    command = [pg_bin("psql"), "-h", str(pg_data(paths)), "-p", str(paths.port("postgres")),
-               "-U", pg_owner(), "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-qAt"]  # fmt: skip
+    command = [
+        pg_bin("psql"),
+        "-h",
+        str(pg_data(paths)),
+        "-p",
+        str(paths.port("postgres")),
+        "-U",
+        pg_owner(),
+        "-d",
+        "postgres",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-qAt",
+    ]
     result = subprocess.run(as_pg_owner(command), input=sql, capture_output=True, text=True)
     if result.returncode != 0:
         raise ServiceError(f"psql failed: {result.stderr.strip()}")
@@ -283,8 +322,11 @@ def postgres_database(paths: Layout) -> None:
     password = secret(paths, "postgres_mlflow_password")
     if not psql(paths, "SELECT 1 FROM pg_roles WHERE rolname = 'mlflow';").strip():
         # The statement holds the password: keep it out of the server log even on error.
-        psql(paths, f"SET log_min_error_statement = panic;\n"
-                    f"CREATE ROLE mlflow LOGIN PASSWORD '{password}';")  # fmt: skip
+        psql(
+            paths,
+            f"SET log_min_error_statement = panic;\n"
+            f"CREATE ROLE mlflow LOGIN PASSWORD '{password}';",
+        )
         psql(paths, "CREATE DATABASE mlflow OWNER mlflow;")
     line = f"127.0.0.1:{paths.port('postgres')}:mlflow:mlflow:{password}\n"
     write_private(paths.secrets / "pgpass", line)
@@ -312,13 +354,27 @@ def s3_config(paths: Layout) -> Path:
     """The identities file: the MLflow server (admin of the store) and the team's runners.
     With identities configured, SeaweedFS refuses anonymous requests."""
     identities = [
-        {"name": "mlflow-server", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-         "credentials": [{"accessKey": secret(paths, "s3_server_access_key"),
-                          "secretKey": secret(paths, "s3_server_secret_key")}]},
-        {"name": TEAM_USER, "actions": ["Read", "Write", "List", "Tagging"],
-         "credentials": [{"accessKey": secret(paths, "s3_team_access_key"),
-                          "secretKey": secret(paths, "s3_team_secret_key")}]},
-    ]  # fmt: skip
+        {
+            "name": "mlflow-server",
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            "credentials": [
+                {
+                    "accessKey": secret(paths, "s3_server_access_key"),
+                    "secretKey": secret(paths, "s3_server_secret_key"),
+                }
+            ],
+        },
+        {
+            "name": TEAM_USER,
+            "actions": ["Read", "Write", "List", "Tagging"],
+            "credentials": [
+                {
+                    "accessKey": secret(paths, "s3_team_access_key"),
+                    "secretKey": secret(paths, "s3_team_secret_key"),
+                }
+            ],
+        },
+    ]
     path = paths.secrets / "s3.json"
     write_private(path, json.dumps({"identities": identities}, indent=1))
     return path
@@ -329,13 +385,25 @@ def s3_up(paths: Layout) -> None:
     data.mkdir(parents=True, exist_ok=True)
     port = paths.port
     command = [
-        str(BIN / "weed"), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={port('master')}", f"-volume.port={port('volume')}",
-        "-filer", f"-filer.port={port('filer')}", "-s3", f"-s3.port={port('s3')}",
-        f"-s3.config={s3_config(paths)}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-master.volumeSizeLimitMB=64", "-volume.max=0", "-master.telemetry=false",
+        str(BIN / "weed"),
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={port('master')}",
+        f"-volume.port={port('volume')}",
+        "-filer",
+        f"-filer.port={port('filer')}",
+        "-s3",
+        f"-s3.port={port('s3')}",
+        f"-s3.config={s3_config(paths)}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=0",
+        "-master.telemetry=false",
         "-volume.preStopSeconds=0",
-    ]  # fmt: skip
+    ]
     spawn(paths, "s3", command, dict(os.environ))
     wait_until(lambda: s3_bucket(paths), "SeaweedFS S3", 90, paths, "s3")
 
@@ -345,10 +413,13 @@ def s3_client(paths: Layout, access_key: str, secret_key: str):
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=paths.s3_url, aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key, region_name="us-east-1",
+        "s3",
+        endpoint_url=paths.s3_url,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name="us-east-1",
         config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
-    )  # fmt: skip
+    )
 
 
 def server_s3_client(paths: Layout):
@@ -414,11 +485,22 @@ def mlflow_up(paths: Layout) -> None:
     (paths.root / "mlflow").mkdir(parents=True, exist_ok=True)
     backend = f"postgresql+psycopg2://mlflow@127.0.0.1:{paths.port('postgres')}/mlflow"
     command = [
-        str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
-        "--artifacts-destination", f"s3://{BUCKET}/{MLFLOW_PREFIX}", "--serve-artifacts",
-        "--host", "127.0.0.1", "--port", str(paths.port("mlflow")), "--workers", "1",
-        "--app-name", "basic-auth",
-    ]  # fmt: skip
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        f"s3://{BUCKET}/{MLFLOW_PREFIX}",
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(paths.port("mlflow")),
+        "--workers",
+        "1",
+        "--app-name",
+        "basic-auth",
+    ]
     env = mlflow_env(paths)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow execs uvicorn
     spawn(paths, "mlflow", command, env)
@@ -445,9 +527,11 @@ def mlflow_team_user(paths: Layout) -> None:
     if found.status_code == 200:
         return
     created = requests.post(
-        f"{api}/create", auth=admin, timeout=30,
+        f"{api}/create",
+        auth=admin,
+        timeout=30,
         json={"username": TEAM_USER, "password": secret(paths, "mlflow_team_password")},
-    )  # fmt: skip
+    )
     if created.status_code != 200:
         raise ServiceError(f"could not create the MLflow user {TEAM_USER!r}: {created.status_code}")
 
@@ -495,8 +579,11 @@ def down(paths: Layout, names: tuple[str, ...]) -> None:
 
 def status(paths: Layout) -> bool:
     """Print each service's state; true when all run."""
-    urls = {"postgres": "postgresql://mlflow@127.0.0.1:{}/mlflow", "s3": "http://127.0.0.1:{}",
-            "mlflow": "http://127.0.0.1:{}"}  # fmt: skip
+    urls = {
+        "postgres": "postgresql://mlflow@127.0.0.1:{}/mlflow",
+        "s3": "http://127.0.0.1:{}",
+        "mlflow": "http://127.0.0.1:{}",
+    }
     states = []
     for name in SERVICES:
         pid = running(paths, name)
@@ -517,9 +604,15 @@ def configure_runner(paths: Layout, clone: Path) -> None:
         ["remote", "modify", "--local", "team", "endpointurl", paths.s3_url],
         ["remote", "modify", "--local", "team", "region", "us-east-1"],
         ["remote", "modify", "--local", "team", "access_key_id", credentials["AWS_ACCESS_KEY_ID"]],
-        ["remote", "modify", "--local", "team", "secret_access_key",
-         credentials["AWS_SECRET_ACCESS_KEY"]],
-    ]  # fmt: skip
+        [
+            "remote",
+            "modify",
+            "--local",
+            "team",
+            "secret_access_key",
+            credentials["AWS_SECRET_ACCESS_KEY"],
+        ],
+    ]
     for arguments in settings:
         subprocess.run([str(BIN / "dvc"), *arguments], cwd=clone, check=True, capture_output=True)
     print(f"{clone}: DVC remote 'team' -> s3://{BUCKET}/{DVC_PREFIX} at {paths.s3_url}")

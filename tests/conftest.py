@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
+import functools
 import os
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,34 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def committed_params_text() -> str:
+    """The repository's ``params.yaml`` as committed (the paper profile), not as the working
+    tree holds it now: ``make run`` is ``dvc exp run -S profile=quickstart``, which leaves
+    ``profile: quickstart`` there (as ``-S common.seed=...`` leaves its seed), and no test
+    may depend on which command ran before it. Outside a git checkout (an unpacked
+    archive) the file itself is all there is."""
+    try:
+        shown = subprocess.run(
+            ["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True
+        )
+    except OSError:
+        shown = None
+    if shown is not None and shown.returncode == 0:
+        return shown.stdout
+    return (REPO / "params.yaml").read_text(encoding="utf-8")
+
+
+@functools.cache
+def params_file() -> Path:
+    """A ``params.yaml`` with the committed text and the working tree's ``profiles/`` beside
+    it, for ``load_params``; one per test session, removed when it ends."""
+    folder = Path(tempfile.mkdtemp(prefix="braintumor-params-"))
+    atexit.register(shutil.rmtree, folder, True)
+    (folder / "params.yaml").write_text(committed_params_text(), encoding="utf-8")
+    shutil.copytree(REPO / "profiles", folder / "profiles")
+    return folder / "params.yaml"
 
 
 def mirror_dir() -> Path:
@@ -124,9 +156,9 @@ def write_params(directory: Path, overrides: dict | None = None) -> Path:
     into ``directory``; returns its path."""
     import yaml
 
-    from braintumor.config import deep_merge
+    from braintumor.core.config import deep_merge
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load(committed_params_text())
     merged = deep_merge(raw, overrides or {})
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "params.yaml"
@@ -144,7 +176,7 @@ def write_acquire_params(
     """
     import yaml
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    raw = yaml.safe_load(committed_params_text())
     settings = {**raw["acquire"], "mirror": None, "retries": 2, "timeout_s": 5.0}
     settings.update(chunk_bytes=4096, **acquire_extra, sources=sources)
     params = {"profile": "paper", "common": raw["common"], "acquire": settings}
@@ -159,10 +191,13 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", "profiles", "src", ".dvcignore"]
 
 
 def copy_project(destination: Path) -> None:
-    """Copy the pipeline's files (``PROJECT_FILES``) of this repository into ``destination``."""
+    """Copy the pipeline's files (``PROJECT_FILES``) of this repository into ``destination``,
+    ``params.yaml`` as committed (``committed_params_text``)."""
     for name in PROJECT_FILES:
         source = REPO / name
-        if source.is_dir():
+        if name == "params.yaml":
+            (destination / name).write_text(committed_params_text(), encoding="utf-8")
+        elif source.is_dir():
             shutil.copytree(
                 source, destination / name, ignore=shutil.ignore_patterns("__pycache__")
             )
@@ -223,13 +258,24 @@ def running_mlflow_server(folder: Path):
     with log_path.open("w") as log:
         server = subprocess.Popen(
             [
-                str(Path(sys.executable).parent / "mlflow"), "server",
-                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-                "--artifacts-destination", str(folder / "mlartifacts"),
-                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{folder / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(folder / "mlartifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
             ],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 90
@@ -258,16 +304,20 @@ TINY_OVERRIDES = {
     "common": {"image_size": TINY_SIZE},
     "preprocess": {"val_fraction": 0.3, "workers": 1},
     "model": {"backbone": "tinycnn", "weights": "none", "gradcam_layer": "auto"},
-    "evaluate": {"bootstrap_resamples": 50, "gradcam_examples": 1, "occlusion_patch": 16,
-                 "occlusion_stride": 16},
-}  # fmt: skip
+    "evaluate": {
+        "bootstrap_resamples": 50,
+        "gradcam_examples": 1,
+        "occlusion_patch": 16,
+        "occlusion_stride": 16,
+    },
+}
 
 
 def _train_tiny_model(data: Path, params, seed: int, epochs: int):
     import keras
     import numpy as np
 
-    from braintumor.model import build_model
+    from braintumor.model.classifier import build_model
 
     keras.utils.set_random_seed(seed)
     model = build_model(params.model, TINY_SIZE, len(params.common.classes))
@@ -282,9 +332,9 @@ def _train_tiny_model(data: Path, params, seed: int, epochs: int):
 def tiny_project(mirror: Path, tmp_path_factory) -> dict[str, Path]:
     """Processed tiny real data (10 train / 5 test images per class, 48 px) and two small
     trained tinycnn models saved as ``base`` and ``finetuned``."""
-    from braintumor.clean import clean
-    from braintumor.config import load_params
-    from braintumor.preprocess import preprocess
+    from braintumor.core.config import load_params
+    from braintumor.data.cleaning import clean
+    from braintumor.data.preprocessing import preprocess
 
     root = tmp_path_factory.mktemp("tiny-project")
     raw = root / "raw"
@@ -305,37 +355,72 @@ def evaluate_args(project: dict[str, Path], out: Path, **replace: Path) -> list[
     """Command-line arguments of the evaluate stage over ``tiny_project``, into ``out``."""
     paths = {**project, **replace}
     return [
-        "--params", str(paths["params"]), "--data", str(paths["data"]),
-        "--raw", str(paths["raw"]),
-        "--base-model", str(paths["base"]), "--finetuned-model", str(paths["finetuned"]),
-        "--metrics", str(out / "metrics" / "eval.json"), "--report", str(out / "eval.md"),
-        "--plots", str(out / "plots"), "--figures", str(out / "figures"),
-        "--bundle", str(out / "bundle"), "--run-file", str(out / "evaluate_run.json"),
-    ]  # fmt: skip
+        "--params",
+        str(paths["params"]),
+        "--data",
+        str(paths["data"]),
+        "--raw",
+        str(paths["raw"]),
+        "--base-model",
+        str(paths["base"]),
+        "--finetuned-model",
+        str(paths["finetuned"]),
+        "--metrics",
+        str(out / "metrics" / "eval.json"),
+        "--report",
+        str(out / "eval.md"),
+        "--plots",
+        str(out / "plots"),
+        "--figures",
+        str(out / "figures"),
+        "--bundle",
+        str(out / "bundle"),
+        "--run-file",
+        str(out / "evaluate_run.json"),
+    ]
 
 
-def braintumor_imports(source: str) -> set[str]:
-    """The ``braintumor`` modules a module's source imports, read from its syntax tree:
-    at module level, under ``if TYPE_CHECKING`` and inside functions alike (a function's
-    import runs when the function does). Counts ``from braintumor import x``,
-    ``from braintumor.x import y``, ``import braintumor.x`` and their relative forms.
-    Names that are not modules (``from braintumor import __version__``) come back too;
-    callers keep the ones they know as modules."""
+def package_modules() -> dict[str, Path]:
+    """Every module of the package by its dotted name under ``braintumor``
+    (``"serving.bundle"``), and every subpackage by its folder's (``"serving"``, whose file is
+    its ``__init__.py``)."""
+    found: dict[str, Path] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            found[".".join(parts)] = path
+    return found
+
+
+def braintumor_imports(source: str, importer: str = "") -> set[str]:
+    """The ``braintumor`` modules a module's source imports, by dotted name under the
+    package, read from its syntax tree: at module level, under ``if TYPE_CHECKING`` and
+    inside functions alike (a function's import runs when the function does).
+
+    ``importer`` is the module's own dotted name (``"explain.gradcam"``), which resolves
+    its relative imports. ``from braintumor.a import b`` gives ``a`` and ``a.b``, since ``b``
+    may be a module or a name; callers keep the ones ``package_modules`` knows."""
+    package = importer.split(".")[:-1] if importer else []
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
-            # A relative import names its module without the package: ".x" is braintumor.x.
             if node.level:
-                module = "braintumor" + (f".{node.module}" if node.module else "")
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                parts = [*base, *(node.module.split(".") if node.module else [])]
+                module = ".".join(["braintumor", *parts])
             else:
                 module = node.module or ""
-            if module == "braintumor":
-                found.update(alias.name for alias in node.names)
-            elif module.startswith("braintumor."):
-                found.add(module.split(".")[1])
+            if module != "braintumor" and not module.startswith("braintumor."):
+                continue
+            prefix = module.removeprefix("braintumor").lstrip(".")
+            if prefix:
+                found.add(prefix)
+            found.update(f"{prefix}.{alias.name}" if prefix else alias.name for alias in node.names)
         elif isinstance(node, ast.Import):
             found.update(
-                alias.name.split(".")[1]
+                alias.name.removeprefix("braintumor.")
                 for alias in node.names
                 if alias.name.startswith("braintumor.")
             )

@@ -31,7 +31,7 @@ def main(paths: list[str]) -> None:
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
-    from braintumor.pretrained import (
+    from braintumor.model.weights.convert import (
         assign_weights,
         build_lite0_classifier,
         lite0_keras_weights,

@@ -11,9 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from braintumor.bundle import BundleMeta, InputStats, write_bundle
-from braintumor.config import ModelParams, PreprocessParams
-from braintumor.imaging import decode_image, preprocess_gray
+from braintumor.core.config import ModelParams, PreprocessParams
+from braintumor.data.imaging import decode_image, preprocess_gray
+from braintumor.serving.bundle import BundleMeta, InputStats, write_bundle
 
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 BUNDLE_SIZE = 64
@@ -40,7 +40,7 @@ def tiny_bundle_folder(mirror: Path, root: Path) -> Path:
         return _BUNDLES["tiny"]
     import keras
 
-    from braintumor.model import build_model, feature_layer_name
+    from braintumor.model.classifier import build_model, feature_layer_name
 
     params = PreprocessParams()
     paths = real_images(mirror, 8, "Training", offset=100)
@@ -227,10 +227,11 @@ def _rle_frame(rows: int, columns: int, value: int) -> bytes:
     segments = []
     for byte in ((value >> 8) & 0xFF, value & 0xFF):
         runs = b"".join(
-            bytes([257 - min(128, count - start), byte]) if min(128, count - start) > 1
+            bytes([257 - min(128, count - start), byte])
+            if min(128, count - start) > 1
             else bytes([0, byte])
             for start in range(0, count, 128)
-        )  # fmt: skip
+        )
         segments.append(runs + (b"\x00" if len(runs) % 2 else b""))
     offsets = [64, 64 + len(segments[0])]
     header = struct.pack("<16I", 2, *offsets, *([0] * 13))

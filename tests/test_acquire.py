@@ -26,14 +26,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from braintumor.acquire import (
+from braintumor.core.config import load_params
+from braintumor.data.sources import (
     MANIFEST_COLUMNS,
     AcquireError,
     acquire,
     find_root,
-    main,
 )
-from braintumor.config import load_params
+from braintumor.stages.acquire import main
 
 from conftest import http_server, mirror_dir, write_acquire_params
 
@@ -340,7 +340,15 @@ def test_missing_source_is_one_clear_line_and_keeps_existing_output(
     out = write_tree(tmp_path / "data" / "raw", {"old/kept.jpg": b"previous run"})
 
     completed = subprocess.run(
-        [sys.executable, "-m", "braintumor.acquire", "--params", str(params), "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "braintumor.stages.acquire",
+            "--params",
+            str(params),
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

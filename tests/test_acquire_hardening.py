@@ -25,18 +25,18 @@ from pathlib import Path
 
 import pytest
 
-from braintumor.acquire import (
+from braintumor.core.config import ConfigError, load_params
+from braintumor.data.sources import (
     AcquireError,
     ArchiveLimits,
     ChecksumError,
     acquire,
     extract_archive,
-    main,
     remove_stale_temporaries,
 )
-from braintumor.config import ConfigError, load_params
+from braintumor.stages.acquire import main
 
-from conftest import REPO, http_server, write_acquire_params
+from conftest import committed_params_text, http_server, params_file, write_acquire_params
 from conftest import write_params as write_full_params
 
 LABELS = {"glioma": "glioma", "notumor": "notumor"}
@@ -476,7 +476,7 @@ def temporaries(out: Path) -> list[str]:
 def test_temporary_of_a_killed_run_is_removed_at_next_start_but_a_live_one_is_kept(
     tmp_path: Path, stalling_server: tuple[str, threading.Event]
 ) -> None:
-    """Finding 4: a real ``python -m braintumor.acquire`` hangs mid-download and its
+    """Finding 4: a real ``python -m braintumor.stages.acquire`` hangs mid-download and its
     temporary folder exists; a second run must leave it alone while its owner lives, and
     remove it once the owner has been killed with SIGKILL."""
     url, seen = stalling_server
@@ -484,7 +484,15 @@ def test_temporary_of_a_killed_run_is_removed_at_next_start_but_a_live_one_is_ke
     hung = write_params(tmp_path / "hung", [source("web", url, sha256="a" * 64)], timeout_s=60.0)
     good = write_params(tmp_path / "good", [source("local", str(write_tree(tmp_path / "s", TREE)))])
     process = subprocess.Popen(
-        [sys.executable, "-m", "braintumor.acquire", "--params", str(hung), "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "braintumor.stages.acquire",
+            "--params",
+            str(hung),
+            "--out",
+            str(out),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -592,11 +600,11 @@ def test_hostile_params_fail_with_one_line_naming_the_param(
 
 def test_params_yaml_documents_the_archive_caps() -> None:
     """Finding 2: the caps are params with comments, and the shipped values load."""
-    params = load_params(REPO / "params.yaml").acquire
+    params = load_params(params_file()).acquire
     assert params.max_extracted_bytes >= 1_000_000_000  # the real sources are ~250 MB
     assert params.max_members >= 20_000  # msoud has 7,023 files, sartaj 3,264
     assert 10 <= params.max_compression_ratio <= 1000
-    text = (REPO / "params.yaml").read_text(encoding="utf-8")
+    text = committed_params_text()
     for key in ("max_extracted_bytes", "max_members", "max_compression_ratio"):
         line = next(line for line in text.splitlines() if line.strip().startswith(key + ":"))
         assert "#" in line, f"{key} needs a comment in params.yaml"

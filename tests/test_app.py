@@ -2,7 +2,7 @@
 its hardening (closed direct API, bounded queue, login, uploads deleted), and its handlers
 and example finder called directly.
 
-The server is ``python -m braintumor.app`` in a subprocess, on a free loopback port, with
+The server is ``python -m braintumor.serving.app`` in a subprocess, on a free loopback port, with
 the small real bundle of ``test_predict``; ``test_browser`` reuses the same server
 (``app_server``), so it starts once per session. Its temp root is seeded with the folders
 a killed earlier run would leave, which the start must remove. The queue and login tests
@@ -29,7 +29,9 @@ import numpy as np
 import pytest
 import requests
 
-from braintumor.app import (
+from braintumor.core.config import load_params
+from braintumor.data.imaging import decode_image
+from braintumor.serving.app import (
     DISPLAY_SIZE,
     Handlers,
     build_app,
@@ -40,13 +42,11 @@ from braintumor.app import (
     read_auth_file,
     serve,
 )
-from braintumor.bundle import Bundle
-from braintumor.config import load_params
-from braintumor.imaging import decode_image
-from braintumor.predict import predict_files
-from braintumor.serving import Predictor, ServingSettings
+from braintumor.serving.bundle import Bundle
+from braintumor.serving.predict import predict_files
+from braintumor.serving.predictor import Predictor, ServingSettings
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, params_file
 from serving_helpers import (
     CLASSES,
     bad_files,
@@ -71,21 +71,37 @@ def start_app(bundle: Path, examples: list[Path], folder: Path) -> dict:
     port = free_port()
     temp_root = seed_stale_runs(folder / "app-temp")
     env = {
-        **os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",
         "BRAINTUMOR_APP_TEMP": str(temp_root),
-    }  # fmt: skip
+    }
     env.pop("GRADIO_TEMP_DIR", None)
     env.pop("BRAINTUMOR_APP_AUTH_FILE", None)
     command = [
-        sys.executable, "-m", "braintumor.app", "--model", str(bundle),
-        "--host", "127.0.0.1", "--port", str(port), "--params", str(REPO / "params.yaml"),
-        "--examples", *map(str, examples),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "braintumor.serving.app",
+        "--model",
+        str(bundle),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--params",
+        str(params_file()),
+        "--examples",
+        *map(str, examples),
+    ]
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     url = None
     while url is None:
@@ -341,7 +357,8 @@ def test_stale_upload_folders_are_removed_at_start(app_server) -> None:
 
 
 CLAIM_AND_WAIT = (
-    "import sys, time; from pathlib import Path; from braintumor.app import claim_temp_folder;"
+    "import sys, time; from pathlib import Path;"
+    "from braintumor.serving.app import claim_temp_folder;"
     "claimed = claim_temp_folder(Path(sys.argv[1])); folder = claimed.path;"
     "(folder / 'patient.dcm').write_bytes(b'DICM');"
     "print(folder, flush=True); time.sleep(600)"
@@ -434,9 +451,13 @@ def local_app(served_bundle, tmp_path_factory):
     predictor = GatedPredictor(Bundle.load(served_bundle), ServingSettings(grayscale_tolerance=6.0))
     app = build_app(predictor, upload_folder=temp.path)
     url = serve(
-        app, host="127.0.0.1", port=free_port(), auth=read_auth_file(auth_file), max_queue=1,
+        app,
+        host="127.0.0.1",
+        port=free_port(),
+        auth=read_auth_file(auth_file),
+        max_queue=1,
         max_file_size=10_000_000,
-    )  # fmt: skip
+    )
     try:
         yield {"url": url, "predictor": predictor, "uploads": temp.path}
     finally:
@@ -630,7 +651,7 @@ def test_internal_errors_show_a_message_not_a_trace(handlers, mirror, monkeypatc
 
 
 def test_examples_come_from_the_test_split(mirror, tmp_path) -> None:
-    params = load_params(REPO / "params.yaml")
+    params = load_params(params_file())
     found = find_examples(6, CLASSES, params=params, data_dir=tmp_path / "data", mirror=mirror)
     assert [path.parent.name for path in found] == [*CLASSES, *CLASSES[:2]]
     assert all(path.parent.parent.name == "Testing" for path in found)

@@ -12,14 +12,14 @@ import keras
 import numpy as np
 import pytest
 
-from braintumor.augment import (
+from braintumor.core.config import AugmentParams, ConfigError
+from braintumor.model.augment import (
     RandomIntensity,
     augment_examples,
     augmentation_layers,
     build_augmenter,
     build_training_model,
 )
-from braintumor.config import AugmentParams, ConfigError
 
 SIZE = 24
 COUNT = 64
@@ -164,9 +164,16 @@ def test_layer_refuses_negative_factors() -> None:
 def test_intensity_layer_runs_inside_a_compiled_training_step(jit_compile: bool) -> None:
     """A graph (or XLA) training step with a dynamic batch size, as ``train`` runs it."""
     intensity_only = AugmentParams(
-        zoom=0, width_shift=0, height_shift=0, shear=0, horizontal_flip=False,
-        gamma=0.2, contrast=0.2, brightness=0.1, noise=8.0,
-    )  # fmt: skip
+        zoom=0,
+        width_shift=0,
+        height_shift=0,
+        shear=0,
+        horizontal_flip=False,
+        gamma=0.2,
+        contrast=0.2,
+        brightness=0.1,
+        noise=8.0,
+    )
     augmenter = build_augmenter(intensity_only, SIZE, seed=3)
     inputs = keras.Input((SIZE, SIZE, 1))
     hidden = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
@@ -184,10 +191,10 @@ _JAX_SCRIPT = """
 import json, sys
 import keras
 import numpy as np
-from braintumor.augment import (
+from braintumor.model.augment import (
     RandomIntensity, augment_examples, build_augmenter, build_training_model,
 )
-from braintumor.config import AugmentParams
+from braintumor.core.config import AugmentParams
 assert keras.backend.backend() == "jax", keras.backend.backend()
 size = 24
 images = np.random.default_rng(0).integers(0, 256, (16, size, size, 1)).astype(np.uint8)
@@ -226,8 +233,11 @@ def test_intensity_augmentation_on_the_jax_backend(tmp_path) -> None:
     environment = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     completed = subprocess.run(
         [sys.executable, "-c", _JAX_SCRIPT, str(result)],
-        capture_output=True, text=True, env=environment, timeout=240,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=240,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     outcome = json.loads(result.read_text())
     assert outcome["reproducible"] and outcome["changed"] and outcome["identity"]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from braintumor.app import DISPLAY_SIZE
-from braintumor.predict import predict_files
+from braintumor.serving.app import DISPLAY_SIZE
+from braintumor.serving.predict import predict_files
 from test_app import (  # noqa: F401 - shared session fixtures
     app_server,
     reference_predictor,

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from braintumor.calibration import (
+from braintumor.core.config import CalibrationParams, ConfigError
+from braintumor.evaluation.calibration import (
     TEMPERATURE_BOUNDS,
     CalibrationFit,
     TemperatureFit,
@@ -26,7 +27,6 @@ from braintumor.calibration import (
     reliability_figure,
     softmax,
 )
-from braintumor.config import CalibrationParams, ConfigError
 
 TRUE_TEMPERATURE = 2.5
 

@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from braintumor.clean import CleanError, clean, main
-from braintumor.config import CleanParams, load_params
-from braintumor.hashing import content_box
+from braintumor.core.config import CleanParams, load_params
+from braintumor.data.cleaning import CleanError, clean
+from braintumor.data.hashing import content_box
+from braintumor.stages.clean import main
 
 from conftest import QUICKSTART_SOURCES, copy_sample, write_params
 
@@ -209,7 +210,7 @@ SARTAJ_SINGLES = (
     "Training/glioma_tumor/gg (100).jpg",
 )
 MSOUD_SINGLES = ("Testing/glioma/Te-gl_0074.jpg", "Training/pituitary/Tr-pi_0760.jpg")
-PLANTED = "msoud/Training/glioma/planted.jpg"  # fmt: skip
+PLANTED = "msoud/Training/glioma/planted.jpg"
 
 
 def _cross_source_tree(mirror: Path, root: Path) -> Path:
@@ -250,7 +251,7 @@ def test_real_cross_source_twins_are_grouped_and_nothing_else(cross_cleaned) -> 
         {f"sartaj/{s}", f"msoud/{m}"}
         for s, m in (SARTAJ_TEST_MSOUD_TRAIN, MSOUD_TEST_SARTAJ_TRAIN, TEST_TEST, LABEL_CONFLICT)
     ]
-    expected.append({f"sartaj/{SARTAJ_SINGLES[0]}", PLANTED})  # fmt: skip
+    expected.append({f"sartaj/{SARTAJ_SINGLES[0]}", PLANTED})
     groups = frame[frame["dup_group_size"] > 1].groupby("dup_group")
     assert sorted(map(sorted, expected)) == sorted(sorted(m.index) for _, m in groups)
 
@@ -273,8 +274,11 @@ def test_cross_source_policy_on_real_twins(cross_cleaned) -> None:
     assert state("sartaj", LABEL_CONFLICT[0]) == ("dropped", "label_conflict")
     assert state("msoud", LABEL_CONFLICT[1]) == ("dropped", "label_conflict")
     leakage_free = set(frame.index[frame["leakage_free"] & (frame["status"] == "kept")])
-    assert leakage_free == {f"sartaj/{TEST_TEST[0]}", f"sartaj/{SARTAJ_SINGLES[1]}",
-                            f"msoud/{MSOUD_SINGLES[0]}"}  # fmt: skip
+    assert leakage_free == {
+        f"sartaj/{TEST_TEST[0]}",
+        f"sartaj/{SARTAJ_SINGLES[1]}",
+        f"msoud/{MSOUD_SINGLES[0]}",
+    }
 
 
 def test_cross_source_counts(cross_cleaned) -> None:
@@ -349,8 +353,10 @@ def test_an_unmapped_class_folder_is_an_error(mirror: Path, tmp_path: Path) -> N
     raw = tmp_path / "raw"
     copy_sample(mirror, raw / "msoud", "msoud", 1, ("Training",))
     (raw / "msoud" / "Training" / "astrocytoma").mkdir()
-    shutil.copy(next((raw / "msoud" / "Training" / "glioma").iterdir()),
-                raw / "msoud" / "Training" / "astrocytoma" / "a.jpg")  # fmt: skip
+    shutil.copy(
+        next((raw / "msoud" / "Training" / "glioma").iterdir()),
+        raw / "msoud" / "Training" / "astrocytoma" / "a.jpg",
+    )
     params = load_params(write_params(tmp_path, {"acquire": {"sources": QUICKSTART_SOURCES[:1]}}))
     with pytest.raises(CleanError, match=r"astrocytoma.*not mapped for source 'msoud'"):
         clean(raw, params, progress=False)
@@ -366,10 +372,20 @@ def test_a_missing_source_is_an_error(tmp_path: Path) -> None:
 def _cli_args(tmp_path: Path, raw: Path, params: Path) -> list[str]:
     out = tmp_path / "out"
     return [
-        "--params", str(params), "--raw", str(raw), "--index", str(out / "index.parquet"),
-        "--metrics", str(out / "data.json"), "--composition", str(out / "composition.csv"),
-        "--figures", str(out / "figures"), "--no-progress",
-    ]  # fmt: skip
+        "--params",
+        str(params),
+        "--raw",
+        str(raw),
+        "--index",
+        str(out / "index.parquet"),
+        "--metrics",
+        str(out / "data.json"),
+        "--composition",
+        str(out / "composition.csv"),
+        "--figures",
+        str(out / "figures"),
+        "--no-progress",
+    ]
 
 
 def test_cli_writes_outputs_and_a_failed_rerun_leaves_them(mirror: Path, tmp_path: Path) -> None:
@@ -379,8 +395,12 @@ def test_cli_writes_outputs_and_a_failed_rerun_leaves_them(mirror: Path, tmp_pat
     out = tmp_path / "out"
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert {p.name for p in before} >= {
-        "index.parquet", "data.json", "composition.csv", "composition.png", "duplicates.png",
-    }  # fmt: skip
+        "index.parquet",
+        "data.json",
+        "composition.csv",
+        "composition.png",
+        "duplicates.png",
+    }
     index = pd.read_parquet(out / "index.parquet")
     assert "signature" not in index and index["path"].is_unique
     assert json.loads((out / "data.json").read_text())["kept"] == int(
@@ -390,7 +410,7 @@ def test_cli_writes_outputs_and_a_failed_rerun_leaves_them(mirror: Path, tmp_pat
     (raw / "msoud" / "Testing" / "unknown_class").mkdir()
     (raw / "msoud" / "Testing" / "unknown_class" / "x.jpg").write_bytes(b"x")
     result = subprocess.run(
-        [sys.executable, "-m", "braintumor.clean", *_cli_args(tmp_path, raw, params)],
+        [sys.executable, "-m", "braintumor.stages.clean", *_cli_args(tmp_path, raw, params)],
         capture_output=True,
         text=True,
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from braintumor.config import (
+from braintumor.core.config import (
     ConfigError,
     deep_merge,
     flatten,
@@ -15,11 +15,11 @@ from braintumor.config import (
     params_from_mapping,
 )
 
-from conftest import REPO, write_params
+from conftest import REPO, committed_params_text, params_file, write_params
 
 
 def test_paper_profile_has_the_recipe_values() -> None:
-    params = load_params(REPO / "params.yaml")
+    params = load_params(params_file())
     assert params.profile == "paper"
     assert params.common.image_size == 224
     assert params.preprocess.clahe.clip_limit == 2.0 and params.preprocess.clahe.tile_grid == 8
@@ -35,7 +35,7 @@ def test_paper_profile_has_the_recipe_values() -> None:
 
 
 def test_quickstart_profile_overrides_only_what_it_names() -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load(committed_params_text())
     paper = params_from_mapping(raw, REPO / "profiles")
     quick = params_from_mapping({**raw, "profile": "quickstart"}, REPO / "profiles")
     assert quick.profile == "quickstart"
@@ -85,21 +85,21 @@ def test_bad_values_fail_with_one_line_naming_the_key(
 
 
 def test_a_label_outside_the_vocabulary_is_refused(tmp_path: Path) -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load(committed_params_text())
     raw["acquire"]["sources"][0]["labels"]["glioma"] = "tumour"
     with pytest.raises(ConfigError, match=r"acquire.sources\.msoud\.labels\.glioma: maps to"):
         params_from_mapping(raw, REPO / "profiles")
 
 
 def test_a_url_source_needs_a_checksum() -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load(committed_params_text())
     raw["acquire"]["sources"][0]["uri"] = "https://example.org/data.zip"
     with pytest.raises(ConfigError, match=r"acquire.sources\[0\].sha256"):
         params_from_mapping(raw, REPO / "profiles")
 
 
 def test_params_are_frozen_and_flatten_to_dotted_keys() -> None:
-    params = load_params(REPO / "params.yaml")
+    params = load_params(params_file())
     with pytest.raises(AttributeError):
         params.common.seed = 1  # type: ignore[misc]
     flat = flatten(params)

@@ -1,6 +1,6 @@
 """``train.distribution: data_parallel`` on two virtual CPU devices, per backend.
 
-Each run is the real ``braintumor.train`` CLI in its own process (the device count is
+Each run is the real ``braintumor.stages.train`` CLI in its own process (the device count is
 fixed when the backend starts): JAX sees two devices through
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2``, TensorFlow through two logical
 CPUs. The same data, seed, starting model and global batch on one device and on two must
@@ -37,13 +37,19 @@ RTOL = 1e-4
 
 DRIVER = """
 import sys
-from braintumor.distribution import virtual_cpu_devices
+from braintumor.training.distribution import virtual_cpu_devices
 virtual_cpu_devices(int(sys.argv[1]), sys.argv[2])
-from braintumor.train import main
+from braintumor.stages.train import main
 sys.exit(main(sys.argv[3:]))
 """
-NO_AUGMENTATION = {"zoom": 0.0, "width_shift": 0.0, "height_shift": 0.0, "shear": 0.0,
-                   "rotation": 0.0, "horizontal_flip": False}  # fmt: skip
+NO_AUGMENTATION = {
+    "zoom": 0.0,
+    "width_shift": 0.0,
+    "height_shift": 0.0,
+    "shear": 0.0,
+    "rotation": 0.0,
+    "horizontal_flip": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +72,15 @@ def finetune(root: Path, data_dir: Path, init: Path, backend: str, devices: int)
     """Three fine-tuning epochs from ``init`` on ``devices`` virtual CPUs; the metrics with
     the per-epoch (loss, val_loss) under ``"curve"``."""
     distribution = "data_parallel" if devices > 1 else "none"
-    params = write_params(root, backend, distribution, finetune__epochs=3,
-                          finetune__batch_size=6)  # fmt: skip
-    result = run_phase_cli(params, data_dir, root, launcher=("-c", DRIVER, str(devices),
-                              backend), phase="finetune", init=init)  # fmt: skip
+    params = write_params(root, backend, distribution, finetune__epochs=3, finetune__batch_size=6)
+    result = run_phase_cli(
+        params,
+        data_dir,
+        root,
+        launcher=("-c", DRIVER, str(devices), backend),
+        phase="finetune",
+        init=init,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((root / "m.json").read_text())
     with (root / "h.csv").open() as handle:
@@ -101,8 +112,7 @@ def test_two_devices_give_the_one_device_loss_curve(
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path: Path, data_dir: Path) -> None:
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed")
-    params = write_params(tmp_path, "jax", "data_parallel", frozen__epochs=1,
-                          frozen__batch_size=5)  # fmt: skip
+    params = write_params(tmp_path, "jax", "data_parallel", frozen__epochs=1, frozen__batch_size=5)
     result = run_phase_cli(params, data_dir, tmp_path, launcher=("-c", DRIVER, "2", "jax"))
     assert result.returncode == 1
     assert "does not split evenly over 2 devices" in result.stderr

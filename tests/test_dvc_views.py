@@ -1,6 +1,6 @@
 """DVC's views of the pipeline read well in a terminal and render offline.
 
-Code tier: the headline (``braintumor.headline``) of a detail dict, including one made by
+Code tier: the headline (``braintumor.reports.headline``) of a detail dict, including one made by
 the evaluate stage's own functions. Integration: a temporary git + DVC repository whose
 one stage writes small generated metrics and plot tables under this project's real
 declarations (each stage's ``metrics`` and ``plots`` of ``dvc.yaml``, its top-level plots,
@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import yaml
 
-from braintumor.headline import (
+from braintumor.reports.headline import (
     HeadlineError,
     count_keys,
     data_headline,
@@ -40,7 +40,7 @@ from braintumor.headline import (
     preprocess_headline,
 )
 
-from conftest import CHROMIUM, CHROMIUM_ARGS
+from conftest import CHROMIUM, CHROMIUM_ARGS, committed_params_text, params_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -55,27 +55,41 @@ TIMEOUT_MS = 60_000
 
 
 def _flat_view(view: str, accuracy: float) -> dict[str, Any]:
-    numbers = {f"{view}.accuracy": accuracy, f"{view}.macro_f1": accuracy - 0.01,
-               f"{view}.ece_after": 0.05, f"{view}.ece_before": 0.09,
-               f"{view}.macro_roc_auc": 0.97, f"{view}.count": 40}  # fmt: skip
+    numbers = {
+        f"{view}.accuracy": accuracy,
+        f"{view}.macro_f1": accuracy - 0.01,
+        f"{view}.ece_after": 0.05,
+        f"{view}.ece_before": 0.09,
+        f"{view}.macro_roc_auc": 0.97,
+        f"{view}.count": 40,
+    }
     numbers.update({f"{view}.{name}_recall": 0.5 + i / 10 for i, name in enumerate(CLASSES)})
     numbers.update({f"{view}.{name}_precision": 0.6 for name in CLASSES})
     return numbers
 
 
 def test_headline_keeps_the_served_model_s_few_numbers() -> None:
-    finetuned = {**_flat_view("sartaj_test", 0.5), **_flat_view("test", 0.812345),
-                 **_flat_view("leakage_free", 0.7), "temperature": 1.2,
-                 "robustness.clean": 0.55, "robustness.noise_5": 0.61,
-                 "robustness.jpeg_30": 0.66, "calibration_at_bound": False,
-                 "ood.threshold": 31.5, "ood.test.false_alarms": 0.012}  # fmt: skip
+    finetuned = {
+        **_flat_view("sartaj_test", 0.5),
+        **_flat_view("test", 0.812345),
+        **_flat_view("leakage_free", 0.7),
+        "temperature": 1.2,
+        "robustness.clean": 0.55,
+        "robustness.noise_5": 0.61,
+        "robustness.jpeg_30": 0.66,
+        "calibration_at_bound": False,
+        "ood.threshold": 31.5,
+        "ood.test.false_alarms": 0.012,
+    }
     detail = {"base": _flat_view("test", 0.1), "finetuned": finetuned, "seconds": 12.0}
     headline = evaluation_headline(detail, CLASSES)
     assert list(headline) == ["test", "leakage_free", "sartaj_test", "robustness", "ood"]
     assert headline["test"] == {
-        "accuracy": 0.8123, "macro_f1": 0.8023, "ece": 0.05,
+        "accuracy": 0.8123,
+        "macro_f1": 0.8023,
+        "ece": 0.05,
         "recall": {"glioma": 0.5, "meningioma": 0.6, "notumor": 0.7, "pituitary": 0.8},
-    }  # fmt: skip
+    }
     assert headline["sartaj_test"] == {"accuracy": 0.5, "macro_f1": 0.49, "ece": 0.05}
     # the worst perturbation, not the unperturbed accuracy below it
     assert headline["robustness"] == {"worst_accuracy": 0.61}
@@ -110,20 +124,24 @@ def _probabilities(labels: np.ndarray, skill: float, rng: np.random.Generator) -
 def stage_detail(skill: float, seed: int) -> dict[str, Any]:
     """An ``eval.json`` detail made by the evaluate stage's own functions (calibration,
     every view with its report, both models, robustness) on generated probabilities."""
-    from braintumor.config import load_params
-    from braintumor.evaluate import evaluate_probabilities, headline_metrics
+    from braintumor.core.config import load_params
+    from braintumor.stages.evaluate import evaluate_probabilities, headline_metrics
 
-    params = load_params(REPO / "params.yaml")
+    params = load_params(params_file())
     params = dataclasses.replace(
         params, evaluate=dataclasses.replace(params.evaluate, bootstrap_resamples=50)
     )
     rng = np.random.default_rng(seed)
     test_labels, val_labels = np.tile(np.arange(4), 20), np.tile(np.arange(4), 10)
     source, leakage_free = np.arange(80) % 2 == 0, np.arange(80) % 3 == 0
-    views = {"test": np.ones(80, dtype=bool), "leakage_free": leakage_free,
-             "msoud_test": source, "sartaj_test": ~source,
-             "msoud_leakage_free": source & leakage_free,
-             "sartaj_leakage_free": ~source & leakage_free}  # fmt: skip
+    views = {
+        "test": np.ones(80, dtype=bool),
+        "leakage_free": leakage_free,
+        "msoud_test": source,
+        "sartaj_test": ~source,
+        "msoud_leakage_free": source & leakage_free,
+        "sartaj_leakage_free": ~source & leakage_free,
+    }
     results = {
         model: evaluate_probabilities(
             val_labels,
@@ -133,15 +151,22 @@ def stage_detail(skill: float, seed: int) -> dict[str, Any]:
             _probabilities(test_labels, model_skill, rng),
             views,
             params,
-        )  # fmt: skip
+        )
         for model, model_skill in (("base", skill - 1.0), ("finetuned", skill))
     }
-    robustness = [{"perturbation": name, "accuracy": float(rng.uniform(0.5, 0.9))}
-                  for name in ("clean", "noise_5", "jpeg_30", "rotate_10")]  # fmt: skip
+    robustness = [
+        {"perturbation": name, "accuracy": float(rng.uniform(0.5, 0.9))}
+        for name in ("clean", "noise_5", "jpeg_30", "rotate_10")
+    ]
     metrics = headline_metrics(results, robustness)
     # what evaluate.run adds from fit_ood_detector (its real path: the tiny-project test)
-    metrics["finetuned"].update({"ood.threshold": 30.2, "ood.test.false_alarms": 0.0125,
-                                 "ood.leakage_free.false_alarms": 0.0})  # fmt: skip
+    metrics["finetuned"].update(
+        {
+            "ood.threshold": 30.2,
+            "ood.test.false_alarms": 0.0125,
+            "ood.leakage_free.false_alarms": 0.0,
+        }
+    )
     return metrics
 
 
@@ -151,16 +176,22 @@ def test_headline_of_the_stage_s_detail_is_a_few_dozen_numbers() -> None:
     assert count_keys(detail) > 300  # what made `dvc metrics show` unreadable
     assert count_keys(headline) <= MAX_HEADLINE_KEYS
     assert headline["test"]["accuracy"] == round(detail["finetuned"]["test.accuracy"], 4)
-    views = {"test", "leakage_free", "msoud_test", "sartaj_test", "msoud_leakage_free",
-             "sartaj_leakage_free"}  # fmt: skip
+    views = {
+        "test",
+        "leakage_free",
+        "msoud_test",
+        "sartaj_test",
+        "msoud_leakage_free",
+        "sartaj_leakage_free",
+    }
     assert set(headline) == views | {"robustness", "ood"}
 
 
 @pytest.mark.integration
 def test_evaluate_stage_writes_the_headline_of_its_own_detail(tiny_project, tmp_path) -> None:
     """The stage's writer (``--headline``) on two small trained models and real slices."""
-    from braintumor.config import deep_merge
-    from braintumor.evaluate import main
+    from braintumor.core.config import deep_merge
+    from braintumor.stages.evaluate import main
 
     from conftest import TINY_OVERRIDES, evaluate_args, write_params
 
@@ -205,46 +236,78 @@ def test_dvc_yaml_tracks_the_headline_as_the_metric_and_the_detail_as_an_output(
     assert command[command.index("--metrics") + 1] == detail
     assert _paths(declared["metrics"]) == [headline]
     assert detail in _paths(declared["outs"])
-    assert "src/braintumor/headline.py" in declared["deps"]
+    assert "src/braintumor/reports/headline.py" in declared["deps"]
 
 
 def test_a_phase_headline_drops_timings_and_names() -> None:
     detail = _training_summary("finetune", 1e-4, time.perf_counter() - 5)
     detail["kept_starting_weights"] = True
     headline = phase_headline(detail)
-    assert headline == {"best_epoch": 3, "best_val_accuracy": 0.8, "best_val_loss": 0.25,
-                        "epochs_run": 4, "kept_starting_weights": 1}  # fmt: skip
+    assert headline == {
+        "best_epoch": 3,
+        "best_val_accuracy": 0.8,
+        "best_val_loss": 0.25,
+        "epochs_run": 4,
+        "kept_starting_weights": 1,
+    }
 
 
 def test_the_preprocess_headline_drops_the_digest_workers_and_timing() -> None:
-    detail = {"counts": {"train": 4098, "val": 723, "test": 1234}, "digest": "b926",
-              "images": 6055, "images_per_second": 427.9, "seconds": 14.15, "workers": 2,
-              "test_leakage_free": 452, "val_with_train_neighbour": 0,
-              "neighbour_groups": 3639, "largest_neighbour_group": 47}  # fmt: skip
+    detail = {
+        "counts": {"train": 4098, "val": 723, "test": 1234},
+        "digest": "b926",
+        "images": 6055,
+        "images_per_second": 427.9,
+        "seconds": 14.15,
+        "workers": 2,
+        "test_leakage_free": 452,
+        "val_with_train_neighbour": 0,
+        "neighbour_groups": 3639,
+        "largest_neighbour_group": 47,
+    }
     assert preprocess_headline(detail) == {
-        "images": 6055, "test_leakage_free": 452, "val_with_train_neighbour": 0,
-        "neighbour_groups": 3639, "counts": {"train": 4098, "val": 723, "test": 1234},
-    }  # fmt: skip
+        "images": 6055,
+        "test_leakage_free": 452,
+        "val_with_train_neighbour": 0,
+        "neighbour_groups": 3639,
+        "counts": {"train": 4098, "val": 723, "test": 1234},
+    }
 
 
 def test_the_data_headline_keeps_counts_per_source_duplicates_and_leakage() -> None:
     detail = {
-        "kept": 9000, "images_in": 9500, "files_in": 9501,
-        "kept_by_source_split": {"msoud": {"train": 5000, "test": 1000},
-                                 "sartaj": {"train": 2500, "test": 500}},
-        "duplicates": {"groups": 600, "cross_source_groups": 1900, "cross_split_groups": 350,
-                       "near_pairs": 12000, "extra_copies": 800},
-        "leakage": {"test_with_train_twin": 700, "kept_test_leakage_free": 800,
-                    "by_source": {"msoud": {"in": 1311}}},
-    }  # fmt: skip
+        "kept": 9000,
+        "images_in": 9500,
+        "files_in": 9501,
+        "kept_by_source_split": {
+            "msoud": {"train": 5000, "test": 1000},
+            "sartaj": {"train": 2500, "test": 500},
+        },
+        "duplicates": {
+            "groups": 600,
+            "cross_source_groups": 1900,
+            "cross_split_groups": 350,
+            "near_pairs": 12000,
+            "extra_copies": 800,
+        },
+        "leakage": {
+            "test_with_train_twin": 700,
+            "kept_test_leakage_free": 800,
+            "by_source": {"msoud": {"in": 1311}},
+        },
+    }
     headline = data_headline(detail)
     assert headline == {
         "kept": 9000,
-        "kept_by_source": {"msoud.train": 5000, "msoud.test": 1000, "sartaj.train": 2500,
-                           "sartaj.test": 500},
+        "kept_by_source": {
+            "msoud.train": 5000,
+            "msoud.test": 1000,
+            "sartaj.train": 2500,
+            "sartaj.test": 500,
+        },
         "duplicates": {"groups": 600, "cross_source_groups": 1900, "cross_split_groups": 350},
         "leakage": {"test_with_train_twin": 700, "kept_test_leakage_free": 800},
-    }  # fmt: skip
+    }
     assert count_keys(headline) == 10 < count_keys(detail)
 
 
@@ -266,11 +329,17 @@ def _write_csv(path: Path, header: str, rows: list[tuple]) -> None:
 
 def _training_summary(phase: str, learning_rate: float, started: float) -> dict[str, Any]:
     """A training stage's metrics file as train.py writes it: its timings differ per run."""
-    return {"phase": phase, "backbone": "efficientnet_lite0", "best_epoch": 3,
-            "best_val_accuracy": round(0.9 - learning_rate * 1000, 4),
-            "best_val_loss": 0.25, "epochs_run": 4, "stopped_early": False,
-            "wall_seconds": round(time.perf_counter() - started, 6),
-            "images_per_second": round(4000 / (time.perf_counter() - started), 3)}  # fmt: skip
+    return {
+        "phase": phase,
+        "backbone": "efficientnet_lite0",
+        "best_epoch": 3,
+        "best_val_accuracy": round(0.9 - learning_rate * 1000, 4),
+        "best_val_loss": 0.25,
+        "epochs_run": 4,
+        "stopped_early": False,
+        "wall_seconds": round(time.perf_counter() - started, 6),
+        "images_per_second": round(4000 / (time.perf_counter() - started), 3),
+    }
 
 
 def write_views(root: Path) -> None:
@@ -327,13 +396,20 @@ def write_views(root: Path) -> None:
 
 
 def _run(project: Path, *command: str, columns: int = TERMINAL_COLUMNS) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "COLUMNS": str(columns),
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}  # fmt: skip
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "COLUMNS": str(columns),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.org",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.org",
+    }
     if command[0] == "dvc":
         command = (str(Path(sys.executable).parent / "dvc"), *command[1:])
-    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        command, cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"{shlex.join(command)}: {result.stdout}{result.stderr}"
     return result.stdout
 
@@ -365,18 +441,28 @@ def views_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run(project, "dvc", "init", "-q")
     shutil.copy2(REPO / ".dvc" / "config", project / ".dvc" / "config")
     shutil.copy2(template, project / ".dvc" / template.name)
-    shutil.copy2(REPO / "params.yaml", project / "params.yaml")
+    (project / "params.yaml").write_text(committed_params_text())
     shutil.copytree(REPO / "profiles", project / "profiles")
-    details = {f"{rate:g}": stage_detail(2.0 + 100 * rate, seed=i)
-               for i, rate in enumerate(LEARNING_RATES)}  # fmt: skip
+    details = {
+        f"{rate:g}": stage_detail(2.0 + 100 * rate, seed=i) for i, rate in enumerate(LEARNING_RATES)
+    }
     (project / "details.json").write_text(json.dumps(details))
     dvc_yaml = {"stages": {"views": _views_stage()}, "plots": _dvc_yaml()["plots"]}
     (project / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
     _run(project, "dvc", "repro", "-q")
     _run(project, "git", "add", "-A")
     _run(project, "git", "commit", "-qm", "baseline")
-    _run(project, "dvc", "exp", "run", "-q", "-n", "lr-3e-5",
-         "-S", f"train.finetune.learning_rate={LEARNING_RATES[1]}")  # fmt: skip
+    _run(
+        project,
+        "dvc",
+        "exp",
+        "run",
+        "-q",
+        "-n",
+        "lr-3e-5",
+        "-S",
+        f"train.finetune.learning_rate={LEARNING_RATES[1]}",
+    )
     return project
 
 
@@ -413,8 +499,9 @@ def test_readme_exp_show_line_fits_120_columns_with_the_team_s_columns(
     for column in ("test.accuracy", "leakage_free.accuracy", "learning_rate"):
         assert column in table, f"{column} missing:\n{table}"
     assert "lr-3e-5" in table and "3e-05" in table, table  # the experiment and its change
-    everything = _run(views_project, "dvc", "exp", "show", "--no-pager", "--only-changed",
-                      columns=100_000)  # fmt: skip
+    everything = _run(
+        views_project, "dvc", "exp", "show", "--no-pager", "--only-changed", columns=100_000
+    )
     assert _widest(everything) > TERMINAL_COLUMNS  # the pattern is what makes it fit
 
 

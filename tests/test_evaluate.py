@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from braintumor.bundle import Bundle
+from braintumor.serving.bundle import Bundle
 
 from conftest import TINY_OVERRIDES, TINY_SIZE, evaluate_args, write_params
 
@@ -34,8 +34,8 @@ CALIBRATION_MIN_SAMPLES = 5
 
 @pytest.fixture(scope="module")
 def evaluated(project, tmp_path_factory) -> Path:
-    from braintumor.config import deep_merge
-    from braintumor.evaluate import main
+    from braintumor.core.config import deep_merge
+    from braintumor.stages.evaluate import main
 
     out = tmp_path_factory.mktemp("evaluated")
     overrides = deep_merge(
@@ -101,10 +101,10 @@ def test_calibration_is_fitted_on_validation_and_reported(evaluated: Path, proje
 def _refit_calibration(evaluated: Path, project: dict[str, Path]) -> tuple:
     """The calibration fitted on the fine-tuned model's validation predictions (the
     leakage-free rows) and, for contrast, on its test predictions."""
-    from braintumor.calibration import calibrate
-    from braintumor.config import load_params
-    from braintumor.data_loading import load_processed
-    from braintumor.evaluate import load_keras_model, predict_probabilities
+    from braintumor.core.config import load_params
+    from braintumor.evaluation.calibration import calibrate
+    from braintumor.stages.evaluate import load_keras_model, predict_probabilities
+    from braintumor.training.inputs import load_processed
 
     params = load_params(evaluated / "params" / "params.yaml")
     classes, settings = params.common.classes, params.evaluate.calibration
@@ -136,8 +136,12 @@ def test_robustness_view_starts_from_the_raw_slices(evaluated: Path) -> None:
 
 def test_figures_and_the_bundle(evaluated: Path, project, mirror: Path) -> None:
     names = {p.name for p in (evaluated / "figures").iterdir()}
-    assert {"explanations.png", "roc_finetuned.png", "reliability_finetuned.png",
-            "confusion_finetuned_test.png"} <= names  # fmt: skip
+    assert {
+        "explanations.png",
+        "roc_finetuned.png",
+        "reliability_finetuned.png",
+        "confusion_finetuned_test.png",
+    } <= names
     bundle = Bundle.load(evaluated / "bundle")
     assert bundle.meta.gradcam_layer == "top_activation"
     assert bundle.meta.image_size == SIZE and bundle.meta.input_stats is not None
@@ -156,9 +160,11 @@ def test_figures_and_the_bundle(evaluated: Path, project, mirror: Path) -> None:
 
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "braintumor.evaluate", *args],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "braintumor.stages.evaluate", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_file_that_is_not_a_keras_model_is_a_clear_error(project, tmp_path: Path) -> None:
@@ -185,7 +191,7 @@ def test_a_model_with_another_class_list_is_a_clear_error(project, tmp_path: Pat
 
 
 def test_views_per_source_and_their_leakage_free_parts() -> None:
-    from braintumor.evaluate import test_views
+    from braintumor.stages.evaluate import test_views
 
     index = pd.DataFrame(
         {"source": ["msoud", "sartaj", "msoud", "sartaj"], "leakage_free": [1, 1, 0, 0]}

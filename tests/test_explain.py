@@ -22,15 +22,11 @@ import keras
 import numpy as np
 import pytest
 
-from braintumor import explain
-from braintumor.explain import (
-    GradCam,
-    gradcam,
-    last_conv_layer_name,
-    normalize_maps,
-    occlusion_sensitivity,
-    overlay,
-)
+from braintumor.explain import gradcam as gradcam_module
+from braintumor.explain.gradcam import GradCam, gradcam, last_conv_layer_name
+from braintumor.explain.maps import normalize_maps, resize_maps
+from braintumor.explain.occlusion import occlusion_sensitivity
+from braintumor.explain.overlay import overlay
 
 SIZE = 32
 SHAPE = 6
@@ -145,7 +141,7 @@ def test_gradcam_equals_cam_for_a_pooling_dense_network(trained, held_out, score
     if score == "centred":
         kernel = kernel - kernel.mean(axis=1, keepdims=True)
     cams = np.maximum(np.einsum("nhwc,cn->nhw", features, kernel[:, labels]), 0)
-    expected = normalize_maps(explain._resize_maps(cams.astype(np.float32), SIZE, SIZE))
+    expected = normalize_maps(resize_maps(cams.astype(np.float32), SIZE, SIZE))
     maps = gradcam(trained, images, LAYER, labels, score=score)
     np.testing.assert_allclose(maps, expected, atol=1e-4)
 
@@ -203,7 +199,7 @@ def test_instance_is_cached_per_model_and_layer_and_released_with_the_model() ->
     first = GradCam.for_model(model, LAYER)
     assert GradCam.for_model(model, LAYER) is first
     assert GradCam.for_model(model, "conv1") is not first
-    assert model in explain._CACHE
+    assert model in gradcam_module._CACHE
     alive = weakref.ref(model)
     del model, first
     gc.collect()
@@ -298,8 +294,8 @@ def test_last_conv_layer_name(trained) -> None:
 def test_works_on_the_project_model_builder() -> None:
     """The pipeline's own model (tinycnn backbone, the study's head with batch norm and
     dropout): the Grad-CAM layer resolves and the maps are well formed."""
-    from braintumor.config import ModelParams
-    from braintumor.model import build_model, feature_layer_name
+    from braintumor.core.config import ModelParams
+    from braintumor.model.classifier import build_model, feature_layer_name
 
     params = ModelParams(backbone="tinycnn", weights="none", dense_units=(16,))
     model = build_model(params, image_size=32, num_classes=4)
@@ -362,7 +358,7 @@ import sys
 import weakref
 import numpy as np
 import keras
-from braintumor.explain import gradcam
+from braintumor.explain.gradcam import gradcam
 assert keras.backend.backend() == "jax", keras.backend.backend()
 model = keras.saving.load_model(sys.argv[1])
 images = np.load(sys.argv[2])
@@ -394,8 +390,11 @@ def test_gradcam_on_the_jax_backend_matches_tensorflow(trained, held_out, tmp_pa
     environment = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     completed = subprocess.run(
         [sys.executable, "-c", _JAX_SCRIPT, str(model_path), *map(str, paths)],
-        capture_output=True, text=True, env=environment, timeout=240,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=240,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     np.testing.assert_allclose(
         np.load(paths[2]), gradcam(trained, images, LAYER, labels), atol=1e-3

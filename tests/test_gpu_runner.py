@@ -91,11 +91,26 @@ def test_the_gpu_lock_resolves() -> None:
     """pip resolves runtime + GPU lock with dependencies (metadata only, nothing installed)
     and wants exactly the pinned set: nothing missing, nothing else."""
     report = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-         "--disable-pip-version-check", "--report", "-",
-         "-r", str(REPO / "requirements.lock"), "-r", str(GPU_LOCK)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--report",
+            "-",
+            "-r",
+            str(REPO / "requirements.lock"),
+            "-r",
+            str(GPU_LOCK),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert report.returncode == 0, report.stderr[-2000:]
     resolved = {
         canonical(item["metadata"]["name"]): item["metadata"]["version"]
@@ -105,6 +120,7 @@ def test_the_gpu_lock_resolves() -> None:
     assert resolved == wanted, {
         "not pinned": sorted(set(resolved) - set(wanted)),
         "not needed": sorted(set(wanted) - set(resolved)),
-        "other version": sorted(k for k in resolved.keys() & wanted.keys()
-                                if resolved[k] != wanted[k]),
-    }  # fmt: skip
+        "other version": sorted(
+            k for k in resolved.keys() & wanted.keys() if resolved[k] != wanted[k]
+        ),
+    }

@@ -1,4 +1,4 @@
-"""The duplicate detector (``braintumor.hashing``): its properties on real MRI slices.
+"""The duplicate detector (``braintumor.data.hashing``): its properties on real MRI slices.
 
 Near duplicates are what a real merge of sources produces: the same slice resized with a
 changed aspect ratio (SARTAJ's 512 x 384 originals beside msoud's 224 x 224 copies),
@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.config import CleanParams
-from braintumor.hashing import (
+from braintumor.core.config import CleanParams
+from braintumor.data.hashing import (
     average_hash,
     connected_groups,
     content_box,
@@ -25,7 +25,7 @@ from braintumor.hashing import (
     pixel_hash,
     similar_pairs,
 )
-from braintumor.imaging import decode_image
+from braintumor.data.imaging import decode_image
 
 NEAR = CleanParams().near_similarity
 THUMBNAIL = CleanParams().thumbnail_size

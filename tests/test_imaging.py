@@ -1,4 +1,4 @@
-"""Decoding and the recipe's transform (``braintumor.imaging``) on real image files.
+"""Decoding and the recipe's transform (``braintumor.data.imaging``) on real image files.
 
 Every fixture is a real file: either a JPEG from the team's mirror of the data sets, or an
 image written into ``tmp_path`` with PIL or OpenCV. Bad files must be refused with the
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor.config import ClaheParams, CleanParams, PreprocessParams, UnsharpParams
-from braintumor.imaging import (
+from braintumor.core.config import ClaheParams, CleanParams, PreprocessParams, UnsharpParams
+from braintumor.data.imaging import (
     COLOUR,
     CORRUPT,
     EMPTY,

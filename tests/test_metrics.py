@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
-from braintumor.metrics import (
+from braintumor.evaluation.metrics import (
     AVERAGED_METRICS,
     ONE_VS_REST_COLUMNS,
     STUDY_CONFUSION_MATRICES,

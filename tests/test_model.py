@@ -9,15 +9,15 @@ import keras
 import numpy as np
 import pytest
 
-from braintumor.augment import (
+from braintumor.core.config import AugmentParams, ModelParams
+from braintumor.model.augment import (
     RandomAffine,
     augment_examples,
     augmentation_layers,
     build_augmenter,
     build_training_model,
 )
-from braintumor.config import AugmentParams, ModelParams
-from braintumor.model import (
+from braintumor.model.classifier import (
     GRAY_TO_RGB,
     NORMALIZATION,
     backbone_layers,
@@ -60,9 +60,15 @@ def test_resnet50_is_built_flat_with_its_gradcam_layer_reachable() -> None:
     assert names[-1] == "head_predictions" and model.layers[-1].units == 4
     head = [n for n in names if n.startswith("head_")]
     assert head == [
-        "head_pool", "head_bn_in", "head_dense1", "head_dropout1", "head_dense2",
-        "head_dropout2", "head_bn_out", "head_predictions",
-    ]  # fmt: skip
+        "head_pool",
+        "head_bn_in",
+        "head_dense1",
+        "head_dropout1",
+        "head_dense2",
+        "head_dropout2",
+        "head_bn_out",
+        "head_predictions",
+    ]
     assert model.get_layer("head_dense1").units == 512
     assert model.get_layer("head_dropout1").rate == pytest.approx(0.4)
     assert len(backbone_layers(model)) == len(names) - 3 - len(head)
@@ -241,6 +247,7 @@ def test_training_model_wraps_but_does_not_change_the_inference_model() -> None:
     assert not any(layer.name.startswith("aug_") for layer in model.layers)
     images = gray_batch().astype(np.uint8)
     np.testing.assert_allclose(
-        training.predict(images, verbose=0), model.predict(images.astype(np.float32), verbose=0),
+        training.predict(images, verbose=0),
+        model.predict(images.astype(np.float32), verbose=0),
         atol=1e-6,
-    )  # fmt: skip
+    )

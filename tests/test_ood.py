@@ -1,4 +1,4 @@
-"""Out-of-distribution detection (``braintumor.ood``): the scores against their textbook
+"""Out-of-distribution detection (``braintumor.evaluation.ood``): the scores against their textbook
 definitions, the threshold's promise on held-out scores, the saved file, the extractor on
 a real model and real slices, and the evaluate stage's step."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from braintumor.ood import (
+from braintumor.evaluation.ood import (
     OOD_FILE,
     FeatureExtractor,
     ModelOutputs,
@@ -167,8 +167,8 @@ def test_a_file_that_is_not_a_detector_is_a_clear_error(tmp_path: Path) -> None:
 
 def real_slices(mirror: Path, count: int, size: int) -> np.ndarray:
     """``count`` real Testing slices, decoded and preprocessed as the model sees them."""
-    from braintumor.config import PreprocessParams
-    from braintumor.imaging import decode_image, preprocess_gray
+    from braintumor.core.config import PreprocessParams
+    from braintumor.data.imaging import decode_image, preprocess_gray
 
     paths = sorted((mirror / "msoud" / "Testing" / "glioma").glob("*.jpg"))[:count]
     grays = [decode_image(path.read_bytes(), name=path.name).gray for path in paths]
@@ -179,8 +179,8 @@ def real_slices(mirror: Path, count: int, size: int) -> np.ndarray:
 def test_extractor_gives_the_models_probabilities_and_matching_logits(mirror: Path) -> None:
     import keras
 
-    from braintumor.config import ModelParams
-    from braintumor.model import build_model
+    from braintumor.core.config import ModelParams
+    from braintumor.model.classifier import build_model
 
     keras.utils.set_random_seed(3)
     model = build_model(ModelParams(backbone="tinycnn", weights="none", dense_units=(8,)), 32, 4)
@@ -199,17 +199,22 @@ def test_extractor_gives_the_models_probabilities_and_matching_logits(mirror: Pa
 
 @pytest.mark.slow
 def test_evaluate_fits_the_detector_on_train_and_thresholds_on_val(tiny_project) -> None:
-    from braintumor.config import load_params
-    from braintumor.evaluate import EvaluatePaths, fit_ood_detector, load_inputs
-    from braintumor.ood import FeatureExtractor
+    from braintumor.core.config import load_params
+    from braintumor.evaluation.ood import FeatureExtractor
+    from braintumor.stages.evaluate import EvaluatePaths, fit_ood_detector, load_inputs
 
     params = load_params(tiny_project["params"])
     unused = tiny_project["data"] / "unused"
     paths = EvaluatePaths(
-        data=tiny_project["data"], base_model=tiny_project["base"],
+        data=tiny_project["data"],
+        base_model=tiny_project["base"],
         finetuned_model=tiny_project["finetuned"],
-        metrics=unused, report=unused, plots=unused, figures=unused, bundle=unused,
-    )  # fmt: skip
+        metrics=unused,
+        report=unused,
+        plots=unused,
+        figures=unused,
+        bundle=unused,
+    )
     inputs = load_inputs(paths, params)
     detector, summary = fit_ood_detector(inputs, params)
     val = inputs.data.splits["val"]
@@ -228,7 +233,7 @@ def test_evaluate_fits_the_detector_on_train_and_thresholds_on_val(tiny_project)
 def test_the_evaluate_stage_ships_the_detector_in_the_bundle(tiny_project, tmp_path: Path) -> None:
     import json
 
-    from braintumor.evaluate import main
+    from braintumor.stages.evaluate import main
 
     from conftest import evaluate_args
 
@@ -246,9 +251,9 @@ def test_serving_refuses_what_the_bundles_detector_flags(mirror: Path, tmp_path:
     out_of_distribution, worded by features) and the lowest-scoring one is accepted."""
     import shutil
 
-    from braintumor.bundle import Bundle
-    from braintumor.imaging import decode_image, preprocess_gray
-    from braintumor.serving import OUT_OF_DISTRIBUTION, InputError, Predictor
+    from braintumor.data.imaging import decode_image, preprocess_gray
+    from braintumor.serving.bundle import Bundle
+    from braintumor.serving.predictor import OUT_OF_DISTRIBUTION, InputError, Predictor
 
     from serving_helpers import real_images, tiny_bundle_folder
 
@@ -288,6 +293,7 @@ def test_serving_refuses_what_the_bundles_detector_flags(mirror: Path, tmp_path:
     np.testing.assert_allclose(predictor.classify([accepted]), expected, atol=1e-5)
     assert calls == []
     without = dataclasses.replace(accepted, probabilities=None)
-    np.testing.assert_allclose(predictor.classify([without, accepted]), np.vstack([expected] * 2),
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        predictor.classify([without, accepted]), np.vstack([expected] * 2), atol=1e-5
+    )
     assert calls == [1]

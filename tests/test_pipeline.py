@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PACKAGE, REPO, braintumor_imports, copy_project
+from conftest import PACKAGE, REPO, braintumor_imports, copy_project, package_modules
 
 pytestmark = pytest.mark.integration
 
@@ -48,9 +48,11 @@ def project(tmp_path: Path, small_mirror: Path) -> tuple[Path, dict[str, str]]:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "BRAINTUMOR_MIRROR": str(small_mirror),
         "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
-    }  # fmt: skip
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@localhost",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@localhost",
+    }
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     _dvc(project, "init", "-q", env=env)
     _dvc(project, "config", "core.check_update", "false", env=env)
@@ -100,8 +102,12 @@ def test_a_failing_stage_keeps_the_last_good_outputs(project) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = subprocess.run(
         [str(Path(sys.executable).parent / "dvc"), "repro", "preprocess"],
-        cwd=project, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0
     assert "error: preprocess.val_fraction=0.99" in result.stderr
     assert {p.name: p.read_bytes() for p in processed.iterdir()} == before
@@ -109,24 +115,40 @@ def test_a_failing_stage_keeps_the_last_good_outputs(project) -> None:
 
 def _imported_modules(module: str) -> set[str]:
     """``braintumor`` modules ``module`` imports, at any depth and inside functions too
-    (those run when the stage runs), found by reading the sources."""
+    (those run when the stage runs), found by reading the sources; by their files, relative
+    to the repository (an imported subpackage is its ``__init__.py``)."""
+    modules = package_modules()
     seen: set[str] = set()
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in seen or not (PACKAGE / f"{name}.py").is_file():
+        if name in seen or name not in modules:
             continue
         seen.add(name)
-        todo.extend(braintumor_imports((PACKAGE / f"{name}.py").read_text()))
-    return seen
+        todo.extend(braintumor_imports(modules[name].read_text(), name))
+    return {modules[name].relative_to(REPO).as_posix() for name in seen}
 
 
 def test_every_stage_depends_on_every_module_it_runs() -> None:
     """A module a stage imports but does not list would not rerun the stage when it
-    changes: DVC would report stale outputs as up to date."""
+    changes: DVC would report stale outputs as up to date. The subpackages' ``__init__``
+    files are empty, and a test below keeps them so."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         module = stage["cmd"].split("-m braintumor.", 1)[1].split()[0]
-        listed = {Path(dep).stem for dep in stage["deps"] if dep.startswith("src/braintumor/")}
-        missing = _imported_modules(module) - listed - {"__init__"}
+        listed = {dep for dep in stage["deps"] if dep.startswith("src/braintumor/")}
+        missing = {
+            path for path in _imported_modules(module) - listed if not path.endswith("__init__.py")
+        }
         assert not missing, f"stage {name}: dvc.yaml deps lack {sorted(missing)}"
+
+
+def test_the_subpackages_init_files_are_empty() -> None:
+    """An ``__init__`` that ran code would run for every stage importing its subpackage,
+    unlisted in ``dvc.yaml``; empty, a package is only a folder."""
+    filled = [
+        str(path)
+        for path in PACKAGE.rglob("__init__.py")
+        if path.read_text().strip() and path.parent != PACKAGE
+    ]
+    assert not filled, f"non-empty subpackage __init__ files: {filled}"

@@ -16,11 +16,11 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.bundle import Bundle, BundleError
-from braintumor.config import ConfigError
-from braintumor.imaging import decode_image
-from braintumor.predict import find_inputs, main, predict_files, result_columns
-from braintumor.serving import (
+from braintumor.core.config import ConfigError
+from braintumor.data.imaging import decode_image
+from braintumor.serving.bundle import Bundle, BundleError
+from braintumor.serving.predict import find_inputs, main, predict_files, result_columns
+from braintumor.serving.predictor import (
     InputError,
     Predictor,
     ServingSettings,
@@ -95,8 +95,16 @@ def test_find_inputs_recurses_into_folders_and_skips_hidden_and_unknown(input_tr
 
 def test_predict_folder_to_csv_reports_every_file(input_tree, bundle_folder, tmp_path) -> None:
     out = tmp_path / "out.csv"
-    code = main(["--model", str(bundle_folder), str(input_tree["root"]), "--output", str(out),
-                 "--no-progress"])  # fmt: skip
+    code = main(
+        [
+            "--model",
+            str(bundle_folder),
+            str(input_tree["root"]),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert list(rows[0]) == result_columns(CLASSES)
@@ -130,16 +138,39 @@ def test_probabilities_equal_bundle_predict_on_the_preprocessed_image(
 
 def test_json_output_with_gradcam_overlays(input_tree, bundle_folder, tmp_path) -> None:
     out, overlays = tmp_path / "out.json", tmp_path / "overlays"
-    code = main(["--model", str(bundle_folder), str(input_tree["root"]), "--output", str(out),
-                 "--overlays", str(overlays), "--no-progress", "--batch-size", "3"])  # fmt: skip
+    code = main(
+        [
+            "--model",
+            str(bundle_folder),
+            str(input_tree["root"]),
+            "--output",
+            str(out),
+            "--overlays",
+            str(overlays),
+            "--no-progress",
+            "--batch-size",
+            "3",
+        ]
+    )
     assert code == 0
     document = json.loads(out.read_text())
     assert document["classes"] == list(CLASSES)
     assert "sha256" in document["model"]
     results = {Path(r["file"]): r for r in document["results"]}
     csv_path = tmp_path / "same.csv"
-    assert main(["--model", str(bundle_folder), str(input_tree["root"]), "--output",
-                 str(csv_path), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--model",
+                str(bundle_folder),
+                str(input_tree["root"]),
+                "--output",
+                str(csv_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     csv_rows = {Path(r["file"]): r for r in csv.DictReader(io.StringIO(csv_path.read_text()))}
     for path in input_tree["reals"]:
         result = results[path]
@@ -202,8 +233,9 @@ def test_dicom_window_is_applied(input_tree, predictor, tmp_path) -> None:
     decoded = decode_upload(plain.read_bytes(), "plain.dcm", settings).astype(float)
     low, high = int(gray.min()), int(gray.max())
     np.testing.assert_allclose(decoded, (gray - low) * 255.0 / (high - low), atol=0.51)
-    inverted = write_dicom(tmp_path / "mono1.dcm", pixels, window=(1510.5, 1021.0),
-                           photometric="MONOCHROME1")  # fmt: skip
+    inverted = write_dicom(
+        tmp_path / "mono1.dcm", pixels, window=(1510.5, 1021.0), photometric="MONOCHROME1"
+    )
     np.testing.assert_array_equal(
         decode_upload(inverted.read_bytes(), "m.dcm", settings), 255 - gray
     )
@@ -251,8 +283,10 @@ def test_serving_settings_come_from_params(tmp_path, monkeypatch) -> None:
     config = load_serving_config(write_params(tmp_path, overrides))
     settings = config.settings
     assert (settings.max_upload_bytes, settings.ood_warn_z, settings.ood_refuse_z) == (
-        5000, 2.0, 3.0,
-    )  # fmt: skip
+        5000,
+        2.0,
+        3.0,
+    )
     assert (settings.grayscale_tolerance, settings.min_side) == (6.0, 32)  # the clean stage's
     assert config.default_model == "models:/brain-tumor-classifier@champion"
     assert config.tracking_uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
@@ -282,7 +316,7 @@ def test_bundle_from_the_registry_champion(bundle_folder, mirror, tmp_path, monk
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from braintumor.registry import BundleModel
+    from braintumor.tracking.registry import BundleModel
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -307,8 +341,18 @@ def test_bundle_from_the_registry_champion(bundle_folder, mirror, tmp_path, monk
     )
     out = tmp_path / "out.json"
     image = real_images(mirror, 1)[0]
-    code = main(["--model", "models:/tiny-classifier@champion", str(image), "--output", str(out),
-                 "--no-progress", "--params", str(tmp_path / "none.yaml")])  # fmt: skip
+    code = main(
+        [
+            "--model",
+            "models:/tiny-classifier@champion",
+            str(image),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--params",
+            str(tmp_path / "none.yaml"),
+        ]
+    )
     assert code == 0
     assert json.loads(out.read_text())["model"] == "tiny-classifier v1"
     with pytest.raises(ValueError, match="tiny-classifier"):

@@ -10,17 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from braintumor.clean import clean
-from braintumor.config import deep_merge, load_params, params_from_mapping
-from braintumor.imaging import decode_image, preprocess_gray
-from braintumor.preprocess import (
+from braintumor.core.config import deep_merge, load_params, params_from_mapping
+from braintumor.data.cleaning import clean
+from braintumor.data.imaging import decode_image, preprocess_gray
+from braintumor.data.preprocessing import (
     SPLITS,
     PreprocessError,
     assign_splits,
     grouped_stratified_split,
-    main,
     preprocess,
 )
+from braintumor.stages.preprocess import main
 
 from conftest import QUICKSTART_SOURCES, copy_sample, write_params
 
@@ -151,8 +151,17 @@ def test_cli_failure_keeps_the_last_good_outputs(prepared, tmp_path: Path) -> No
     index = tmp_path / "index.parquet"
     frame.to_parquet(index)
     out = tmp_path / "processed"
-    args = ["--params", str(params_path), "--raw", str(raw), "--index", str(index),
-            "--out", str(out), "--no-progress"]  # fmt: skip
+    args = [
+        "--params",
+        str(params_path),
+        "--raw",
+        str(raw),
+        "--index",
+        str(index),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     broken = frame.copy()

@@ -17,22 +17,25 @@ import numpy as np
 import pytest
 import torch
 
-from braintumor.config import ModelParams
-from braintumor.pretrained import (
+from braintumor.core.config import ModelParams
+from braintumor.model.weights.convert import (
     PACKAGE,
-    PretrainedError,
-    assign_weights,
     build_lite0_classifier,
     lite0_keras_weights,
     package_state_dict_path,
-    prepare,
     read_state_dict,
+)
+from braintumor.model.weights.files import (
+    PretrainedError,
+    assign_weights,
     read_weights_file,
     save_weights_file,
     weights_file,
 )
+from braintumor.stages.weights import prepare
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, committed_params_text
+
 PHOTOS = 12  # not-mri food photographs per backend run
 MRI = 4  # and real MRI slices (both kinds of input must match the reference)
 TOLERANCE = 1e-4
@@ -40,19 +43,60 @@ TOLERANCE = 1e-4
 # ImageNet-1k classes of food, dishes and tableware (index: name, from the ImageNet synset
 # list): a food photograph's top class should be one of them.
 IMAGENET_FOOD = {
-    415: "bakery", 567: "frying pan", 659: "mixing bowl", 762: "restaurant",
-    809: "soup bowl", 868: "tray", 923: "plate", 924: "guacamole", 925: "consomme",
-    926: "hot pot", 927: "trifle", 928: "ice cream", 929: "ice lolly", 930: "French loaf",
-    931: "bagel", 932: "pretzel", 933: "cheeseburger", 934: "hotdog", 935: "mashed potato",
-    936: "head cabbage", 937: "broccoli", 938: "cauliflower", 939: "zucchini",
-    940: "spaghetti squash", 941: "acorn squash", 942: "butternut squash", 943: "cucumber",
-    944: "artichoke", 945: "bell pepper", 946: "cardoon", 947: "mushroom",
-    948: "Granny Smith", 949: "strawberry", 950: "orange", 951: "lemon", 952: "fig",
-    953: "pineapple", 954: "banana", 955: "jackfruit", 956: "custard apple",
-    957: "pomegranate", 958: "hay", 959: "carbonara", 960: "chocolate sauce", 961: "dough",
-    962: "meat loaf", 963: "pizza", 964: "potpie", 965: "burrito", 966: "red wine",
-    967: "espresso", 968: "cup", 969: "eggnog",
-}  # fmt: skip
+    415: "bakery",
+    567: "frying pan",
+    659: "mixing bowl",
+    762: "restaurant",
+    809: "soup bowl",
+    868: "tray",
+    923: "plate",
+    924: "guacamole",
+    925: "consomme",
+    926: "hot pot",
+    927: "trifle",
+    928: "ice cream",
+    929: "ice lolly",
+    930: "French loaf",
+    931: "bagel",
+    932: "pretzel",
+    933: "cheeseburger",
+    934: "hotdog",
+    935: "mashed potato",
+    936: "head cabbage",
+    937: "broccoli",
+    938: "cauliflower",
+    939: "zucchini",
+    940: "spaghetti squash",
+    941: "acorn squash",
+    942: "butternut squash",
+    943: "cucumber",
+    944: "artichoke",
+    945: "bell pepper",
+    946: "cardoon",
+    947: "mushroom",
+    948: "Granny Smith",
+    949: "strawberry",
+    950: "orange",
+    951: "lemon",
+    952: "fig",
+    953: "pineapple",
+    954: "banana",
+    955: "jackfruit",
+    956: "custard apple",
+    957: "pomegranate",
+    958: "hay",
+    959: "carbonara",
+    960: "chocolate sauce",
+    961: "dough",
+    962: "meat loaf",
+    963: "pizza",
+    964: "potpie",
+    965: "burrito",
+    966: "red wine",
+    967: "espresso",
+    968: "cup",
+    969: "eggnog",
+}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +117,11 @@ def test_logits_equal_the_reference_pytorch_model(mirror: Path, backend: str) ->
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
         [sys.executable, str(REPO / "tests" / "lite0_reference.py"), *images],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["backend"] == backend
@@ -98,7 +145,7 @@ def test_state_dict_is_the_packaged_lite0(state: dict[str, np.ndarray]) -> None:
 
 
 def test_weights_stage_writes_a_file_that_builds_the_backbone(tmp_path: Path) -> None:
-    from braintumor.model import build_model
+    from braintumor.model.classifier import build_model
 
     out = tmp_path / "pretrained"
     note = prepare(ModelParams(backbone="efficientnet_lite0", weights="imagenet"), out)
@@ -173,7 +220,7 @@ def test_a_failed_conversion_keeps_the_last_good_file(
     good = path.read_bytes()
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x00" * 100)
-    monkeypatch.setattr("braintumor.pretrained.package_state_dict_path", lambda: corrupt)
+    monkeypatch.setattr("braintumor.model.weights.convert.package_state_dict_path", lambda: corrupt)
     with pytest.raises(PretrainedError):
         prepare(ModelParams(backbone="efficientnet_lite0", weights="imagenet"), out)
     assert path.read_bytes() == good
@@ -182,11 +229,20 @@ def test_a_failed_conversion_keeps_the_last_good_file(
 
 def test_weights_stage_cli_one_line_error(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text((REPO / "params.yaml").read_text().replace("profile: paper", "profile: x"))
+    params.write_text(committed_params_text().replace("profile: paper", "profile: x"))
     result = subprocess.run(
-        [sys.executable, "-m", "braintumor.pretrained", "--params", str(params), "--out",
-         str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "braintumor.stages.weights",
+            "--params",
+            str(params),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "profile" in result.stderr

@@ -20,8 +20,11 @@ def _layout_paths() -> list[str]:
 def _tracked() -> set[str]:
     out = subprocess.run(
         ["git", "ls-files", "--cached"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {line for line in out.splitlines() if line and (REPO / line).exists()}
 
 
@@ -33,11 +36,17 @@ def test_every_listed_path_exists() -> None:
 def test_every_source_test_and_top_level_file_is_listed() -> None:
     listed = set(_layout_paths())
     expected = {
-        path for path in _tracked()
+        path
+        for path in _tracked()
         if path.startswith(("src/", "tests/", "bench/", "profiles/", ".ci/")) or "/" not in path
-    }  # fmt: skip
+    }
     expected -= {".dvc/.gitignore"}
-    unlisted = sorted(path for path in expected if path.endswith((".py", ".yaml", ".lock",
-                      ".toml", ".md", "Makefile", "run", ".gitignore", ".dvcignore"))
-                      and path not in listed)  # fmt: skip
+    unlisted = sorted(
+        path
+        for path in expected
+        if path.endswith(
+            (".py", ".yaml", ".lock", ".toml", ".md", "Makefile", "run", ".gitignore", ".dvcignore")
+        )
+        and path not in listed
+    )
     assert not unlisted, f"README layout misses: {unlisted}"

@@ -17,9 +17,9 @@ import pytest
 import requests
 import yaml
 
-from braintumor.bundle import Bundle
-from braintumor.config import GateParams
-from braintumor.registry import check_gate
+from braintumor.core.config import GateParams
+from braintumor.serving.bundle import Bundle
+from braintumor.tracking.registry import check_gate
 
 from conftest import evaluate_args, free_port, running_mlflow_server, write_params
 
@@ -32,8 +32,11 @@ CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 def _run(module: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def _with_gate(project: dict[str, Path], folder: Path, **gate: float) -> Path:
@@ -64,7 +67,7 @@ def registry(server, tiny_project):
     for run, finetuned in (("first", tiny_project["finetuned"]), ("second", tiny_project["base"])):
         out = server["folder"] / run
         args = evaluate_args(tiny_project, out, finetuned=finetuned)
-        result = _run("braintumor.evaluate", args, server["env"])
+        result = _run("braintumor.stages.evaluate", args, server["env"])
         assert result.returncode == 0, result.stderr[-3000:]
     return {**server, "project": tiny_project}
 
@@ -78,8 +81,9 @@ def _api(url: str, path: str, **query: str) -> dict:
 def _alias(url: str, alias: str) -> str | None:
     response = requests.get(
         f"{url}/api/2.0/mlflow/registered-models/alias",
-        params={"name": NAME, "alias": alias}, timeout=30,
-    )  # fmt: skip
+        params={"name": NAME, "alias": alias},
+        timeout=30,
+    )
     if response.status_code != 200:
         return None
     return response.json()["model_version"]["version"]
@@ -120,18 +124,20 @@ def _gate_score(url: str, version: str) -> float:
 
 def test_promotion_gate_rollback_and_bad_requests(registry, tmp_path: Path) -> None:
     url, env, project = registry["url"], registry["env"], registry["project"]
-    lenient = _with_gate(project, tmp_path / "lenient", min_class_recall=0.0, max_ece=1.0,
-                         min_macro_f1_gain=0.0)  # fmt: skip
+    lenient = _with_gate(
+        project, tmp_path / "lenient", min_class_recall=0.0, max_ece=1.0, min_macro_f1_gain=0.0
+    )
     strict = _with_gate(project, tmp_path / "strict", max_ece=1e-6)
 
     # no champion yet: rollback is refused, the registry is unchanged
-    result = _run("braintumor.registry", ["rollback", "--params", str(lenient)], env)
+    result = _run("braintumor.tracking.registry", ["rollback", "--params", str(lenient)], env)
     assert result.returncode == 1 and "no previous champion" in result.stderr
     assert _alias(url, "champion") is None
 
     # a gate that fails: exit 2, reasons printed, champion unchanged, decision recorded
-    result = _run("braintumor.registry", ["promote", "--params", str(strict), "--version", "1"],
-                  env)  # fmt: skip
+    result = _run(
+        "braintumor.tracking.registry", ["promote", "--params", str(strict), "--version", "1"], env
+    )
     assert result.returncode == 2, result.stderr
     assert "FAIL: ECE" in result.stdout and "champion unchanged" in result.stderr
     assert _alias(url, "champion") is None
@@ -142,19 +148,22 @@ def test_promotion_gate_rollback_and_bad_requests(registry, tmp_path: Path) -> N
     scores = [_gate_score(url, version) for version in ("1", "2")]
     assert scores[1] >= scores[0], f"fixture: v2 must score at least v1's macro-F1: {scores}"
     for args in (["--version", "1"], []):
-        result = _run("braintumor.registry", ["promote", "--params", str(lenient), *args], env)
+        result = _run(
+            "braintumor.tracking.registry", ["promote", "--params", str(lenient), *args], env
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     assert _alias(url, "champion") == "2"
     model = _api(url, "registered-models/get", name=NAME)["registered_model"]
     assert {a["alias"]: a["version"] for a in model["aliases"]} == {
-        "champion": "2", "challenger": "2",
-    }  # fmt: skip
+        "champion": "2",
+        "challenger": "2",
+    }
     # promoting the champion again is refused
-    result = _run("braintumor.registry", ["promote", "--params", str(lenient)], env)
+    result = _run("braintumor.tracking.registry", ["promote", "--params", str(lenient)], env)
     assert result.returncode == 1 and "already the champion" in result.stderr
 
     # roll back to v1
-    result = _run("braintumor.registry", ["rollback", "--params", str(lenient)], env)
+    result = _run("braintumor.tracking.registry", ["rollback", "--params", str(lenient)], env)
     assert result.returncode == 0 and _alias(url, "champion") == "1"
 
     # an unknown model name is a clear error
@@ -163,7 +172,7 @@ def test_promotion_gate_rollback_and_bad_requests(registry, tmp_path: Path) -> N
     (tmp_path / "unknown").mkdir()
     (tmp_path / "unknown" / "params.yaml").write_text(yaml.safe_dump(unknown))
     result = _run(
-        "braintumor.registry",
+        "braintumor.tracking.registry",
         ["promote", "--params", str(tmp_path / "unknown" / "params.yaml")],
         env,
     )
@@ -200,11 +209,24 @@ def test_served_champion_answers_a_real_image_like_the_stage(registry, tmp_path:
     env = {**registry["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-         f"models:/{NAME}@champion", "--env-manager", "local", "-h", "127.0.0.1",
-         "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -220,8 +242,9 @@ def test_served_champion_answers_a_real_image_like_the_stage(registry, tmp_path:
         image = (project["raw"] / test.loc[0, "path"]).read_bytes()
         import base64
 
-        payload = {"dataframe_split": {"columns": ["image"],
-                                       "data": [[base64.b64encode(image).decode()]]}}  # fmt: skip
+        payload = {
+            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}
+        }
         response = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=60)
         assert response.status_code == 200, response.text
         predictions = response.json()["predictions"]
@@ -274,7 +297,7 @@ def _evaluated_version(
     registered from that run, with the version tags the evaluate stage writes."""
     from mlflow.entities import Metric, Param
 
-    from braintumor.registry import gate_metrics
+    from braintumor.tracking.registry import gate_metrics
 
     experiment = client.get_experiment_by_name("gate-tests")
     experiment_id = (
@@ -283,26 +306,33 @@ def _evaluated_version(
     run = client.create_run(experiment_id)
     flat = {}
     for view, value in f1.items():
-        flat.update({f"{view}.macro_f1": value, f"{view}.accuracy": value,
-                     f"{view}.ece_after": GOOD["ece"]})  # fmt: skip
+        flat.update(
+            {f"{view}.macro_f1": value, f"{view}.accuracy": value, f"{view}.ece_after": GOOD["ece"]}
+        )
         flat.update({f"{view}.{c}_recall": GOOD["recall"] for c in CLASSES})
     stamp = int(time.time() * 1000)
     client.log_batch(
         run.info.run_id,
         metrics=[Metric(f"finetuned.{k}", v, stamp, 0) for k, v in flat.items()],
-        params=[Param("evaluation.data_digest", digest),
-                Param("evaluation.classes", json.dumps(list(CLASSES))),
-                Param("evaluation.model_sha256", sha)],
-    )  # fmt: skip
+        params=[
+            Param("evaluation.data_digest", digest),
+            Param("evaluation.classes", json.dumps(list(CLASSES))),
+            Param("evaluation.model_sha256", sha),
+        ],
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
     version = client.create_model_version(
         name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
     ).version
-    tags = {"metrics": json.dumps(gate_metrics({"finetuned": flat}, tag_view, CLASSES)),
-            "gate.view": tag_view, "model.sha256": sha, "data.digest": digest,
-            "run_id": run.info.run_id}  # fmt: skip
+    tags = {
+        "metrics": json.dumps(gate_metrics({"finetuned": flat}, tag_view, CLASSES)),
+        "gate.view": tag_view,
+        "model.sha256": sha,
+        "data.digest": digest,
+        "run_id": run.info.run_id,
+    }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     return str(version)
@@ -329,19 +359,23 @@ def _history(url: str, name: str) -> list[str]:
 
 
 def _alias_of(url: str, name: str, alias: str = "champion") -> str | None:
-    response = requests.get(f"{url}/api/2.0/mlflow/registered-models/alias",
-                            params={"name": name, "alias": alias}, timeout=30)  # fmt: skip
+    response = requests.get(
+        f"{url}/api/2.0/mlflow/registered-models/alias",
+        params={"name": name, "alias": alias},
+        timeout=30,
+    )
     return response.json()["model_version"]["version"] if response.ok else None
 
 
 def _project(folder: Path, name: str, **gate: float) -> Path:
     """A params.yaml (the repository's, paper profile) for model ``name``."""
-    return write_params(folder, {"tracking": {"registered_model": name},
-                                 "registry": {"gate": gate}})  # fmt: skip
+    return write_params(
+        folder, {"tracking": {"registered_model": name}, "registry": {"gate": gate}}
+    )
 
 
 def test_champion_weights_with_easier_view_metrics_do_not_pass_against_itself(client) -> None:
-    from braintumor.registry import promote
+    from braintumor.tracking.registry import promote
 
     name = _unique("easier-view")
     views = {"leakage_free": 0.70, "test": 0.95}
@@ -357,13 +391,14 @@ def test_champion_weights_with_easier_view_metrics_do_not_pass_against_itself(cl
 
 
 def test_candidate_evaluated_on_other_data_or_classes_is_not_compared(client) -> None:
-    from braintumor.registry import promote
+    from braintumor.tracking.registry import promote
 
     name = _unique("other-data")
     champion = _evaluated_version(client, name, sha="a" * 64, f1={"leakage_free": 0.70})
     promote(client, name, GateParams(), champion)
-    other = _evaluated_version(client, name, sha="b" * 64, f1={"leakage_free": 0.99},
-                               digest="e" * 64)  # fmt: skip
+    other = _evaluated_version(
+        client, name, sha="b" * 64, f1={"leakage_free": 0.99}, digest="e" * 64
+    )
     decision = promote(client, name, GateParams(), other)
     assert not decision.passed
     assert any("evaluate both on the same data" in r for r in decision.reasons)
@@ -380,15 +415,27 @@ def _promote_at(start: float, params: Path, version: str, env: dict) -> subproce
     so two of them reach the registry at the same moment."""
     script = (
         "import sys, time\n"
-        "from braintumor.registry import main\n"
+        "from braintumor.tracking.registry import main\n"
         "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
         "sys.exit(main(sys.argv[2:]))\n"
     )
     return subprocess.Popen(
-        [sys.executable, "-c", script, repr(start), "promote", "--params", str(params),
-         "--version", version],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            script,
+            repr(start),
+            "promote",
+            "--params",
+            str(params),
+            "--version",
+            version,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 @pytest.mark.slow
@@ -413,7 +460,7 @@ def test_two_concurrent_promotes_keep_the_better_champion_and_the_history(
 
 
 def test_rollback_to_a_deleted_version_keeps_history(client, server) -> None:
-    from braintumor.registry import RegistryError, promote, rollback
+    from braintumor.tracking.registry import RegistryError, promote, rollback
 
     name = _unique("deleted")
     first = _evaluated_version(client, name, sha="a" * 64, f1={"leakage_free": 0.70})
@@ -458,8 +505,11 @@ def test_champion_without_metrics_tag_is_a_one_line_error(client, server, tmp_pa
     client.set_registered_model_alias(name, "champion", bare)  # set by hand, no gate
     candidate = _evaluated_version(client, name, sha="b" * 64, f1={"leakage_free": 0.80})
     params = _project(tmp_path, name)
-    result = _run("braintumor.registry", ["promote", "--params", str(params), "--version",
-                                          candidate], server["env"])  # fmt: skip
+    result = _run(
+        "braintumor.tracking.registry",
+        ["promote", "--params", str(params), "--version", candidate],
+        server["env"],
+    )
     line = _one_line_error(result)
     assert f"v{bare}" in line and "evaluation run" in line
     assert _alias_of(server["url"], name) == str(bare)
@@ -471,8 +521,11 @@ def test_negative_or_nan_gate_gain_is_refused(client, server, tmp_path: Path) ->
     version = _evaluated_version(client, name, sha="a" * 64, f1={"leakage_free": 0.80})
     for gain in (-0.5, float("nan")):
         params = _project(tmp_path / str(gain), name, min_macro_f1_gain=gain)
-        result = _run("braintumor.registry", ["promote", "--params", str(params), "--version",
-                                              version], server["env"])  # fmt: skip
+        result = _run(
+            "braintumor.tracking.registry",
+            ["promote", "--params", str(params), "--version", version],
+            server["env"],
+        )
         assert "min_macro_f1_gain" in _one_line_error(result)
     assert _alias_of(server["url"], name) is None
 
@@ -481,10 +534,15 @@ def test_negative_or_nan_gate_gain_is_refused(client, server, tmp_path: Path) ->
 def test_registry_errors_are_one_line_without_credentials(tmp_path: Path) -> None:
     params = _project(tmp_path, "any-model")
     unreachable = f"http://alice:hunter2@127.0.0.1:{free_port()}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": unreachable, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": unreachable,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
     for action in ("promote", "rollback"):
-        result = _run("braintumor.registry", [action, "--params", str(params)], env)
+        result = _run("braintumor.tracking.registry", [action, "--params", str(params)], env)
         line = _one_line_error(result)
         assert "hunter2" not in result.stdout + result.stderr
         assert "no registered model" not in line  # the server is down, not the model absent
@@ -507,9 +565,13 @@ def test_promote_from_another_folder_uses_the_project_store(tmp_path: Path) -> N
     ]
     for folder, args in runs:
         result = subprocess.run(
-            [sys.executable, "-m", "braintumor.registry", *args],
-            capture_output=True, text=True, timeout=300, env=env, cwd=folder,
-        )  # fmt: skip
+            [sys.executable, "-m", "braintumor.tracking.registry", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=folder,
+        )
         line = _one_line_error(result)
         assert str(project.resolve() / "mlflow.db") in line
     assert not list(tmp_path.rglob("mlflow.db")), "an empty store was created"
@@ -518,7 +580,7 @@ def test_promote_from_another_folder_uses_the_project_store(tmp_path: Path) -> N
 def test_gate_refuses_a_negative_or_nan_gain_however_it_was_built() -> None:
     """config.py refuses such a gain in params.yaml; the gate refuses it where it is used
     too, for a ``GateParams`` made any other way (here: past its own check)."""
-    from braintumor.registry import RegistryError
+    from braintumor.tracking.registry import RegistryError
 
     for gain in (-0.5, float("nan"), float("inf")):
         gate = GateParams()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from braintumor.config import (
+from braintumor.core.config import (
     ROBUSTNESS_PERTURBATIONS,
     ConfigError,
     PreprocessParams,
@@ -18,8 +18,8 @@ from braintumor.config import (
     load_params,
     params_from_mapping,
 )
-from braintumor.imaging import decode_image, preprocess_gray
-from braintumor.robustness import (
+from braintumor.data.imaging import decode_image, preprocess_gray
+from braintumor.evaluation.robustness import (
     CLEAN,
     KINDS,
     PERTURBATIONS,
@@ -35,7 +35,7 @@ from braintumor.robustness import (
     robustness_table,
 )
 
-from conftest import REPO
+from conftest import REPO, committed_params_text, params_file
 
 SIZE = 64
 
@@ -59,12 +59,12 @@ def test_catalogue_matches_the_config_and_the_params_files() -> None:
     assert tuple(PERTURBATIONS)[1:] == ROBUSTNESS_PERTURBATIONS
     assert {p.kind for p in PERTURBATIONS.values()} <= set(KINDS)
     assert all(name == p.name for name, p in PERTURBATIONS.items())
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load(committed_params_text())
     for profile in ["paper", *(path.stem for path in (REPO / "profiles").glob("*.yaml"))]:
         params = params_from_mapping({**raw, "profile": profile}, REPO / "profiles")
         robustness = params.evaluate.robustness
         assert set(robustness.perturbations) <= set(PERTURBATIONS), profile
-    paper = load_params(REPO / "params.yaml").evaluate.robustness
+    paper = load_params(params_file()).evaluate.robustness
     assert paper == RobustnessParams()
     assert paper.perturbations == ROBUSTNESS_PERTURBATIONS
 
@@ -264,7 +264,7 @@ def test_plot_rows_and_figures(slices: list[np.ndarray], tmp_path: Path) -> None
 
 
 def test_module_imports_no_keras() -> None:
-    code = "import sys, braintumor.robustness; assert 'keras' not in sys.modules"
+    code = "import sys, braintumor.evaluation.robustness; assert 'keras' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -273,7 +273,7 @@ def test_every_perturbation_name_is_a_valid_mlflow_metric_key() -> None:
     names with characters outside this set (a ``+`` once failed the whole stage)."""
     import re
 
-    from braintumor.robustness import PERTURBATIONS
+    from braintumor.evaluation.robustness import PERTURBATIONS
 
     allowed = re.compile(r"^[A-Za-z0-9_\-. :/]+$")
     for name in PERTURBATIONS:

@@ -22,7 +22,7 @@ PASSWORD = "hunter2-s3cret"
 
 
 def test_redact_uri_strips_userinfo_and_secret_query_values() -> None:
-    from braintumor.redaction import redact_text, redact_uri
+    from braintumor.core.redaction import redact_text, redact_uri
 
     assert redact_uri(f"http://alice:{PASSWORD}@host:5000/x") == "http://***@host:5000/x"
     assert redact_uri(f"https://{PASSWORD}@host/a") == "https://***@host/a"
@@ -36,7 +36,7 @@ def test_redact_uri_strips_userinfo_and_secret_query_values() -> None:
 
 
 def test_redact_params_hides_secret_keys_and_uri_credentials() -> None:
-    from braintumor.redaction import is_secret_key, redact_params
+    from braintumor.core.redaction import is_secret_key, redact_params
 
     flat = {
         "db.password": "plain-secret",
@@ -77,17 +77,20 @@ def _all_runs(url: str, experiment: str) -> list[dict]:
 def test_logged_params_and_tags_never_hold_the_password(
     server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from braintumor.config import load_params
-    from braintumor.tracking import phase_run
+    from braintumor.core.config import load_params
+    from braintumor.tracking.runs import phase_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the params' URI is used
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    source = {**QUICKSTART_SOURCES[0], "uri": f"https://bob:{PASSWORD}@example.org/d.zip",
-              "sha256": "0" * 64}  # fmt: skip
+    source = {
+        **QUICKSTART_SOURCES[0],
+        "uri": f"https://bob:{PASSWORD}@example.org/d.zip",
+        "sha256": "0" * 64,
+    }
     params_path = write_params(
-        tmp_path, {"tracking": {"tracking_uri": _with_password(server)},
-                   "acquire": {"sources": [source]}},
-    )  # fmt: skip
+        tmp_path,
+        {"tracking": {"tracking_uri": _with_password(server)}, "acquire": {"sources": [source]}},
+    )
     params = load_params(params_path)
     run_file = tmp_path / "run.json"
     with phase_run(params, "frozen", run_file=run_file, project_root=tmp_path) as run:
@@ -114,13 +117,26 @@ def test_predict_with_a_password_in_the_tracking_uri_does_not_print_it(
 
     image = tmp_path / "scan.png"
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(image)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": _with_password(server),
-           "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": _with_password(server),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "braintumor.predict", "--model", "models:/no-such-model@champion",
-         str(image)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "braintumor.serving.predict",
+            "--model",
+            "models:/no-such-model@champion",
+            str(image),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0  # the model does not exist: an error that names the URI
     assert "127.0.0.1" in result.stdout + result.stderr
     assert PASSWORD not in result.stdout + result.stderr

@@ -23,13 +23,13 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.bundle import Bundle
-from braintumor.config import CleanParams, ConfigError, ServingParams, load_params
-from braintumor.dicom import DICOM_INFO_TAGS
-from braintumor.imaging import decode_image
-from braintumor.predict import main as predict_main
-from braintumor.predict import predict_files
-from braintumor.serving import (
+from braintumor.core.config import CleanParams, ConfigError, ServingParams, load_params
+from braintumor.data.dicom import DICOM_INFO_TAGS
+from braintumor.data.imaging import decode_image
+from braintumor.serving.bundle import Bundle
+from braintumor.serving.predict import main as predict_main
+from braintumor.serving.predict import predict_files
+from braintumor.serving.predictor import (
     InputError,
     Predictor,
     ServingSettings,
@@ -59,8 +59,8 @@ _PEAK_SCRIPT = """
 import json, sys
 from pathlib import Path
 import PIL.PngImagePlugin, pydicom, pydicom.pixels  # imported before the first reading
-from braintumor.config import ServingParams
-from braintumor.serving import InputError, decode_upload
+from braintumor.core.config import ServingParams
+from braintumor.serving.predictor import InputError, decode_upload
 
 def peak_kb():
     status = Path("/proc/self/status").read_text().splitlines()
@@ -102,7 +102,7 @@ def pyfunc(bundle_folder: Path, tmp_path_factory):
     """The registered model as MLflow saves and loads it (``models serve`` runs this)."""
     import mlflow
 
-    from braintumor.served_model import BundleModel, model_config
+    from braintumor.serving.pyfunc import BundleModel, model_config
 
     target = tmp_path_factory.mktemp("pyfunc") / "model"
     mlflow.pyfunc.save_model(
@@ -239,9 +239,17 @@ def test_predict_on_a_hostile_folder_writes_a_row_per_file(
     signal.alarm(120)
     try:
         code = predict_main(
-            [str(folder), "--model", str(bundle_folder), "--output", str(output),
-             "--no-progress", "--params", str(tmp_path / "none.yaml")]
-        )  # fmt: skip
+            [
+                str(folder),
+                "--model",
+                str(bundle_folder),
+                "--output",
+                str(output),
+                "--no-progress",
+                "--params",
+                str(tmp_path / "none.yaml"),
+            ]
+        )
     finally:
         signal.alarm(0)
     assert code == 0
@@ -259,13 +267,15 @@ def _bad_file_set(mirror: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     folder.mkdir(parents=True, exist_ok=True)
     real = real_images(mirror, 1)[0].read_bytes()
     files = {
-        "blank.png": (cv2.imencode(".png", np.full((128, 128), 90, np.uint8))[1].tobytes(),
-                      "out_of_distribution"),
+        "blank.png": (
+            cv2.imencode(".png", np.full((128, 128), 90, np.uint8))[1].tobytes(),
+            "out_of_distribution",
+        ),
         "food.jpg": ((mirror / "not-mri" / "food_001.jpg").read_bytes(), "colour"),
         "truncated.jpg": (real[: len(real) // 2], "truncated"),
         "ramp16.png": (png16(6000), "too_large"),
         "notes.png": (b"minutes of the meeting\n" * 20, "not_an_image"),
-    }  # fmt: skip
+    }
     out = {}
     for name, (content, reason) in files.items():
         (folder / name).write_bytes(content)
@@ -315,8 +325,9 @@ def test_pyfunc_answers_a_good_image_like_the_app_beside_a_bad_one(
     good = real_images(mirror, 1)[0].read_bytes()
     frame = pyfunc.predict(pd.DataFrame({"image": [good, b"not an image at all"]}))
     expected = predictor.predict(predictor.prepare(good).image[None])[0]
-    np.testing.assert_allclose(frame.loc[0, list(predictor.classes)].astype(float), expected,
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        frame.loc[0, list(predictor.classes)].astype(float), expected, rtol=1e-5, atol=1e-6
+    )
     assert list(frame["status"]) == ["ok", "error"]
     assert frame.loc[1, "reason"] == "not_an_image"
 
@@ -370,9 +381,21 @@ def test_dicom_patient_tags_never_leave_the_decoder(
     texts = [repr(prepared), json.dumps(prepared.info)]
     for extension in ("csv", "json"):
         output = tmp_path / f"out.{extension}"
-        assert predict_main([str(tmp_path / "in"), "--model", str(bundle_folder), "--output",
-                             str(output), "--no-progress", "--params",
-                             str(tmp_path / "none.yaml")]) == 0  # fmt: skip
+        assert (
+            predict_main(
+                [
+                    str(tmp_path / "in"),
+                    "--model",
+                    str(bundle_folder),
+                    "--output",
+                    str(output),
+                    "--no-progress",
+                    "--params",
+                    str(tmp_path / "none.yaml"),
+                ]
+            )
+            == 0
+        )
         texts.append(output.read_text())
     import pandas as pd
 
@@ -400,7 +423,7 @@ def test_pyfunc_applies_the_serving_settings_it_was_logged_with(
     import mlflow
     import pandas as pd
 
-    from braintumor.served_model import BundleModel, model_config
+    from braintumor.serving.pyfunc import BundleModel, model_config
 
     mlflow.pyfunc.save_model(
         path=str(tmp_path / "model"),

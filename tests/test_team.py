@@ -126,9 +126,11 @@ def runner_env(team: Team) -> dict[str, str]:
         **team.env,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         **{key: value for key, value in credentials.items() if key.startswith("MLFLOW_")},
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
-    }  # fmt: skip
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@localhost",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@localhost",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +180,13 @@ def dvc(team: Team, project: Path, *args: str, check: bool = True, **extra: str)
 def runner_a(team: Team, origin: Path, mirror: Path) -> Path:
     """Runner A: the pipeline end to end against the team stack, then push everything."""
     project = clone(team, origin, "runner-a")
-    repro = dvc(team, project, "repro", BRAINTUMOR_MIRROR=str(tiny_mirror(team, mirror)),
-                BRAINTUMOR_RUNNER="runner-a")  # fmt: skip
+    repro = dvc(
+        team,
+        project,
+        "repro",
+        BRAINTUMOR_MIRROR=str(tiny_mirror(team, mirror)),
+        BRAINTUMOR_RUNNER="runner-a",
+    )
     assert "Running stage 'evaluate'" in repro.stdout
     env = runner_env(team)
     run(["git", "add", "-A"], project, env)  # dvc.lock and the outputs git keeps (cache: false)
@@ -218,10 +225,12 @@ def bucket_keys(team: Team, prefix: str) -> list[str]:
 
     credentials = team.credentials()
     s3 = boto3.client(
-        "s3", endpoint_url=f"http://127.0.0.1:{team.port(1)}", region_name="us-east-1",
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{team.port(1)}",
+        region_name="us-east-1",
         aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
-    )  # fmt: skip
+    )
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket="braintumor", Prefix=prefix)
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
@@ -282,13 +291,16 @@ def test_runner_b_promotes_a_model_then_runs_an_experiment_beside_a(
     tracking = client(team)
     a_version = tracking.get_registered_model(MODEL_NAME).aliases["challenger"]
     env = runner_env(team)
-    promoted = run([str(BIN / "python"), "-m", "braintumor.registry", "promote"], runner_b, env)
+    promoted = run(
+        [str(BIN / "python"), "-m", "braintumor.tracking.registry", "promote"], runner_b, env
+    )
     assert f"champion is now v{a_version}" in promoted.stdout, promoted.stdout + promoted.stderr
     assert "ok: ECE" in promoted.stdout  # the gate's reasons, printed
 
     change = "train.finetune.learning_rate=0.002"
-    experiment_run = dvc(team, runner_b, "exp", "run", "-n", "b-lr", "-S", change,
-                         BRAINTUMOR_RUNNER="runner-b")  # fmt: skip
+    experiment_run = dvc(
+        team, runner_b, "exp", "run", "-n", "b-lr", "-S", change, BRAINTUMOR_RUNNER="runner-b"
+    )
     assert "Running stage 'finetune'" in experiment_run.stdout
     assert "Running stage 'train'" not in experiment_run.stdout  # phase 1 unchanged: cached
 
@@ -320,7 +332,7 @@ def screenshot_mlflow_ui(team: Team, experiment_id: str) -> dict[str, str]:
     ``$BRAINTUMOR_TEST_ARTIFACTS/team/``."""
     from playwright.sync_api import sync_playwright
 
-    from braintumor.tracking import ui_url
+    from braintumor.tracking.runs import ui_url
 
     from conftest import CHROMIUM, CHROMIUM_ARGS
 
@@ -339,9 +351,11 @@ def screenshot_mlflow_ui(team: Team, experiment_id: str) -> dict[str, str]:
         )
         context = browser.new_context(
             viewport={"width": 1600, "height": 1000},
-            http_credentials={"username": credentials["MLFLOW_TRACKING_USERNAME"],
-                              "password": credentials["MLFLOW_TRACKING_PASSWORD"]},
-        )  # fmt: skip
+            http_credentials={
+                "username": credentials["MLFLOW_TRACKING_USERNAME"],
+                "password": credentials["MLFLOW_TRACKING_PASSWORD"],
+            },
+        )
         page = context.new_page()
         for name, (url, wanted) in pages.items():
             page.goto(url)
@@ -400,9 +414,10 @@ def search_runs_over_rest(team: Team, experiment: str):
     credentials = team.credentials()
     return requests.post(
         f"{credentials['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/runs/search",
-        json={"experiment_ids": [experiment], "max_results": 5}, timeout=60,
+        json={"experiment_ids": [experiment], "max_results": 5},
+        timeout=60,
         auth=(credentials["MLFLOW_TRACKING_USERNAME"], credentials["MLFLOW_TRACKING_PASSWORD"]),
-    )  # fmt: skip
+    )
 
 
 def test_mlflow_serves_again_after_postgres_restarts_without_data_loss(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from braintumor.pretrained import package_state_dict_path
-from braintumor.torch_pickle import LEGACY_MAGIC, TorchFileError, load_state_dict
+from braintumor.model.weights.convert import package_state_dict_path
+from braintumor.model.weights.torch_pickle import LEGACY_MAGIC, TorchFileError, load_state_dict
 
 
 def tensors() -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ def _no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_relative_sqlite_uri_is_made_absolute(monkeypatch: pytest.MonkeyPatch) -> None:
-    from braintumor.tracking import resolve_tracking_uri
+    from braintumor.tracking.runs import resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = Path("/work/project")
@@ -41,7 +41,7 @@ def test_relative_sqlite_uri_is_made_absolute(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_the_ui_link_opens_the_training_view_without_credentials() -> None:
-    from braintumor.tracking import ui_url
+    from braintumor.tracking.runs import ui_url
 
     link = ui_url("http://team:s3cret@127.0.0.1:5000/", "7")
     assert link is not None and link.endswith("/#/experiments/7?workflowType=machine_learning")
@@ -50,7 +50,7 @@ def test_the_ui_link_opens_the_training_view_without_credentials() -> None:
 
 
 def test_invocation_outside_dvc(monkeypatch: pytest.MonkeyPatch) -> None:
-    from braintumor.tracking import _is_dvc, pipeline_invocation
+    from braintumor.tracking.runs import _is_dvc, pipeline_invocation
 
     monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
     assert pipeline_invocation().startswith("exp-1:")
@@ -70,7 +70,7 @@ def mlflow_server(tmp_path: Path):
 def test_two_phases_logged_to_a_real_server(
     tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from braintumor.train import main
+    from braintumor.stages.train import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("DVC_EXP_NAME", "tracking-test")
@@ -81,18 +81,33 @@ def test_two_phases_logged_to_a_real_server(
     common = ["--params", str(tmp_path / "params.yaml"), "--data", str(data), "--verbose", "0"]
     for phase in ("frozen", "finetune"):
         extra = (
-            ["--init", str(tmp_path / "models/frozen/model.keras"),
-             "--parent-run-file", str(tmp_path / "models/frozen/mlflow_run.json")]
-            if phase == "finetune" else []
-        )  # fmt: skip
+            [
+                "--init",
+                str(tmp_path / "models/frozen/model.keras"),
+                "--parent-run-file",
+                str(tmp_path / "models/frozen/mlflow_run.json"),
+            ]
+            if phase == "finetune"
+            else []
+        )
         code = main(
-            ["--phase", phase, *common,
-             "--model-dir", str(tmp_path / "models" / phase),
-             "--checkpoints", str(tmp_path / "models/checkpoints" / phase),
-             "--metrics", str(tmp_path / "metrics" / f"{phase}.json"),
-             "--history", str(tmp_path / "metrics" / f"{phase}_history.csv"),
-             "--figures", str(tmp_path / "figures" / phase), *extra]
-        )  # fmt: skip
+            [
+                "--phase",
+                phase,
+                *common,
+                "--model-dir",
+                str(tmp_path / "models" / phase),
+                "--checkpoints",
+                str(tmp_path / "models/checkpoints" / phase),
+                "--metrics",
+                str(tmp_path / "metrics" / f"{phase}.json"),
+                "--history",
+                str(tmp_path / "metrics" / f"{phase}_history.csv"),
+                "--figures",
+                str(tmp_path / "figures" / phase),
+                *extra,
+            ]
+        )
         assert code == 0
 
     runs = {

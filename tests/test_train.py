@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from braintumor.config import params_from_mapping
+from braintumor.core.config import params_from_mapping
 
 from train_helpers import CLASSES, SIZE, make_processed, run_phase_cli, tiny_raw_params
 
@@ -33,7 +33,7 @@ def tiny_params(**train: Any):
 
 
 def phase_paths(root: Path, phase: str, init: Path | None = None):
-    from braintumor.train import PhasePaths
+    from braintumor.training.phase import PhasePaths
 
     return PhasePaths(
         model_dir=root / "models" / phase,
@@ -66,7 +66,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(data_dir: Path):
-    from braintumor.data_loading import load_processed
+    from braintumor.training.inputs import load_processed
 
     return load_processed(data_dir, CLASSES, SIZE)
 
@@ -76,7 +76,7 @@ def two_phases(tmp_path_factory: pytest.TempPathFactory, data) -> dict[str, Any]
     """Both phases with the recipe's trainable settings, plus the frozen phase's start."""
     import keras
 
-    from braintumor.train import build_phase_model, run_phase
+    from braintumor.training.phase import build_phase_model, run_phase
 
     # must_improve off: on this tiny data fine-tuning may not beat its start, and these
     # tests look at what it trained (the guard has its own test).
@@ -94,7 +94,8 @@ def two_phases(tmp_path_factory: pytest.TempPathFactory, data) -> dict[str, Any]
 def from_scratch(tmp_path_factory: pytest.TempPathFactory, data) -> dict[str, Any]:
     """Four epochs training everything: uninterrupted, and interrupted after one then
     rerun in the same checkpoint folder."""
-    from braintumor.train import TrainingInterrupted, run_phase
+    from braintumor.training.checkpointing import TrainingInterrupted
+    from braintumor.training.phase import run_phase
 
     params = tiny_params(frozen__epochs=4, frozen__trainable="all", frozen__learning_rate=3e-3)
     root = tmp_path_factory.mktemp("from_scratch")
@@ -117,7 +118,7 @@ def from_scratch(tmp_path_factory: pytest.TempPathFactory, data) -> dict[str, An
 
 
 def test_load_processed_memory_maps_and_checks(data_dir: Path) -> None:
-    from braintumor.data_loading import load_processed
+    from braintumor.training.inputs import load_processed
 
     data = load_processed(data_dir, CLASSES, SIZE)
     train = data.splits["train"]
@@ -138,7 +139,7 @@ def test_load_processed_rejects_other_parameters(
 ) -> None:
     import shutil
 
-    from braintumor.data_loading import DataError, load_processed
+    from braintumor.training.inputs import DataError, load_processed
 
     folder = tmp_path / "processed"
     shutil.copytree(data_dir, folder)
@@ -154,7 +155,7 @@ def test_cli_reports_mismatched_classes_in_one_line(
 ) -> None:
     import shutil
 
-    from braintumor.train import main
+    from braintumor.stages.train import main
 
     folder = tmp_path / "processed"
     shutil.copytree(data_dir, folder)
@@ -164,12 +165,25 @@ def test_cli_reports_mismatched_classes_in_one_line(
     params_path.write_text(yaml.safe_dump(tiny_raw_params()))
     code = main(
         [
-            "--phase", "frozen", "--params", str(params_path), "--data", str(folder),
-            "--model-dir", str(tmp_path / "m"), "--checkpoints", str(tmp_path / "c"),
-            "--metrics", str(tmp_path / "m.json"), "--history", str(tmp_path / "h.csv"),
-            "--figures", str(tmp_path / "f"), "--no-mlflow",
+            "--phase",
+            "frozen",
+            "--params",
+            str(params_path),
+            "--data",
+            str(folder),
+            "--model-dir",
+            str(tmp_path / "m"),
+            "--checkpoints",
+            str(tmp_path / "c"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--history",
+            str(tmp_path / "h.csv"),
+            "--figures",
+            str(tmp_path / "f"),
+            "--no-tracking",
         ]
-    )  # fmt: skip
+    )
     error = capsys.readouterr().err.strip()
     assert code == 1
     assert error.startswith("error: ") and "\n" not in error
@@ -178,7 +192,7 @@ def test_cli_reports_mismatched_classes_in_one_line(
 
 
 def test_batches_are_seeded_per_epoch_and_cover_every_row() -> None:
-    from braintumor.data_loading import ArrayBatches
+    from braintumor.training.inputs import ArrayBatches
 
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
     labels = np.arange(10) % 4
@@ -198,7 +212,7 @@ def test_batches_are_seeded_per_epoch_and_cover_every_row() -> None:
 
 
 def test_drop_remainder_serves_full_batches_that_rotate_through_every_row() -> None:
-    from braintumor.data_loading import ArrayBatches
+    from braintumor.training.inputs import ArrayBatches
 
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
     labels = np.arange(10) % 4
@@ -216,7 +230,7 @@ def test_drop_remainder_serves_full_batches_that_rotate_through_every_row() -> N
 
 
 def test_subset_and_balanced_class_weights() -> None:
-    from braintumor.data_loading import class_weights, subset_per_class
+    from braintumor.training.inputs import class_weights, subset_per_class
 
     labels = np.array([0] * 10 + [1] * 5 + [2] * 3 + [3] * 2)
     chosen = subset_per_class(labels, 4, seed=1)
@@ -231,7 +245,7 @@ def test_subset_and_balanced_class_weights() -> None:
 
 
 def test_frozen_phase_changes_no_backbone_weight(two_phases: dict[str, Any]) -> None:
-    from braintumor.model import backbone_layers
+    from braintumor.model.classifier import backbone_layers
 
     model = two_phases["frozen"].model
     initial = two_phases["initial"]
@@ -253,8 +267,13 @@ def test_cached_features_train_the_head_of_the_saved_model(tmp_path: Path, data)
     predicts from the features, and fine-tuning starts from it as usual."""
     import keras
 
-    from braintumor.model import backbone_layers
-    from braintumor.train import backbone_features, build_phase_model, head_model, run_phase
+    from braintumor.model.classifier import backbone_layers
+    from braintumor.training.phase import (
+        backbone_features,
+        build_phase_model,
+        head_model,
+        run_phase,
+    )
 
     params = tiny_params(frozen__cache_features=True, frozen__epochs=3)
     keras.utils.set_random_seed(params.common.seed)
@@ -264,8 +283,9 @@ def test_cached_features_train_the_head_of_the_saved_model(tmp_path: Path, data)
     assert result.metrics["cached_features"] is True and len(result.history) == 3
     saved = keras.saving.load_model(paths.model)
     for layer in backbone_layers(saved):
-        for before, after in zip(initial.get_layer(layer.name).get_weights(),
-                                 layer.get_weights(), strict=True):  # fmt: skip
+        for before, after in zip(
+            initial.get_layer(layer.name).get_weights(), layer.get_weights(), strict=True
+        ):
             np.testing.assert_array_equal(before, after, err_msg=layer.name)
     head_weights = saved.get_layer("head_dense1").get_weights()[0]
     assert not np.array_equal(head_weights, initial.get_layer("head_dense1").get_weights()[0])
@@ -277,9 +297,11 @@ def test_cached_features_train_the_head_of_the_saved_model(tmp_path: Path, data)
     whole = saved.predict(images[rows].astype(np.float32), verbose=0)
     np.testing.assert_allclose(via_head, whole, atol=1e-5)
     finetune = run_phase(
-        tiny_params(frozen__cache_features=True, frozen__epochs=3), "finetune", data,
+        tiny_params(frozen__cache_features=True, frozen__epochs=3),
+        "finetune",
+        data,
         phase_paths(tmp_path, "finetune", paths.model),
-    )  # fmt: skip
+    )
     assert finetune.metrics["cached_features"] is False
 
 
@@ -290,7 +312,7 @@ def test_a_finetuning_that_only_hurts_keeps_the_starting_weights(
     destructive learning rate leaves the frozen phase's weights in place (and says so)."""
     import keras
 
-    from braintumor.train import run_phase
+    from braintumor.training.phase import run_phase
 
     init = two_phases["root"] / "models" / "frozen" / "model.keras"
     params = tiny_params(finetune__learning_rate=50.0, finetune__epochs=2)
@@ -305,7 +327,7 @@ def test_a_finetuning_that_only_hurts_keeps_the_starting_weights(
 
 
 def test_cached_features_need_a_head_only_phase(tmp_path: Path, data) -> None:
-    from braintumor.train import run_phase
+    from braintumor.training.phase import run_phase
 
     params = tiny_params(frozen__cache_features=True, frozen__trainable="all")
     with pytest.raises(ValueError, match="cache_features"):
@@ -376,7 +398,7 @@ def test_resumed_run_matches_uninterrupted_run(from_scratch: dict[str, Any]) -> 
 
 
 def test_same_seed_same_weights(from_scratch: dict[str, Any], data, tmp_path: Path) -> None:
-    from braintumor.train import run_phase
+    from braintumor.training.phase import run_phase
 
     again = run_phase(from_scratch["params"], "frozen", data, phase_paths(tmp_path, "frozen"))
     for a, b in zip(
@@ -386,7 +408,7 @@ def test_same_seed_same_weights(from_scratch: dict[str, Any], data, tmp_path: Pa
 
 
 def test_checkpoint_from_other_parameters_is_not_resumed(tmp_path: Path, data) -> None:
-    from braintumor.train import find_checkpoint
+    from braintumor.training.phase import find_checkpoint
 
     params = tiny_params()
     paths = phase_paths(tmp_path, "frozen")
@@ -395,8 +417,12 @@ def test_checkpoint_from_other_parameters_is_not_resumed(tmp_path: Path, data) -
     assert resume is None
     (paths.checkpoint_dir / "state-epoch0001.weights.h5").write_bytes(b"x")
     (paths.checkpoint_dir / "best.keras").write_bytes(b"x")
-    state = {"fingerprint": expected, "complete": False, "epoch": 1,
-             "weights": "state-epoch0001.weights.h5"}  # fmt: skip
+    state = {
+        "fingerprint": expected,
+        "complete": False,
+        "epoch": 1,
+        "weights": "state-epoch0001.weights.h5",
+    }
     (paths.checkpoint_dir / "state.json").write_text(json.dumps(state))
     assert find_checkpoint(params, "frozen", data, paths)[1] == state
     (paths.checkpoint_dir / "best.keras").unlink()  # a state without its best model
@@ -411,7 +437,7 @@ def test_checkpoint_from_other_parameters_is_not_resumed(tmp_path: Path, data) -
 @pytest.mark.slow
 def test_mobilenetv3small_trains_both_phases(tmp_path: Path, data) -> None:
     """A real Keras application end to end (slow: tracing it takes ~20 s per phase)."""
-    from braintumor.train import run_phase
+    from braintumor.training.phase import run_phase
 
     raw = tiny_raw_params(frozen__epochs=1, finetune__epochs=1)
     raw["model"].update(backbone="mobilenetv3small", batchnorm_momentum=0.9)
@@ -428,7 +454,7 @@ def test_stage_module_leaves_the_backend_choice_to_main() -> None:
     import subprocess
     import sys
 
-    code = "import sys, braintumor.train; print('keras' in sys.modules)"
+    code = "import sys, braintumor.training.phase; print('keras' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
 
@@ -436,7 +462,7 @@ def test_stage_module_leaves_the_backend_choice_to_main() -> None:
 def test_xla_autotune_level_replaces_the_one_in_xla_flags(monkeypatch) -> None:
     import keras
 
-    from braintumor.backend import use_backend
+    from braintumor.model.backend import use_backend
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x --xla_gpu_autotune_level=4")
     use_backend(keras.backend.backend(), xla_gpu_autotune_level=1)
@@ -446,8 +472,8 @@ def test_xla_autotune_level_replaces_the_one_in_xla_flags(monkeypatch) -> None:
 
 
 def test_compile_counts_are_named_per_keras_step_and_flattened_for_mlflow() -> None:
-    from braintumor.compile_stats import step_name
-    from braintumor.train import numeric_metrics
+    from braintumor.training.compile_stats import step_name
+    from braintumor.training.phase import numeric_metrics
 
     assert [step_name(n) for n in ("jit(train_step)", "jit(test_step)", "jit(_uniform)")] == [
         "train_step",

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from braintumor.config import PreprocessParams
-from braintumor.imaging import decode_image, preprocess_gray
+from braintumor.core.config import PreprocessParams
+from braintumor.data.imaging import decode_image, preprocess_gray
 
-from conftest import REPO, mirror_dir, require_mirror
+from conftest import mirror_dir, params_file, require_mirror
 
 MSOUD = mirror_dir() / "msoud"
-PARAMS_FILE = REPO / "params.yaml"
+PARAMS_FILE = params_file()
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 SIZE = 32
 
@@ -80,11 +80,11 @@ def run_phase_cli(
     params_file: Path,
     data_dir: Path,
     out: Path,
-    launcher: tuple[str, ...] = ("-m", "braintumor.train"),
+    launcher: tuple[str, ...] = ("-m", "braintumor.stages.train"),
     phase: str = "frozen",
     init: Path | None = None,
 ) -> Any:
-    """``braintumor.train --phase <phase>`` (fine-tuning starts from ``init``) in a process:
+    """``braintumor.stages.train --phase <phase>`` (fine-tuning starts from ``init``) in a process:
     the backend comes from the parameters, not this process's environment, and starts
     fresh. ``launcher`` is what follows the interpreter (``-c <driver> ...`` to set devices
     up first). Returns the completed process; the phase writes ``out/m.json`` (metrics),
@@ -94,12 +94,28 @@ def run_phase_cli(
     import sys
 
     command = [
-        sys.executable, *launcher, "--phase", phase,
-        "--params", str(params_file), "--data", str(data_dir),
-        "--model-dir", str(out / "m"), "--checkpoints", str(out / "c"),
-        "--metrics", str(out / "m.json"), "--history", str(out / "h.csv"),
-        "--figures", str(out / "f"), "--no-tracking", "--verbose", "0",
+        sys.executable,
+        *launcher,
+        "--phase",
+        phase,
+        "--params",
+        str(params_file),
+        "--data",
+        str(data_dir),
+        "--model-dir",
+        str(out / "m"),
+        "--checkpoints",
+        str(out / "c"),
+        "--metrics",
+        str(out / "m.json"),
+        "--history",
+        str(out / "h.csv"),
+        "--figures",
+        str(out / "f"),
+        "--no-tracking",
+        "--verbose",
+        "0",
         *(["--init", str(init)] if init is not None else []),
-    ]  # fmt: skip
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

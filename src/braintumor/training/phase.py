@@ -1,0 +1,675 @@
+"""The recipe's two training phases (the ``train`` and ``finetune`` stages' work).
+
+Phase ``frozen`` builds the model and trains the head on a frozen backbone; phase
+``finetune`` loads the best frozen-phase model and trains everything except
+BatchNormalization at a lower learning rate. Both use early stopping, learning-rate
+reduction on plateau, a best-model checkpoint by validation loss and balanced class
+weights, every value from ``params.yaml``; each writes its model, a per-epoch history CSV,
+a metrics JSON and figures, all atomically, and logs to MLflow through ``tracking``.
+
+A phase is resumable: after every epoch it saves the training state (weights, optimizer,
+callback counters, history) under its checkpoint folder; rerun after a kill, it continues
+from the last completed epoch and ends where an uninterrupted run would (batch order and
+random layers are reseeded from (seed, epoch), not carried in process state).
+
+Keras is imported only after the stage (:mod:`braintumor.stages.train`) has set
+``KERAS_BACKEND`` from ``train.backend``, so this module imports the Keras-dependent
+modules inside functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from braintumor.core.config import Params, PhaseParams
+from braintumor.core.files import atomic_path, file_sha256, write_json
+from braintumor.training.checkpointing import (
+    BEST_MODEL,
+    HISTORY_COLUMNS,
+    PHASES,
+    STATE_FILE,
+    improves,
+    load_resume_state,
+    lower_is_better,
+    reset_checkpoint_dir,
+    save_model_atomic,
+)
+
+if TYPE_CHECKING:
+    import keras
+
+    from braintumor.training.inputs import ProcessedData
+
+FIGURE_EXAMPLES = 9
+
+
+class PhaseError(ValueError):
+    """A phase cannot run on what it was given (a model of another shape, no epoch run)."""
+
+
+@dataclass(frozen=True)
+class PhasePaths:
+    """Where one phase reads and writes; ``dvc.yaml`` passes all of them."""
+
+    model_dir: Path  # model.keras and mlflow_run.json
+    checkpoint_dir: Path  # resumable state; a persist: true output
+    metrics: Path
+    history: Path
+    figures: Path
+    tensorboard: Path | None = None
+    headline: Path | None = None  # the few numbers DVC compares (headline.phase_headline)
+    init_model: Path | None = None  # finetune: the frozen phase's model.keras
+    pretrained: Path | None = None  # frozen: the weights stage's converted backbone file
+
+    @property
+    def model(self) -> Path:
+        return self.model_dir / "model.keras"
+
+    @property
+    def run_file(self) -> Path:
+        return self.model_dir / "mlflow_run.json"
+
+
+@dataclass
+class PhaseResult:
+    model: keras.Model
+    history: list[dict[str, float]]
+    metrics: dict[str, Any]
+
+
+class NullRun:
+    """Stands in for ``tracking.PhaseRun`` when nothing is tracked (tests, benchmarks)."""
+
+    run_id: str | None = None
+
+    def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
+        pass
+
+    def log_dataset(self, data: ProcessedData, indices: np.ndarray) -> None:
+        pass
+
+    def log_metrics(self, values: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model(self, model: keras.Model, examples: np.ndarray) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def phase_params(params: Params, phase: str) -> PhaseParams:
+    if phase not in PHASES:
+        raise PhaseError(f"phase: unknown {phase!r} (known: {', '.join(PHASES)})")
+    return getattr(params.train, phase)
+
+
+def trainable_mode(phase: str, settings: PhaseParams) -> str:
+    """What trains in ``phase``: the recipe's choice unless the parameters say otherwise."""
+    if settings.trainable != "auto":
+        return settings.trainable
+    return "head" if phase == "frozen" else "all_but_batchnorm"
+
+
+def fingerprint(
+    params: Params,
+    phase: str,
+    data_digest: str,
+    init_model: Path | None,
+    pretrained: Path | None = None,
+) -> str:
+    """What a checkpoint was made from: resuming is only allowed when this matches.
+
+    Covers every parameter that shapes the phase (the other phase's settings and the
+    settings that only change speed excepted: a frozen-phase checkpoint is still valid when
+    only fine-tuning, the backend or the compiler settings change), the data digest and,
+    for fine-tuning, the starting model's bytes (for the frozen phase, the pretrained
+    backbone file's).
+    """
+    train = dataclasses.asdict(params.train)
+    train.pop("frozen" if phase == "finetune" else "finetune")
+    for speed_only in ("backend", "loader_workers", "compilation_cache", "xla_gpu_autotune_level"):
+        train.pop(speed_only)
+    content = {
+        "phase": phase,
+        "common": dataclasses.asdict(params.common),
+        "model": dataclasses.asdict(params.model),
+        "augment": dataclasses.asdict(params.augment),
+        "train": train,
+        "data": data_digest,
+        "init_model": file_sha256(init_model) if init_model is not None else None,
+        "pretrained": (
+            file_sha256(pretrained) if pretrained is not None and pretrained.is_file() else None
+        ),
+    }
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def find_checkpoint(
+    params: Params, phase: str, data: ProcessedData, paths: PhasePaths
+) -> tuple[str, dict[str, Any] | None]:
+    """The phase's fingerprint and the state to resume from (None: start afresh)."""
+    expected = fingerprint(params, phase, data.digest, paths.init_model, paths.pretrained)
+    return expected, load_resume_state(paths.checkpoint_dir, expected)
+
+
+def summarise(history: list[dict[str, float]], monitor: str) -> dict[str, Any]:
+    """Best epoch by ``monitor`` and throughput from the per-epoch history."""
+    if not history:
+        raise PhaseError("no epoch was run")
+    values = [row[monitor] for row in history]
+    best = (min if lower_is_better(monitor) else max)(range(len(values)), key=values.__getitem__)
+    rates = [row["images_per_second"] for row in history if row.get("images_per_second")]
+    return {
+        "best_epoch": int(history[best]["epoch"]),
+        "best_val_loss": float(history[best]["val_loss"]),
+        "best_val_accuracy": float(history[best]["val_accuracy"]),
+        "max_val_accuracy": float(max(row["val_accuracy"] for row in history)),
+        "epochs_run": len(history),
+        "total_train_seconds": round(sum(row["train_seconds"] for row in history), 2),
+        "total_epoch_seconds": round(sum(row["seconds"] for row in history), 2),
+        # The median ignores the first epoch of a process, which includes compilation.
+        "images_per_second": round(statistics.median(rates), 2) if rates else None,
+    }
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a phase's metrics for MLflow, one level of nesting flattened
+    (``compiles: {train_step: 1}`` -> ``compiles/train_step``)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            for inner, number in value.items():
+                if isinstance(number, int | float):
+                    flat[f"{key}/{inner}"] = number
+        elif isinstance(value, int | float):
+            flat[key] = value
+    return flat
+
+
+def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
+    with atomic_path(path) as temporary:
+        with temporary.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+
+
+def history_figure(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """Loss and accuracy per epoch, training and validation, side by side."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 3.4))
+    epochs = [row["epoch"] for row in history]
+    for axis, key in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
+        axis.plot(epochs, [row[key] for row in history], marker="o", label="train")
+        axis.plot(epochs, [row[f"val_{key}"] for row in history], marker="o", label="validation")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(key)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+# --------------------------------------------------------------------------- the phase
+
+
+def build_phase_model(
+    params: Params, phase: str, init_model: Path | None, pretrained: Path | None = None
+) -> keras.Model:
+    """The inference model a phase starts from, with the phase's layers set trainable.
+
+    The frozen phase builds it (ImageNet backbone weights from ``pretrained`` where the
+    weights stage converted them); fine-tuning loads the frozen phase's best model."""
+    import keras
+
+    from braintumor.model.classifier import build_model, set_trainable
+
+    num_classes = len(params.common.classes)
+    size = params.common.image_size
+    if phase == "frozen":
+        model = build_model(params.model, size, num_classes, pretrained=pretrained)
+    else:
+        if init_model is None or not init_model.is_file():
+            raise FileNotFoundError(f"{init_model}: the frozen phase's model is missing")
+        model = keras.saving.load_model(init_model)
+        expected = (None, size, size, 1)
+        if tuple(model.input_shape) != expected or model.output_shape[-1] != num_classes:
+            raise PhaseError(
+                f"{init_model}: takes {model.input_shape} and gives {model.output_shape[-1]} "
+                f"classes; the parameters need {expected} and {num_classes}"
+            )
+    set_trainable(model, trainable_mode(phase, phase_params(params, phase)))
+    return model
+
+
+def _check_cacheable(phase: str, settings: PhaseParams) -> None:
+    if trainable_mode(phase, settings) != "head":
+        raise PhaseError(
+            f"train.{phase}.cache_features: only a phase that trains the head alone can "
+            f"reuse backbone features (trainable is {trainable_mode(phase, settings)!r})"
+        )
+
+
+def head_model(model: keras.Model) -> keras.Model:
+    """The head of a ``build_model`` model as a model of its own, taking pooled backbone
+    features. It shares the layers (and so the weights) of ``model``: training it trains
+    ``model``'s head, and ``model`` is what gets saved."""
+    import keras
+
+    from braintumor.model.classifier import HEAD_PREFIX, is_head_layer
+
+    layers = [layer for layer in model.layers if is_head_layer(layer)]
+    pool = model.get_layer(f"{HEAD_PREFIX}pool")
+    if not layers or layers[0] is not pool:
+        raise PhaseError("model has no head_pool layer first in its head")
+    inputs = keras.Input(pool.output.shape[1:], name="features")
+    x = inputs
+    for layer in layers[1:]:
+        x = layer(x)
+    return keras.Model(inputs, x, name=f"{model.name}_head")
+
+
+def backbone_features(
+    model: keras.Model, images: np.ndarray, indices: np.ndarray | None, batch_size: int
+) -> np.ndarray:
+    """Pooled backbone features (float32) of ``images[indices]``, batch by batch, with the
+    backbone in inference mode (as a frozen backbone runs while its head trains)."""
+    import keras
+
+    from braintumor.model.classifier import HEAD_PREFIX
+
+    extractor = keras.Model(model.inputs, model.get_layer(f"{HEAD_PREFIX}pool").output)
+    rows = np.arange(len(images)) if indices is None else np.asarray(indices)
+    features = np.zeros((len(rows), extractor.output_shape[-1]), dtype=np.float32)
+    for start in range(0, len(rows), batch_size):
+        # Read each batch in file order (memory map), write it back in the caller's order.
+        order = start + np.argsort(rows[start : start + batch_size])
+        batch = np.asarray(images[rows[order]], dtype=np.float32)
+        features[order] = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
+    return features
+
+
+@dataclass
+class PhaseInputs:
+    """What ``fit`` trains and validates on: the model it steps (the inference model with
+    augmentation in front, or the head alone on cached backbone features) and batches."""
+
+    training_model: keras.Model
+    train_batches: Any
+    val_batches: Any
+    indices: np.ndarray  # training rows used (a per-class subset, or all)
+    class_weight: dict[int, float] | None
+
+
+def phase_inputs(
+    params: Params,
+    phase: str,
+    model: keras.Model,
+    augmenter: Any,
+    data: ProcessedData,
+    initial_epoch: int,
+) -> PhaseInputs:
+    """The training model and batches of a phase, compiled with its optimizer."""
+    import keras
+
+    from braintumor.model.augment import build_training_model
+    from braintumor.training.inputs import ArrayBatches, class_weights, subset_per_class
+
+    settings = phase_params(params, phase)
+    train, val = data.splits["train"], data.splits["val"]
+    indices = subset_per_class(train.labels, params.train.subset_per_class, params.common.seed)
+    if settings.cache_features:
+        # The frozen backbone gives every epoch the same features: compute them once and
+        # train the head alone (without augmentation, which would change them).
+        _check_cacheable(phase, settings)
+        training_model = head_model(model)
+        train_inputs = backbone_features(model, train.images, indices, settings.batch_size)
+        train_labels, batch_indices = train.labels[indices], None
+        val_inputs = backbone_features(model, val.images, None, settings.batch_size)
+    else:
+        training_model = build_training_model(model, augmenter)
+        train_inputs, train_labels, val_inputs = train.images, train.labels, val.images
+        batch_indices = indices
+    training_model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=params.train.jit_compile,
+    )
+    train_batches = ArrayBatches(
+        train_inputs,
+        train_labels,
+        settings.batch_size,
+        indices=batch_indices,
+        shuffle=True,
+        seed=params.common.seed,
+        epoch=initial_epoch,
+        steps=settings.steps_per_epoch,
+        workers=params.train.loader_workers,
+        drop_remainder=params.train.drop_remainder,
+    )
+    val_batches = ArrayBatches(
+        val_inputs, val.labels, settings.batch_size, workers=params.train.loader_workers
+    )
+    weights = class_weights(
+        train.labels[indices], len(params.common.classes), settings.class_weight
+    )
+    return PhaseInputs(training_model, train_batches, val_batches, indices, weights)
+
+
+def fit_phase(
+    settings: PhaseParams,
+    inputs: PhaseInputs,
+    callbacks: list[Any],
+    resume: dict[str, Any] | None,
+    checkpoint_dir: Path,
+    verbose: int,
+) -> None:
+    """``fit`` from the resumed state (weights and optimizer slots), unless the saved
+    state says the phase had already finished."""
+    model = inputs.training_model
+    if resume is not None:
+        # Optimizer slots must exist before load_weights can fill them.
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(checkpoint_dir / resume["weights"])
+        if resume["stopped"] or resume["epoch"] >= settings.epochs:
+            return
+    model.fit(
+        inputs.train_batches,
+        validation_data=inputs.val_batches,
+        epochs=settings.epochs,
+        initial_epoch=resume["epoch"] if resume else 0,
+        class_weight=inputs.class_weight,
+        callbacks=callbacks,
+        shuffle=False,  # ArrayBatches shuffles itself, seeded per epoch
+        verbose=verbose,
+    )
+
+
+def run_phase(
+    params: Params,
+    phase: str,
+    data: ProcessedData,
+    paths: PhasePaths,
+    run: Any | None = None,
+    *,
+    checkpoint: tuple[str, dict[str, Any] | None] | None = None,
+    verbose: int = 0,
+    stop_after_epochs: int | None = None,
+) -> PhaseResult:
+    """Train one phase, resuming from ``paths.checkpoint_dir`` when it holds a matching
+    unfinished state, and write the phase's outputs; over every local device when
+    ``train.distribution`` is ``data_parallel`` (``braintumor.training.distribution``).
+
+    ``run`` is a ``tracking.PhaseRun`` (None: nothing is logged). ``checkpoint`` is
+    ``find_checkpoint``'s answer when the caller already has it. ``stop_after_epochs`` is
+    a test hook: raise ``TrainingInterrupted`` after that many epochs, as if killed.
+    """
+    from braintumor.training.distribution import check_batch, data_parallel
+
+    with data_parallel(params.train.distribution, params.train.backend) as devices:
+        settings = phase_params(params, phase)
+        check_batch(settings.batch_size, devices, f"train.{phase}.batch_size")
+        return _train_phase(
+            params, phase, data, paths, run, checkpoint, verbose, stop_after_epochs, devices
+        )
+
+
+def _train_phase(
+    params: Params,
+    phase: str,
+    data: ProcessedData,
+    paths: PhasePaths,
+    run: Any | None,
+    checkpoint: tuple[str, dict[str, Any] | None] | None,
+    verbose: int,
+    stop_after_epochs: int | None,
+    devices: int,
+) -> PhaseResult:
+    from braintumor.model.augment import build_augmenter
+    from braintumor.training.callbacks import phase_callbacks
+    from braintumor.training.compile_stats import CompileMeter
+
+    run = run or NullRun()
+    settings = phase_params(params, phase)
+    monitor = settings.early_stopping.monitor
+    started = time.perf_counter()
+    _seed_and_precision(params)
+    expected, resume = _open_checkpoint(params, phase, data, paths, checkpoint, verbose)
+    history: list[dict[str, float]] = list(resume["history"]) if resume else []
+    # Counted from the model's build: on JAX its weight initialisers compile too.
+    with CompileMeter() as meter:
+        model = build_phase_model(params, phase, paths.init_model, paths.pretrained)
+        augmenter = build_augmenter(params.augment, params.common.image_size, params.common.seed)
+        inputs = phase_inputs(
+            params, phase, model, augmenter, data, resume["epoch"] if resume else 0
+        )
+        run.log_dataset(data, inputs.indices)
+        tensorboard = _tensorboard(paths.tensorboard, params.train.backend)
+        callbacks, epoch_state = phase_callbacks(
+            settings,
+            model,
+            paths.checkpoint_dir,
+            [tensorboard] if tensorboard else [],
+            phase=phase,
+            seed=params.common.seed,
+            fingerprint=expected,
+            history=history,
+            images_per_epoch=inputs.train_batches.images_per_epoch,
+            run=run,
+            resume=resume,
+            stop_after_epochs=stop_after_epochs,
+        )
+        guard = settings.must_improve and paths.init_model is not None
+        start = starting_point(model, inputs, monitor) if guard else None
+        fit_phase(settings, inputs, callbacks, resume, paths.checkpoint_dir, verbose)
+    kept_start = _keep_best_weights(model, paths, history, start, monitor)
+    metrics = {
+        **phase_metrics(params, phase, model, history, inputs, resume, started, start, kept_start),
+        **session_epoch_seconds(history, epoch_state.epochs_this_session),
+        **meter.summary(),
+        "devices": devices,
+    }
+    _write_outputs(
+        params, phase, paths, model, augmenter, data, inputs.indices, history, metrics, run
+    )
+    _close_checkpoint(paths.checkpoint_dir, expected, len(history))
+    return PhaseResult(model=model, history=history, metrics=metrics)
+
+
+def _open_checkpoint(
+    params: Params,
+    phase: str,
+    data: ProcessedData,
+    paths: PhasePaths,
+    checkpoint: tuple[str, dict[str, Any] | None] | None,
+    verbose: int,
+) -> tuple[str, dict[str, Any] | None]:
+    """The phase's fingerprint and the state to resume from; without one, the checkpoint
+    folder is emptied for a fresh start."""
+    expected, resume = checkpoint or find_checkpoint(params, phase, data, paths)
+    if resume is None:
+        reset_checkpoint_dir(paths.checkpoint_dir)
+    elif verbose:
+        print(f"{phase}: resuming after epoch {resume['epoch']}")
+    return expected, resume
+
+
+def _seed_and_precision(params: Params) -> None:
+    import keras
+
+    keras.utils.set_random_seed(params.common.seed)
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if params.train.mixed_precision else "float32"
+    )
+
+
+def _keep_best_weights(
+    model: keras.Model,
+    paths: PhasePaths,
+    history: list[dict[str, float]],
+    start: tuple[float, list[np.ndarray]] | None,
+    monitor: str,
+) -> bool:
+    """Give ``model`` the best epoch's weights, or the starting weights when no epoch beat
+    them (a guarded fine-tuning); returns whether the start was kept."""
+    import keras
+
+    best = keras.saving.load_model(paths.checkpoint_dir / BEST_MODEL)
+    model.set_weights(best.get_weights())
+    best_value = summarise(history, monitor).get(f"best_{monitor}")
+    kept_start = start is not None and not improves(best_value, start[0], monitor)
+    if kept_start:
+        model.set_weights(start[1])
+    return kept_start
+
+
+def phase_metrics(
+    params: Params,
+    phase: str,
+    model: keras.Model,
+    history: list[dict[str, float]],
+    inputs: PhaseInputs,
+    resume: dict[str, Any] | None,
+    started: float,
+    start: tuple[float, list[np.ndarray]] | None,
+    kept_start: bool,
+) -> dict[str, Any]:
+    """The phase's metrics file (without the timing of this session's epochs)."""
+    import keras
+
+    settings = phase_params(params, phase)
+    monitor = settings.early_stopping.monitor
+    return {
+        "phase": phase,
+        **summarise(history, monitor),
+        "stopped_early": bool(history and len(history) < settings.epochs),
+        "resumed": resume is not None,
+        "wall_seconds": round(
+            time.perf_counter() - started + (resume or {}).get("wall_seconds", 0.0), 2
+        ),
+        "train_images": int(len(inputs.indices)),
+        "val_images": int(len(inputs.val_batches.labels)),
+        "trainable_mode": trainable_mode(phase, settings),
+        "cached_features": settings.cache_features,
+        "start_" + monitor: None if start is None else round(start[0], 6),
+        "kept_starting_weights": kept_start,
+        "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        "backbone": params.model.backbone,
+        "backend": keras.backend.backend(),
+    }
+
+
+def _close_checkpoint(checkpoint_dir: Path, expected: str, epochs: int) -> None:
+    """Mark the phase complete and drop its resumable state (outputs are written)."""
+    write_json(
+        checkpoint_dir / STATE_FILE, {"fingerprint": expected, "complete": True, "epoch": epochs}
+    )
+    for leftover in checkpoint_dir.iterdir():
+        if leftover.name != STATE_FILE:
+            leftover.unlink()
+
+
+def starting_point(
+    model: keras.Model, inputs: PhaseInputs, monitor: str
+) -> tuple[float, list[np.ndarray]] | None:
+    """For a phase that starts from a trained model (fine-tuning): its ``monitor`` value on
+    validation before any step, and its weights. The phase must beat it, or it keeps these
+    weights: a fine-tuning that only made the model worse does not replace it. ``model``
+    is the inference model whose weights are kept; ``inputs.training_model``
+    (augmentation in front, an identity at evaluation) is what validation runs through
+    during ``fit``."""
+    if not monitor.startswith("val_"):
+        return None
+    values = inputs.training_model.evaluate(inputs.val_batches, return_dict=True, verbose=0)
+    key = monitor.removeprefix("val_")
+    if key not in values:
+        return None
+    return float(values[key]), [np.array(w) for w in model.get_weights()]
+
+
+def session_epoch_seconds(
+    history: list[dict[str, float]], epochs_this_session: int
+) -> dict[str, float | None]:
+    """Wall seconds of the first epoch this process ran (it holds the compilations) and the
+    median of the ones after it (steady state); None where there is no such epoch."""
+    ran = history[len(history) - epochs_this_session :] if epochs_this_session else []
+    later = [row["seconds"] for row in ran[1:]]
+    return {
+        "first_epoch_seconds": ran[0]["seconds"] if ran else None,
+        "later_epoch_seconds": round(statistics.median(later), 3) if later else None,
+    }
+
+
+def _tensorboard(log_dir: Path | None, backend: str) -> Any | None:
+    """Keras's TensorBoard callback when it can work here (TF 2.21 no longer ships
+    tensorboard; the history CSV is the log then)."""
+    if (
+        log_dir is None
+        or backend != "tensorflow"
+        or importlib.util.find_spec("tensorboard") is None
+    ):
+        return None
+    import keras
+
+    return keras.callbacks.TensorBoard(log_dir=str(log_dir))
+
+
+def _write_outputs(
+    params: Params,
+    phase: str,
+    paths: PhasePaths,
+    model: keras.Model,
+    augmenter: Any,
+    data: ProcessedData,
+    indices: np.ndarray,
+    history: list[dict[str, float]],
+    metrics: dict[str, Any],
+    run: Any,
+) -> None:
+    from braintumor.model.augment import augment_examples
+    from braintumor.reports import figures
+
+    save_model_atomic(model, paths.model)
+    write_history_csv(paths.history, history)
+    write_json(paths.metrics, metrics)
+    if paths.headline is not None:
+        from braintumor.reports.headline import phase_headline
+
+        write_json(paths.headline, phase_headline(metrics))
+    train = data.splits["train"]
+    with atomic_path(paths.figures, directory=True) as folder:
+        history_figure(history, folder / "history.png", f"{phase} phase")
+        rows = np.random.default_rng(params.common.seed).choice(
+            indices, size=min(FIGURE_EXAMPLES, len(indices)), replace=False
+        )
+        rows = np.sort(rows)
+        examples = augment_examples(augmenter, np.asarray(train.images[rows]), params.common.seed)
+        titles = [params.common.classes[int(label)] for label in train.labels[rows]]
+        figures.image_grid(
+            list(examples), titles, folder / "augmentation.png", "Augmented training images"
+        )
+    run.log_metrics(numeric_metrics(metrics))
+    run.log_artifact(paths.history, "history")
+    run.log_artifact(paths.metrics, "metrics")
+    for figure in sorted(paths.figures.glob("*.png")):
+        run.log_artifact(figure, "figures")
+    examples = np.asarray(train.images[indices[:2]], dtype=np.float32)
+    run.log_model(model, examples)
