@@ -29,7 +29,7 @@ endif
 # Two locks, each the full closure of its packages, installed with --no-deps (no resolver
 # run, nothing unlisted pulled in): requirements.lock is what `make run` needs;
 # requirements-dev.lock adds the test, lint and team-service tools and the JAX and PyTorch
-# backends (~1.4 GB that a pipeline run does not unpack). tests/test_locks.py checks both.
+# backends (~1.4 GB that a pipeline run does not unpack). tests/repo/test_locks.py checks both.
 # --no-compile: no bytecode for every installed module up front (about a minute here);
 # Python writes it on first import, for the modules a run actually imports.
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-compile
@@ -48,7 +48,7 @@ install-dev: install $(DEV_STAMP)
 # GPU runners (CUDA 12 driver): `make install GPU=1` adds requirements-gpu.lock, JAX with
 # its CUDA plugin and the NVIDIA libraries as wheels (no system CUDA toolkit needed). Run
 # with KERAS_BACKEND=jax (params: train.backend: jax); README "GPU runners" says why.
-# tests/test_gpu_runner.py resolves this lock against the index so that it cannot rot.
+# tests/repo/test_gpu_runner.py resolves this lock against the index so that it cannot rot.
 GPU ?= 0
 GPU_STAMP := $(VENV)/.installed-gpu
 $(GPU_STAMP): $(STAMP) requirements-gpu.lock
@@ -108,9 +108,9 @@ test: install-dev chromium
 
 # The unit tier: pure functions on tiny generated inputs; no slow, integration or browser test
 # and none that reads the data mirror (markers in pyproject.toml; `data` is set by conftest).
-FAST_TESTS := not slow and not integration and not browser and not data
+FAST_TESTS := not slow and not data
 test-fast: install-dev
-	$(BIN)/python -m pytest -q -ra -m "$(FAST_TESTS)"
+	$(BIN)/python -m pytest -q -ra -m "$(FAST_TESTS)" tests/unit tests/repo
 
 # The same checks as .pre-commit-config.yaml; mypy's scope and strictness are in pyproject.toml.
 lint: install-dev

@@ -425,3 +425,8 @@ def braintumor_imports(source: str, importer: str = "") -> set[str]:
                 if alias.name.startswith("braintumor.")
             )
     return found
+
+
+# The app's session fixtures (one real server per session), shared by the serving unit
+# tier and the browser tier; imported here so that pytest registers them for both.
+from app_helpers import app_server, reference_predictor, served_bundle  # noqa: E402, F401

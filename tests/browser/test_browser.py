@@ -22,11 +22,6 @@ import pytest
 
 from braintumor.serving.app import DISPLAY_SIZE
 from braintumor.serving.predict import predict_files
-from test_app import (  # noqa: F401 - shared session fixtures
-    app_server,
-    reference_predictor,
-    served_bundle,
-)
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, REPO
 from serving_helpers import CLASSES, real_images

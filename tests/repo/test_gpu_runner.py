@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_locks import RUNTIME, canonical, pins
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / ".github" / "workflows" / "gpu-experiment.yml"
 GPU_LOCK = REPO / "requirements-gpu.lock"
 

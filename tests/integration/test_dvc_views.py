@@ -10,7 +10,8 @@ show`` must render every plot in headless Chromium with every non-file request a
 while DVC's own page (the control) renders none. The screenshot goes to
 ``test-artifacts/dvc-views/plots.png``.
 
-Run as a script (``python tests/test_dvc_views.py``), the module is that stage's command.
+Run as a script (``python tests/integration/test_dvc_views.py``), the module is that
+stage's command.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from braintumor.reports.headline import (
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, committed_params_text, params_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 TERMINAL_COLUMNS = 120
 MAX_HEADLINE_KEYS = 36
