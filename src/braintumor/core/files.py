@@ -1,5 +1,6 @@
-"""Atomic file and folder writes, so a failed stage never leaves half-written outputs.
+"""Files as every stage writes and checks them: atomically, and by their SHA-256.
 
+Atomic writes, so a failed stage never leaves half-written outputs:
 Everything is written under a temporary name in the destination's own folder (same file
 system, so ``os.replace`` is atomic) and renamed into place only once complete. A folder
 that already exists is swapped out only after the new one is complete; on failure the
@@ -9,13 +10,14 @@ temporary is removed and the old output is untouched.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 @contextlib.contextmanager
@@ -93,15 +95,23 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    import hashlib
-
+def stream_sha256(reader: BinaryIO, chunk_bytes: int = 1 << 20) -> tuple[str, int]:
+    """SHA-256 (hex) and size of what ``reader`` holds from where it stands, read in chunks:
+    the package's one way of hashing a file's bytes (bundles, weights, archives, the raw
+    data's manifest), whoever opened it and however (``acquire`` opens without following
+    links)."""
     digest = hashlib.sha256()
+    size = 0
+    while chunk := reader.read(chunk_bytes):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return stream_sha256(handle, chunk_bytes)[0]
 
 
 def worker_count(requested: int) -> int:

@@ -76,3 +76,15 @@ def redact_params(flat: dict[str, Any]) -> dict[str, str]:
         key: REDACTED if is_secret_key(key) else redact_text(str(value))
         for key, value in flat.items()
     }
+
+
+ONE_LINE_LIMIT = 400
+
+
+def one_line(error: BaseException, limit: int = ONE_LINE_LIMIT) -> str:
+    """An exception's message as one printable line, credentials stripped: library
+    messages span several lines and quote the URIs they failed on. Capped at ``limit``
+    characters, so that a message built from hostile input cannot flood a terminal or a
+    log; the type's name when the message is empty."""
+    text = redact_text(" ".join(str(error).split())) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from braintumor.core.config import AcquireParams, SourceParams
-from braintumor.core.files import atomic_path
-from braintumor.core.redaction import redact_text, redact_uri
+from braintumor.core.files import atomic_path, file_sha256, stream_sha256
+from braintumor.core.redaction import one_line, redact_text, redact_uri
 
 if TYPE_CHECKING:
     import requests
@@ -393,7 +393,7 @@ def _transfer(
             if expected is not None and got < expected:
                 raise _TransferError(f"short read: {got} of {expected} bytes")
     except (requests.RequestException, urllib3.exceptions.HTTPError) as error:
-        raise _TransferError(_one_line(error)) from None
+        raise _TransferError(one_line(error)) from None
 
 
 def _accept_status(response: requests.Response, url: str, state: _PartialDownload) -> None:
@@ -473,7 +473,7 @@ def kaggle_download(handle: str) -> Path:
         return Path(kagglehub.dataset_download(handle))
     except Exception as error:  # kagglehub raises requests, credential and backend errors
         raise AcquireError(
-            f"Kaggle download of {handle!r} failed ({type(error).__name__}: {_one_line(error)})"
+            f"Kaggle download of {handle!r} failed ({type(error).__name__}: {one_line(error)})"
         ) from None
 
 
@@ -525,7 +525,7 @@ def extract_archive(archive: Path, destination: Path, limits: ArchiveLimits) -> 
         NotImplementedError,  # a zip compression method zipfile lacks
         RuntimeError,  # an encrypted zip member
     ) as error:
-        raise AcquireError(f"cannot extract {archive.name}: {_one_line(error)}") from None
+        raise AcquireError(f"cannot extract {archive.name}: {one_line(error)}") from None
     _walk_files(destination)  # defence in depth: nothing but plain files and folders
 
 
@@ -770,13 +770,9 @@ def hash_tree(folder: Path, chunk_bytes: int = 1 << 20) -> list[tuple[str, int, 
     a link or special file inside is refused, never followed."""
 
     def hash_one(relative: Path) -> tuple[str, int, str]:
-        digest = hashlib.sha256()
-        size = 0
         with _open_no_follow(folder / relative) as reader:
-            while chunk := reader.read(chunk_bytes):
-                digest.update(chunk)
-                size += len(chunk)
-        return relative.as_posix(), size, digest.hexdigest()
+            digest, size = stream_sha256(reader, chunk_bytes)
+        return relative.as_posix(), size, digest
 
     with ThreadPoolExecutor(COPY_THREADS) as pool:
         return list(pool.map(hash_one, _walk_files(folder)))
@@ -785,14 +781,10 @@ def hash_tree(folder: Path, chunk_bytes: int = 1 << 20) -> list[tuple[str, int, 
 def file_digest(path: Path, chunk_bytes: int = 1 << 20) -> str:
     """The sha256 of an archive. Its path may be a link: it is the mirror's or the user's
     choice of where the archive lives, and the sum checks the bytes wherever they are."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as reader:
-            while chunk := reader.read(chunk_bytes):
-                digest.update(chunk)
+        return file_sha256(path, chunk_bytes)
     except OSError as error:
-        raise AcquireError(f"cannot read {path}: {_one_line(error)}") from None
-    return digest.hexdigest()
+        raise AcquireError(f"cannot read {path}: {one_line(error)}") from None
 
 
 def _open_no_follow(path: Path) -> BinaryIO:
@@ -800,7 +792,7 @@ def _open_no_follow(path: Path) -> BinaryIO:
     try:
         return open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW))
     except OSError as error:
-        raise AcquireError(f"cannot read {path}: {_one_line(error)}") from None
+        raise AcquireError(f"cannot read {path}: {one_line(error)}") from None
 
 
 def _walk_files(folder: Path) -> list[Path]:
@@ -1081,8 +1073,3 @@ def format_summary(report: AcquireReport, out: Path) -> str:
 
 def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
-
-
-def _one_line(error: BaseException) -> str:
-    """An exception's message squeezed onto one line (library messages span several)."""
-    return " ".join(str(error).split()) or type(error).__name__

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,10 +41,10 @@ import numpy as np
 
 from braintumor.core.config import CalibrationParams
 from braintumor.evaluation.metrics import validate_labels, validate_probabilities
+from braintumor.reports.figures import new_figure, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 # Search range of the temperature (bounded, on log T). Real networks land in about 0.5-5;
 # the range keeps the search finite, and a fit that reaches it is flagged (``at_bound``).
@@ -434,21 +433,17 @@ def reliability_figure(
     title. Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch), and
     writes under a temporary name first so a failed write leaves no partial file.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     panels = [
         reliability_data(y_true, probabilities_before, bins),
         reliability_data(y_true, probabilities_after, bins),
     ]
-    figure = Figure(figsize=(10, 4.6), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(figsize=(10, 4.6), layout="constrained")
     axes = figure.subplots(1, 2, sharey=True)
     for axis, data, title in zip(axes, panels, titles, strict=True):
         _draw_reliability_panel(axis, data, title)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=8)
-    return _save_png_atomically(figure, Path(path))
+    return save_figure(figure, Path(path))
 
 
 def _draw_reliability_panel(axis: Axes, data: ReliabilityData, title: str) -> None:
@@ -492,16 +487,3 @@ def _draw_reliability_panel(axis: Axes, data: ReliabilityData, title: str) -> No
     axis.set_ylim(0, 1)
     axis.set_xlabel("confidence (top probability)")
     axis.set_title(f"{title}\nECE = {data.expected_calibration_error:.4f}")
-
-
-def _save_png_atomically(figure: Figure, destination: Path) -> Path:
-    """Write ``figure`` as a PNG under a temporary name, then rename it into place, so a
-    failed write leaves no partial file at ``destination``."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
-    try:
-        figure.savefig(temporary, format="png", dpi=110)
-        os.replace(temporary, destination)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return destination

@@ -63,8 +63,8 @@ import cv2
 import numpy as np
 
 from braintumor.core.config import PreprocessParams, RobustnessParams
-from braintumor.core.files import atomic_path
 from braintumor.data.imaging import preprocess_gray
+from braintumor.reports.figures import new_figure, save_figure
 
 CLEAN = "clean"
 
@@ -346,13 +346,6 @@ def _as_tables(
     return {"model": tables}
 
 
-def _save_png(figure: Any, path: str | Path) -> Path:
-    destination = Path(path)
-    with atomic_path(destination) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    return destination
-
-
 def robustness_figure(
     tables: Mapping[str, Sequence[Mapping[str, Any]]] | Sequence[Mapping[str, Any]],
     path: str | Path,
@@ -361,11 +354,8 @@ def robustness_figure(
     top, its accuracy as a dashed line), written atomically as a PNG at ``path``.
 
     ``tables`` is one ``robustness_table`` or a mapping model name -> table. Uses
-    matplotlib's Figure and Agg canvas directly (no pyplot state).
+    a figure of its own (``reports.figures.new_figure``: no pyplot state).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     by_model = _as_tables(tables)
     names: list[str] = []
     for table in by_model.values():
@@ -375,8 +365,7 @@ def robustness_figure(
     models = list(by_model)
     height = 0.8 / max(1, len(models))
     figure_height = 1.4 + 0.2 * len(names) * max(1, len(models))
-    figure = Figure(figsize=(8, figure_height), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(figsize=(8, figure_height), layout="constrained")
     axis = figure.subplots()
     positions = np.arange(len(names))
     colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
@@ -397,7 +386,7 @@ def robustness_figure(
     if len(models) > 1:
         axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     axis.grid(axis="x", alpha=0.3)
-    return _save_png(figure, path)
+    return save_figure(figure, path)
 
 
 def perturbation_sheet(
@@ -410,13 +399,9 @@ def perturbation_sheet(
 ) -> Path:
     """One slice under each perturbation in ``names``, as the model sees it (perturbed,
     then preprocessed), in a grid written atomically as a PNG: what the levels look like."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     columns = min(6, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / columns))
-    figure = Figure(figsize=(1.9 * columns, 2.1 * rows), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(figsize=(1.9 * columns, 2.1 * rows), layout="constrained")
     axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
     for axis in axes:
         axis.axis("off")
@@ -424,4 +409,4 @@ def perturbation_sheet(
         image = perturbed_inputs([raw_gray], name, size, preprocess_params, seed)[0, ..., 0]
         axis.imshow(image, cmap="gray", vmin=0, vmax=255)
         axis.set_title(name, fontsize=8)
-    return _save_png(figure, path)
+    return save_figure(figure, path)

@@ -273,15 +273,16 @@ def explanation_figure(
     path: Path,
 ) -> None:
     """Grad-CAM and occlusion overlays of correctly and wrongly classified test images."""
-    import matplotlib.pyplot as plt
-
     from braintumor.explain.gradcam import gradcam
     from braintumor.explain.occlusion import occlusion_sensitivity
     from braintumor.explain.overlay import overlay
 
     classes = params.common.classes
     rows = max(1, len(examples))
-    figure, axes = plt.subplots(rows, 3, figsize=(7.5, 2.6 * rows), squeeze=False)
+    from braintumor.reports.figures import new_figure, save_figure
+
+    figure = new_figure(figsize=(7.5, 2.6 * rows))
+    axes = figure.subplots(rows, 3, squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
     if examples:
@@ -310,48 +311,7 @@ def explanation_figure(
             axes[row, 1].set_title("Grad-CAM", fontsize=7)
             axes[row, 2].imshow(overlay(gray, occlusion, 0.45))
             axes[row, 2].set_title("occlusion", fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-
-
-def confusion_figure(report: dict[str, Any], classes: list[str], title: str, path: Path) -> None:
-    """Counts and row-normalised confusion matrices side by side."""
-    import matplotlib.pyplot as plt
-
-    matrix = np.asarray(report["confusion_matrix"])
-    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for axis, values, fmt in ((axes[0], matrix, "d"), (axes[1], normalised, ".2f")):
-        axis.imshow(values, cmap="Blues")
-        axis.set_xticks(range(len(classes)), classes, rotation=30, fontsize=8)
-        axis.set_yticks(range(len(classes)), classes, fontsize=8)
-        axis.set_xlabel("predicted")
-        axis.set_ylabel("true")
-        for i in range(len(classes)):
-            for j in range(len(classes)):
-                axis.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=8)
-    figure.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-
-
-def roc_figure(rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 4.5))
-    for name in sorted({r["class"] for r in rows}):
-        points = [r for r in rows if r["class"] == name]
-        axis.plot([p["fpr"] for p in points], [p["tpr"] for p in points], label=name)
-    axis.plot([0, 1], [0, 1], color="gray", linestyle=":")
-    axis.set_xlabel("false positive rate")
-    axis.set_ylabel("true positive rate")
-    axis.set_title(title)
-    axis.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
 
 
 @dataclass
@@ -506,6 +466,7 @@ def write_figures(
     from braintumor.core.files import atomic_path
     from braintumor.evaluation.calibration import reliability_figure
     from braintumor.evaluation.robustness import robustness_figure
+    from braintumor.reports.figures import confusion_figure, roc_figure
 
     test = inputs.data.splits["test"]
     classes = list(params.common.classes)
@@ -518,7 +479,7 @@ def write_figures(
             for view in (VIEW_TEST, VIEW_LEAKAGE_FREE):
                 if view in results[name]["views"]:
                     confusion_figure(
-                        results[name]["views"][view],
+                        np.asarray(results[name]["views"][view]["confusion_matrix"]),
                         classes,
                         f"{name}: {view}",
                         figures / f"confusion_{name}_{view}.png",

@@ -43,7 +43,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from braintumor.core.config import ConfigError, GateParams, Params, load_params
-from braintumor.core.redaction import redact_text, redact_uri
+from braintumor.core.redaction import one_line, redact_uri
 from braintumor.serving.bundle import BundleMeta
 from braintumor.serving.pyfunc import (  # the pyfunc lives beside serving; re-exported here
     SERVED_REQUIREMENTS,
@@ -490,12 +490,6 @@ def find_project_root(start: Path) -> Path:
     raise RegistryError(f"{start}: no params.yaml or dvc.yaml here or above; pass --params")
 
 
-def _one_line(error: BaseException) -> str:
-    """The first line of an error, credentials stripped: what a person needs to act."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return redact_text(lines[0] if lines else type(error).__name__)
-
-
 def _act(args: argparse.Namespace) -> tuple[str, GateDecision | str]:
     """Resolve the project, its parameters and its store, then promote or roll back."""
     if args.params is None:
@@ -523,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name, outcome = _act(args)
     except (RegistryError, ConfigError, MlflowException, OSError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     if isinstance(outcome, str):
         print(f"rollback: {name} champion is now v{outcome}")

@@ -210,23 +210,6 @@ def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
             writer.writerows(history)
 
 
-def history_figure(history: list[dict[str, float]], path: Path, title: str) -> None:
-    """Loss and accuracy per epoch, training and validation, side by side."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9, 3.4))
-    epochs = [row["epoch"] for row in history]
-    for axis, key in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
-        axis.plot(epochs, [row[key] for row in history], marker="o", label="train")
-        axis.plot(epochs, [row[f"val_{key}"] for row in history], marker="o", label="validation")
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(key)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.suptitle(title)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
-
-
 # --------------------------------------------------------------------------- the phase
 
 
@@ -656,7 +639,7 @@ def _write_outputs(
         write_json(paths.headline, phase_headline(metrics))
     train = data.splits["train"]
     with atomic_path(paths.figures, directory=True) as folder:
-        history_figure(history, folder / "history.png", f"{phase} phase")
+        figures.history_figure(history, folder / "history.png", f"{phase} phase")
         rows = np.random.default_rng(params.common.seed).choice(
             indices, size=min(FIGURE_EXAMPLES, len(indices)), replace=False
         )
