@@ -21,11 +21,14 @@ from typing import Any, BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_path(destination: str | Path, *, directory: bool = False) -> Iterator[Path]:
+def atomic_path(
+    destination: str | Path, *, directory: bool = False, suffix: str = ""
+) -> Iterator[Path]:
     """Yield a temporary path beside ``destination``; move it into place on success.
 
     With ``directory=True`` the yielded path is an empty folder. If the body raises, the
-    temporary is deleted and ``destination`` keeps whatever it held before.
+    temporary is deleted and ``destination`` keeps whatever it held before. ``suffix`` ends
+    the temporary's name, for writers that insist on one (Keras: ``.keras``).
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -34,10 +37,10 @@ def atomic_path(destination: str | Path, *, directory: bool = False) -> Iterator
     umask = os.umask(0)
     os.umask(umask)
     if directory:
-        temporary = Path(tempfile.mkdtemp(prefix=prefix, dir=destination.parent))
+        temporary = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=destination.parent))
         os.chmod(temporary, 0o777 & ~umask)
     else:
-        handle, name = tempfile.mkstemp(prefix=prefix, dir=destination.parent)
+        handle, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=destination.parent)
         os.close(handle)
         temporary = Path(name)
         os.chmod(temporary, 0o666 & ~umask)

@@ -21,8 +21,8 @@ from typing import Any
 
 from braintumor.core.config import ConfigError, Params, load_params
 from braintumor.model.backend import configure_backend
-from braintumor.training.checkpointing import PHASES, TrainingInterrupted
-from braintumor.training.phase import NullRun, PhaseError, PhasePaths, find_checkpoint, run_phase
+from braintumor.training.checkpointing import PHASES, PhaseError, TrainingInterrupted
+from braintumor.training.phase import NullRun, PhasePaths, find_checkpoint, run_phase
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from braintumor.training.checkpointing import (
     TrainingInterrupted,
     callback_state,
     epoch_seed,
-    lower_is_better,
+    improves,
     save_model_atomic,
 )
 
@@ -164,10 +164,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         if value is None:
             raise ValueError(f"best checkpoint: metric {self.monitor!r} was not computed")
         value = float(value)
-        better = self.best is None or (
-            value < self.best if lower_is_better(self.monitor) else value > self.best
-        )
-        if better:
+        if self.best is None or improves(value, self.best, self.monitor):
             self.best, self.best_epoch = value, epoch
             save_model_atomic(self.target, self.path)
 

@@ -9,11 +9,15 @@ Keras callbacks in ``callbacks`` use, so neither imports the other.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from braintumor.core.config import Params
+from braintumor.core.files import atomic_path, file_sha256
 
 if TYPE_CHECKING:
     import keras
@@ -39,6 +43,10 @@ CALLBACK_STATE = {
     "reduce_lr": ("wait", "cooldown_counter", "best"),
     "best_checkpoint": ("best", "best_epoch"),
 }
+
+
+class PhaseError(ValueError):
+    """A phase cannot run on what it was given (a model of another shape, no epoch run)."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -100,11 +108,42 @@ def reset_checkpoint_dir(checkpoint_dir: Path) -> None:
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` name beside ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    try:
+    """``model.save`` to a temporary name beside ``path`` (ending ``.keras``, which Keras
+    requires), renamed into place once complete."""
+    with atomic_path(path, suffix=".keras") as temporary:
         model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+
+
+def fingerprint(
+    params: Params,
+    phase: str,
+    data_digest: str,
+    init_model: Path | None,
+    pretrained: Path | None = None,
+) -> str:
+    """What a checkpoint was made from: resuming is only allowed when this matches.
+
+    Covers every parameter that shapes the phase (the other phase's settings and the
+    settings that only change speed excepted: a frozen-phase checkpoint is still valid when
+    only fine-tuning, the backend or the compiler settings change), the data digest and,
+    for fine-tuning, the starting model's bytes (for the frozen phase, the pretrained
+    backbone file's).
+    """
+    train = dataclasses.asdict(params.train)
+    train.pop("frozen" if phase == "finetune" else "finetune")
+    for speed_only in ("backend", "loader_workers", "compilation_cache", "xla_gpu_autotune_level"):
+        train.pop(speed_only)
+    content = {
+        "phase": phase,
+        "common": dataclasses.asdict(params.common),
+        "model": dataclasses.asdict(params.model),
+        "augment": dataclasses.asdict(params.augment),
+        "train": train,
+        "data": data_digest,
+        "init_model": file_sha256(init_model) if init_model is not None else None,
+        "pretrained": (
+            file_sha256(pretrained) if pretrained is not None and pretrained.is_file() else None
+        ),
+    }
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -19,12 +19,7 @@ modules inside functions.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import hashlib
 import importlib.util
-import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +28,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from braintumor.core.config import Params, PhaseParams
-from braintumor.core.files import atomic_path, file_sha256, write_json
+from braintumor.core.files import atomic_path, write_json
+from braintumor.reports import figures
 from braintumor.training.checkpointing import (
     BEST_MODEL,
-    HISTORY_COLUMNS,
     PHASES,
     STATE_FILE,
+    PhaseError,
+    fingerprint,
     improves,
     load_resume_state,
-    lower_is_better,
     reset_checkpoint_dir,
     save_model_atomic,
+)
+from braintumor.training.features import backbone_features, check_cacheable, head_model
+from braintumor.training.records import (
+    numeric_metrics,
+    session_epoch_seconds,
+    summarise,
+    write_history_csv,
 )
 
 if TYPE_CHECKING:
@@ -52,10 +55,6 @@ if TYPE_CHECKING:
     from braintumor.training.inputs import ProcessedData
 
 FIGURE_EXAMPLES = 9
-
-
-class PhaseError(ValueError):
-    """A phase cannot run on what it was given (a model of another shape, no epoch run)."""
 
 
 @dataclass(frozen=True)
@@ -125,89 +124,12 @@ def trainable_mode(phase: str, settings: PhaseParams) -> str:
     return "head" if phase == "frozen" else "all_but_batchnorm"
 
 
-def fingerprint(
-    params: Params,
-    phase: str,
-    data_digest: str,
-    init_model: Path | None,
-    pretrained: Path | None = None,
-) -> str:
-    """What a checkpoint was made from: resuming is only allowed when this matches.
-
-    Covers every parameter that shapes the phase (the other phase's settings and the
-    settings that only change speed excepted: a frozen-phase checkpoint is still valid when
-    only fine-tuning, the backend or the compiler settings change), the data digest and,
-    for fine-tuning, the starting model's bytes (for the frozen phase, the pretrained
-    backbone file's).
-    """
-    train = dataclasses.asdict(params.train)
-    train.pop("frozen" if phase == "finetune" else "finetune")
-    for speed_only in ("backend", "loader_workers", "compilation_cache", "xla_gpu_autotune_level"):
-        train.pop(speed_only)
-    content = {
-        "phase": phase,
-        "common": dataclasses.asdict(params.common),
-        "model": dataclasses.asdict(params.model),
-        "augment": dataclasses.asdict(params.augment),
-        "train": train,
-        "data": data_digest,
-        "init_model": file_sha256(init_model) if init_model is not None else None,
-        "pretrained": (
-            file_sha256(pretrained) if pretrained is not None and pretrained.is_file() else None
-        ),
-    }
-    text = json.dumps(content, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def find_checkpoint(
     params: Params, phase: str, data: ProcessedData, paths: PhasePaths
 ) -> tuple[str, dict[str, Any] | None]:
     """The phase's fingerprint and the state to resume from (None: start afresh)."""
     expected = fingerprint(params, phase, data.digest, paths.init_model, paths.pretrained)
     return expected, load_resume_state(paths.checkpoint_dir, expected)
-
-
-def summarise(history: list[dict[str, float]], monitor: str) -> dict[str, Any]:
-    """Best epoch by ``monitor`` and throughput from the per-epoch history."""
-    if not history:
-        raise PhaseError("no epoch was run")
-    values = [row[monitor] for row in history]
-    best = (min if lower_is_better(monitor) else max)(range(len(values)), key=values.__getitem__)
-    rates = [row["images_per_second"] for row in history if row.get("images_per_second")]
-    return {
-        "best_epoch": int(history[best]["epoch"]),
-        "best_val_loss": float(history[best]["val_loss"]),
-        "best_val_accuracy": float(history[best]["val_accuracy"]),
-        "max_val_accuracy": float(max(row["val_accuracy"] for row in history)),
-        "epochs_run": len(history),
-        "total_train_seconds": round(sum(row["train_seconds"] for row in history), 2),
-        "total_epoch_seconds": round(sum(row["seconds"] for row in history), 2),
-        # The median ignores the first epoch of a process, which includes compilation.
-        "images_per_second": round(statistics.median(rates), 2) if rates else None,
-    }
-
-
-def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a phase's metrics for MLflow, one level of nesting flattened
-    (``compiles: {train_step: 1}`` -> ``compiles/train_step``)."""
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            for inner, number in value.items():
-                if isinstance(number, int | float):
-                    flat[f"{key}/{inner}"] = number
-        elif isinstance(value, int | float):
-            flat[key] = value
-    return flat
-
-
-def write_history_csv(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_path(path) as temporary:
-        with temporary.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(history)
 
 
 # --------------------------------------------------------------------------- the phase
@@ -242,53 +164,6 @@ def build_phase_model(
     return model
 
 
-def _check_cacheable(phase: str, settings: PhaseParams) -> None:
-    if trainable_mode(phase, settings) != "head":
-        raise PhaseError(
-            f"train.{phase}.cache_features: only a phase that trains the head alone can "
-            f"reuse backbone features (trainable is {trainable_mode(phase, settings)!r})"
-        )
-
-
-def head_model(model: keras.Model) -> keras.Model:
-    """The head of a ``build_model`` model as a model of its own, taking pooled backbone
-    features. It shares the layers (and so the weights) of ``model``: training it trains
-    ``model``'s head, and ``model`` is what gets saved."""
-    import keras
-
-    from braintumor.model.classifier import HEAD_PREFIX, is_head_layer
-
-    layers = [layer for layer in model.layers if is_head_layer(layer)]
-    pool = model.get_layer(f"{HEAD_PREFIX}pool")
-    if not layers or layers[0] is not pool:
-        raise PhaseError("model has no head_pool layer first in its head")
-    inputs = keras.Input(pool.output.shape[1:], name="features")
-    x = inputs
-    for layer in layers[1:]:
-        x = layer(x)
-    return keras.Model(inputs, x, name=f"{model.name}_head")
-
-
-def backbone_features(
-    model: keras.Model, images: np.ndarray, indices: np.ndarray | None, batch_size: int
-) -> np.ndarray:
-    """Pooled backbone features (float32) of ``images[indices]``, batch by batch, with the
-    backbone in inference mode (as a frozen backbone runs while its head trains)."""
-    import keras
-
-    from braintumor.model.classifier import HEAD_PREFIX
-
-    extractor = keras.Model(model.inputs, model.get_layer(f"{HEAD_PREFIX}pool").output)
-    rows = np.arange(len(images)) if indices is None else np.asarray(indices)
-    features = np.zeros((len(rows), extractor.output_shape[-1]), dtype=np.float32)
-    for start in range(0, len(rows), batch_size):
-        # Read each batch in file order (memory map), write it back in the caller's order.
-        order = start + np.argsort(rows[start : start + batch_size])
-        batch = np.asarray(images[rows[order]], dtype=np.float32)
-        features[order] = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
-    return features
-
-
 @dataclass
 class PhaseInputs:
     """What ``fit`` trains and validates on: the model it steps (the inference model with
@@ -321,7 +196,7 @@ def phase_inputs(
     if settings.cache_features:
         # The frozen backbone gives every epoch the same features: compute them once and
         # train the head alone (without augmentation, which would change them).
-        _check_cacheable(phase, settings)
+        check_cacheable(phase, trainable_mode(phase, settings))
         training_model = head_model(model)
         train_inputs = backbone_features(model, train.images, indices, settings.batch_size)
         train_labels, batch_indices = train.labels[indices], None
@@ -588,19 +463,6 @@ def starting_point(
     return float(values[key]), [np.array(w) for w in model.get_weights()]
 
 
-def session_epoch_seconds(
-    history: list[dict[str, float]], epochs_this_session: int
-) -> dict[str, float | None]:
-    """Wall seconds of the first epoch this process ran (it holds the compilations) and the
-    median of the ones after it (steady state); None where there is no such epoch."""
-    ran = history[len(history) - epochs_this_session :] if epochs_this_session else []
-    later = [row["seconds"] for row in ran[1:]]
-    return {
-        "first_epoch_seconds": ran[0]["seconds"] if ran else None,
-        "later_epoch_seconds": round(statistics.median(later), 3) if later else None,
-    }
-
-
 def _tensorboard(log_dir: Path | None, backend: str) -> Any | None:
     """Keras's TensorBoard callback when it can work here (TF 2.21 no longer ships
     tensorboard; the history CSV is the log then)."""
@@ -628,7 +490,6 @@ def _write_outputs(
     run: Any,
 ) -> None:
     from braintumor.model.augment import augment_examples
-    from braintumor.reports import figures
 
     save_model_atomic(model, paths.model)
     write_history_csv(paths.history, history)

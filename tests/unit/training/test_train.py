@@ -268,12 +268,8 @@ def test_cached_features_train_the_head_of_the_saved_model(tmp_path: Path, data)
     import keras
 
     from braintumor.model.classifier import backbone_layers
-    from braintumor.training.phase import (
-        backbone_features,
-        build_phase_model,
-        head_model,
-        run_phase,
-    )
+    from braintumor.training.features import backbone_features, head_model
+    from braintumor.training.phase import build_phase_model, run_phase
 
     params = tiny_params(frozen__cache_features=True, frozen__epochs=3)
     keras.utils.set_random_seed(params.common.seed)
@@ -473,7 +469,7 @@ def test_xla_autotune_level_replaces_the_one_in_xla_flags(monkeypatch) -> None:
 
 def test_compile_counts_are_named_per_keras_step_and_flattened_for_mlflow() -> None:
     from braintumor.training.compile_stats import step_name
-    from braintumor.training.phase import numeric_metrics
+    from braintumor.training.records import numeric_metrics
 
     assert [step_name(n) for n in ("jit(train_step)", "jit(test_step)", "jit(_uniform)")] == [
         "train_step",
