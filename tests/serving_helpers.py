@@ -13,7 +13,7 @@ import numpy as np
 
 from braintumor.core.config import ModelParams, PreprocessParams
 from braintumor.data.imaging import decode_image, preprocess_gray
-from braintumor.serving.bundle import BundleMeta, InputStats, write_bundle
+from braintumor.serving.bundle import MODEL_FILE, BundleMeta, InputStats, read_meta, write_bundle
 
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 BUNDLE_SIZE = 64
@@ -68,6 +68,34 @@ def tiny_bundle_folder(mirror: Path, root: Path) -> Path:
     )
     write_bundle(root / "bundle", root / "trained.keras", meta)
     _BUNDLES["tiny"] = root / "bundle"
+    return root / "bundle"
+
+
+def tiny_bundle_with_detector(mirror: Path, root: Path) -> Path:
+    """The tiny bundle plus a Mahalanobis OOD detector, as the evaluate stage ships one:
+    fitted on the slices the model was trained on, thresholded on 40 other training
+    slices at a 10 % false-alarm rate, written through ``write_bundle`` (once per
+    session); returns its folder."""
+    if "tiny+ood" in _BUNDLES:
+        return _BUNDLES["tiny+ood"]
+    from braintumor.evaluation.ood import FeatureExtractor, ModelOutputs, fit_detector
+    from braintumor.serving.bundle import Bundle
+
+    source = tiny_bundle_folder(mirror, root / "plain")
+    bundle = Bundle.load(source)
+    extractor = FeatureExtractor(bundle.model)
+
+    def outputs(paths: list[Path]) -> ModelOutputs:
+        size, params = bundle.meta.image_size, bundle.meta.preprocess
+        gray = [preprocess_gray(decode_image(p.read_bytes()).gray, size, params) for p in paths]
+        return extractor(np.stack(gray))
+
+    train = outputs(real_images(mirror, 8, "Training", offset=100))  # what the bundle learnt
+    validation = outputs(real_images(mirror, 10, "Training", offset=300))
+    labels = np.repeat(np.arange(len(CLASSES)), 8)
+    detector = fit_detector("mahalanobis", train, labels, validation, 0.1)
+    write_bundle(root / "bundle", source / MODEL_FILE, read_meta(source), detector)
+    _BUNDLES["tiny+ood"] = root / "bundle"
     return root / "bundle"
 
 

@@ -20,9 +20,10 @@ Methods (higher score = more unusual):
   fit, but a network trained with softmax can be sure about what it has never seen.
 
 Fitted in the evaluate stage on training features, thresholded on validation features,
-saved as ``ood.npz`` in the model bundle (no pickles). Serving runs ``FeatureExtractor``
-once per batch (probabilities, features and logits from one forward pass), then
-``OodDetector.score`` and ``OodDetector.is_outlier``.
+saved as ``ood.npz`` in the model bundle (no pickles; ``serving.bundle`` writes, hashes
+and reads it). Serving runs ``FeatureExtractor`` once per batch (probabilities, features
+and logits from one forward pass), then ``OodDetector.score`` and
+``OodDetector.is_outlier``.
 
 Core layer: NumPy and scikit-learn, Keras only inside ``FeatureExtractor``.
 """
@@ -35,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-OOD_FILE = "ood.npz"
 METHODS = ("mahalanobis", "energy")
 FEATURE_LAYER = "head_pool"  # model.HEAD_PREFIX + "pool": global average of the backbone
 LOGIT_LAYER = "head_predictions"  # model.OUTPUT: a softmax Dense, its logits are rebuilt
@@ -235,13 +235,6 @@ class OodDetector:
             means=None if means is None else np.asarray(means, np.float64),
             whitening=None if whitening is None else np.asarray(whitening, np.float64),
         )
-
-
-def load_detector(bundle_folder: Path) -> OodDetector | None:
-    """The detector saved in a bundle folder, or None for a bundle written before the
-    evaluate stage shipped one (serving then falls back to its input checks)."""
-    path = Path(bundle_folder) / OOD_FILE
-    return OodDetector.load(path) if path.is_file() else None
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,32 @@
 """The model bundle: a trained model plus everything needed to use it on a raw image.
 
-A bundle is a folder with ``model.keras`` and ``bundle.json`` (class names, input size,
-the exact preprocessing parameters, the calibration temperature, the Grad-CAM layer, the
-intensity statistics of the training images, and where the model came from). The evaluate
-stage writes it, the registered MLflow model carries it as an artifact, and the app and
-the ``predict`` command load it, so preprocessing and class names are never re-typed and
-a served image goes through exactly the transform the model was trained on.
+A bundle is a folder with ``model.keras``, ``bundle.json`` (class names, input size, the
+exact preprocessing parameters, the calibration temperature, the Grad-CAM layer, the
+intensity statistics of the training images, and where the model came from) and, when the
+evaluate stage fitted one, ``ood.npz`` (the out-of-distribution detector, ``ood.py``).
+The evaluate stage writes it, the registered MLflow model carries it as an artifact, and
+the app and the ``predict`` command load it, so preprocessing and class names are never
+re-typed and a served image goes through exactly the transform the model was trained on.
 
-Core layer: imports the config, imaging and calibration modules and Keras, nothing above.
+This module owns every file of a bundle: ``write_bundle`` is the one writer and
+``Bundle.load`` the one reader. ``bundle.json`` lists every other file with its sha256
+(``files``), and ``Bundle.load`` refuses a bundle whose folder holds anything else, lacks
+a listed file, or has a file whose bytes changed: a detector threshold raised to 1e30, a
+deleted detector (which would silently fall back to the weaker input-statistics check)
+or a swapped model are refused with one line naming the file. The only way around it is
+``BRAINTUMOR_UNVERIFIED_BUNDLE=1``, for development, which logs a loud warning.
+
+Serving layer: imports the config, imaging, calibration and OOD modules and Keras.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +35,20 @@ import numpy as np
 
 from braintumor.core.config import ClaheParams, PreprocessParams, UnsharpParams
 from braintumor.core.files import atomic_path, file_sha256
+from braintumor.core.redaction import one_line
 from braintumor.data.imaging import decode_image, preprocess_gray
 from braintumor.evaluation.calibration import apply_temperature
+from braintumor.evaluation.ood import OodDetector, OodError
 
 MODEL_FILE = "model.keras"
 META_FILE = "bundle.json"
-FORMAT_VERSION = 1
+OOD_FILE = "ood.npz"
+# The files a bundle may hold besides bundle.json (the model is required).
+BUNDLE_FILES = (MODEL_FILE, OOD_FILE)
+FORMAT_VERSION = 2  # 2: bundle.json lists every file with its sha256 (``files``)
+UNVERIFIED_ENV = "BRAINTUMOR_UNVERIFIED_BUNDLE"
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+LOGGER = logging.getLogger("braintumor.serving.bundle")
 
 
 class BundleError(ValueError):
@@ -80,6 +101,8 @@ class BundleMeta:
     input_stats: InputStats | None = None
     model_sha256: str = ""
     source: dict[str, Any] = field(default_factory=dict)
+    # The manifest: every file of the bundle but bundle.json, with its sha256.
+    files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -103,16 +126,40 @@ class BundleMeta:
                 input_stats=InputStats(**stats) if stats else None,
                 model_sha256=str(data.get("model_sha256", "")),
                 source=dict(data.get("source", {})),
+                files=_manifest(data.get("files", {})),
             )
         except (KeyError, TypeError, ValueError) as error:
-            raise BundleError(f"{META_FILE}: malformed ({error})") from None
+            raise BundleError(f"{META_FILE}: malformed ({one_line(error)})") from None
 
 
-def write_bundle(folder: Path, model_path: Path, meta: BundleMeta) -> BundleMeta:
-    """Write (atomically) a bundle folder from a saved ``.keras`` model and its metadata."""
-    meta = dataclasses.replace(meta, model_sha256=file_sha256(model_path))
+def _manifest(value: Any) -> dict[str, str]:
+    """``bundle.json``'s ``files``: a mapping of file names to sha256 text (not checked
+    against the folder here: ``verify_files`` does that)."""
+    if not isinstance(value, dict) or not all(
+        isinstance(name, str) and isinstance(digest, str) for name, digest in value.items()
+    ):
+        raise ValueError("'files' must map file names to sha256 hex digests")
+    return dict(value)
+
+
+def write_bundle(
+    folder: Path,
+    model_path: Path,
+    meta: BundleMeta,
+    ood_detector: OodDetector | None = None,
+) -> BundleMeta:
+    """Write (atomically) a bundle folder: the saved ``.keras`` model, the detector when
+    there is one, and ``bundle.json`` listing every other file with its sha256.
+
+    The one writer of bundles (the evaluate stage, tests and benchmarks call it), so the
+    manifest always matches what was written. Returns the metadata as written.
+    """
     with atomic_path(folder, directory=True) as temporary:
-        (temporary / MODEL_FILE).write_bytes(Path(model_path).read_bytes())
+        shutil.copyfile(model_path, temporary / MODEL_FILE)
+        if ood_detector is not None:
+            ood_detector.save(temporary / OOD_FILE)
+        files = {path.name: file_sha256(path) for path in sorted(temporary.iterdir())}
+        meta = dataclasses.replace(meta, model_sha256=files[MODEL_FILE], files=files)
         (temporary / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True))
     return meta
 
@@ -128,37 +175,120 @@ def read_meta(folder: Path) -> BundleMeta:
     return BundleMeta.from_json(data)
 
 
+def verify_files(folder: Path, meta: BundleMeta) -> None:
+    """Refuse (``BundleError``, one line naming the file) a bundle whose folder is not
+    exactly what ``bundle.json`` lists: a manifest that cannot vouch for it
+    (``_check_manifest``), an unlisted extra file, a missing file, or a file whose sha256
+    differs. Catches a detector or model changed, removed or added after the evaluate
+    stage wrote the bundle."""
+    folder = Path(folder)
+    _check_manifest(folder / META_FILE, meta)
+    for entry in sorted(folder.iterdir()):
+        if entry.name != META_FILE and entry.name not in meta.files:
+            raise BundleError(f"{entry}: not listed in {META_FILE} (not part of this bundle)")
+    for name, digest in sorted(meta.files.items()):
+        path = folder / name
+        if not path.is_file():
+            raise BundleError(f"{path}: missing (listed in {META_FILE})")
+        if file_sha256(path) != digest:
+            raise BundleError(f"{path}: sha256 differs from {META_FILE} (changed since written)")
+
+
+def _check_manifest(manifest: Path, meta: BundleMeta) -> None:
+    """The manifest itself: present (a bundle from before manifests has none), only bundle
+    file names, each with a well-formed sha256, the model among them, and the same model
+    hash as ``model_sha256`` (which the registry and the app show)."""
+    if not meta.files:
+        raise BundleError(
+            f"{manifest}: lists no files with their sha256 (a bundle written before integrity "
+            f"checks): re-run `dvc repro evaluate` to rebuild it, or set {UNVERIFIED_ENV}=1 to "
+            "load it unverified (development only)"
+        )
+    for name, digest in sorted(meta.files.items()):
+        if name not in BUNDLE_FILES:
+            raise BundleError(f"{manifest}: lists {name[:80]!r}, which is not a bundle file")
+        if not SHA256_PATTERN.fullmatch(digest):
+            problem = "an empty sha256" if not digest else "a malformed sha256"
+            raise BundleError(f"{manifest}: {name} has {problem}")
+    if MODEL_FILE not in meta.files:
+        raise BundleError(f"{manifest}: does not list {MODEL_FILE}")
+    if meta.model_sha256 != meta.files[MODEL_FILE]:
+        problem = "is empty" if not meta.model_sha256 else f"differs from its {MODEL_FILE} entry"
+        raise BundleError(f"{manifest}: model_sha256 {problem}")
+
+
+def _check_integrity(folder: Path, meta: BundleMeta) -> None:
+    """``verify_files``, or with ``BRAINTUMOR_UNVERIFIED_BUNDLE=1`` (development only) a
+    loud warning instead of the refusal."""
+    try:
+        verify_files(folder, meta)
+    except BundleError as error:
+        if os.environ.get(UNVERIFIED_ENV) != "1":
+            raise
+        LOGGER.warning(
+            "UNVERIFIED MODEL BUNDLE, loaded only because %s=1 (never in production): %s",
+            UNVERIFIED_ENV,
+            error,
+        )
+
+
+def _read_detector(folder: Path) -> OodDetector | None:
+    """The bundle's out-of-distribution detector; None when the bundle has none (the
+    evaluate stage ran with ``ood_method: none``; serving then refuses by input
+    statistics)."""
+    path = Path(folder) / OOD_FILE
+    if not path.is_file():
+        return None
+    try:
+        return OodDetector.load(path)
+    except OodError as error:
+        raise BundleError(one_line(error)) from None
+
+
 class Bundle:
     """A loaded bundle: preprocess raw image bytes, predict calibrated probabilities."""
 
-    def __init__(self, folder: Path, model: Any, meta: BundleMeta) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        model: Any,
+        meta: BundleMeta,
+        ood_detector: OodDetector | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.model = model
         self.meta = meta
+        self.ood_detector = ood_detector  # None: serving falls back to input statistics
 
     @classmethod
     def load(cls, folder: str | Path) -> Bundle:
-        """Load and check a bundle: the model file's hash and its output size must match."""
+        """Load a bundle after ``verify_files``: every file is the one the evaluate stage
+        wrote (or ``BRAINTUMOR_UNVERIFIED_BUNDLE=1`` warns instead); the model's output
+        size must match the class names."""
         import keras
 
         folder = Path(folder)
         meta = read_meta(folder)
+        _check_integrity(folder, meta)
         model_path = folder / MODEL_FILE
         if not model_path.is_file():
             raise BundleError(f"{folder}: bundle has no {MODEL_FILE}")
-        if meta.model_sha256 and file_sha256(model_path) != meta.model_sha256:
-            raise BundleError(f"{model_path}: sha256 differs from {META_FILE}")
         try:
             model = keras.saving.load_model(model_path, compile=False)
         except Exception as error:  # noqa: BLE001 - Keras raises many kinds here
-            raise BundleError(f"{model_path}: not a Keras model ({error})") from None
+            raise BundleError(f"{model_path}: not a Keras model ({one_line(error)})") from None
         outputs = int(model.output_shape[-1])
         if outputs != len(meta.classes):
             raise BundleError(
                 f"{model_path}: model has {outputs} outputs but the bundle names "
                 f"{len(meta.classes)} classes"
             )
-        return cls(folder, model, meta)
+        return cls(folder, model, meta, _read_detector(folder))
+
+    def with_source(self, source: dict[str, Any]) -> Bundle:
+        """The same loaded bundle described by another ``source`` (a registry version)."""
+        meta = dataclasses.replace(self.meta, source=source)
+        return Bundle(self.folder, self.model, meta, self.ood_detector)
 
     def preprocess_bytes(self, data: bytes, name: str = "<upload>") -> np.ndarray:
         """Raw file bytes to the (H, W) uint8 image the model sees (raises ImageDecodeError).

@@ -5,7 +5,7 @@ One place turns an uploaded file into what the model sees, so the entry points c
 drift apart: the same bad file gets the same ``InputError`` reason from all of them.
 
 - ``load_serving_config`` reads the ``serving`` section that ``config`` parses (one schema,
-  ``config.ServingParams``; ``ServingSettings`` is the same class under its old name).
+  ``config.ServingParams``).
 - ``load_bundle`` opens a model bundle from a local folder or the MLflow registry.
 - ``Predictor.prepare_file`` (the app and ``predict``: a path) reads a file safely (regular
   files only, size checked with ``fstat`` before reading, never more than the limit read)
@@ -57,7 +57,7 @@ from braintumor.core.redaction import redact_text
 from braintumor.data import imaging
 from braintumor.data.dicom import decode_dicom, sniff_dicom
 from braintumor.evaluation.calibration import apply_temperature
-from braintumor.evaluation.ood import FeatureExtractor, load_detector
+from braintumor.evaluation.ood import FeatureExtractor
 from braintumor.serving.bundle import Bundle, BundleError
 
 REGISTRY_SCHEME = "models:/"
@@ -87,17 +87,12 @@ class InputError(ValueError):
         self.reason = reason
 
 
-# The one serving schema is ``config.ServingParams`` (the ``serving`` section of
-# ``params.yaml``); this name stays for callers written before it held every key.
-ServingSettings = ServingParams
-
-
 @dataclass(frozen=True)
 class ServingConfig:
     """What serving reads from ``params.yaml``: its settings, the default model and the
     tracking URI the registry lives at."""
 
-    settings: ServingSettings
+    settings: ServingParams
     default_model: str
     tracking_uri: str
     params: Params | None = None  # None when there is no parameter file
@@ -222,8 +217,7 @@ def _load_registered(uri: str, tracking_uri: str | None) -> Bundle:
     source.update(registered_model=name, version=version, model_uri=uri)
     if alias is not None:
         source["alias"] = alias
-    meta = dataclasses.replace(bundle.meta, source=source)
-    return Bundle(bundle.folder, bundle.model, meta)
+    return bundle.with_source(source)
 
 
 def _bundle_folder(model_dir: Path, uri: str) -> Path:
@@ -404,7 +398,7 @@ class Predictor:
         self.image_size = int(bundle.meta.image_size)
         self._lock = threading.Lock()
         self._gradcam: Any = None
-        self._ood = load_detector(bundle.folder)  # None: a bundle from before evaluate shipped one
+        self._ood = bundle.ood_detector  # None: the evaluate stage shipped no detector
         self._extractor: Any = None
 
     def describe(self) -> str:

@@ -6,7 +6,8 @@ the app and the ``predict`` command use, with the same ``serving`` settings (sto
 model's ``model_config`` when it is logged). So ``models:/<name>@champion`` loaded with
 ``mlflow.pyfunc.load_model`` or served by ``mlflow models serve`` refuses the same files
 for the same reasons (blank, colour photograph, truncated, too large, not an image, bad
-DICOM ...) and answers like the app for the rest.
+DICOM ...) and answers like the app for the rest. Loading it verifies the bundle's files
+against their sha256 in ``bundle.json`` (``bundle.verify_files``), as the app does.
 
 Output: one row per input with ``predicted``, one probability column per class,
 ``status`` (``ok`` or ``error``), ``reason`` (machine-readable, empty when ok), ``error``
@@ -99,6 +100,9 @@ class BundleModel(mlflow.pyfunc.PythonModel):
     """pyfunc over a model bundle: raw images in, checked, calibrated answers out."""
 
     def load_context(self, context: Any) -> None:
+        """Load the bundle artifact through ``Bundle.load``, which verifies every file
+        against bundle.json's sha256 manifest: ``mlflow.pyfunc.load_model`` of a
+        tampered model fails with the ``BundleError`` line naming the file."""
         from braintumor.serving.bundle import Bundle
         from braintumor.serving.predictor import Predictor
 

@@ -533,8 +533,14 @@ def write_plot_tables(
 
 
 def write_model_bundle(
-    paths: EvaluatePaths, inputs: Inputs, results: dict[str, dict[str, Any]], params: Params
+    paths: EvaluatePaths,
+    inputs: Inputs,
+    results: dict[str, dict[str, Any]],
+    params: Params,
+    detector: Any = None,
 ) -> Any:
+    """The bundle, through its one writer: the model, its metadata and the OOD detector
+    (when fitted), every file hashed into bundle.json."""
     from braintumor.serving.bundle import BundleMeta, InputStats, write_bundle
 
     return write_bundle(
@@ -549,6 +555,7 @@ def write_model_bundle(
             input_stats=InputStats.from_images(inputs.data.splits["train"].images),
             source={"data_digest": inputs.data.digest, "profile": params.profile},
         ),
+        detector,
     )
 
 
@@ -615,11 +622,7 @@ def write_evaluation(evaluation: Evaluation, paths: EvaluatePaths, params: Param
 
     inputs, results, robustness = evaluation.inputs, evaluation.results, evaluation.robustness
     confusion, roc = write_figures(paths.figures, inputs, results, robustness, params)
-    bundle_meta = write_model_bundle(paths, inputs, results, params)
-    if evaluation.detector is not None:
-        from braintumor.evaluation.ood import OOD_FILE
-
-        evaluation.detector.save(paths.bundle / OOD_FILE)
+    bundle_meta = write_model_bundle(paths, inputs, results, params, evaluation.detector)
     write_plot_tables(paths.plots, confusion, roc, robustness)
     report_json: dict[str, Any] = {
         name: {k: v for k, v in result.items() if k not in ("calibrated", "raw")}

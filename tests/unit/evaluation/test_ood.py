@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from braintumor.evaluation.ood import (
-    OOD_FILE,
     FeatureExtractor,
     ModelOutputs,
     OodDetector,
@@ -21,7 +20,6 @@ from braintumor.evaluation.ood import (
     energy_scores,
     fit_detector,
     fit_mahalanobis,
-    load_detector,
     mahalanobis_scores,
 )
 
@@ -126,7 +124,7 @@ def test_detector_round_trips_through_its_file(method: str, tmp_path: Path) -> N
     val_features, _ = clustered(200, seed=12)
     validation = ModelOutputs(train.probabilities[:200], val_features, val_features[:, :3])
     detector = fit_detector(method, train, labels, validation, 0.05)
-    path = tmp_path / OOD_FILE
+    path = tmp_path / "ood.npz"
     detector.save(path)
     loaded = OodDetector.load(path)
     queries, _ = clustered(30, seed=13)
@@ -139,17 +137,8 @@ def test_detector_round_trips_through_its_file(method: str, tmp_path: Path) -> N
     assert loaded.percentile(np.array([-np.inf, np.inf])).tolist() == [0.0, 100.0]
 
 
-def test_a_bundle_without_a_detector_gives_none(tmp_path: Path) -> None:
-    assert load_detector(tmp_path) is None
-    features, labels = clustered(60, seed=14)
-    fit_detector("energy", outputs_of(features), labels, outputs_of(features), 0.1).save(
-        tmp_path / OOD_FILE
-    )
-    assert load_detector(tmp_path).method == "energy"
-
-
 def test_a_file_that_is_not_a_detector_is_a_clear_error(tmp_path: Path) -> None:
-    path = tmp_path / OOD_FILE
+    path = tmp_path / "ood.npz"
     path.write_bytes(b"not a zip")
     with pytest.raises(OodError, match="not an out-of-distribution detector"):
         OodDetector.load(path)
@@ -233,12 +222,15 @@ def test_evaluate_fits_the_detector_on_train_and_thresholds_on_val(tiny_project)
 def test_the_evaluate_stage_ships_the_detector_in_the_bundle(tiny_project, tmp_path: Path) -> None:
     import json
 
+    from braintumor.serving.bundle import OOD_FILE, Bundle
     from braintumor.stages.evaluate import main
 
     from conftest import evaluate_args
 
     assert main([*evaluate_args(tiny_project, tmp_path), "--no-tracking"]) == 0
-    detector = OodDetector.load(tmp_path / "bundle" / OOD_FILE)
+    manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())["files"]
+    assert OOD_FILE in manifest  # written by the bundle's writer, so hashed with the model
+    detector = Bundle.load(tmp_path / "bundle").ood_detector
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())["finetuned"]
     assert metrics["ood.threshold"] == pytest.approx(detector.threshold, abs=1e-4)
     assert 0 <= metrics["ood.leakage_free.false_alarms"] <= 1
@@ -249,17 +241,14 @@ def test_serving_refuses_what_the_bundles_detector_flags(mirror: Path, tmp_path:
     """The detector shipped in a bundle is what serving applies: of real slices scored
     once here, one beyond the threshold is refused by ``Predictor.prepare`` (reason
     out_of_distribution, worded by features) and the lowest-scoring one is accepted."""
-    import shutil
-
     from braintumor.data.imaging import decode_image, preprocess_gray
-    from braintumor.serving.bundle import Bundle
+    from braintumor.serving.bundle import MODEL_FILE, Bundle, read_meta, write_bundle
     from braintumor.serving.predictor import OUT_OF_DISTRIBUTION, InputError, Predictor
 
     from serving_helpers import real_images, tiny_bundle_folder
 
-    folder = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle_folder(mirror, tmp_path / "built"), folder)
-    bundle = Bundle.load(folder)
+    source = tiny_bundle_folder(mirror, tmp_path / "built")
+    bundle = Bundle.load(source)
     extractor = FeatureExtractor(bundle.model)
 
     def outputs(paths: list[Path]) -> ModelOutputs:
@@ -272,7 +261,8 @@ def test_serving_refuses_what_the_bundles_detector_flags(mirror: Path, tmp_path:
     detector = fit_detector(
         "mahalanobis", outputs(train_paths), np.repeat(np.arange(4), 8), outputs(val_paths), 0.1
     )
-    detector.save(folder / OOD_FILE)
+    folder = tmp_path / "bundle"
+    write_bundle(folder, source / MODEL_FILE, read_meta(source), detector)
     scores = detector.score(outputs(val_paths).features, outputs(val_paths).logits)
     assert detector.is_outlier(scores).any()  # the premise: 10% of 40 lie beyond
     predictor = Predictor(Bundle.load(folder))

@@ -16,14 +16,13 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.core.config import ConfigError
+from braintumor.core.config import ConfigError, ServingParams
 from braintumor.data.imaging import decode_image
 from braintumor.serving.bundle import Bundle, BundleError
 from braintumor.serving.predict import find_inputs, main, predict_files, result_columns
 from braintumor.serving.predictor import (
     InputError,
     Predictor,
-    ServingSettings,
     decode_upload,
     load_bundle,
     load_serving_config,
@@ -51,7 +50,7 @@ def bundle_folder(mirror: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(bundle_folder: Path) -> Predictor:
-    return Predictor(Bundle.load(bundle_folder), ServingSettings(grayscale_tolerance=6.0))
+    return Predictor(Bundle.load(bundle_folder), ServingParams(grayscale_tolerance=6.0))
 
 
 @pytest.fixture
@@ -253,27 +252,27 @@ def test_size_limits_and_out_of_distribution(mirror, predictor, input_tree) -> N
     data = real_images(mirror, 1)[0].read_bytes()
     bundle = predictor.bundle
 
-    def refused(settings: ServingSettings, payload: bytes, name: str = "x.jpg") -> InputError:
+    def refused(settings: ServingParams, payload: bytes, name: str = "x.jpg") -> InputError:
         with pytest.raises(InputError) as error:
             Predictor(bundle, settings).prepare(payload, name)
         return error.value
 
-    error = refused(ServingSettings(max_upload_bytes=1024), data)
+    error = refused(ServingParams(max_upload_bytes=1024), data)
     assert error.reason == "too_large" and "the limit is 1 kB" in str(error)
-    error = refused(ServingSettings(max_pixels=64 * 64), data)
+    error = refused(ServingParams(max_pixels=64 * 64), data)
     assert error.reason == "too_large" and "pixels" in str(error)
-    error = refused(ServingSettings(max_pixels=64 * 64), input_tree["dicom"].read_bytes(), "s.dcm")
+    error = refused(ServingParams(max_pixels=64 * 64), input_tree["dicom"].read_bytes(), "s.dcm")
     assert error.reason == "too_large"
     # A real slice is accepted with the default thresholds, warned or refused with tight ones.
     assert predictor.prepare(data, "x.jpg").warning is None
-    warned = Predictor(bundle, ServingSettings(ood_warn_z=1e-3, ood_refuse_z=100)).prepare(data)
+    warned = Predictor(bundle, ServingParams(ood_warn_z=1e-3, ood_refuse_z=100)).prepare(data)
     assert warned.warning and "standard deviations" in warned.warning
-    error = refused(ServingSettings(ood_warn_z=1e-3, ood_refuse_z=2e-3), data)
+    error = refused(ServingParams(ood_warn_z=1e-3, ood_refuse_z=2e-3), data)
     assert error.reason == "out_of_distribution" and "brain MRI" in str(error)
     # An almost-white page with sparse dark marks (a scanned document) is far out.
     page = np.full((256, 256), 245, np.uint8)
     page[::9, ::3] = 20
-    error = refused(ServingSettings(), cv2.imencode(".png", page)[1].tobytes(), "page.png")
+    error = refused(ServingParams(), cv2.imencode(".png", page)[1].tobytes(), "page.png")
     assert error.reason == "out_of_distribution"
 
 

@@ -32,7 +32,6 @@ from braintumor.serving.predict import predict_files
 from braintumor.serving.predictor import (
     InputError,
     Predictor,
-    ServingSettings,
     decode_upload,
     load_serving_config,
     read_upload,
@@ -347,7 +346,6 @@ def test_serving_batch_size_is_one_schema_for_stages_and_serving(tmp_path: Path)
     assert (params.serving.batch_size, params.serving.max_decode_bytes) == (8, 9_000_000)
     settings = load_serving_config(path).settings
     assert settings == params.serving.resolved(params.clean)
-    assert ServingSettings is ServingParams
     bad = write_params(tmp_path / "bad", {"serving": {"batch_sise": 8}})
     for load in (load_params, load_serving_config):
         with pytest.raises(ConfigError, match=r"^serving\.batch_sise: unknown key"):
