@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     mirror = _mirror(args.mirror)
     from braintumor.serving.bundle import Bundle
-    from braintumor.serving.predictor import Predictor, ServingSettings
+    from braintumor.core.config import ServingParams
+    from braintumor.serving.predictor import Predictor
 
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -526,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bundle_folder, build_s = build_bundle(work, mirror, args.size, args.backbone)
         started = time.perf_counter()
-        predictor = Predictor(Bundle.load(bundle_folder), ServingSettings(grayscale_tolerance=6.0))
+        predictor = Predictor(Bundle.load(bundle_folder), ServingParams(grayscale_tolerance=6.0))
         load_s = time.perf_counter() - started
         started = time.perf_counter()
         predictor.warm_up()
