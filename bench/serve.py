@@ -514,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     mirror = _mirror(args.mirror)
-    from braintumor.serving.bundle import Bundle
     from braintumor.core.config import ServingParams
+    from braintumor.serving.bundle import Bundle
     from braintumor.serving.predictor import Predictor
 
     result: dict[str, Any] = {
