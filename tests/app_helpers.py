@@ -4,23 +4,65 @@ loopback over a tiny trained bundle), shared by the API tests and the browser te
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
 
+from braintumor.core.config import ServingParams
 from braintumor.serving.bundle import Bundle
-from braintumor.serving.predictor import Predictor, ServingSettings
+from braintumor.serving.predictor import Predictor
 
 from conftest import free_port, params_file
 from serving_helpers import real_images, tiny_bundle_folder
 
 STARTUP_TIMEOUT_S = 240
+READY = re.compile(r"Running on local URL: (\S+)")
 _SERVERS: dict[str, dict] = {}
+
+
+def follow_output(process: subprocess.Popen, log_path: Path, pattern: re.Pattern) -> queue.Queue:
+    """Copy ``process``'s output, line by line as it comes, to ``log_path`` (in a thread,
+    for the process's whole life, so its pipe never fills); the returned queue receives
+    the first match of ``pattern``, or ``None`` once the output ends without one."""
+    found: queue.Queue = queue.Queue()
+
+    def copy() -> None:
+        matched = False
+        with log_path.open("w") as log:
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                match = None if matched else pattern.search(line)
+                if match:
+                    matched = True
+                    found.put(match)
+        if not matched:
+            found.put(None)
+
+    threading.Thread(target=copy, name=f"output of {process.pid}", daemon=True).start()
+    return found
+
+
+def wait_for_match(
+    process: subprocess.Popen, found: queue.Queue, log_path: Path, timeout_s: float
+) -> re.Match:
+    """The match ``follow_output`` reports; fails the test with the log's end when the
+    process exits first or ``timeout_s`` passes (the process is then killed)."""
+    try:
+        match = found.get(timeout=timeout_s)
+    except queue.Empty:
+        match = None
+    if match is None:
+        process.kill()
+        process.wait()
+        pytest.fail(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+    return match
 
 
 def start_app(bundle: Path, examples: list[Path], folder: Path) -> dict:
@@ -56,27 +98,17 @@ def start_app(bundle: Path, examples: list[Path], folder: Path) -> dict:
         "--examples",
         *map(str, examples),
     ]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=cwd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    url = None
-    while url is None:
-        text = log_path.read_text()
-        found = re.search(r"Running on local URL: (\S+)", text)
-        if found:
-            url = found.group(1)
-        elif process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the app did not start:\n{text[-3000:]}")
-        else:
-            time.sleep(0.5)
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    found = follow_output(process, log_path, READY)
+    url = wait_for_match(process, found, log_path, STARTUP_TIMEOUT_S).group(1)
     uploads = re.search(r"uploads kept in (\S+)", log_path.read_text())
     _SERVERS["app"] = {
         "url": url,
@@ -92,14 +124,14 @@ def start_app(bundle: Path, examples: list[Path], folder: Path) -> dict:
 
 
 def seed_stale_runs(root: Path) -> Path:
-    """A temp root as a killed run leaves it: ``run-stale`` (a DICOM upload, its lock file
-    free), ``run-orphan`` (no lock file), and a file of someone else's not to touch."""
+    """A temp root as killed runs leave it: ``run-stale`` (a DICOM upload) and
+    ``run-other`` (an empty one), their locks free; and entries not to touch: a file
+    named like a run folder and someone else's notes."""
     stale = root / "run-stale" / "0123abcd"
     stale.mkdir(parents=True)
     (stale / "patient.dcm").write_bytes(b"DICM with a patient name")
-    (root / "run-stale.lock").write_text("")
-    (root / "run-orphan").mkdir()
-    (root / "run-orphan" / "upload.jpg").write_bytes(b"jpeg")
+    (root / "run-other").mkdir()
+    (root / "run-file.txt").write_text("a file, not a run folder")
     (root / "notes.txt").write_text("not the app's")
     return root
 
@@ -136,4 +168,4 @@ def app_server(served_bundle: Path, mirror: Path, tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_predictor(served_bundle: Path) -> Predictor:
     """The app's bundle in this process, through the ``predict`` command's code."""
-    return Predictor(Bundle.load(served_bundle), ServingSettings(grayscale_tolerance=6.0))
+    return Predictor(Bundle.load(served_bundle), ServingParams(grayscale_tolerance=6.0))

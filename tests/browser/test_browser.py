@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from braintumor.serving.app import DISPLAY_SIZE
+from braintumor.serving.app.handlers import DISPLAY_SIZE
 from braintumor.serving.predict import predict_files
 
 from conftest import CHROMIUM, CHROMIUM_ARGS, REPO

@@ -34,7 +34,6 @@ status 1.
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import logging
 import os
@@ -54,6 +53,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from braintumor.core.config import AcquireParams, SourceParams
 from braintumor.core.files import atomic_path, file_sha256, stream_sha256
 from braintumor.core.redaction import one_line, redact_text, redact_uri
+from braintumor.core.tempdirs import FolderInUse, LockedFolder, lock_folder, remove_stale_folders
 
 if TYPE_CHECKING:
     import requests
@@ -937,7 +937,7 @@ def acquire(
     if mirror is not None and not mirror.is_dir():
         logger.warning("mirror %s is not a folder; using the sources' uris", mirror)
     remove_stale_temporaries(out)
-    lock: int | None = None
+    lock: LockedFolder | None = None
     try:
         with atomic_path(out, directory=True) as temporary:
             lock = _claim(temporary)
@@ -946,7 +946,7 @@ def acquire(
             )
     finally:
         if lock is not None:
-            os.close(lock)  # held through the swap, so no other run takes it for stale
+            lock.release()  # held through the swap, so no other run takes it for stale
     return report
 
 
@@ -998,19 +998,17 @@ def _temporary_prefix(out: Path) -> str:
     return f".{out.name}.tmp-"
 
 
-def _claim(temporary: Path) -> int:
-    """Hold an exclusive lock on our temporary folder; returns the descriptor to close.
+def _claim(temporary: Path) -> LockedFolder:
+    """Hold an exclusive lock on our temporary folder (``core.tempdirs``); release it once
+    the folder has been swapped into place.
 
     The kernel drops the lock however the process ends, SIGKILL included, so another
     run can tell a live run's temporary (locked) from a dead run's (lockable).
     """
-    descriptor = os.open(temporary, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(descriptor)
-        raise AcquireError(f"{temporary} is locked by another run of this stage") from None
-    return descriptor
+        return lock_folder(temporary)
+    except FolderInUse as error:
+        raise AcquireError(f"temporary folder {error}") from None
 
 
 def remove_stale_temporaries(out: str | Path) -> list[Path]:
@@ -1022,31 +1020,9 @@ def remove_stale_temporaries(out: str | Path) -> list[Path]:
     beside ``out`` (another stage's temporaries, files) is never touched.
     """
     out = Path(out)
-    prefix = _temporary_prefix(out)
-    if not out.parent.is_dir():
-        return []
-    removed = []
-    for candidate in sorted(out.parent.iterdir()):
-        if not candidate.name.startswith(prefix) or candidate.is_symlink():
-            continue
-        if not candidate.is_dir():
-            continue
-        try:
-            descriptor = os.open(candidate, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue  # gone already, or not ours to read
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            logger.info("keeping %s: a live run owns it", candidate)
-            os.close(descriptor)
-            continue
-        try:
-            shutil.rmtree(candidate, ignore_errors=True)
-        finally:
-            os.close(descriptor)
-        logger.warning("removed %s, left by a run that was killed", candidate)
-        removed.append(candidate)
+    removed = remove_stale_folders(out.parent, _temporary_prefix(out))
+    for folder in removed:
+        logger.warning("removed %s, left by a run that was killed", folder)
     return removed
 
 

@@ -12,7 +12,6 @@ predictor held at ``explain`` by an event so a queue can be built up on purpose.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -27,22 +26,19 @@ import numpy as np
 import pytest
 import requests
 
-from braintumor.core.config import load_params
+from braintumor.core.config import ServingParams, load_params
+from braintumor.core.tempdirs import FolderInUse, lock_folder
 from braintumor.data.imaging import decode_image
-from braintumor.serving.app import (
-    DISPLAY_SIZE,
-    Handlers,
-    build_app,
-    claim_temp_folder,
-    find_examples,
-    fit_for_display,
-    main,
-    read_auth_file,
-    serve,
-)
+from braintumor.serving.app.cli import main
+from braintumor.serving.app.examples import find_examples
+from braintumor.serving.app.handlers import DISPLAY_SIZE, Handlers, fit_for_display
+from braintumor.serving.app.login import Logins, read_auth_file
+from braintumor.serving.app.page import build_app
+from braintumor.serving.app.server import ClientLimits, serve
+from braintumor.serving.app.uploads import claim_upload_folder
 from braintumor.serving.bundle import Bundle
 from braintumor.serving.predict import predict_files
-from braintumor.serving.predictor import Predictor, ServingSettings
+from braintumor.serving.predictor import Predictor, SetupError
 
 from conftest import REPO, free_port, params_file
 from serving_helpers import (
@@ -225,21 +221,23 @@ def test_stale_upload_folders_are_removed_at_start(app_server) -> None:
     root = app_server["temp_root"]
     uploads = app_server["uploads"]
     assert uploads.parent == root and uploads.name.startswith("run-")
-    assert not (root / "run-stale").exists() and not (root / "run-stale.lock").exists()
-    assert not (root / "run-orphan").exists()
+    assert not (root / "run-stale").exists() and not (root / "run-other").exists()
     assert (root / "notes.txt").read_text() == "not the app's"
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        ["notes.txt", uploads.name, uploads.name + ".lock"]
+        ["notes.txt", "run-file.txt", uploads.name]
     )
+    with pytest.raises(FolderInUse):
+        lock_folder(uploads)  # the running app holds it
     assert "removed the upload folder of an earlier run" in app_server["log"].read_text()
 
 
+# Claims an upload folder, reports it, and holds it until its stdin closes.
 CLAIM_AND_WAIT = (
-    "import sys, time; from pathlib import Path;"
-    "from braintumor.serving.app import claim_temp_folder;"
-    "claimed = claim_temp_folder(Path(sys.argv[1])); folder = claimed.path;"
+    "import sys; from pathlib import Path;"
+    "from braintumor.serving.app.uploads import claim_upload_folder;"
+    "claimed = claim_upload_folder(Path(sys.argv[1])); folder = claimed.path;"
     "(folder / 'patient.dcm').write_bytes(b'DICM');"
-    "print(folder, flush=True); time.sleep(600)"
+    "print(folder, flush=True); sys.stdin.read()"
 )
 
 
@@ -250,7 +248,10 @@ def test_a_killed_run_is_cleaned_at_the_next_start_and_a_live_one_kept(tmp_path)
 
     def claim() -> tuple[subprocess.Popen, Path]:
         process = subprocess.Popen(
-            [sys.executable, "-c", CLAIM_AND_WAIT, str(root)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", CLAIM_AND_WAIT, str(root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         return process, Path(process.stdout.readline().strip())
 
@@ -260,18 +261,16 @@ def test_a_killed_run_is_cleaned_at_the_next_start_and_a_live_one_kept(tmp_path)
         killed.kill()
         killed.wait(timeout=30)
         assert (killed_folder / "patient.dcm").is_file()  # what kill -9 leaves
-        mine = claim_temp_folder(root)
+        mine = claim_upload_folder(root)
         assert not killed_folder.exists()
-        assert not killed_folder.with_name(killed_folder.name + ".lock").exists()
         assert (alive_folder / "patient.dcm").is_file()
         assert oct(mine.path.stat().st_mode & 0o777) == "0o700"
         mine.remove()
-        assert not mine.path.exists() and not mine.lock_path.exists()
+        assert not mine.path.exists()
     finally:
         alive.kill()
         alive.wait(timeout=30)
-    with (alive_folder.parent / (alive_folder.name + ".lock")).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once its process is gone
+    lock_folder(alive_folder).release()  # free once its process is gone
 
 
 def test_page_shows_no_server_paths(app_server, mirror) -> None:
@@ -298,6 +297,7 @@ class GatedPredictor(Predictor):
         super().__init__(*args, **kwargs)
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set when an analysis reaches the model
         self.active = 0
         self.most = 0
         self._count = threading.Lock()
@@ -306,6 +306,7 @@ class GatedPredictor(Predictor):
         with self._count:
             self.active += 1
             self.most = max(self.most, self.active)
+        self.entered.set()
         try:
             self.gate.wait(60)
             return super().explain(images)
@@ -315,32 +316,72 @@ class GatedPredictor(Predictor):
 
 
 USERS = "# who may log in\nalice:correct horse battery\n\nbob:s3cret:with:colons\n"
+# Small on purpose: the tests reach each limit in a few requests and wait out the window.
+LIMITS = ClientLimits(login_failures=5, login_window_s=4.0, upload_files=3, upload_bytes=500_000)
+WRONG_PASSWORD = "Tr0ub4dor&3-wrong"
+
+
+class CountingLogins(Logins):
+    """The app's password check, counting the logins that reach it."""
+
+    def __init__(self, users: list[tuple[str, str]]) -> None:
+        super().__init__(users)
+        self.checked = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, username: str, password: str) -> bool:
+        with self._lock:
+            self.checked += 1
+        return super().__call__(username, password)
+
+
+class SourceAddressAdapter(requests.adapters.HTTPAdapter):
+    """Connections that leave from ``address``: any 127.x.y.z reaches a server on
+    127.0.0.1, and the server sees another client."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        kwargs["source_address"] = (self.address, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def from_address(address: str) -> requests.Session:
+    session = requests.Session()
+    session.mount("http://", SourceAddressAdapter(address))
+    return session
 
 
 @pytest.fixture(scope="module")
 def local_app(served_bundle, tmp_path_factory):
-    """``build_app`` + ``serve`` in this process: login required, at most one waiting."""
+    """``build_app`` + ``serve`` in this process: login required, at most one waiting,
+    the small ``LIMITS`` per client."""
     folder = tmp_path_factory.mktemp("local-app")
-    temp = claim_temp_folder(folder / "temp")
+    temp = claim_upload_folder(folder / "temp")
     saved = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(temp.path)
     auth_file = folder / "users"
     auth_file.write_text(USERS)
-    predictor = GatedPredictor(Bundle.load(served_bundle), ServingSettings(grayscale_tolerance=6.0))
-    app = build_app(predictor, upload_folder=temp.path)
+    auth_file.chmod(0o600)
+    logins = CountingLogins(read_auth_file(auth_file))
+    predictor = GatedPredictor(Bundle.load(served_bundle), ServingParams(grayscale_tolerance=6.0))
+    page = build_app(predictor, upload_folder=temp.path)
     url = serve(
-        app,
+        page,
         host="127.0.0.1",
         port=free_port(),
-        auth=read_auth_file(auth_file),
+        logins=logins,
         max_queue=1,
         max_file_size=10_000_000,
+        limits=LIMITS,
     )
     try:
-        yield {"url": url, "predictor": predictor, "uploads": temp.path}
+        yield {"url": url, "predictor": predictor, "uploads": temp.path, "logins": logins}
     finally:
         predictor.gate.set()
-        app.close()
+        page.blocks.close()
         temp.remove()
         if saved is None:
             os.environ.pop("GRADIO_TEMP_DIR", None)
@@ -348,8 +389,13 @@ def local_app(served_bundle, tmp_path_factory):
             os.environ["GRADIO_TEMP_DIR"] = saved
 
 
-def logged_in(url: str, user: str = "alice", password: str = "correct horse battery"):
-    session = requests.Session()
+def logged_in(
+    url: str,
+    user: str = "alice",
+    password: str = "correct horse battery",
+    session: requests.Session | None = None,
+) -> requests.Session:
+    session = session or requests.Session()
     answer = session.post(url + "login", data={"username": user, "password": password})
     assert answer.status_code == 200, answer.text
     return session
@@ -379,8 +425,8 @@ def test_a_login_is_required_and_a_wrong_password_refused(local_app, mirror) -> 
 @pytest.mark.slow  # the in-process server's start: about 15 s on a busy machine
 def test_queue_runs_one_analysis_at_a_time_and_refuses_beyond_its_bound(local_app, mirror) -> None:
     """Held at ``explain``: one running, one waiting (``max_queue=1``), the next refused
-    with 503 "Queue is full"; the waiting one shares the running one's upload path (same
-    bytes) and must still find its file."""
+    with 503 "Queue is full" and its upload deleted at once; the waiting one shares the
+    running one's upload path (same bytes) and must still find its file."""
     url, predictor = local_app["url"], local_app["predictor"]
     session = logged_in(url)
     first, third = real_images(mirror, 1, offset=23)[:2]
@@ -388,27 +434,99 @@ def test_queue_runs_one_analysis_at_a_time_and_refuses_beyond_its_bound(local_ap
     again = upload_file(session, url, first)  # the same content: gradio's same path
     assert again["path"] == data["path"]
     predictor.gate.clear()
+    predictor.entered.clear()
     predictor.most = 0
 
     def call(file_data: dict) -> requests.Response:
         return session.post(url + "gradio_api/call/predict", json={"data": [file_data, 0.4]})
 
     running = call(data)
-    deadline = time.monotonic() + 60
-    while predictor.active < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert predictor.active == 1
+    assert predictor.entered.wait(60), "the first analysis never reached the model"
     waiting = call(again)
-    refused = call(upload_file(session, url, third))
+    third_data = upload_file(session, url, third)
+    refused = call(third_data)
     direct = session.post(url + "gradio_api/run/predict", json={"data": [data, 0.4]})
-    predictor.gate.set()
     assert refused.status_code == 503 and "Queue is full" in refused.text, refused.text
+    assert not Path(third_data["path"]).exists(), "a refused analysis must delete its upload"
+    assert Path(data["path"]).exists(), "the waiting analysis still needs the shared upload"
+    predictor.gate.set()
     assert direct.status_code == 404
     for started in (running, waiting):
         message = call_result(session, url, started.json()["event_id"])[4]
         assert message.startswith(f"Analysed {first.name}"), message
     assert predictor.most == 1, "two analyses ran at once"
     assert not Path(data["path"]).exists(), "the shared upload must go after the last use"
+
+
+@pytest.mark.slow  # the in-process server's start, and the throttle's window
+def test_a_burst_of_wrong_passwords_is_mostly_refused_unchecked(local_app, caplog) -> None:
+    """Before: every one of 300 guesses was checked (and a botnet's worth more). Now a
+    client gets ``login_failures`` checks per window; the rest get 429 unchecked, the
+    right password included, while another client logs in; after the window it works."""
+    url, logins = local_app["url"], local_app["logins"]
+    caplog.set_level("INFO", logger="braintumor.serving.app")
+    checked_before = logins.checked
+
+    def guess(_: int) -> int:
+        data = {"username": "alice", "password": WRONG_PASSWORD}
+        return requests.post(url + "login", data=data, timeout=60).status_code
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(guess, range(300)))
+    elapsed = time.monotonic() - began
+    checked = logins.checked - checked_before
+    windows = 1 + int(elapsed // LIMITS.login_window_s)
+    assert 1 <= checked <= LIMITS.login_failures * windows, (checked, elapsed)
+    assert statuses.count(400) == checked and statuses.count(429) == 300 - checked
+    right = {"username": "alice", "password": "correct horse battery"}
+    throttled = requests.post(url + "login", data=right, timeout=60)
+    assert throttled.status_code == 429 and "Too many failed logins" in throttled.text
+    assert logins.checked - checked_before == checked, "a throttled login was checked"
+    logged_in(url, session=from_address("127.0.0.2"))  # another client is not locked out
+    time.sleep(float(throttled.headers["Retry-After"]))  # the server's own word: not a poll
+    logged_in(url)
+    logs = "\n".join(record.getMessage() for record in caplog.records)
+    assert "login failed from 127.0.0.1" in logs and "login: 127.0.0.1 refused" in logs
+    assert WRONG_PASSWORD not in logs and "alice" not in logs
+
+
+@pytest.mark.slow  # the in-process server's start
+def test_uploads_in_flight_are_bounded_per_client(local_app, mirror, tmp_path) -> None:
+    """Before: a client could fill the disk with uploads it never analysed (each kept for
+    the cache age). Now ``upload_files`` uploads in flight per address, then 429 until
+    one is analysed (and so deleted); bytes are bounded from ``Content-Length`` before
+    the body is read; other addresses are not affected."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = local_app["url"]
+    session = logged_in(url)
+    images = real_images(mirror, 1, offset=50)  # four distinct files
+    stored = [upload_file(session, url, path) for path in images[: LIMITS.upload_files]]
+    with images[3].open("rb") as handle:
+        refused = session.post(url + "gradio_api/upload", files={"files": handle}, timeout=60)
+    assert refused.status_code == 429 and "waiting for analysis" in refused.text
+    other = logged_in(url, session=from_address("127.0.0.3"))
+    upload_file(other, url, images[3])  # another client: its own quota
+    started = session.post(url + "gradio_api/call/predict", json={"data": [stored[0], 0.4]})
+    message = call_result(session, url, started.json()["event_id"])[4]
+    assert message.startswith(f"Analysed {images[0].name}"), message
+    assert not Path(stored[0]["path"]).exists()
+    upload_file(session, url, images[3])  # a place came free
+    # Too many bytes: refused on the headers alone, no body sent at all.
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(
+        address.hostname, address.port, timeout=60, source_address=("127.0.0.4", 0)
+    )
+    connection.putrequest("POST", "/gradio_api/upload")
+    connection.putheader("Cookie", "; ".join(f"{k}={v}" for k, v in other.cookies.items()))
+    connection.putheader("Content-Type", "multipart/form-data; boundary=x")
+    connection.putheader("Content-Length", str(LIMITS.upload_bytes + 1))
+    connection.endheaders()
+    answer = connection.getresponse()
+    assert answer.status == 429 and b"would hold" in answer.read()
+    connection.close()
 
 
 def test_binding_beyond_loopback_needs_a_login(tmp_path, monkeypatch, capsys) -> None:
@@ -421,6 +539,7 @@ def test_binding_beyond_loopback_needs_a_login(tmp_path, monkeypatch, capsys) ->
     assert "--auth-file" in error and "BRAINTUMOR_APP_AUTH_FILE" in error
     broken = tmp_path / "users"
     broken.write_text("alice:ok\nbob-without-password\n")
+    broken.chmod(0o600)
     monkeypatch.setenv("BRAINTUMOR_APP_AUTH_FILE", str(broken))
     assert main(["--host", "192.168.1.10", "--model", str(tmp_path / "none")]) == 2
     error = capsys.readouterr().err.strip()
@@ -428,6 +547,29 @@ def test_binding_beyond_loopback_needs_a_login(tmp_path, monkeypatch, capsys) ->
     assert main(["--max-queue", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --max-queue 0: must be at least 1"
     assert not (tmp_path / "temp").exists(), "nothing may be made before the checks pass"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602])
+def test_an_auth_file_others_may_read_or_change_is_refused(tmp_path, monkeypatch, capsys, mode):
+    """Before: a world-readable file of passwords was used as is. Now it is refused with
+    one line naming the file and its mode, before anything loads."""
+    monkeypatch.setenv("BRAINTUMOR_APP_TEMP", str(tmp_path / "temp"))
+    users = tmp_path / "users"
+    users.write_text("alice:correct horse battery\n")
+    users.chmod(mode)
+    assert main(["--auth-file", str(users), "--model", str(tmp_path / "none")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"error: auth file {users}: mode {mode:04o} lets group or others read or change it "
+        f"(run chmod 600 {users})"
+    )
+    assert not (tmp_path / "temp").exists(), "nothing may be made before the checks pass"
+    users.chmod(0o600)
+    assert read_auth_file(users) == [("alice", "correct horse battery")]
+    users.chmod(0o400)
+    assert read_auth_file(users) == [("alice", "correct horse battery")]
+    with pytest.raises(SetupError, match="cannot read it"):
+        read_auth_file(tmp_path / "missing")
 
 
 # --------------------------------------------------------------------------- handlers
@@ -497,7 +639,7 @@ def test_an_upload_sent_again_meanwhile_is_kept_for_its_own_analysis(handlers, m
 
 
 def test_handler_refuses_an_oversized_upload(reference_predictor, mirror, tmp_path) -> None:
-    small = Predictor(reference_predictor.bundle, ServingSettings(max_upload_bytes=2048))
+    small = Predictor(reference_predictor.bundle, ServingParams(max_upload_bytes=2048))
     handlers = Handlers(small, tmp_path)
     upload = tmp_path / "big.jpg"
     upload.write_bytes(real_images(mirror, 1)[0].read_bytes() + b"\0" * 4096)
@@ -507,7 +649,7 @@ def test_handler_refuses_an_oversized_upload(reference_predictor, mirror, tmp_pa
 
 
 def test_unusual_images_are_classified_with_a_warning(reference_predictor, mirror, tmp_path):
-    strict = Predictor(reference_predictor.bundle, ServingSettings(ood_warn_z=1e-3))
+    strict = Predictor(reference_predictor.bundle, ServingParams(ood_warn_z=1e-3))
     upload = tmp_path / "odd.jpg"
     upload.write_bytes(real_images(mirror, 1)[0].read_bytes())
     label, *_, message, state = Handlers(strict, tmp_path).analyse(str(upload), 0.4)
