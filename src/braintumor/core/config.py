@@ -31,6 +31,9 @@ SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 # Worker processes or threads: a fixed bound, not the machine's core count, so that one
 # params.yaml loads the same everywhere; 100000 would fork-bomb any machine.
 MAX_WORKERS = 256
+# EfficientNet-Lite0's MBConv blocks (braintumor.model.lite0; a test keeps the two equal):
+# the range of ``train.<phase>.first_trainable_block``.
+LITE0_BLOCKS = 16
 
 
 class ConfigError(ValueError):
@@ -309,6 +312,10 @@ class PhaseParams:
     ``must_improve`` (phases that start from a trained model, i.e. fine-tuning): the best
     epoch must beat the starting model's validation ``monitor``, or the phase keeps the
     starting weights (reported as ``kept_starting_weights``).
+    ``from_block`` trains like ``all_but_batchnorm`` but keeps the stem and the backbone's
+    blocks before ``first_trainable_block`` frozen (``efficientnet_lite0``: blocks 0-15):
+    no gradients flow through the early high-resolution blocks, so a fine-tuning epoch
+    costs about half (docs/training.md) and more epochs fit the same time.
     """
 
     epochs: int = 30
@@ -318,7 +325,8 @@ class PhaseParams:
     early_stopping: EarlyStoppingParams = field(default_factory=EarlyStoppingParams)
     reduce_lr: ReduceLrParams = field(default_factory=ReduceLrParams)
     class_weight: Literal["balanced", "none"] = "balanced"
-    trainable: Literal["auto", "head", "all_but_batchnorm", "all"] = "auto"
+    trainable: Literal["auto", "head", "all_but_batchnorm", "all", "from_block"] = "auto"
+    first_trainable_block: int = 0
     cache_features: bool = False
     must_improve: bool = True
 
@@ -331,6 +339,16 @@ class PhaseParams:
         )
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(
+            0 <= self.first_trainable_block <= LITE0_BLOCKS,
+            "first_trainable_block",
+            f"must be in [0, {LITE0_BLOCKS}] (efficientnet_lite0 has blocks 0-{LITE0_BLOCKS - 1})",
+        )
+        _check(
+            self.first_trainable_block == 0 or self.trainable == "from_block",
+            "first_trainable_block",
+            f"is only read with trainable: from_block (trainable is {self.trainable!r})",
+        )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ objects, on any backend.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ NORMALIZATION = "input_normalization"
 HEAD_PREFIX = "head_"
 OUTPUT = "head_predictions"
 
-TRAINABLE_MODES = ("head", "all_but_batchnorm", "all")
+TRAINABLE_MODES = ("head", "all_but_batchnorm", "all", "from_block")
+# A backbone block's layers are named ``block{index}_...`` (efficientnet_lite0).
+BLOCK_NAME = re.compile(r"block(\d+)_")
 
 # Backbones whose ImageNet weights the ``weights`` stage converts from a package (no hub).
 PRETRAINED_BY_STAGE = ("efficientnet_lite0",)
@@ -225,22 +228,59 @@ def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
     ]
 
 
-def set_trainable(model: keras.Model, mode: str) -> None:
+def frozen_before_block(model: keras.Model, first_block: int) -> set[int]:
+    """Ids of the backbone layers that come before block ``first_block``: the stem and
+    every ``block{i}_`` layer with ``i < first_block``.
+
+    By name, not by position: the stem's layers (``stem_*``) and numbered blocks are what
+    a backbone built with ``lite0.efficientnet_lite0`` has; a backbone without numbered
+    blocks, or a ``first_block`` past its last one, is refused with one line.
+    """
+    layers = backbone_layers(model)
+    numbers = {
+        id(layer): int(match.group(1))
+        for layer in layers
+        if (match := BLOCK_NAME.match(layer.name)) is not None
+    }
+    if not numbers:
+        raise ConfigError(
+            "first_trainable_block: trainable from_block needs a backbone with numbered "
+            "blocks (block0_...), such as efficientnet_lite0"
+        )
+    last = max(numbers.values())
+    if not 0 <= first_block <= last + 1:
+        raise ConfigError(
+            f"first_trainable_block: {first_block} is outside [0, {last + 1}] "
+            f"(the backbone has blocks 0-{last})"
+        )
+    return {
+        id(layer)
+        for layer in layers
+        if layer.name.startswith("stem_") or numbers.get(id(layer), first_block) < first_block
+    }
+
+
+def set_trainable(model: keras.Model, mode: str, first_block: int = 0) -> None:
     """Choose what trains; the caller must compile again afterwards.
 
     ``head``: only the head (the recipe's phase 1). ``all_but_batchnorm``: everything except
     BatchNormalization layers, which stay frozen and, being non-trainable, run in inference
     mode with their moving statistics unchanged (the recipe's phase 2, as Keras advises for
-    fine-tuning). ``all``: everything, for training from scratch.
+    fine-tuning). ``all``: everything, for training from scratch. ``from_block``: as
+    ``all_but_batchnorm``, but the stem and the blocks before ``first_block`` stay frozen
+    too (``frozen_before_block``), so back-propagation stops at block ``first_block``.
     """
     if mode not in TRAINABLE_MODES:
         raise ConfigError(f"trainable: unknown mode {mode!r} (known: {', '.join(TRAINABLE_MODES)})")
     model.trainable = True
     backbone = {id(layer) for layer in backbone_layers(model)}
+    early = frozen_before_block(model, first_block) if mode == "from_block" else set()
     for layer in model.layers:
         if mode == "head":
             layer.trainable = id(layer) not in backbone
-        elif mode == "all_but_batchnorm":
-            layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
+        elif mode in ("all_but_batchnorm", "from_block"):
+            layer.trainable = (
+                not isinstance(layer, keras.layers.BatchNormalization) and id(layer) not in early
+            )
         else:
             layer.trainable = True

@@ -160,7 +160,8 @@ def build_phase_model(
                 f"{init_model}: takes {model.input_shape} and gives {model.output_shape[-1]} "
                 f"classes; the parameters need {expected} and {num_classes}"
             )
-    set_trainable(model, trainable_mode(phase, phase_params(params, phase)))
+    settings = phase_params(params, phase)
+    set_trainable(model, trainable_mode(phase, settings), settings.first_trainable_block)
     return model
 
 

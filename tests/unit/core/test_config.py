@@ -70,6 +70,19 @@ def test_every_profile_file_has_every_section_dvc_tracks() -> None:
         ({"common": {"image_size": "big"}}, "common.image_size: expected an integer"),
         ({"preprocess": {"val_fraction": 1.0}}, "preprocess.val_fraction: must be in (0, 1)"),
         ({"extra": 1}, "extra: unknown key"),
+        (
+            {"train": {"finetune": {"trainable": "from_block", "first_trainable_block": 17}}},
+            "train.finetune.first_trainable_block: must be in [0, 16]",
+        ),
+        (
+            {"train": {"finetune": {"trainable": "from_block", "first_trainable_block": -1}}},
+            "train.finetune.first_trainable_block: must be in [0, 16]",
+        ),
+        (
+            {"train": {"finetune": {"first_trainable_block": 5}}},
+            "train.finetune.first_trainable_block: is only read with trainable: from_block",
+        ),
+        ({"train": {"finetune": {"trainable": "from_blok"}}}, "train.finetune.trainable: "),
         ({"profile": "nosuch"}, "profile: no profile file"),
     ],
 )
@@ -124,3 +137,15 @@ def test_an_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     path.write_text(text.replace("learning_rate: 1.0e-05", "learning_rate: 3e-x5", 1))
     with pytest.raises(ConfigError, match="expected a number"):
         load_params(path)
+
+
+def test_from_block_loads_and_the_block_count_matches_lite0(tmp_path: Path) -> None:
+    from braintumor.core.config import LITE0_BLOCKS
+    from braintumor.model.lite0 import lite0_blocks
+
+    assert len(lite0_blocks()) == LITE0_BLOCKS
+    path = write_params(
+        tmp_path, {"train": {"finetune": {"trainable": "from_block", "first_trainable_block": 5}}}
+    )
+    finetune = load_params(path).train.finetune
+    assert (finetune.trainable, finetune.first_trainable_block) == ("from_block", 5)

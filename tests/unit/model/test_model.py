@@ -158,6 +158,54 @@ def test_trainable_modes() -> None:
         set_trainable(model, "some")
 
 
+def lite0_trainable_weight_owners(model: keras.Model) -> set[str]:
+    """The names of the layers whose weights the optimizer would step."""
+    owners = set()
+    for layer in model.layers:
+        if layer.trainable_weights:
+            owners.add(layer.name)
+    return owners
+
+
+def test_from_block_trains_exactly_the_blocks_from_the_first_trainable_one() -> None:
+    """Lite0 at 32 px, blocks 0-4 frozen: the stem and block0_ ... block4_ have no
+    trainable weights, every other non-BatchNormalization layer with weights does (blocks
+    5-15, top_conv, the head's dense layers), and no BatchNormalization layer does."""
+    model = build_model(ModelParams(backbone="efficientnet_lite0", weights="none"), SIZE, 4)
+    set_trainable(model, "from_block", 5)
+    with_weights = {layer.name for layer in model.layers if layer.weights}
+    batchnorm = {
+        layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    early = {
+        name
+        for name in with_weights
+        if name.startswith("stem_") or any(name.startswith(f"block{i}_") for i in range(5))
+    }
+    assert "block4_project_conv" in early and "block5_project_conv" not in early
+    assert lite0_trainable_weight_owners(model) == with_weights - batchnorm - early
+    assert {"block5_dwconv", "block15_project_conv", "top_conv", "head_dense1"} <= (
+        lite0_trainable_weight_owners(model)
+    )
+    # Mode 0 freezes the stem alone; 16 leaves only top_conv and the head.
+    set_trainable(model, "from_block", 0)
+    assert "stem_conv" not in lite0_trainable_weight_owners(model)
+    assert "block0_dwconv" in lite0_trainable_weight_owners(model)
+    set_trainable(model, "from_block", 16)
+    assert {name for name in lite0_trainable_weight_owners(model) if "block" in name} == set()
+    # all_but_batchnorm afterwards undoes it: the stem trains again.
+    set_trainable(model, "all_but_batchnorm")
+    assert "stem_conv" in lite0_trainable_weight_owners(model)
+
+
+def test_from_block_refuses_a_block_the_backbone_lacks_and_a_backbone_without_blocks() -> None:
+    model = build_model(ModelParams(backbone="efficientnet_lite0", weights="none"), SIZE, 4)
+    with pytest.raises(ValueError, match=r"first_trainable_block: 17 is outside \[0, 16\]"):
+        set_trainable(model, "from_block", 17)
+    with pytest.raises(ValueError, match="first_trainable_block: .*numbered blocks"):
+        set_trainable(build_model(tiny(), SIZE, 4), "from_block", 1)
+
+
 def test_saved_model_needs_no_custom_objects(tmp_path: Path) -> None:
     model = build_model(tiny(), SIZE, 4)
     model.save(tmp_path / "model.keras")
