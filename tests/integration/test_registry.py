@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -19,7 +21,7 @@ import yaml
 
 from braintumor.core.config import GateParams
 from braintumor.serving.bundle import Bundle
-from braintumor.tracking.registry import check_gate
+from braintumor.tracking.registry import TEST_PAUSE_ENV, TEST_RELEASE_FILE, check_gate
 
 from conftest import evaluate_args, free_port, running_mlflow_server, write_params
 
@@ -27,6 +29,19 @@ pytestmark = pytest.mark.integration
 
 NAME = "brain-tumor-classifier"
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+Found = TypeVar("Found")
+
+
+def _wait_for(condition: Callable[[], Found], what: str, timeout: float) -> Found:
+    """Wait for an event (a file appears, a server answers), checked every 50 ms, and
+    return what ``condition`` found; fail naming ``what`` after ``timeout`` seconds. The
+    condition may itself fail the test early (a process that died will never answer)."""
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.05)
+    return found
 
 
 def _run(module: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -72,6 +87,39 @@ def registry(server, tiny_project):
     return {**server, "project": tiny_project}
 
 
+@pytest.fixture
+def evaluated(registry):
+    """The module's two versions as the evaluate stage left them: no champion, no history,
+    no gate decisions. Promote and rollback change those, so every test that reads them
+    starts here, whichever tests ran before it and in whatever order."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry["url"], registry_uri=registry["url"])
+    try:
+        client.delete_registered_model_alias(NAME, "champion")
+    except MlflowException as error:  # no champion: already as the stage left it
+        assert error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+    if "champion.history" in client.get_registered_model(NAME).tags:
+        client.delete_registered_model_tag(NAME, "champion.history")
+    for version in ("1", "2"):
+        for key in client.get_model_version(NAME, version).tags:
+            if key.startswith("gate."):
+                client.delete_model_version_tag(NAME, version, key)
+    return registry
+
+
+@pytest.fixture
+def champion(evaluated) -> dict:
+    """``champion`` pointed at v2 by hand (what promoting it does to the alias; promotion
+    itself has its own tests), with v2's bundle folder to compare the served answers to."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=evaluated["url"], registry_uri=evaluated["url"])
+    client.set_registered_model_alias(NAME, "champion", "2")
+    return {**evaluated, "bundle": evaluated["folder"] / "second" / "bundle"}
+
+
 def _api(url: str, path: str, **query: str) -> dict:
     response = requests.get(f"{url}/api/2.0/mlflow/{path}", params=query, timeout=30)
     response.raise_for_status()
@@ -89,8 +137,8 @@ def _alias(url: str, alias: str) -> str | None:
     return response.json()["model_version"]["version"]
 
 
-def test_each_evaluation_registers_a_challenger_with_its_evidence(registry) -> None:
-    url = registry["url"]
+def test_each_evaluation_registers_a_challenger_with_its_evidence(evaluated) -> None:
+    url = evaluated["url"]
     versions = _api(url, "model-versions/search", filter=f"name='{NAME}'")["model_versions"]
     assert sorted(v["version"] for v in versions) == ["1", "2"]
     assert _alias(url, "challenger") == "2"
@@ -122,8 +170,8 @@ def _gate_score(url: str, version: str) -> float:
     return metrics["finetuned.leakage_free.macro_f1"]
 
 
-def test_promotion_gate_rollback_and_bad_requests(registry, tmp_path: Path) -> None:
-    url, env, project = registry["url"], registry["env"], registry["project"]
+def test_promotion_gate_rollback_and_bad_requests(evaluated, tmp_path: Path) -> None:
+    url, env, project = evaluated["url"], evaluated["env"], evaluated["project"]
     lenient = _with_gate(
         project, tmp_path / "lenient", min_class_recall=0.0, max_ece=1.0, min_macro_f1_gain=0.0
     )
@@ -179,12 +227,10 @@ def test_promotion_gate_rollback_and_bad_requests(registry, tmp_path: Path) -> N
     assert result.returncode == 1 and "no registered model 'no-such-model'" in result.stderr
 
 
-def test_champion_pyfunc_takes_raw_images(registry) -> None:
+def test_champion_pyfunc_takes_raw_images(champion) -> None:
     import mlflow
 
-    url, project = registry["url"], registry["project"]
-    if _alias(url, "champion") is None:
-        pytest.skip("runs after the promotion test")
+    url, project = champion["url"], champion["project"]
     mlflow.set_tracking_uri(url)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     test = pd.read_csv(project["data"] / "test_index.csv")
@@ -194,19 +240,16 @@ def test_champion_pyfunc_takes_raw_images(registry) -> None:
     assert list(frame.columns) == ["predicted", *classes, "status", "reason", "error", "warning"]
     assert list(frame["status"]) == ["ok"] * 3
     np.testing.assert_allclose(frame[classes].sum(axis=1), 1.0, atol=1e-6)
-    champion = _alias(url, "champion")
-    bundle_dir = registry["folder"] / ("first" if champion == "1" else "second") / "bundle"
-    bundle = Bundle.load(bundle_dir)
+    bundle = Bundle.load(champion["bundle"])
     expected = bundle.predict(np.stack([bundle.preprocess_bytes(f.read_bytes()) for f in files]))
     np.testing.assert_allclose(frame[classes].to_numpy(), expected, atol=1e-5)
 
 
 @pytest.mark.slow
-def test_served_champion_answers_a_real_image_like_the_stage(registry, tmp_path: Path) -> None:
-    url, project = registry["url"], registry["project"]
-    assert _alias(url, "champion") is not None, "needs the promotion test first"
+def test_served_champion_answers_a_real_image_like_the_stage(champion, tmp_path: Path) -> None:
+    project = champion["project"]
     port = free_port()
-    env = {**registry["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**champion["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
         [
@@ -227,17 +270,17 @@ def test_served_champion_answers_a_real_image_like_the_stage(registry, tmp_path:
         env=env,
         start_new_session=True,
     )
+
+    def answers() -> bool:
+        if server.poll() is not None:
+            pytest.fail((tmp_path / "serve.log").read_text()[-3000:])
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok
+        except requests.RequestException:
+            return False
+
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail((tmp_path / "serve.log").read_text()[-3000:])
-            time.sleep(1)
+        _wait_for(answers, "`mlflow models serve` to answer /ping", timeout=180)
         test = pd.read_csv(project["data"] / "test_index.csv")
         image = (project["raw"] / test.loc[0, "path"]).read_bytes()
         import base64
@@ -250,10 +293,7 @@ def test_served_champion_answers_a_real_image_like_the_stage(registry, tmp_path:
         predictions = response.json()["predictions"]
         classes = ["glioma", "meningioma", "notumor", "pituitary"]
         served = np.array([[predictions[0][c] for c in classes]])
-        champion = _alias(url, "champion")
-        bundle = Bundle.load(
-            registry["folder"] / ("first" if champion == "1" else "second") / "bundle"
-        )
+        bundle = Bundle.load(champion["bundle"])
         expected = bundle.predict(bundle.preprocess_bytes(image)[None])
         np.testing.assert_allclose(served, expected, atol=1e-5)
     finally:
@@ -410,53 +450,126 @@ def test_candidate_evaluated_on_other_data_or_classes_is_not_compared(client) ->
     assert client.get_model_version_by_alias(name, "champion").version == same
 
 
-def _promote_at(start: float, params: Path, version: str, env: dict) -> subprocess.Popen:
-    """``registry promote`` in a new process that imports first, then waits for ``start``,
-    so two of them reach the registry at the same moment."""
-    script = (
-        "import sys, time\n"
-        "from braintumor.tracking.registry import main\n"
-        "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
-        "sys.exit(main(sys.argv[2:]))\n"
-    )
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            script,
-            repr(start),
-            "promote",
-            "--params",
-            str(params),
-            "--version",
-            version,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+# ``registry promote`` in a process of its own; "unlocked" swaps the registry lock for a
+# no-op first, to show what the lock prevents (the test must fail to see a race then).
+PROMOTER = """
+import contextlib, sys
+from braintumor.tracking import registry
+if sys.argv[1] == "unlocked":
+    registry.registry_lock = lambda *args, **kwargs: contextlib.nullcontext()
+sys.exit(registry.main(sys.argv[2:]))
+"""
+
+
+def _promoter(params: Path, version: str, env: dict, locked: bool, log: Path) -> subprocess.Popen:
+    with log.open("w") as output:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                PROMOTER,
+                "locked" if locked else "unlocked",
+                "promote",
+                "--params",
+                str(params),
+                "--version",
+                version,
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+
+
+def _reached(pause: Path, point: str, process: subprocess.Popen, log: Path) -> Callable:
+    """A condition for ``_wait_for``: ``process`` reached the registry's test pause point
+    ``point``; fails at once if it exited instead (it never will reach it then)."""
+
+    def condition() -> bool:
+        if (pause / f"{point}.{process.pid}").exists():
+            return True
+        if process.poll() is not None:
+            pytest.fail(f"exited {process.returncode} before {point!r}: {log.read_text()[-3000:]}")
+        return False
+
+    return condition
+
+
+def _lost_updates(
+    client, name: str, better: str, worse: str, movers: int, codes: dict[str, int]
+) -> list[str]:
+    """How the registry differs from the one serial outcome of promoting ``better``, then
+    ``worse``: only ``better`` moved the champion (from none, so no history), and ``worse``
+    was gated against it and failed (exit 2). Empty when they match."""
+    problems = []
+    if movers != 1:
+        problems.append(f"{movers} promotes moved the champion, not 1")
+    current = client.get_model_version_by_alias(name, "champion").version
+    if str(current) != better:
+        problems.append(f"champion is v{current}, not the better v{better}")
+    history = client.get_registered_model(name).tags.get("champion.history", "[]")
+    if json.loads(history) != []:
+        problems.append(f"history {history}, not []")
+    tags = client.get_model_version(name, worse).tags
+    reasons = json.loads(tags.get("gate.reasons", "[]"))
+    if tags.get("gate.result") != "failed" or not any("champion's 0.8000" in r for r in reasons):
+        problems.append(
+            f"v{worse} was not gated against v{better}: {tags.get('gate.result')} {reasons}"
+        )
+    if codes != {better: 0, worse: 2}:
+        problems.append(f"exit codes {codes}, not {{{better!r}: 0, {worse!r}: 2}}")
+    return problems
 
 
 @pytest.mark.slow
-def test_two_concurrent_promotes_keep_the_better_champion_and_the_history(
-    client, server, tmp_path: Path
+@pytest.mark.parametrize("locked", [True, False], ids=["with-lock", "without-lock-loses-updates"])
+def test_two_promotes_at_the_critical_section_at_once(
+    client, server, tmp_path: Path, locked: bool
 ) -> None:
+    """The better version's promote is held inside the lock, about to move the champion
+    (the registry's test pause); the worse one is started then and the test waits until
+    it found the lock held. So the test knows the two met at the critical section. Only
+    then are both let go. Without the lock both get past the champion check at once
+    (both hold at the pause), and the check below must see the lost update."""
     name = _unique("race")
     worse = _evaluated_version(client, name, sha="a" * 64, f1={"leakage_free": 0.70})
     better = _evaluated_version(client, name, sha="b" * 64, f1={"leakage_free": 0.80})
     params = _project(tmp_path, name, min_macro_f1_gain=0.0)
-    start = time.time() + 15  # both interpreters have imported MLflow by then
-    processes = [_promote_at(start, params, v, server["env"]) for v in (worse, better)]
-    outputs = [process.communicate(timeout=300) for process in processes]
-    codes = [process.returncode for process in processes]
-    assert set(codes) <= {0, 2}, outputs
-    assert _alias_of(server["url"], name) == better
-    worse_result = client.get_model_version(name, worse).tags["gate.result"]
-    if worse_result == "passed":  # it went first, then lost to the better one
-        assert _history(server["url"], name) == [worse]
-    else:
-        assert _history(server["url"], name) == []
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    env = {**server["env"], TEST_PAUSE_ENV: str(pause)}
+    logs = {version: tmp_path / f"promote-v{version}.log" for version in (better, worse)}
+    processes = {better: _promoter(params, better, env, locked, logs[better])}
+    try:
+        _wait_for(
+            _reached(pause, "moving", processes[better], logs[better]),
+            f"v{better}'s promote to hold at the champion move",
+            timeout=240,
+        )
+        processes[worse] = _promoter(params, worse, env, locked, logs[worse])
+        point = "blocked" if locked else "moving"
+        _wait_for(
+            _reached(pause, point, processes[worse], logs[worse]),
+            f"v{worse}'s promote to reach {point!r} while v{better}'s holds",
+            timeout=240,
+        )
+        if locked:  # still outside: it cannot get past the lock the other one holds
+            assert not (pause / f"moving.{processes[worse].pid}").exists()
+        (pause / TEST_RELEASE_FILE).touch()
+        codes = {version: process.wait(timeout=300) for version, process in processes.items()}
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    movers = len(list(pause.glob("moving.*")))
+    problems = _lost_updates(client, name, better, worse, movers, codes)
+    if locked:
+        assert problems == [], {version: log.read_text()[-2000:] for version, log in logs.items()}
+    else:  # the lost update: the worse one passed against "no champion" and moved it too
+        assert "2 promotes moved the champion, not 1" in problems, problems
+        assert any(problem.startswith(f"v{worse} was not gated") for problem in problems)
 
 
 def test_rollback_to_a_deleted_version_keeps_history(client, server) -> None:

@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -63,6 +64,9 @@ LOCK_TIMEOUT_S = 120.0
 # server) must stop the command, not read as "no champion yet".
 MISSING_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 PACKAGE_DIR = Path(__file__).resolve().parent
+# Test hook only (see ``_test_hook``): unset, as everywhere but the race test, it does nothing.
+TEST_PAUSE_ENV = "BRAINTUMOR_REGISTRY_TEST_PAUSE"
+TEST_RELEASE_FILE = "release"
 
 
 class RegistryError(ValueError):
@@ -328,11 +332,15 @@ def registry_lock(tracking_uri: str, timeout: float = LOCK_TIMEOUT_S) -> Iterato
     path = lock_path(tracking_uri)
     with path.open("a") as handle:
         deadline = time.monotonic() + timeout
+        found_held = False
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not found_held:
+                    found_held = True
+                    _test_hook("blocked", wait=False)
                 if time.monotonic() > deadline:
                     raise RegistryError(f"{path}: held by another promote or rollback") from None
                 time.sleep(0.2)
@@ -340,6 +348,24 @@ def registry_lock(tracking_uri: str, timeout: float = LOCK_TIMEOUT_S) -> Iterato
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _test_hook(point: str, *, wait: bool) -> None:
+    """A test hook, not behaviour: it returns at once unless ``BRAINTUMOR_REGISTRY_TEST_PAUSE``
+    names a folder, which only tests/integration/test_registry.py sets. Then it creates
+    ``<point>.<pid>`` there, so the race test knows this process reached ``point`` (``blocked``:
+    found the lock held; ``moving``: about to move the champion), and with ``wait`` blocks
+    until the test creates ``release`` there. That is how the test holds two promotes at the
+    critical section at the same moment, instead of starting them at a clock time."""
+    folder = os.environ.get(TEST_PAUSE_ENV)
+    if not folder:
+        return
+    (Path(folder) / f"{point}.{os.getpid()}").touch()
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while wait and not (Path(folder) / TEST_RELEASE_FILE).exists():
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{folder}: the test never released the pause at {point!r}")
+        time.sleep(0.05)
 
 
 def _missing(error: MlflowException) -> bool:
@@ -395,6 +421,7 @@ def _move_champion(client: MlflowClient, name: str, version: str, expected: str 
             f"{name}: the champion moved to v{now_version} while v{version} was being "
             "checked; promote again"
         )
+    _test_hook("moving", wait=True)
     history = _history(client, name)
     if expected is not None:
         history.append(expected)
