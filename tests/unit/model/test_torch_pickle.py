@@ -192,7 +192,7 @@ FLOAT_DATA = {"0": struct.pack("<f", 1.5)}
 
 def deep_tuple_pickle(depth: int) -> bytes:
     """Opcodes that leave t(depth) on the stack, where t0 = () and t(i+1) = (ti, ti), each
-    memoized: 7 bytes per level, 2**depth leaves when walked (rendered, hashed, compared)."""
+    memoized: 8 bytes per level, 2**depth leaves when walked (rendered, hashed, compared)."""
     opcodes = b")q\x000"  # EMPTY_TUPLE, BINPUT 0, POP
     for level in range(1, depth + 1):
         below = bytes([level - 1])
