@@ -347,6 +347,19 @@ def test_finetune_keeps_batchnorm_frozen_and_trains_the_rest(two_phases: dict[st
     assert two_phases["finetune"].metrics["trainable_mode"] == "all_but_batchnorm"
 
 
+def test_a_phase_with_from_block_freezes_the_blocks_before_the_first_trainable_one() -> None:
+    """``train.<phase>.first_trainable_block`` reaches ``set_trainable``: with 5, block 4
+    and the stem stay frozen, block 5 and the head train (BatchNormalization never)."""
+    from braintumor.training.phase import build_phase_model
+
+    raw = tiny_raw_params(frozen__trainable="from_block", frozen__first_trainable_block=5)
+    raw["model"]["backbone"] = "efficientnet_lite0"
+    model = build_phase_model(params_from_mapping(raw), "frozen", None)
+    training = {layer.name for layer in model.layers if layer.trainable_weights}
+    assert {"block5_expand_conv", "block15_project_conv", "top_conv", "head_dense1"} <= training
+    assert not training & {"stem_conv", "block0_dwconv", "block4_project_conv", "block5_bn"}
+
+
 def test_phase_outputs(two_phases: dict[str, Any]) -> None:
     import keras
 
