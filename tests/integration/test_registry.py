@@ -482,13 +482,18 @@ def _promoter(params: Path, version: str, env: dict, locked: bool, log: Path) ->
         )
 
 
-def _reached(pause: Path, point: str, process: subprocess.Popen, log: Path) -> Callable:
+def _reached(
+    pause: Path, point: str, process: subprocess.Popen, log: Path, not_past: str = ""
+) -> Callable:
     """A condition for ``_wait_for``: ``process`` reached the registry's test pause point
-    ``point``; fails at once if it exited instead (it never will reach it then)."""
+    ``point``; fails at once if it reached ``not_past`` instead, or exited (it never will
+    reach ``point`` then)."""
 
     def condition() -> bool:
         if (pause / f"{point}.{process.pid}").exists():
             return True
+        if not_past and (pause / f"{not_past}.{process.pid}").exists():
+            pytest.fail(f"reached {not_past!r} before {point!r}: {log.read_text()[-3000:]}")
         if process.poll() is not None:
             pytest.fail(f"exited {process.returncode} before {point!r}: {log.read_text()[-3000:]}")
         return False
@@ -548,14 +553,14 @@ def test_two_promotes_at_the_critical_section_at_once(
             timeout=240,
         )
         processes[worse] = _promoter(params, worse, env, locked, logs[worse])
-        point = "blocked" if locked else "moving"
+        # With the lock it must find the lock held, and never get past it while the other
+        # holds it; without, it gets to the champion move too.
+        point, not_past = ("blocked", "moving") if locked else ("moving", "")
         _wait_for(
-            _reached(pause, point, processes[worse], logs[worse]),
+            _reached(pause, point, processes[worse], logs[worse], not_past),
             f"v{worse}'s promote to reach {point!r} while v{better}'s holds",
             timeout=240,
         )
-        if locked:  # still outside: it cannot get past the lock the other one holds
-            assert not (pause / f"moving.{processes[worse].pid}").exists()
         (pause / TEST_RELEASE_FILE).touch()
         codes = {version: process.wait(timeout=300) for version, process in processes.items()}
     finally:
