@@ -3,24 +3,31 @@
 Usage (from the repository root; a trained bundle is needed)::
 
     nice -n 10 .venv/bin/python bench/app_load.py --model models/bundle \\
-        [--clients 50] [--duration 30] [--max-queue 32] [--mirror DIR] [--json out.json]
+        [--clients 50] [--duration 30] [--rounds 1] [--max-queue 32] [--same-address] \\
+        [--mirror DIR] [--json out.json]
 
 Starts ``python -m braintumor.serving.app`` on a free loopback port (its temp root in a fresh
-temporary folder), then:
+temporary folder; ready when its output says so, read line by line), then:
 
 1. **The direct API is closed**: one upload, then ``POST /gradio_api/run/predict`` and
    ``/gradio_api/api/predict`` must answer 404 (they would skip the queue).
 2. **Load**: ``--clients`` threads, each in a loop for ``--duration`` seconds, as the page
    does: upload a file (``/gradio_api/upload``), join the queue (``/gradio_api/call/predict``)
-   and read the outcome from its event stream. Files: real msoud test slices, and one
-   request in ten a food photograph from ``not-mri/`` that must come back as a refusal.
-   Outcomes: ``ok``; ``refused_as_expected`` (the food photo); ``queue_full`` (HTTP 503:
-   the bounded queue doing its job; that client waits 1 s before its next try); ``errors``
-   (anything else: an exception, a wrong or missing answer). Latency: upload to answer,
-   p50 and p95, over ``ok`` and ``refused_as_expected``.
+   and read the outcome from its event stream. Each client connects from its own loopback
+   address (127.0.x.y: the app's limits are per client address), or all from 127.0.0.1
+   with ``--same-address``. Files: real msoud test slices, and one request in ten a food
+   photograph from ``not-mri/`` that must come back as a refusal. Outcomes: ``ok``;
+   ``refused_as_expected`` (the food photo); ``queue_full`` (HTTP 503: the bounded queue
+   doing its job; that client waits 1 s before its next try); ``upload_limit`` (HTTP 429:
+   that address has its quota of uploads waiting; it waits 1 s too); ``errors`` (anything
+   else: an exception, a wrong or missing answer). Latency: upload to answer, p50 and
+   p95, over ``ok`` and ``refused_as_expected``.
 3. **Memory**: resident memory of the app (its process tree) sampled every 0.5 s: before
    the load (after one warm request), the peak, the end; growth = end - before, and the
    growth over the second half of the run (the first half absorbs allocator warm-up).
+   With ``--rounds R`` the load runs R times against the same app process, and the RSS
+   after the warm-up and after each round is printed as a table: memory that levels off
+   is a plateau, memory that keeps the same slope is a leak.
 4. **Disk**: files left in the app's run folder after the load (every analysed upload is
    deleted; display images go after the app's cache age), and that SIGTERM removes the
    folder.
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -52,6 +60,29 @@ from serve import free_port, tree_rss  # bench/serve.py, beside this script
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 STARTUP_TIMEOUT_S = 300
+READY = re.compile(r"Running on local URL: (\S+)")
+
+
+class SourceAddressAdapter(requests.adapters.HTTPAdapter):
+    """Connections that leave from ``address``: any 127.x.y.z reaches a loopback server,
+    which sees another client."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = (self.address, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def client_session(number: int, same_address: bool) -> requests.Session:
+    """A session for client ``number``: from 127.0.x.y of its own, or from 127.0.0.1."""
+    session = requests.Session()
+    if not same_address:
+        address = f"127.0.{1 + number // 250}.{2 + number % 250}"
+        session.mount("http://", SourceAddressAdapter(address))
+    return session
 
 
 def _mirror(path: Path | None) -> Path:
@@ -92,26 +123,36 @@ def start_app(model: Path, max_queue: int, work: Path) -> tuple[subprocess.Popen
         "--examples",
     ]
     log_path = work / "app.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            command,
-            cwd=work,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        text = log_path.read_text()
-        found = re.search(r"Running on local URL: (\S+)", text)
-        if found:
-            folder = re.search(r"uploads kept in (\S+)", text)
-            return server, found.group(1), Path(folder.group(1)) if folder else work
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise SystemExit(f"the app did not start:\n{text[-3000:]}")
-        time.sleep(0.5)
+    server = subprocess.Popen(
+        command,
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    ready: queue.Queue[str | None] = queue.Queue()
+
+    def copy_output() -> None:  # for the app's whole life, so its pipe never fills
+        with log_path.open("w") as log:
+            for line in server.stdout or ():
+                log.write(line)
+                log.flush()
+                if found := READY.search(line):
+                    ready.put(found.group(1))
+        ready.put(None)
+
+    threading.Thread(target=copy_output, daemon=True).start()
+    try:
+        url = ready.get(timeout=STARTUP_TIMEOUT_S)
+    except queue.Empty:
+        url = None
+    if url is None:
+        server.kill()
+        raise SystemExit(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+    folder = re.search(r"uploads kept in (\S+)", log_path.read_text())
+    return server, url, Path(folder.group(1)) if folder else work
 
 
 def upload(session: requests.Session, url: str, path: Path) -> dict[str, Any]:
@@ -123,7 +164,11 @@ def upload(session: requests.Session, url: str, path: Path) -> dict[str, Any]:
 
 def analyse(session: requests.Session, url: str, path: Path) -> tuple[int, str]:
     """One request as the page makes it: (HTTP status of joining the queue, message)."""
-    data = upload(session, url, path)
+    try:
+        data = upload(session, url, path)
+    except requests.HTTPError as error:
+        answer = error.response
+        return (answer.status_code, answer.text[:200]) if answer is not None else (0, str(error))
     joined = session.post(url + "gradio_api/call/predict", json={"data": [data, 0.4]}, timeout=60)
     if joined.status_code != 200:
         return joined.status_code, joined.text[:200]
@@ -161,6 +206,8 @@ def _request(session: requests.Session, url: str, path: Path) -> tuple[int, str]
 def _outcome(status: int, message: str, bad: bool) -> str:
     if status == 503 and "Queue is full" in message:
         return "queue_full"
+    if status == 429 and "Upload refused" in message:
+        return "upload_limit"
     if status == 200 and message.startswith("Cannot analyse this file" if bad else "Analysed"):
         return "refused_as_expected" if bad else "ok"
     return "errors"
@@ -171,7 +218,7 @@ def run_load(
 ) -> dict[str, Any]:
     """``args.clients`` client threads for ``args.duration`` seconds; counts, latencies,
     RSS samples."""
-    counts = {"ok": 0, "refused_as_expected": 0, "queue_full": 0, "errors": 0}
+    counts = {"ok": 0, "refused_as_expected": 0, "queue_full": 0, "upload_limit": 0, "errors": 0}
     latencies: list[float] = []
     problems: list[str] = []
     samples: list[int] = []
@@ -179,7 +226,7 @@ def run_load(
     stop = threading.Event()
 
     def client(number: int) -> None:
-        session = requests.Session()
+        session = client_session(number, args.same_address)
         index = number
         while not stop.is_set():
             bad = index % 10 == 9
@@ -195,7 +242,7 @@ def run_load(
                     latencies.append(elapsed)
                 elif outcome == "errors" and len(problems) < 20:
                     problems.append(f"{path.name}: {status} {message}")
-            if outcome == "queue_full":
+            if outcome in ("queue_full", "upload_limit"):
                 stop.wait(1.0)
 
     def sample() -> None:
@@ -268,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="a bundle folder")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--rounds", type=int, default=1, help="loads in a row, one app")
     parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--same-address", action="store_true", help="every client from 127.0.0.1")
     parser.add_argument("--mirror", type=Path)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -281,15 +330,25 @@ def main(argv: list[str] | None = None) -> int:
             process = psutil.Process(server.pid)
             direct = direct_api_status(url, slices[0])
             analyse(requests.Session(), url, slices[1])  # one warm request
-            before = tree_rss(process)
-            load = run_load(url, process, slices, food, args)
-            result = summarise(load, before, tree_rss(process), folder)
+            before = warm = tree_rss(process)
+            rounds = []
+            for number in range(1, args.rounds + 1):
+                load = run_load(url, process, slices, food, args)
+                after = tree_rss(process)
+                threads = sum(member.num_threads() for member in [process, *process.children()])
+                summary = summarise(load, before, after, folder)
+                rounds.append(summary | {"round": number, "threads": threads})
+                before = after
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
-        result |= {"direct_api_status": direct, "folder_removed_at_exit": not folder.exists()}
-    result |= {
+    result = {
+        "rounds": rounds,
+        "rss_after_warm_up_mb": warm / 1e6,
+        "direct_api_status": direct,
+        "folder_removed_at_exit": not folder.exists(),
         "clients": args.clients,
+        "same_address": args.same_address,
         "duration_s": args.duration,
         "max_queue": args.max_queue,
         "model": str(args.model),
@@ -299,34 +358,35 @@ def main(argv: list[str] | None = None) -> int:
     report(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if result["counts"]["errors"] == 0 and set(direct.values()) == {404} else 1
+    errors = sum(summary["counts"]["errors"] for summary in rounds)
+    return 0 if errors == 0 and set(direct.values()) == {404} else 1
 
 
 def report(result: dict[str, Any]) -> None:
-    counts, latency, rss = result["counts"], result["latency"], result["rss_mb"]
     print(f"direct API (skips the queue): {result['direct_api_status']} (404 = closed)")
     print(
-        f"load: {result['clients']} clients for {result['wall_s']:.0f} s, queue bound "
-        f"{result['max_queue']}: {counts} ({result['requests_per_s']:.1f} requests/s)"
+        f"load: {result['clients']} clients "
+        f"({'one address' if result['same_address'] else 'an address each'}) for "
+        f"{result['duration_s']:.0f} s x {len(result['rounds'])} round(s), queue bound "
+        f"{result['max_queue']}; app RSS after warm-up {result['rss_after_warm_up_mb']:.0f} MB"
     )
-    if latency:
+    print(
+        "round | ok | refused | queue_full | upload_limit | errors | req/s | p50 ms | "
+        "p95 ms | RSS end MB | peak MB | growth MB | threads | files left"
+    )
+    for summary in result["rounds"]:
+        counts, latency, rss = summary["counts"], summary["latency"], summary["rss_mb"]
         print(
-            f"latency upload->answer: p50 {latency['p50_ms']:.0f} ms, p95 "
-            f"{latency['p95_ms']:.0f} ms, max {latency['max_ms']:.0f} ms"
+            f"{summary['round']:5d} | {counts['ok']} | {counts['refused_as_expected']} | "
+            f"{counts['queue_full']} | {counts['upload_limit']} | {counts['errors']} | "
+            f"{summary['requests_per_s']:.1f} | {latency.get('p50_ms', float('nan')):.0f} | "
+            f"{latency.get('p95_ms', float('nan')):.0f} | {rss['end']:.0f} | "
+            f"{rss['peak']:.0f} | {rss['growth']:+.0f} | {summary['threads']} | "
+            f"{summary['files_left']['count']}"
         )
-    print(
-        f"app RSS: {rss['before']:.0f} MB before, peak {rss['peak']:.0f} MB, "
-        f"end {rss['end']:.0f} MB (growth {rss['growth']:+.0f} MB; over the second half "
-        f"{rss['second_half_growth']:+.0f} MB)"
-    )
-    left = result["files_left"]
-    print(
-        f"files left in the run folder after the load: {left['count']} "
-        f"({left['uploads']} uploads, {left['bytes'] / 1e6:.1f} MB); "
-        f"folder removed at exit: {result['folder_removed_at_exit']}"
-    )
-    for problem in result["problems"]:
-        print(f"  error: {problem}")
+        for problem in summary["problems"]:
+            print(f"  error: {problem}")
+    print(f"folder removed at exit: {result['folder_removed_at_exit']}")
     print(f"machine: {result['cpus']} CPUs, load average {result['load_average']}")
 
 

@@ -34,7 +34,7 @@ from braintumor.serving.app.examples import find_examples
 from braintumor.serving.app.handlers import DISPLAY_SIZE, Handlers, fit_for_display
 from braintumor.serving.app.login import Logins, read_auth_file
 from braintumor.serving.app.page import build_app
-from braintumor.serving.app.server import ClientLimits, serve
+from braintumor.serving.app.server import STATE_SESSIONS, ClientLimits, serve
 from braintumor.serving.app.uploads import claim_upload_folder
 from braintumor.serving.bundle import Bundle
 from braintumor.serving.predict import predict_files
@@ -378,7 +378,13 @@ def local_app(served_bundle, tmp_path_factory):
         limits=LIMITS,
     )
     try:
-        yield {"url": url, "predictor": predictor, "uploads": temp.path, "logins": logins}
+        yield {
+            "url": url,
+            "predictor": predictor,
+            "uploads": temp.path,
+            "logins": logins,
+            "page": page,
+        }
     finally:
         predictor.gate.set()
         page.blocks.close()
@@ -456,6 +462,14 @@ def test_queue_runs_one_analysis_at_a_time_and_refuses_beyond_its_bound(local_ap
         assert message.startswith(f"Analysed {first.name}"), message
     assert predictor.most == 1, "two analyses ran at once"
     assert not Path(data["path"]).exists(), "the shared upload must go after the last use"
+
+
+@pytest.mark.slow  # the in-process server's start
+def test_the_app_keeps_a_bounded_number_of_sessions(local_app) -> None:
+    """Before: gradio's default kept 10 000 sessions (each a copy of the page's config
+    and the slider's state): memory grew for hours under load."""
+    assert local_app["page"].blocks.state_session_capacity == STATE_SESSIONS
+    assert local_app["page"].blocks.app.state_holder.capacity == STATE_SESSIONS
 
 
 @pytest.mark.slow  # the in-process server's start, and the throttle's window
@@ -607,6 +621,10 @@ def test_slider_reblends_without_running_the_model(handlers, mirror, monkeypatch
     assert message.startswith("Analysed slice.jpg")
     assert overlay.shape == (DISPLAY_SIZE, DISPLAY_SIZE, 3)
     assert not upload.exists(), "an analysed upload must be deleted"
+    # Kept per browser session: the model's input and a float16 map, not display images.
+    size = handlers.predictor.bundle.meta.image_size
+    assert state["image"].shape == (size, size) and state["image"].dtype == np.uint8
+    assert state["heatmap"].dtype == np.float16 and state["heatmap"].shape == (size, size)
     model_view = fit_for_display(handlers.predictor.prepare(data, "slice.jpg").image)
 
     def no_model(*args, **kwargs):

@@ -8,7 +8,8 @@ Checks the options (a non-loopback address needs a login file, private to its ow
 and claims the app's locked upload folder before anything loads; then loads the model,
 builds the page and serves it until Ctrl-C or SIGTERM, deleting the upload folder on the
 way out. The package's other modules say what each part guards: ``login``, ``uploads``,
-``server``, ``handlers``, ``page``, ``examples``.
+``server``, ``handlers``, ``page``, ``examples``, ``memory`` (``__main__`` caps malloc's
+arenas before anything starts a thread).
 
 Serving layer: imports ``serving`` and the core, never a stage.
 """

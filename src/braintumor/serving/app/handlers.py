@@ -71,9 +71,14 @@ class Handlers:
     """The app's event handlers.
 
     ``keep``: resolved paths never deleted (files gradio keeps in its cache: the examples).
-    ``waiting``: resolved paths that events still in the queue name. Gradio stores an
-    upload under its content hash, so two clients sending the same file (or clicking the
-    same example) share one path: it is deleted after the last of them is analysed.
+    ``waiting``: resolved paths that events still in the queue name; ``running``: those
+    that events the queue has started name (gradio's preprocessing included, before the
+    handler is called). ``busy``: whether
+    another upload of a path, or a request to analyse it, is under way
+    (``uploads.UploadRefs``).
+    Gradio stores an upload under its content hash, so two clients sending the same file
+    (or clicking the same example) share one path: it is deleted after the last of them
+    is analysed.
     """
 
     def __init__(
@@ -82,11 +87,14 @@ class Handlers:
         upload_folder: Path,
         keep: frozenset[str] = frozenset(),
         waiting: Callable[[], set[str]] = set,
+        running: Callable[[], set[str]] = set,
     ) -> None:
         self.predictor = predictor
         self.upload_folder = upload_folder
         self.keep = keep
         self.waiting = waiting
+        self.running = running
+        self.busy: Callable[[str], bool] = lambda path: False
         # Uploads an analysis is reading now (a refused twin must not delete them).
         self._in_use: set[str] = set()
         self._in_use_lock = threading.Lock()
@@ -110,11 +118,14 @@ class Handlers:
                 self._in_use.discard(key)
 
     def _is_needed(self, resolved: Path) -> bool:
-        """Whether another user of the same upload path still needs the file."""
+        """Whether any user of the same upload path still needs the file (for an upload
+        no running analysis owns: its own analysis would be among ``running``)."""
         key = str(resolved)
         with self._in_use_lock:
             in_use = key in self._in_use
-        return in_use or key in self.keep or key in self.waiting()
+        if in_use or key in self.keep or self.busy(key):
+            return True
+        return key in self.waiting() or key in self.running()
 
     def read_upload(self, path: Path) -> tuple[bytes, os.stat_result]:
         """The bytes of an upload in the upload folder and its status when read (which
@@ -146,7 +157,8 @@ class Handlers:
         files gradio keeps, files a waiting event names, and a file uploaded again since
         it was read (a new inode: that upload's own analysis deletes it)."""
         resolved = path.resolve()
-        if str(resolved) in self.keep or str(resolved) in self.waiting():
+        key = str(resolved)
+        if key in self.keep or key in self.waiting() or self.busy(key):
             return
         try:
             now = resolved.stat()
@@ -156,15 +168,21 @@ class Handlers:
             return
         self._delete(resolved)
 
-    def forget(self, file_path: str) -> bool:
+    def forget(self, file_path: str, inode: int) -> bool:
         """Delete the upload ``file_path`` of an analysis the queue refused (full, or
-        stopped): no handler will read it. Only a regular file in the upload folder that
-        no other waiting, running or kept use needs. Returns whether it was deleted."""
+        stopped): no handler will read it. Only a regular file in the upload folder, still
+        the one that was uploaded (``inode``: not a later upload of the same bytes), that
+        no other waiting, running, kept or incoming use needs. Returns whether it was
+        deleted."""
         path = Path(file_path)
         if not is_inside(path, self.upload_folder):
             return False
         resolved = path.resolve()
-        if not resolved.is_file() or self._is_needed(resolved):
+        try:
+            now = resolved.lstat()
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(now.st_mode) or now.st_ino != inode or self._is_needed(resolved):
             return False
         self._delete(resolved)
         return True
@@ -213,7 +231,9 @@ class Handlers:
         best = int(np.argmax(row))
         confidences = {class_: float(p) for class_, p in zip(classes, row, strict=True)}
         predicted = f"{classes[best]} ({row[best]:.1%})"
-        state = {"image": fit_for_display(prepared.image), "heatmap": heatmaps[0]}
+        # Kept per browser session for the slider, so kept small: the model's input (uint8)
+        # and the map (float16), scaled for display only when blended.
+        state = {"image": prepared.image, "heatmap": heatmaps[0].astype(np.float16)}
         message = f"Analysed {name}: predicted {predicted}."
         if prepared.warning:
             message += f" Warning: {prepared.warning}."
@@ -221,6 +241,9 @@ class Handlers:
         return confidences, predicted, self.blend(state, alpha), shown, message, state
 
     def blend(self, state: dict[str, np.ndarray] | None, alpha: float) -> Any:
+        """The overlay at display size from the slider's state (``None`` without one: no
+        analysis yet, or its session was evicted, see ``server.STATE_SESSIONS``)."""
         if not state:
             return None
-        return overlay_image(state["image"], state["heatmap"], alpha)
+        shown = fit_for_display(state["image"])
+        return overlay_image(shown, state["heatmap"].astype(np.float32), alpha)

@@ -54,17 +54,33 @@ def _cached_examples(blocks: Any) -> frozenset[str]:
     return frozenset(kept)
 
 
+def _event_files(events: Any) -> set[str]:
+    """Resolved paths of the files that gradio ``Event``s name among their inputs."""
+    paths: set[str] = set()
+    for event in list(events or ()):
+        for value in getattr(getattr(event, "data", None), "data", None) or ():
+            if isinstance(value, dict) and isinstance(value.get("path"), str):
+                paths.add(str(Path(value["path"]).resolve()))
+    return paths
+
+
 def _queued_files(blocks: Any) -> set[str]:
-    """Resolved paths of the files that events waiting in the queue name (gradio keeps no
-    public view of its queue: this reads its event lists defensively)."""
-    waiting: set[str] = set()
+    """Files that events waiting in the queue name (gradio keeps no public view of its
+    queue: this reads its event lists defensively)."""
     queues = getattr(getattr(blocks, "_queue", None), "event_queue_per_concurrency_id", {})
+    waiting: set[str] = set()
     for event_queue in list(queues.values()):
-        for event in list(getattr(event_queue, "queue", ())):
-            for value in getattr(getattr(event, "data", None), "data", None) or ():
-                if isinstance(value, dict) and isinstance(value.get("path"), str):
-                    waiting.add(str(Path(value["path"]).resolve()))
+        waiting |= _event_files(getattr(event_queue, "queue", ()))
     return waiting
+
+
+def _running_files(blocks: Any) -> set[str]:
+    """Files that events the queue has taken out to run name: from the moment gradio
+    takes one (its preprocessing comes before the handler) until it is done."""
+    running: set[str] = set()
+    for job in list(getattr(getattr(blocks, "_queue", None), "active_jobs", ()) or ()):
+        running |= _event_files(job)
+    return running
 
 
 def build_app(
@@ -125,6 +141,7 @@ def build_app(
         )
     handlers.keep = _cached_examples(blocks)
     handlers.waiting = lambda: _queued_files(blocks)
+    handlers.running = lambda: _running_files(blocks)
     return Page(blocks, handlers)
 
 

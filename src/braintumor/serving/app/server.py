@@ -8,6 +8,10 @@ and upload guards.
   events beyond ``max_queue`` waiting ones ("Queue is full").
 - **Per-client limits** (:class:`ClientLimits`): failed logins (``login``) and uploads in
   flight (``uploads``), per client address.
+- **Memory levels off under load.** Gradio keeps ``STATE_SESSIONS`` browser sessions (its
+  default, 10 000, let memory climb for hours), each holding the slider's state at the
+  model's input size (``handlers``); ``python -m braintumor.serving.app`` also caps
+  glibc's malloc arenas (``memory``). Measured with ``bench/app_load.py --rounds 5``.
 
 Nothing is fetched from the internet: analytics and the version check are off, the theme's
 fonts are served by the app itself, and no share link is made.
@@ -25,7 +29,18 @@ from braintumor.serving.app.login import (
     LoginThrottleMiddleware,
 )
 from braintumor.serving.app.page import Page
-from braintumor.serving.app.uploads import DEFAULT_MAX_FILES, UploadGuard, UploadQuota
+from braintumor.serving.app.uploads import (
+    DEFAULT_MAX_FILES,
+    UploadGuard,
+    UploadQuota,
+    UploadRefs,
+)
+
+# Browser sessions whose state gradio keeps (each: a copy of the page's configuration, about
+# 20 kB, and the slider's state); the oldest beyond this are dropped, and moving the slider
+# of a dropped session blanks its overlay until the next upload. Gradio's default, 10 000,
+# let a loaded app grow by 0.2 to 0.4 MB a session (the state was kept at display size).
+STATE_SESSIONS = 500
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,10 @@ def serve(
     from starlette.middleware import Middleware
 
     quota = UploadQuota(limits.upload_files, limits.upload_bytes or 2 * max_file_size)
-    middleware = [Middleware(UploadGuard, quota=quota, forget=page.handlers.forget)]
+    refs = UploadRefs()
+    page.handlers.busy = refs.busy
+    guard = Middleware(UploadGuard, quota=quota, refs=refs, forget=page.handlers.forget)
+    middleware = [guard]
     if logins is not None:
         throttle = LoginThrottle(limits.login_failures, limits.login_window_s)
         middleware.append(Middleware(LoginThrottleMiddleware, throttle=throttle))
@@ -82,6 +100,7 @@ def serve(
         footer_links=["api", "settings"],
         # The transport limit; files between the two limits get the app's own message.
         max_file_size=max_file_size,
+        state_session_capacity=STATE_SESSIONS,
         app_kwargs={"middleware": middleware},
     )
     return local_url

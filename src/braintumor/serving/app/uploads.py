@@ -26,10 +26,9 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from braintumor.core.tempdirs import LockedFolder, claim_folder, remove_stale_folders
 from braintumor.serving.app.asgi import (
@@ -50,7 +49,9 @@ LOGGER = logging.getLogger(__name__)
 
 TEMP_ENV = "BRAINTUMOR_APP_TEMP"
 RUN_PREFIX = "run-"
-DEFAULT_MAX_FILES = 4
+# Enough for several people behind one address (a proxy, a NAT) each with one upload in
+# the queue; bytes are bounded too (``ClientLimits.upload_bytes``).
+DEFAULT_MAX_FILES = 16
 # A join request names files; it is small. Bodies beyond this are not kept for parsing.
 MAX_JOIN_BODY = 1 << 20
 MAX_CLIENTS = 10_000
@@ -129,12 +130,19 @@ class UploadQuota:
         with self._lock:
             state = self._clients.setdefault(client, _Client())
             state.reserved = max(state.reserved - length, 0)
-            for path in stored:
+            for path in map(os.path.realpath, stored):
                 try:
                     status = os.stat(path)
                 except OSError:
                     continue
                 state.stored[path] = _Stored(status.st_size, status.st_ino)
+
+    def inode(self, client: str, path: str) -> int | None:
+        """The inode of the file ``client`` stored at ``path``, if it stored one there."""
+        with self._lock:
+            state = self._clients.get(client)
+            stored = state.stored.get(os.path.realpath(path)) if state else None
+            return stored.inode if stored else None
 
     def in_flight(self, client: str) -> tuple[int, int]:
         """(files, bytes) that ``client`` has stored and not yet seen deleted."""
@@ -156,6 +164,64 @@ class UploadQuota:
                 del state.stored[path]
 
 
+class UploadRefs:
+    """Per stored upload path: uploads of it that no analysis request has named yet, and
+    analysis requests naming it that are under way. Thread-safe.
+
+    Gradio stores an upload under its content's hash, so clients who send the same bytes
+    share one path, and one of them may upload it just before another's analysis deletes
+    it. A file is deleted only when no other upload of it still waits to be named and no
+    request naming it is under way (:meth:`busy`; ``Handlers.discard`` and ``forget``).
+    """
+
+    # Every this many uploads, entries whose file is gone (swept unanalysed) are dropped.
+    PRUNE_EVERY = 1024
+
+    def __init__(self) -> None:
+        self._pending: dict[str, int] = {}
+        self._joining: dict[str, int] = {}
+        self._uploads = 0
+        self._lock = threading.Lock()
+
+    def uploaded(self, paths: list[str]) -> None:
+        with self._lock:
+            for key in map(os.path.realpath, paths):
+                self._pending[key] = self._pending.get(key, 0) + 1
+            self._uploads += 1
+            if self._uploads % self.PRUNE_EVERY == 0:
+                for key in [key for key in self._pending if not os.path.exists(key)]:
+                    del self._pending[key]
+
+    def joining(self, paths: list[str]) -> list[str]:
+        """A request names ``paths``: one upload of each is accounted for; returns the
+        keys to pass to :meth:`joined` once the request is answered."""
+        keys = [os.path.realpath(path) for path in paths]
+        with self._lock:
+            for key in keys:
+                _decrement(self._pending, key)
+                self._joining[key] = self._joining.get(key, 0) + 1
+        return keys
+
+    def joined(self, keys: list[str]) -> None:
+        with self._lock:
+            for key in keys:
+                _decrement(self._joining, key)
+
+    def busy(self, path: str) -> bool:
+        """Whether an upload of ``path`` waits for a request naming it, or such a request
+        is under way."""
+        key = os.path.realpath(path)
+        with self._lock:
+            return bool(self._pending.get(key) or self._joining.get(key))
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    if counts.get(key, 0) > 1:
+        counts[key] -= 1
+    else:
+        counts.pop(key, None)
+
+
 def _is_join(scope: Scope) -> bool:
     """Whether ``scope`` asks the queue to run an event (the page's ``queue/join``, the
     API's ``call/<name>``)."""
@@ -174,20 +240,62 @@ def _stored_paths(body: bytes | bytearray) -> list[str]:
     return [path for path in parsed if isinstance(path, str)] if isinstance(parsed, list) else []
 
 
-def _file_paths(values: Any) -> Iterator[str]:
-    """The ``path`` of every file (gradio's ``FileData``) among an event's inputs."""
-    for value in values if isinstance(values, list) else ():
-        if isinstance(value, dict) and isinstance(value.get("path"), str):
-            yield value["path"]
+def _named_files(body: bytes) -> list[str]:
+    """The ``path`` of every file (gradio's ``FileData``) among a request's inputs."""
+    try:
+        values = json.loads(body).get("data")
+    except (ValueError, AttributeError):
+        return []
+    return [
+        value["path"]
+        for value in (values if isinstance(values, list) else ())
+        if isinstance(value, dict) and isinstance(value.get("path"), str)
+    ]
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[list[Message], bool]:
+    """The request's body messages, read up to ``limit`` bytes; and whether that was all
+    of it (a larger body is left for the route to read on)."""
+    messages: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, False
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return messages, True
+        if size > limit:
+            return messages, False
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that gives ``messages`` again, then the rest of the stream."""
+    waiting = list(messages)
+
+    async def replayed() -> Message:
+        return waiting.pop(0) if waiting else await receive()
+
+    return replayed
 
 
 class UploadGuard:
-    """Applies the :class:`UploadQuota` to gradio's upload route, and deletes the uploads
-    of analyses the queue refuses (``forget``: ``Handlers.forget``)."""
+    """Applies the :class:`UploadQuota` to gradio's upload route, keeps :class:`UploadRefs`
+    of uploads and the requests naming them, and deletes the uploads of analyses the queue
+    refuses (``forget``: ``Handlers.forget``) when no one else still needs them: only the
+    file the refused client itself stored (by inode)."""
 
-    def __init__(self, app: ASGIApp, quota: UploadQuota, forget: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        quota: UploadQuota,
+        refs: UploadRefs,
+        forget: Callable[[str, int], bool],
+    ) -> None:
         self.app = app
         self.quota = quota
+        self.refs = refs
         self.forget = forget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -220,24 +328,20 @@ class UploadGuard:
                 body.extend(message.get("body", b""))
             await send(message)
 
+        stored: list[str] = []
         try:
             await self.app(scope, receive, record)
+            stored = _stored_paths(body) if status == 200 else []
+            self.refs.uploaded(stored)
         finally:
-            self.quota.settle(client, length, _stored_paths(body) if status == 200 else [])
+            self.quota.settle(client, length, stored)
 
     async def _join(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks: list[bytes] = []
-        size = 0
+        # Read first: the uploads it names are accounted for before the queue can run it.
+        messages, complete = await _read_body(receive, MAX_JOIN_BODY)
+        named = _named_files(b"".join(bytes(m.get("body", b"")) for m in messages))
+        keys = self.refs.joining(named) if complete else []
         status = None
-
-        async def keep() -> Message:  # the request body, for the paths it names
-            nonlocal size
-            message = await receive()
-            if message["type"] == "http.request" and size <= MAX_JOIN_BODY:
-                chunk = bytes(message.get("body", b""))
-                size += len(chunk)
-                chunks.append(chunk)
-            return message
 
         async def watch(message: Message) -> None:
             nonlocal status
@@ -245,20 +349,26 @@ class UploadGuard:
                 status = int(message["status"])
             await send(message)
 
-        await self.app(scope, keep, watch)
+        try:
+            await self.app(scope, _replay(messages, receive), watch)
+        finally:
+            self.refs.joined(keys)
         # 503: the queue is full or stopped. Not 401: a client without a login must not
         # get files deleted by naming them.
-        if status != 503 or size > MAX_JOIN_BODY:
+        if status != 503 or not complete:
             return
-        try:
-            values = json.loads(b"".join(chunks)).get("data")
-        except (ValueError, AttributeError):
-            return
-        deleted = [path for path in _file_paths(values) if self.forget(path)]
+        client = client_address(scope)
+        deleted = [
+            path
+            for path in named
+            if (inode := self.quota.inode(client, path)) is not None
+            and not self.refs.busy(path)
+            and self.forget(path, inode)
+        ]
         if deleted:
             LOGGER.info(
                 "analysis refused (HTTP %s) for %s: deleted %d upload(s)",
                 status,
-                client_address(scope),
+                client,
                 len(deleted),
             )
