@@ -99,6 +99,20 @@ run: install
 	@git rev-parse --verify -q HEAD >/dev/null || { echo "make run needs a git checkout with a commit"; exit 1; }
 	dvc exp run -S profile=quickstart
 
+# Experiments side by side in 120 columns (README "Comparing runs"): each experiment's test
+# and leakage-free accuracy and its lowest class recall on the test set, sorted by
+# leakage-free accuracy, and the parameters that differ from the baseline. --drop hides
+# every column that is not a parameter (the other metrics, data counts, dependency digests,
+# the creation time) by naming the parameters' sections (tests/integration/test_dvc_views.py
+# checks that it names each section of params.yaml); --keep brings the three metrics back.
+# (leakage_free.min_recall, the gate's, would take 8 more columns than the 120.)
+COMPARE_KEEP := (test|leakage_free)\.accuracy$$|test\.min_recall$$
+COMPARE_DROP := (?!Experiment$$|profile$$|params\.yaml:|profiles/|(common|acquire|clean|preprocess|augment|model|train|evaluate|registry|serving|tracking)\.)
+.PHONY: compare
+compare:
+	dvc exp show --no-pager --only-changed --sort-by leakage_free.accuracy --sort-order desc \
+	  --keep '$(COMPARE_KEEP)' --drop '$(COMPARE_DROP)'
+
 # The browser test drives Debian's Chromium (never `playwright install`: no downloads here).
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }

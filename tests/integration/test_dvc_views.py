@@ -36,7 +36,10 @@ from braintumor.reports.headline import (
     HeadlineError,
     count_keys,
     data_headline,
+    detail_tables,
     evaluation_headline,
+    evaluation_run_metrics,
+    flat_headline,
     phase_headline,
     preprocess_headline,
 )
@@ -90,12 +93,18 @@ def test_headline_keeps_the_served_model_s_few_numbers() -> None:
         "macro_f1": 0.8023,
         "ece": 0.05,
         "recall": {"glioma": 0.5, "meningioma": 0.6, "notumor": 0.7, "pituitary": 0.8},
+        "min_recall": 0.5,  # the weakest class, what the registry gate checks
     }
     assert headline["sartaj_test"] == {"accuracy": 0.5, "macro_f1": 0.49, "ece": 0.05}
     # the worst perturbation, not the unperturbed accuracy below it
     assert headline["robustness"] == {"worst_accuracy": 0.61}
     assert headline["ood"] == {"test.false_alarms": 0.012}  # not the fitted threshold
-    assert count_keys(headline) == 7 + 7 + 3 + 1 + 1
+    assert count_keys(headline) == 8 + 8 + 3 + 1 + 1
+    # the pipeline run's metrics in MLflow: the same numbers under DVC's column names
+    flat = flat_headline(headline)
+    assert len(flat) == count_keys(headline)
+    assert flat["test.recall.glioma"] == 0.5 and flat["leakage_free.min_recall"] == 0.5
+    assert flat["ood.test.false_alarms"] == 0.012
 
 
 def test_headline_leaves_out_what_the_detail_does_not_define() -> None:
@@ -103,6 +112,7 @@ def test_headline_leaves_out_what_the_detail_does_not_define() -> None:
     del finetuned["test.notumor_recall"]  # no notumor image in this view: recall undefined
     headline = evaluation_headline({"finetuned": finetuned}, CLASSES)
     assert set(headline["test"]["recall"]) == {"glioma", "meningioma", "pituitary"}
+    assert headline["test"]["min_recall"] == 0.5  # of the classes it has
     assert "robustness" not in headline and "ood" not in headline
 
 
@@ -186,6 +196,42 @@ def test_headline_of_the_stage_s_detail_is_a_few_dozen_numbers() -> None:
         "sartaj_leakage_free",
     }
     assert set(headline) == views | {"robustness", "ood"}
+
+
+def test_the_evaluate_run_gets_tens_of_numbers_and_every_one_as_a_table() -> None:
+    """MLflow's evaluate run: a few dozen metrics (the 400-odd of the detail cannot be
+    charted), including everything the registry gate reads on either view it may use; the
+    tables hold every number of the detail exactly once."""
+    from braintumor.tracking.registry import gate_metrics
+
+    detail = stage_detail(2.5, seed=0)
+    picked = evaluation_run_metrics(detail, CLASSES)
+    assert set(picked) == {"base", "finetuned"}
+    assert 15 <= count_keys(picked) <= 40 < count_keys(detail)
+    for model, numbers in picked.items():
+        for key, value in numbers.items():
+            assert value == round(detail[model][key], 4), key
+    for view in ("test", "leakage_free"):  # registry.gate.view's choices
+        assert gate_metrics(picked, view, tuple(CLASSES)) == gate_metrics(
+            {"finetuned": {k: round(v, 4) for k, v in detail["finetuned"].items()}},
+            view,
+            tuple(CLASSES),
+        )
+    assert "finetuned.ood.test.false_alarms" not in picked  # nested like eval.json
+    assert picked["finetuned"]["ood.test.false_alarms"] == 0.0125
+
+    tables = detail_tables(detail)
+    views = tables["views"]
+    assert len(views) == 2 * 6  # one row per model and test view
+    cells = [
+        (row["model"], f"{row['view']}.{column}", value)
+        for row in views
+        for column, value in row.items()
+        if column not in ("model", "view")
+    ]
+    cells += [(row["model"], row["name"], row["value"]) for row in tables["model"]]
+    every = [(model, key, value) for model in picked for key, value in detail[model].items()]
+    assert sorted(cells, key=str) == sorted(every, key=str)
 
 
 @pytest.mark.integration
@@ -343,13 +389,44 @@ def _training_summary(phase: str, learning_rate: float, started: float) -> dict[
     }
 
 
+def _detail_key(seed: int, learning_rate: float) -> str:
+    return f"{seed}:{learning_rate:g}"
+
+
+def _roc_rows(skill: float, seed: int) -> list[dict]:
+    """Both models' ROC points per class, by the stage's own writer, on generated
+    probabilities (the fine-tuned model's a bit better)."""
+    from braintumor.stages.evaluate import roc_rows
+
+    rng = np.random.default_rng(seed)
+    labels = np.tile(np.arange(len(CLASSES)), 30)
+    rows = []
+    for model, model_skill in (("finetuned", skill), ("base", skill - 1.0)):
+        rows += roc_rows(labels, _probabilities(labels, model_skill, rng), CLASSES, model)
+    return rows
+
+
+def write_prepared(root: Path) -> None:
+    """The ``prepare`` stage's command: a data folder whose content (its digest in ``dvc
+    exp show``) depends on the seed, as the real split does."""
+    from braintumor.core.config import load_params
+
+    seed = load_params(root / "params.yaml").common.seed
+    folder = root / "data" / "processed"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "split.txt").write_text(f"split drawn with seed {seed}\n")
+
+
 def write_views(root: Path) -> None:
-    """The stage's command: every metrics file and plot table the real stages declare, for
-    the learning rate in params.yaml (the detail was generated by the test beforehand)."""
+    """The ``views`` stage's command: every metrics file and plot table the real stages
+    declare, for the seed and fine-tuning learning rate of params.yaml with its profile
+    (the detail was generated by the test beforehand)."""
+    from braintumor.core.config import load_params
+
     started = time.perf_counter()
-    finetune = yaml.safe_load((root / "params.yaml").read_text())["train"]["finetune"]
-    learning_rate = float(finetune["learning_rate"])  # PyYAML reads `3e-05` as a string
-    detail = json.loads((root / "details.json").read_text())[f"{learning_rate:g}"]
+    params = load_params(root / "params.yaml")
+    seed, learning_rate = params.common.seed, params.train.finetune.learning_rate
+    detail = json.loads((root / "details.json").read_text())[_detail_key(seed, learning_rate)]
     metrics = root / "metrics"
     plots = metrics / "eval_plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -364,7 +441,11 @@ def write_views(root: Path) -> None:
             "epoch,loss,accuracy,val_loss,val_accuracy",
             [(e, 1 / e, 0.7 + e / 50, 1.2 / e, 0.65 + e / 40) for e in range(1, 6)],
         )
-    processed = {"images": 120, "counts": {"test": 80}, "seconds": time.perf_counter() - started}
+    processed = {
+        "images": 120,
+        "counts": {"train": 70 + seed % 7, "val": 10, "test": 40 - seed % 7},  # the split
+        "seconds": time.perf_counter() - started,
+    }
     (metrics / "preprocess.json").write_text(json.dumps(processed))
     headline = preprocess_headline(processed)
     (metrics / "preprocess_headline.json").write_text(json.dumps(headline))
@@ -381,11 +462,8 @@ def write_views(root: Path) -> None:
         "model,actual,predicted",
         [("finetuned", a, p) for a in CLASSES for p in CLASSES[: 1 + len(a) % 3]],
     )
-    _write_csv(
-        plots / "roc.csv",
-        "model,class,fpr,tpr",
-        [("finetuned", name, f, min(1.0, f * 3)) for name in CLASSES for f in (0, 0.2, 1)],
-    )
+    roc = _roc_rows(1.2 + 5e3 * learning_rate, seed)
+    _write_csv(plots / "roc.csv", "model,class,fpr,tpr", [tuple(row.values()) for row in roc])
     _write_csv(
         plots / "robustness.csv",
         "perturbation,accuracy,model",
@@ -405,6 +483,7 @@ def _run(project: Path, *command: str, columns: int = TERMINAL_COLUMNS) -> str:
         "GIT_AUTHOR_EMAIL": "t@example.org",
         "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@example.org",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     if command[0] == "dvc":
         command = (str(Path(sys.executable).parent / "dvc"), *command[1:])
@@ -415,55 +494,87 @@ def _run(project: Path, *command: str, columns: int = TERMINAL_COLUMNS) -> str:
     return result.stdout
 
 
-def _views_stage() -> dict[str, Any]:
-    """One stage with the real stages' metrics and plots declarations, the evaluate
-    stage's detail output, and the finetune stage's parameters (profiles included)."""
+def _command(*arguments: str) -> str:
+    """This module run as a stage's command (conftest sits in tests/, not beside it)."""
+    script = shlex.join([sys.executable, str(Path(__file__).resolve()), *arguments])
+    return f"PYTHONPATH={shlex.quote(str(REPO / 'tests'))} {script}"
+
+
+def _views_dvc_yaml() -> dict[str, Any]:
+    """Two stages: ``prepare`` (a data folder that depends on the seed) and ``views``
+    with the real stages' metrics and plots declarations, the evaluate stage's detail
+    output, and the finetune stage's parameters (profiles included); the real top-level
+    plots."""
     stages = _dvc_yaml()["stages"]
-    stage: dict[str, Any] = {
-        "cmd": f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))}",
+    views: dict[str, Any] = {
+        "cmd": _command(),
+        "deps": ["data/processed"],
         "params": stages["finetune"]["params"],
         "outs": [{"metrics/eval.json": {"cache": False}}],
         "metrics": [entry for stage in stages.values() for entry in stage.get("metrics", [])],
         "plots": [entry for stage in stages.values() for entry in stage.get("plots", [])],
     }
     assert "metrics/eval.json" in _paths(stages["evaluate"]["outs"])
-    return stage
+    prepare = {"cmd": _command("prepare"), "params": ["common.seed"], "outs": ["data/processed"]}
+    return {"stages": {"prepare": prepare, "views": views}, "plots": _dvc_yaml()["plots"]}
+
+
+def _new_project(
+    tmp_path_factory: pytest.TempPathFactory, name: str, runs: list[tuple[int, float]]
+) -> Path:
+    """A git + DVC repository with this project's .dvc/config, plot templates, committed
+    params.yaml, profiles and the two stages; ``details.json`` holds the evaluation detail
+    of each (seed, fine-tuning learning rate) that will run."""
+    template = REPO / ".dvc" / "offline-plots.html"
+    if not template.is_file():
+        pytest.fail(f"{template} is missing: `make install` (or `make plots-template`) builds it")
+    project = tmp_path_factory.mktemp(name)
+    _run(project, "git", "init", "-q")
+    _run(project, "dvc", "init", "-q")
+    shutil.copy2(REPO / ".dvc" / "config", project / ".dvc" / "config")
+    shutil.copy2(template, project / ".dvc" / template.name)
+    shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots")
+    (project / "params.yaml").write_text(committed_params_text())
+    shutil.copytree(REPO / "profiles", project / "profiles")
+    details = {
+        _detail_key(seed, rate): stage_detail(1.2 + 5e3 * rate + seed % 3 / 5, seed=seed)
+        for seed, rate in runs
+    }
+    (project / "details.json").write_text(json.dumps(details))
+    dvc_yaml = _views_dvc_yaml()
+    (project / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    return project
 
 
 @pytest.fixture(scope="module")
 def views_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The temporary repository after `dvc repro` (committed) and one `dvc exp run`
     changing the fine-tuning learning rate (applied to the workspace)."""
-    template = REPO / ".dvc" / "offline-plots.html"
-    if not template.is_file():
-        pytest.fail(f"{template} is missing: `make install` (or `make plots-template`) builds it")
-    project = tmp_path_factory.mktemp("views")
-    _run(project, "git", "init", "-q")
-    _run(project, "dvc", "init", "-q")
-    shutil.copy2(REPO / ".dvc" / "config", project / ".dvc" / "config")
-    shutil.copy2(template, project / ".dvc" / template.name)
-    (project / "params.yaml").write_text(committed_params_text())
-    shutil.copytree(REPO / "profiles", project / "profiles")
-    details = {
-        f"{rate:g}": stage_detail(2.0 + 100 * rate, seed=i) for i, rate in enumerate(LEARNING_RATES)
-    }
-    (project / "details.json").write_text(json.dumps(details))
-    dvc_yaml = {"stages": {"views": _views_stage()}, "plots": _dvc_yaml()["plots"]}
-    (project / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    project = _new_project(tmp_path_factory, "views", [(42, rate) for rate in LEARNING_RATES])
     _run(project, "dvc", "repro", "-q")
     _run(project, "git", "add", "-A")
     _run(project, "git", "commit", "-qm", "baseline")
-    _run(
-        project,
-        "dvc",
-        "exp",
-        "run",
-        "-q",
-        "-n",
-        "lr-3e-5",
-        "-S",
-        f"train.finetune.learning_rate={LEARNING_RATES[1]}",
-    )
+    change = f"train.finetune.learning_rate={LEARNING_RATES[1]}"
+    _run(project, "dvc", "exp", "run", "-q", "-n", "lr-3e-5", "-S", change)
+    return project
+
+
+# The user's case: a clone (the paper profile committed, no results), then `make run`
+# (the quickstart profile) and the same with another seed. Every metric column is then
+# "changed" (the baseline has none) and so is the data folder's digest.
+QUICKSTART_LEARNING_RATE = 1.0e-4  # profiles/quickstart.yaml's train.finetune.learning_rate
+COMPARED = {"quick-42": 42, "quick-2027": 2027}
+
+
+@pytest.fixture(scope="module")
+def compare_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    runs = [(seed, QUICKSTART_LEARNING_RATE) for seed in COMPARED.values()]
+    project = _new_project(tmp_path_factory, "compare", runs)
+    _run(project, "git", "add", "-A")
+    _run(project, "git", "commit", "-qm", "a clone: no results committed")
+    for name, seed in COMPARED.items():
+        changes = ["-S", "profile=quickstart", "-S", f"common.seed={seed}"]
+        _run(project, "dvc", "exp", "run", "-q", "-n", name, *changes)
     return project
 
 
@@ -482,28 +593,83 @@ def test_metrics_are_the_headlines_and_their_diff_fits_a_terminal(views_project:
     assert _widest(diff) <= TERMINAL_COLUMNS, diff
 
 
-def _readme_exp_show() -> list[str]:
-    """The `dvc exp show ... --drop` line of the README's "Comparing runs"."""
-    text = (REPO / "README.md").read_text()
-    line = re.search(r"^dvc exp show .*--drop .*$", text, re.M)
-    assert line, "README no longer has the `dvc exp show ... --drop` line"
-    return shlex.split(line.group(0))
+def _compare_command() -> list[str]:
+    """What `make compare` runs (the README's "Comparing runs" names it)."""
+    assert "make compare" in (REPO / "README.md").read_text(), "README does not name it"
+    shown = subprocess.run(
+        ["make", "-n", "--no-print-directory", "-f", str(REPO / "Makefile"), "compare"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return shlex.split(shown.replace("\\\n", " "))
+
+
+COMPARED_COLUMNS = ("test.accuracy", "leakage_free.accuracy", "test.min_recall")
+
+
+def _header(table: str) -> str:
+    """The header lines of a `dvc exp show` table (above its first rule), joined: a
+    parameter's long name wraps over several lines."""
+    lines = table.splitlines()
+    rule = next(i for i, line in enumerate(lines) if i > 0 and set(line.strip()) == {"─"})
+    return "".join(line.strip() for line in lines[1:rule])
 
 
 @pytest.mark.integration
-def test_readme_exp_show_line_fits_120_columns_with_the_team_s_columns(
-    views_project: Path,
+def test_compare_shows_the_headline_and_the_changed_params_in_120_columns(
+    compare_project: Path,
 ) -> None:
-    table = _run(views_project, *_readme_exp_show())
+    """`make compare` at 120 columns on the user's two experiments:
+    the experiments, test and leakage-free accuracy and the lowest class recall with their
+    values, and the parameters that differ; no data counts, digests or creation time."""
+    command = _compare_command()
+    assert command[:3] == ["dvc", "exp", "show"], command
+    table = _run(compare_project, *command)
     assert "…" not in table, f"columns collapsed at {TERMINAL_COLUMNS} columns:\n{table}"
     assert _widest(table) <= TERMINAL_COLUMNS, table
-    for column in ("test.accuracy", "leakage_free.accuracy", "learning_rate"):
-        assert column in table, f"{column} missing:\n{table}"
-    assert "lr-3e-5" in table and "3e-05" in table, table  # the experiment and its change
+    header = _header(table)
+    for column in (*COMPARED_COLUMNS, "profile", "common.seed"):
+        assert column in header, f"{column} missing:\n{table}"
+    for hidden in ("Created", "data/processed", "counts", "kept", "duplicates", "msoud", "ood"):
+        assert hidden not in header, f"{hidden} shown:\n{table}"
+    # Each experiment's row: its name, the three numbers (in the header's order), the
+    # profile and the seed, none of them cut.
+    details = json.loads((compare_project / "details.json").read_text())
+    order = sorted(COMPARED_COLUMNS, key=header.index)
+    for name, seed in COMPARED.items():
+        row = next(line for line in table.splitlines() if f"[{name}]" in line)
+        cells = row.split("]", 1)[1].split()
+        detail = details[_detail_key(seed, QUICKSTART_LEARNING_RATE)]
+        expected = flat_headline(evaluation_headline(detail, CLASSES))
+        shown = dict(zip(order, map(float, cells[: len(order)]), strict=True))
+        assert shown == pytest.approx({key: expected[key] for key in order}, abs=1e-4), row
+        assert cells[len(order) :] == ["quickstart", str(seed)], row
     everything = _run(
-        views_project, "dvc", "exp", "show", "--no-pager", "--only-changed", columns=100_000
+        compare_project, "dvc", "exp", "show", "--no-pager", "--only-changed", columns=100_000
     )
-    assert _widest(everything) > TERMINAL_COLUMNS  # the pattern is what makes it fit
+    assert _widest(everything) > 2 * TERMINAL_COLUMNS  # the patterns are what make it fit
+
+
+def test_compare_drops_no_parameter_section() -> None:
+    """The compare line hides every column that is not a parameter by naming the
+    parameters' sections; a section of params.yaml missing from it would hide that
+    section's changes."""
+    arguments = _compare_command()
+    drop = re.compile(arguments[arguments.index("--drop") + 1])
+    sections = yaml.safe_load(committed_params_text())
+    for section, values in sections.items():
+        column = f"{section}.x" if isinstance(values, dict) else section
+        for name in (column, f"params.yaml:{column}", f"profiles/quickstart.yaml:{column}"):
+            assert not drop.match(name), f"--drop would hide the parameter {name}"
+    for name in (
+        "Created",
+        "test.accuracy",
+        "data/processed",
+        "metrics/frozen_headline.json:best_epoch",
+    ):
+        assert drop.match(name), f"--drop keeps {name}"
 
 
 def _render(
@@ -572,5 +738,57 @@ def test_plots_render_offline_and_dvc_s_own_page_does_not(views_project: Path, b
     assert drawn == 0 and any("cdn.jsdelivr.net" in url for url in blocked), (drawn, blocked)
 
 
+ROC_TABLE = "metrics/eval_plots/roc.csv"
+
+
+def _roc_drawing(browser: Any, page_path: Path) -> dict[str, Any]:
+    """The ROC plot of a `dvc plots` page drawn again with vega's SVG renderer (the page
+    draws on a canvas): its line paths (one per series), panel titles and legend labels."""
+    div = re.sub(r"[^A-Za-z0-9]", "_", ROC_TABLE)
+    found = re.search(rf"var spec = ([^\n]*);\s*vegaEmbed\('#{div}'", page_path.read_text())
+    assert found, f"{page_path}: no ROC plot"
+    page = browser.new_page()
+    page.route(
+        "**/*",
+        lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort(),
+    )
+    page.goto(page_path.as_uri(), wait_until="load")
+    drawing = page.evaluate(
+        """async spec => {
+            const box = document.createElement('div');
+            document.body.appendChild(box);
+            await vegaEmbed(box, spec, {renderer: 'svg', actions: false});
+            const texts = selector => [...box.querySelectorAll(selector)].map(e => e.textContent);
+            return {
+                lines: box.querySelectorAll('.mark-line path').length,
+                panels: texts('.role-column-header text'),
+                legend: texts('.role-legend-label text'),
+            };
+        }""",
+        json.loads(found.group(1)),
+    )
+    page.close()
+    return drawing
+
+
+@pytest.mark.integration
+@pytest.mark.browser
+def test_roc_plot_draws_a_curve_per_class_model_and_experiment(
+    views_project: Path, browser
+) -> None:
+    """`dvc plots show` (one revision) and `dvc plots diff HEAD` (the baseline and the
+    experiment): a panel per model, one ROC curve per class in each, per revision; DVC's
+    linear template drew the whole table as one zigzag line per revision."""
+    _run(views_project, "dvc", "plots", "show", "-o", "roc_show", ROC_TABLE)
+    shown = _roc_drawing(browser, views_project / "roc_show" / "index.html")
+    assert shown["panels"] == ["finetuned", "base"], shown
+    assert shown["lines"] == 2 * len(CLASSES), shown
+    assert set(CLASSES) <= set(shown["legend"]), shown
+    _run(views_project, "dvc", "plots", "diff", "HEAD", "-o", "roc_diff", "--targets", ROC_TABLE)
+    compared = _roc_drawing(browser, views_project / "roc_diff" / "index.html")
+    assert compared["lines"] == 2 * 2 * len(CLASSES), compared
+    assert {"workspace", "HEAD"} <= set(compared["legend"]), compared
+
+
 if __name__ == "__main__":
-    write_views(Path.cwd())
+    (write_prepared if sys.argv[1:] == ["prepare"] else write_views)(Path.cwd())

@@ -9,6 +9,7 @@ child per phase, their parameters, one ``val_loss`` point per epoch, and the mod
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,27 @@ def test_invocation_outside_dvc(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _is_dvc(["/venv/bin/python", "/venv/bin/dvc", "repro"])
     assert _is_dvc(["dvc", "exp", "run"]) and _is_dvc(["python", "-m", "dvc", "repro"])
     assert not _is_dvc(["/venv/bin/python", "-m", "pytest", "tests/dvc_test.py"])
+
+
+@pytest.mark.parametrize(
+    ("command", "source"),
+    [
+        (["/venv/bin/python", "/venv/bin/dvc", "exp", "run", "-S", "common.seed=7"], "dvc exp run"),
+        (["dvc", "repro", "train"], "dvc repro train"),
+        (["python", "-m", "dvc", "exp", "run", "--queue"], "dvc exp run"),
+    ],
+)
+def test_the_pipeline_run_s_source_is_the_dvc_command_without_its_options(
+    command: list[str], source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's Source column of the pipeline run: which DVC command ran it; no option
+    values (a `-S` value could be anything)."""
+    from braintumor.tracking import runs
+
+    monkeypatch.setattr(runs, "_dvc_process", lambda: (1, 0.0, command))
+    assert runs.pipeline_source() == source
+    monkeypatch.setattr(runs, "_dvc_process", lambda: None)
+    assert runs.pipeline_source() == Path(sys.argv[0]).name
 
 
 @pytest.fixture
@@ -155,8 +177,34 @@ def test_two_phases_logged_to_a_real_server(
         assert {"figures/augmentation.png", "figures/history.png"} <= {
             f["path"] for f in artifacts["files"]
         }
+    _check_pipeline_run(api, runs["frozen"]["parent_run_id"], data)
     models = requests.post(
         f"{api}/logged-models/search", json={"experiment_ids": [experiment["experiment_id"]]}
     ).json()["models"]
     sources = {model["info"]["source_run_id"] for model in models}
     assert sources == {runs["frozen"]["run_id"], runs["finetune"]["run_id"]}
+
+
+def _check_pipeline_run(api: str, run_id: str, data: Path) -> None:
+    """The pipeline (parent) run: the parameters that identify the experiment (each child
+    has all of them), MLflow's Source and commit, a description, the processed data as its
+    dataset (logged once, by the first phase; the children log their splits)."""
+    from braintumor.tracking.runs import IDENTITY_PARAMS
+
+    parent = requests.get(f"{api}/runs/get", params={"run_id": run_id}).json()["run"]
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert sorted(params) == sorted(IDENTITY_PARAMS)
+    assert params["model.backbone"] == "tinycnn" and params["train.finetune.epochs"] == "3"
+    tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    assert tags["mlflow.runName"] == "tracking-test" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] and tags["mlflow.user"]
+    # the commit of the project folder (none here: tmp_path is no git checkout)
+    assert tags.get("mlflow.source.git.commit") == tags.get("git_commit")
+    data_meta = json.loads((data / "meta.json").read_text())
+    assert tags["data.digest"] == data_meta["digest"]
+    note = tags["mlflow.note.content"]
+    assert "DVC experiment `tracking-test`" in note and data_meta["digest"][:16] in note
+    (dataset,) = parent["inputs"]["dataset_inputs"]
+    assert dataset["dataset"]["name"] == "processed"
+    assert dataset["dataset"]["digest"] == data_meta["digest"][:16]
+    assert {"key": "mlflow.data.context", "value": "pipeline"} in dataset["tags"]

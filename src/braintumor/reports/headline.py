@@ -4,11 +4,14 @@
 per view, per class, intervals, calibration, robustness). As DVC metrics they made
 ``dvc metrics show``, ``dvc metrics diff`` and ``dvc exp show`` hundreds of columns wide.
 The headline keeps, for the fine-tuned model (the one that is served): accuracy, macro-F1
-and the calibrated ECE on every test view, the per-class recall on the two headline views
-(all of the test set, and its leakage-free part), the worst accuracy under the
+and the calibrated ECE on every test view, the per-class recall and its minimum on the two
+headline views (all of the test set, and its leakage-free part), the worst accuracy under the
 robustness perturbations and the out-of-distribution detector's false-alarm rates (real
 test slices it would refuse). It is written as ``metrics/evaluate.json``, the stage's DVC
-metric; the detail stays in ``metrics/eval.json`` and MLflow.
+metric, and the same numbers are the pipeline run's metrics in MLflow (``flat_headline``),
+so the two tools compare experiments on one set. The detail stays in ``metrics/eval.json``;
+the evaluate run in MLflow gets a few dozen of its numbers (``evaluation_run_metrics``) and
+all of it as tables (``detail_tables``).
 
 Pure: dicts in, a dict out, so it is tested on small dicts and applied to any old
 ``eval.json`` to see what its headline would have been.
@@ -57,6 +60,8 @@ def _view_headline(flat: Mapping[str, Any], view: str, classes: Sequence[str]) -
     if view in RECALL_VIEWS:
         recall = {name: _number(flat.get(f"{view}.{name}_recall")) for name in classes}
         numbers["recall"] = {name: value for name, value in recall.items() if value is not None}
+        if numbers["recall"]:  # the weakest class: what the registry gate checks
+            numbers["min_recall"] = min(numbers["recall"].values())
     return numbers
 
 
@@ -93,6 +98,90 @@ def _numbers(flat: Mapping[str, Any], wanted: Callable[[str], bool]) -> dict[str
 def count_keys(metrics: Mapping[str, Any]) -> int:
     """How many leaf numbers a metrics dict holds: the columns DVC will show for it."""
     return sum(count_keys(value) if isinstance(value, Mapping) else 1 for value in metrics.values())
+
+
+def flat_headline(headline: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The headline's numbers under DVC's flattened names (``test.recall.glioma``): the
+    pipeline run's metrics in MLflow, so its columns and ``dvc exp show``'s read alike."""
+    flat: dict[str, float] = {}
+    for key, value in headline.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_headline(value, f"{prefix}{key}."))
+        elif (number := _number(value)) is not None:
+            flat[f"{prefix}{key}"] = number
+    return flat
+
+
+# The evaluate run's metrics, under eval.json's names. On the headline views the served
+# model keeps what the registry gate reads (accuracy, macro-F1, calibrated ECE, recall per
+# class; `registry.gate_metrics`), another model its accuracy and macro-F1.
+SERVED_VIEW_FIELDS = ("accuracy", "macro_f1", "ece_after")
+OTHER_MODEL_FIELDS = ("accuracy", "macro_f1")
+
+
+def _run_keys(model: str, view: str, classes: Sequence[str]) -> list[str]:
+    if model == HEADLINE_MODEL and view in RECALL_VIEWS:
+        fields = [*SERVED_VIEW_FIELDS, *(f"{name}_recall" for name in classes)]
+    elif model == HEADLINE_MODEL:
+        fields = ["accuracy"]
+    elif view in RECALL_VIEWS:
+        fields = list(OTHER_MODEL_FIELDS)
+    else:
+        fields = []
+    return [f"{view}.{field}" for field in fields]
+
+
+def evaluation_run_metrics(
+    detail: Mapping[str, Any], classes: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """A few dozen numbers of an ``eval.json`` detail, nested like it (``{model: {"<view>.
+    <metric>": x}}``), for the evaluate run: hundreds of metrics (every view, class and
+    statistic) are too many to chart or scan in MLflow, and ``detail_tables`` holds them
+    all. The served model keeps accuracy, macro-F1, calibrated ECE and recall per class on
+    the headline views, accuracy on the others, its temperature and the OOD detector's
+    false alarms; another model its accuracy and macro-F1 on the headline views."""
+    picked: dict[str, dict[str, float]] = {}
+    for model, flat in detail.items():
+        if not isinstance(flat, Mapping):
+            continue
+        keys = [key for view in _views(flat) for key in _run_keys(model, view, classes)]
+        if model == HEADLINE_MODEL:
+            keys += ["temperature", *(key for key in flat if _is_false_alarm_rate(key))]
+        numbers = {key: _number(flat.get(key)) for key in keys}
+        picked[model] = {key: value for key, value in numbers.items() if value is not None}
+    return picked
+
+
+def _is_false_alarm_rate(key: str) -> bool:
+    return key.startswith("ood.") and key.endswith(".false_alarms")
+
+
+def detail_tables(detail: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every number of an ``eval.json`` detail as two tables for the MLflow UI: ``views``,
+    one row per model and test view with one column per statistic (accuracy, intervals,
+    per-class precision, recall, specificity, F1 and ROC AUC, calibration, count), and
+    ``model``, one row per model and number that belongs to no view (temperature, each
+    robustness perturbation, the OOD detector)."""
+    views: list[dict[str, Any]] = []
+    model_rows: list[dict[str, Any]] = []
+    for model, flat in detail.items():
+        if not isinstance(flat, Mapping):
+            continue
+        names = _views(flat)
+        for view in names:
+            row: dict[str, Any] = {"model": model, "view": view}
+            row.update(
+                {
+                    key.removeprefix(f"{view}."): value
+                    for key, value in flat.items()
+                    if key.startswith(f"{view}.")
+                }
+            )
+            views.append(row)
+        for key, value in flat.items():
+            if not any(key.startswith(f"{view}.") for view in names):
+                model_rows.append({"model": model, "name": key, "value": value})
+    return {"views": views, "model": model_rows}
 
 
 # A training phase's headline: what decides whether it worked. The detail (timings,

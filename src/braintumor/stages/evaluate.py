@@ -643,20 +643,41 @@ def run(params: Params, paths: EvaluatePaths, tracking: bool = True) -> dict[str
     evaluation = evaluate(params, paths)
     bundle_meta = write_evaluation(evaluation, paths, params)
     if tracking:
-        from braintumor.tracking import registry
-
-        registry.log_evaluation(
-            params,
-            project_root=Path.cwd(),
-            parent_file=paths.parent_run_file,
-            run_file=paths.run_file,
-            metrics=evaluation.metrics,
-            figures=paths.figures,
-            reports=[paths.report.with_suffix(".json"), paths.report.with_suffix(".md")],
-            bundle=paths.bundle,
-            bundle_meta=bundle_meta,
-        )
+        log_to_mlflow(evaluation, paths, params, bundle_meta)
     return evaluation.metrics
+
+
+def log_to_mlflow(
+    evaluation: Evaluation, paths: EvaluatePaths, params: Params, bundle_meta: Any
+) -> None:
+    """The evaluate run (a few dozen of eval.json's numbers, every one of them as tables
+    and as the file; the registered bundle) and, on the pipeline run above it, the
+    headline of ``metrics/evaluate.json``: the numbers experiments are compared on."""
+    from braintumor.reports.headline import detail_tables, evaluation_run_metrics, flat_headline
+    from braintumor.tracking import registry, runs
+
+    classes = params.common.classes
+    run_file = paths.run_file or paths.bundle.parent / "evaluate_run.json"
+    registry.log_evaluation(
+        params,
+        project_root=Path.cwd(),
+        parent_file=paths.parent_run_file,
+        run_file=run_file,
+        metrics=evaluation_run_metrics(evaluation.metrics, classes),
+        figures=paths.figures,
+        reports=[paths.report.with_suffix(".json"), paths.report.with_suffix(".md")],
+        bundle=paths.bundle,
+        bundle_meta=bundle_meta,
+    )
+    runs.log_pipeline_results(
+        params,
+        project_root=Path.cwd(),
+        run_file=run_file,
+        metrics=flat_headline(evaluation_headline(evaluation.metrics, classes)),
+        tables=detail_tables(evaluation.metrics),
+        detail_file=paths.metrics,
+        data=evaluation.inputs.data,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

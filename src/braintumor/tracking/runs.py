@@ -32,6 +32,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,9 +40,18 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
-from mlflow.entities import Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
 from braintumor.core.config import Params, flatten
 from braintumor.core.files import write_json
@@ -67,16 +77,44 @@ def pipeline_invocation() -> str:
     Outside DVC it is ``<experiment>:no-dvc``.
     """
     experiment = os.environ.get("DVC_EXP_NAME", "")
+    found = _dvc_process()
+    if found is None:
+        return f"{experiment}:no-dvc"
+    pid, started, _ = found
+    return f"{experiment}:{pid}:{started:.3f}"
+
+
+def _dvc_process() -> tuple[int, float, list[str]] | None:
+    """The DVC process this one runs under: pid, start time and command line."""
     try:
         import psutil
 
         for process in psutil.Process().parents():
             command = process.cmdline()
             if _is_dvc(command):
-                return f"{experiment}:{process.pid}:{process.create_time():.3f}"
+                return process.pid, process.create_time(), command
     except Exception:  # noqa: BLE001 - psutil missing or a process vanished: no DVC parent
         pass
-    return f"{experiment}:no-dvc"
+    return None
+
+
+def pipeline_source() -> str:
+    """What ran the pipeline, for MLflow's Source column: the DVC command's words without
+    its options and values (``dvc exp run``, ``dvc repro``), else this program's name."""
+    found = _dvc_process()
+    if found is None:
+        return Path(sys.argv[0]).name or "python"
+    command = found[2]  # dvc ..., python .../dvc ... or python -m dvc ...
+    if command[1:3] == ["-m", "dvc"]:
+        arguments = command[3:]
+    else:
+        arguments = command[1:] if Path(command[0]).name == "dvc" else command[2:]
+    words = ["dvc"]
+    for part in arguments:
+        if part.startswith("-"):
+            break
+        words.append(part)
+    return " ".join(words)
 
 
 def _is_dvc(command: list[str]) -> bool:
@@ -127,6 +165,47 @@ def run_tags(params: Params, phase: str | None, project_root: Path) -> dict[str,
     return tags
 
 
+def parent_tags(params: Params, project_root: Path) -> dict[str, str]:
+    """The pipeline run's tags: ``run_tags`` plus what fills MLflow's own columns and its
+    description (Source: the DVC command, its type and the git commit; the user)."""
+    tags = run_tags(params, None, project_root)
+    tags[MLFLOW_SOURCE_NAME] = pipeline_source()
+    tags[MLFLOW_SOURCE_TYPE] = "LOCAL"
+    if "git_commit" in tags:
+        tags[MLFLOW_GIT_COMMIT] = tags["git_commit"]
+    if user := resolve_tags().get(MLFLOW_USER):  # as MLflow sets it on the runs it starts
+        tags[MLFLOW_USER] = user
+    tags[MLFLOW_RUN_NOTE] = describe_pipeline(tags)
+    return tags
+
+
+def describe_pipeline(tags: dict[str, str], sizes: dict[str, int] | None = None) -> str:
+    """The pipeline run's description (Markdown, on its page): which DVC experiment,
+    commit and data it is, and where the rest of it is."""
+    experiment = tags.get("dvc.exp_name")
+    commit = f"- commit `{tags.get('git_commit', 'unknown')[:12]}`"
+    if experiment:
+        commit += " (the experiment's baseline: DVC commits the experiment after the run)"
+    if tags.get("git_dirty") == "true":
+        commit += ", with uncommitted changes"
+    lines = [
+        f"DVC experiment `{experiment}`" if experiment else "Pipeline run outside `dvc exp run`",
+        commit,
+        f"- profile `{tags.get('profile', '?')}`, backbone `{tags.get('backbone', '?')}`, "
+        f"started by `{tags.get(MLFLOW_SOURCE_NAME, '?')}`",
+    ]
+    if tags.get("data.digest"):
+        data = f"- data digest `{tags['data.digest'][:16]}`"
+        if sizes:
+            data += "; images " + ", ".join(f"{split} {count}" for split, count in sizes.items())
+        lines.append(data)
+    lines.append(
+        "- metrics: the headline of `metrics/evaluate.json`; every parameter, the training "
+        "curves and the evaluation detail are on the child runs (frozen, finetune, evaluate)"
+    )
+    return "\n".join(lines)
+
+
 # The experiment's kind for MLflow 3 (tools, and UIs that read it). MLflow 3.17's UI
 # chooses between its GenAI and "Model training" views with a toggle instead: the
 # `workflowType` URL parameter, remembered per browser, GenAI by default. `ui_url` gives
@@ -162,8 +241,29 @@ def _experiment_id(name: str, uri: str, project_root: Path) -> str:
     return experiment.experiment_id
 
 
-def _log_params(client: MlflowClient, run_id: str, params: Params) -> None:
-    items = sorted(redact_params(flatten(params)).items())
+# The parameters that tell one experiment from another, on the pipeline (parent) run: the
+# runs table and the compare page show them side by side. Every parameter (about 150) is
+# on each stage's child run.
+IDENTITY_PARAMS = (
+    "profile",
+    "common.seed",
+    "common.image_size",
+    "model.backbone",
+    "train.frozen.epochs",
+    "train.frozen.learning_rate",
+    "train.finetune.epochs",
+    "train.finetune.learning_rate",
+)
+
+
+def identity_params(params: Params) -> dict[str, Any]:
+    flat = flatten(params)
+    return {key: flat[key] for key in IDENTITY_PARAMS if key in flat}
+
+
+def _log_params(client: MlflowClient, run_id: str, flat: dict[str, Any]) -> None:
+    """Flattened parameters, redacted, in MLflow's batches."""
+    items = sorted(redact_params(flat).items())
     for start in range(0, len(items), PARAMS_PER_CALL):
         batch = [Param(k, v) for k, v in items[start : start + PARAMS_PER_CALL]]
         client.log_batch(run_id, params=batch)
@@ -244,6 +344,7 @@ class PhaseRun:
                 "data.train_images_used": str(len(indices)),
             }
         )
+        log_pipeline_dataset(MlflowClient(), self.parent_run_id, data)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)
@@ -258,6 +359,82 @@ class PhaseRun:
             signature=signature,
             pip_requirements=pip_requirements(self.backend),
         )
+
+
+PIPELINE_DATASET = "processed"
+
+
+def split_counts(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per split of ``meta.json``'s counts: its images, and per class when the
+    counts are per class (``{"train": {"glioma": 1321, ...}}``)."""
+    rows = []
+    for split, counts in meta.get("counts", {}).items():
+        if isinstance(counts, dict):
+            rows.append({"split": split, "images": sum(counts.values()), **counts})
+        else:
+            rows.append({"split": split, "images": counts})
+    return rows
+
+
+def log_pipeline_dataset(client: MlflowClient, run_id: str, data: ProcessedData) -> None:
+    """The processed data as the pipeline run's dataset (MLflow's Dataset column): its
+    preprocess digest and its images per split and class; and its digest in the
+    description. Logged once per run, by whichever stage comes first."""
+    import pandas as pd
+
+    digest = data.digest[:16]
+    run = client.get_run(run_id)
+    logged = {(item.dataset.name, item.dataset.digest) for item in run.inputs.dataset_inputs}
+    if (PIPELINE_DATASET, digest) in logged:
+        return
+    rows = split_counts(data.meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a local path "can be interpreted..."
+        dataset = mlflow.data.from_pandas(
+            pd.DataFrame(rows),
+            source=str(data.folder.resolve()),
+            name=PIPELINE_DATASET,
+            digest=digest or None,
+        )
+    context = InputTag(MLFLOW_DATASET_CONTEXT, "pipeline")
+    # No public constructor takes a Dataset object to a run other than the active one.
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])
+    tags = {**run.data.tags, "data.digest": data.digest}
+    client.set_tag(run_id, "data.digest", data.digest)
+    sizes = {row["split"]: row["images"] for row in rows}
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, describe_pipeline(tags, sizes))
+
+
+def log_pipeline_results(
+    params: Params,
+    *,
+    project_root: Path,
+    run_file: Path,
+    metrics: dict[str, float],
+    tables: dict[str, list[dict[str, Any]]],
+    detail_file: Path | None,
+    data: ProcessedData,
+) -> None:
+    """After the evaluate run (``run_file``): ``metrics``, the headline, become the
+    pipeline run's metrics, so its runs table and charts compare experiments; ``tables``
+    and ``detail_file`` (every number of the evaluation) go to the evaluate run as tables
+    the UI shows (``tables/<name>.json``) and as the file itself."""
+    import pandas as pd
+
+    record = _read_run_file(run_file)
+    if record is None:
+        raise FileNotFoundError(f"{run_file}: no MLflow run file; the evaluate run failed")
+    mlflow.set_tracking_uri(resolve_tracking_uri(params.tracking.tracking_uri, project_root))
+    client = MlflowClient()
+    parent, run_id = record["parent_run_id"], record["run_id"]
+    stamp = int(time.time() * 1000)
+    batch = [Metric(key, float(value), stamp, 0) for key, value in sorted(metrics.items())]
+    client.log_batch(parent, metrics=batch)
+    log_pipeline_dataset(client, parent, data)
+    for name, rows in tables.items():
+        client.log_table(run_id, pd.DataFrame(rows), f"tables/{name}.json")
+    if detail_file is not None:
+        client.log_artifact(run_id, str(detail_file), "metrics")
 
 
 def _parent_run_id(
@@ -278,10 +455,8 @@ def _parent_run_id(
         if _existing_run(client, previous.get("parent_run_id")) is not None:
             return previous["parent_run_id"]
     name = os.environ.get("DVC_EXP_NAME") or "pipeline"
-    parent = client.create_run(
-        experiment_id, run_name=name, tags=run_tags(params, None, project_root)
-    )
-    _log_params(client, parent.info.run_id, params)
+    parent = client.create_run(experiment_id, run_name=name, tags=parent_tags(params, project_root))
+    _log_params(client, parent.info.run_id, identity_params(params))
     if previous_frozen := (previous or {}).get("run_id"):
         client.set_tag(parent.info.run_id, "reused_frozen_run", previous_frozen)
     return parent.info.run_id
@@ -324,7 +499,7 @@ def phase_run(
             tags=run_tags(params, phase, project_root),
             log_system_metrics=True,
         )
-        _log_params(client, run.info.run_id, params)
+        _log_params(client, run.info.run_id, flatten(params))
     tracked = PhaseRun(run.info.run_id, parent_run_id, params.train.backend)
     if (url := ui_url(uri, experiment_id)) is not None:
         print(f"MLflow: {url}", file=sys.stderr)  # opens on the training runs
