@@ -136,7 +136,7 @@ def stage_detail(skill: float, seed: int) -> dict[str, Any]:
     """An ``eval.json`` detail made by the evaluate stage's own functions (calibration,
     every view with its report, both models, robustness) on generated probabilities."""
     from braintumor.core.config import load_params
-    from braintumor.stages.evaluate import evaluate_probabilities, headline_metrics
+    from braintumor.stages.evaluate import evaluate_probabilities, detail_metrics
 
     params = load_params(params_file())
     params = dataclasses.replace(
@@ -169,7 +169,7 @@ def stage_detail(skill: float, seed: int) -> dict[str, Any]:
         {"perturbation": name, "accuracy": float(rng.uniform(0.5, 0.9))}
         for name in ("clean", "noise_5", "jpeg_30", "rotate_10")
     ]
-    metrics = headline_metrics(results, robustness)
+    metrics = detail_metrics(results, robustness)
     # what evaluate.run adds from fit_ood_detector (its real path: the tiny-project test)
     metrics["finetuned"].update(
         {

@@ -194,7 +194,7 @@ def evaluate_probabilities(
     return result
 
 
-def headline(result: dict[str, Any]) -> dict[str, float]:
+def model_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The flat numbers of ``metrics/eval.json`` for one model: per view, the summary."""
     from braintumor.evaluation.metrics import summary_metrics
 
@@ -353,7 +353,7 @@ class EvaluatePaths:
 class Evaluation:
     """What ``evaluate`` found, before anything is written: the inputs it scored, both
     models' calibrated reports, the robustness rows, the OOD detector and its summary, and
-    the headline metrics (``metrics/eval.json``)."""
+    the detail metrics (``metrics/eval.json``; the headline is picked from them)."""
 
     inputs: Inputs
     results: dict[str, dict[str, Any]]
@@ -591,10 +591,10 @@ def fit_ood_detector(inputs: Inputs, params: Params) -> tuple[Any, dict[str, flo
     return detector, summary
 
 
-def headline_metrics(results: dict[str, dict[str, Any]], robustness: list[dict]) -> dict[str, Any]:
+def detail_metrics(results: dict[str, dict[str, Any]], robustness: list[dict]) -> dict[str, Any]:
     """``metrics/eval.json``: per model and view the summary, and the fine-tuned model's
     accuracy per perturbation."""
-    metrics: dict[str, Any] = {name: headline(result) for name, result in results.items()}
+    metrics: dict[str, Any] = {name: model_metrics(result) for name, result in results.items()}
     for row in robustness:
         metrics["finetuned"][f"robustness.{row['perturbation']}"] = round(row["accuracy"], 4)
     return metrics
@@ -608,7 +608,7 @@ def evaluate(params: Params, paths: EvaluatePaths) -> Evaluation:
     results = score_models(inputs, params)
     robustness = score_robustness(inputs, paths.raw, params)
     detector, ood_summary = fit_ood_detector(inputs, params)
-    metrics = headline_metrics(results, robustness)
+    metrics = detail_metrics(results, robustness)
     metrics["finetuned"].update(ood_summary)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     return Evaluation(inputs, results, robustness, detector, metrics)
