@@ -136,7 +136,7 @@ def stage_detail(skill: float, seed: int) -> dict[str, Any]:
     """An ``eval.json`` detail made by the evaluate stage's own functions (calibration,
     every view with its report, both models, robustness) on generated probabilities."""
     from braintumor.core.config import load_params
-    from braintumor.stages.evaluate import evaluate_probabilities, detail_metrics
+    from braintumor.stages.evaluate import detail_metrics, evaluate_probabilities
 
     params = load_params(params_file())
     params = dataclasses.replace(
