@@ -59,6 +59,36 @@ def params_file() -> Path:
     return folder / "params.yaml"
 
 
+@contextlib.contextmanager
+def launch_chromium() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright, headless, with ``CHROMIUM_ARGS``; a missing
+    browser or playwright fails the test saying how ``make test`` installs it."""
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"Chromium not found at {CHROMIUM}: `make test` installs it "
+            "(apt-get install -y chromium); the browser tests need it"
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: `make test` installs it with the test extras")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One Chromium per test module (``launch_chromium``)."""
+    with launch_chromium() as launched:
+        yield launched
+
+
 def mirror_dir() -> Path:
     """The team's read-only mirror of the data sets (../shared/datasets beside the repo)."""
     configured = os.environ.get("BRAINTUMOR_MIRROR")

@@ -23,32 +23,13 @@ import pytest
 from braintumor.serving.app.handlers import DISPLAY_SIZE
 from braintumor.serving.predict import predict_files
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, REPO
+from conftest import REPO
 from serving_helpers import CLASSES, real_images
 
 pytestmark = pytest.mark.browser
 
 ARTIFACTS_ENV = "BRAINTUMOR_TEST_ARTIFACTS"
 TIMEOUT_MS = 60_000
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}: `make test` installs it "
-            "(apt-get install -y chromium); the browser test needs it"
-        )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed: `make test` installs it with the test extras")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        yield browser
-        browser.close()
 
 
 def _wait_for_message(page, prefix: str) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, REPO, running_mlflow_server, write_params
+from conftest import REPO, running_mlflow_server, write_params
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -204,20 +204,6 @@ def test_pipeline_runs_carry_the_headline_identity_source_and_dataset(logged) ->
             "tables/views.json",
             "tables/model.json",
         }
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: `make test` installs it")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ from braintumor.reports.headline import (
     preprocess_headline,
 )
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, committed_params_text, params_file
+from conftest import committed_params_text, params_file
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -704,20 +704,6 @@ def _render(
         page.screenshot(path=screenshot, full_page=True)
     page.close()
     return expected, count, blocked
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: `make test` installs it")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
-        yield browser
-        browser.close()
 
 
 @pytest.mark.integration

@@ -334,11 +334,9 @@ def screenshot_mlflow_ui(team: Team, experiment_id: str) -> dict[str, str]:
     """The experiment's runs and the registered model's versions in the real MLflow UI
     (basic auth as the team user); returns each page's text, saves PNGs under
     ``$BRAINTUMOR_TEST_ARTIFACTS/team/``."""
-    from playwright.sync_api import sync_playwright
-
     from braintumor.tracking.runs import ui_url
 
-    from conftest import CHROMIUM, CHROMIUM_ARGS
+    from conftest import launch_chromium
 
     credentials = team.credentials()
     base = credentials["MLFLOW_TRACKING_URI"].rstrip("/")
@@ -349,10 +347,7 @@ def screenshot_mlflow_ui(team: Team, experiment_id: str) -> dict[str, str]:
         "model": (f"{base}/#/models/{MODEL_NAME}", "challenger"),
     }
     texts = {}
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
+    with launch_chromium() as browser:
         context = browser.new_context(
             viewport={"width": 1600, "height": 1000},
             http_credentials={
