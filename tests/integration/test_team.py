@@ -363,7 +363,6 @@ def screenshot_mlflow_ui(team: Team, experiment_id: str) -> dict[str, str]:
             finally:
                 page.screenshot(path=str(folder / f"mlflow_{name}.png"), full_page=True)
             texts[name] = page.inner_text("body")
-        browser.close()
     return texts
 
 
