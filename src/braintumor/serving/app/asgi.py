@@ -57,3 +57,22 @@ async def refuse(send: Send, status: int, message: str, retry_after_s: int | Non
         headers.append((b"retry-after", str(retry_after_s).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class ResponseRecorder:
+    """A ``send`` that passes a route's response through and keeps its status (and, with
+    ``keep_body``, the body of a 200): what a guard needs to settle its accounts once the
+    route has answered."""
+
+    def __init__(self, send: Send, *, keep_body: bool = False) -> None:
+        self.send = send
+        self.keep_body = keep_body
+        self.status: int | None = None
+        self.body = bytearray()
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+        elif self.keep_body and message["type"] == "http.response.body" and self.status == 200:
+            self.body.extend(message.get("body", b""))
+        await self.send(message)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from braintumor.serving.app.asgi import (
     ASGIApp,
-    Message,
     Receive,
+    ResponseRecorder,
     Scope,
     Send,
     client_address,
@@ -212,16 +212,10 @@ class LoginThrottleMiddleware:
             message = f"Too many failed logins from your address; try again in {seconds} s."
             await refuse_request(send, 429, message, retry_after_s=seconds)
             return
-        status: int | None = None
-
-        async def watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        response = ResponseRecorder(send)
         try:
-            await self.app(scope, receive, watch)
+            await self.app(scope, receive, response)
         finally:
+            status = response.status
             outcome = {200: True, 400: False}.get(status) if status is not None else None
             self.throttle.settle(client, outcome)

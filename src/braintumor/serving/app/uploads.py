@@ -36,6 +36,7 @@ from braintumor.serving.app.asgi import (
     ASGIApp,
     Message,
     Receive,
+    ResponseRecorder,
     Scope,
     Send,
     client_address,
@@ -318,20 +319,11 @@ class UploadGuard:
             LOGGER.warning("upload from %s refused: %s", client, refusal)
             await refuse(send, 429, f"Upload refused: {refusal}; try again once analysed.", 5)
             return
-        status, body = None, bytearray()
-
-        async def record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            elif message["type"] == "http.response.body" and status == 200:
-                body.extend(message.get("body", b""))
-            await send(message)
-
+        response = ResponseRecorder(send, keep_body=True)
         stored: list[str] = []
         try:
-            await self.app(scope, receive, record)
-            stored = _stored_paths(body) if status == 200 else []
+            await self.app(scope, receive, response)
+            stored = _stored_paths(response.body) if response.status == 200 else []
             self.refs.uploaded(stored)
         finally:
             self.quota.settle(client, length, stored)
@@ -341,18 +333,12 @@ class UploadGuard:
         messages, complete = await _read_body(receive, MAX_JOIN_BODY)
         named = _named_files(b"".join(bytes(m.get("body", b"")) for m in messages))
         keys = self.refs.joining(named) if complete else []
-        status = None
-
-        async def watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        response = ResponseRecorder(send)
         try:
-            await self.app(scope, _replay(messages, receive), watch)
+            await self.app(scope, _replay(messages, receive), response)
         finally:
             self.refs.joined(keys)
+        status = response.status
         # 503: the queue is full or stopped. Not 401: a client without a login must not
         # get files deleted by naming them.
         if status != 503 or not complete:
