@@ -53,7 +53,7 @@ def _child(argv: list[str]) -> None:
 def _bundle(folder: Path) -> Path:
     import keras
 
-    from braintumor.core.config import ModelParams, PreprocessParams
+    from braintumor.core.schema import ModelParams, PreprocessParams
     from braintumor.model.classifier import build_model, feature_layer_name
     from braintumor.serving.bundle import BundleMeta, write_bundle
 

@@ -49,7 +49,7 @@ DEFAULT_SIZE = 128
 
 def build(backbone: str, size: int) -> Any:
     """The served architecture (``backbone`` flat + the study's head), random weights."""
-    from braintumor.core.config import ModelParams
+    from braintumor.core.schema import ModelParams
     from braintumor.model.classifier import build_model
 
     return build_model(ModelParams(backbone=backbone, weights="none"), size, 4)

@@ -29,7 +29,7 @@ def training_model(mode: str, first_block: int, size: int, noise: float):  # noq
     """A compiled training model (augmenter in front) with ``mode``'s layers trainable."""
     import keras
 
-    from braintumor.core.config import AugmentParams, ModelParams
+    from braintumor.core.schema import AugmentParams, ModelParams
     from braintumor.model.augment import build_augmenter, build_training_model
     from braintumor.model.classifier import build_model, set_trainable
 

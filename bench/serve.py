@@ -90,7 +90,7 @@ def build_bundle(folder: Path, mirror: Path, size: int, backbone: str) -> tuple[
     """The serving model (random weights) as a bundle; returns its folder and build time."""
     import keras
 
-    from braintumor.core.config import ModelParams, PreprocessParams
+    from braintumor.core.schema import ModelParams, PreprocessParams
     from braintumor.data.imaging import decode_image, preprocess_gray
     from braintumor.model.classifier import build_model, feature_layer_name
     from braintumor.serving.bundle import BundleMeta, InputStats, write_bundle
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     mirror = _mirror(args.mirror)
-    from braintumor.core.config import ServingParams
+    from braintumor.core.schema import ServingParams
     from braintumor.serving.bundle import Bundle
     from braintumor.serving.predictor import Predictor
 

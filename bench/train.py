@@ -49,7 +49,7 @@ def cached_arrays(data: Path, size: int, count: int, out: Path) -> Path:
     folder = out / f"cache{size}"
     if (folder / "train_images.npy").is_file():
         return folder
-    from braintumor.core.config import PreprocessParams
+    from braintumor.core.schema import PreprocessParams
     from braintumor.data.imaging import decode_image, preprocess_gray
 
     classes = sorted(p.name for p in (MSOUD / "Training").iterdir() if p.is_dir())
@@ -70,7 +70,7 @@ def measure(args: argparse.Namespace) -> dict[str, float | str]:
     """Runs in the child process, after KERAS_BACKEND was set."""
     import keras
 
-    from braintumor.core.config import AugmentParams, ModelParams
+    from braintumor.core.schema import AugmentParams, ModelParams
     from braintumor.model.augment import build_augmenter, build_training_model
     from braintumor.model.classifier import build_model, set_trainable
     from braintumor.training.inputs import ArrayBatches

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from braintumor.core.config import ServingParams
+from braintumor.core.schema import ServingParams
 from braintumor.serving.bundle import Bundle
 from braintumor.serving.predictor import Predictor
 

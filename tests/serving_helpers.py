@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from braintumor.core.config import ModelParams, PreprocessParams
+from braintumor.core.schema import ModelParams, PreprocessParams
 from braintumor.data.imaging import decode_image, preprocess_gray
 from braintumor.serving.bundle import MODEL_FILE, BundleMeta, InputStats, read_meta, write_bundle
 

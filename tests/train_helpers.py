@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from braintumor.core.config import PreprocessParams
+from braintumor.core.schema import PreprocessParams
 from braintumor.data.imaging import decode_image, preprocess_gray
 
 from conftest import mirror_dir, params_file, require_mirror

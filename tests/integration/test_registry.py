@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from braintumor.core.config import GateParams
+from braintumor.core.schema import GateParams
 from braintumor.serving.bundle import Bundle
 from braintumor.tracking.registry import TEST_PAUSE_ENV, TEST_RELEASE_FILE, check_gate
 

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from braintumor.core.config import CleanParams, Params, SourceParams
 from braintumor.core.files import worker_count
+from braintumor.core.schema import CleanParams, Params, SourceParams
 from braintumor.data.hashing import connected_groups, pair_similarity, similar_pairs
 from braintumor.data.workers import init_worker, inspect_file
 

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from braintumor.core.config import ClaheParams, PreprocessParams, UnsharpParams
+from braintumor.core.schema import ClaheParams, PreprocessParams, UnsharpParams
 
 # Reasons an image is refused; the clean stage counts these.
 EMPTY = "empty"

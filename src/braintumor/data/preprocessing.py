@@ -44,8 +44,8 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from braintumor.core.config import Params, PreprocessParams
 from braintumor.core.files import atomic_path, worker_count, write_json
+from braintumor.core.schema import Params, PreprocessParams
 from braintumor.data.imaging import decode_image
 from braintumor.data.workers import init_worker, transform_file
 from braintumor.reports import figures

@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from braintumor.core.config import AcquireParams, SourceParams
 from braintumor.core.files import atomic_path, file_sha256, stream_sha256
 from braintumor.core.redaction import one_line, redact_text, redact_uri
+from braintumor.core.schema import AcquireParams, SourceParams
 from braintumor.core.tempdirs import FolderInUse, LockedFolder, lock_folder, remove_stale_folders
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from braintumor.core.config import CleanParams, PreprocessParams
+from braintumor.core.schema import CleanParams, PreprocessParams
 from braintumor.data.hashing import average_hash, content_thumbnail, pixel_hash
 from braintumor.data.imaging import ImageDecodeError, decode_image, preprocess_gray
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from braintumor.core.config import CalibrationParams
+from braintumor.core.schema import CalibrationParams
 from braintumor.evaluation.metrics import validate_labels, validate_probabilities
 from braintumor.reports.figures import new_figure, save_figure
 

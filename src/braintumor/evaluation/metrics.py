@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from braintumor.core.config import STUDY_BASE_MATRIX, STUDY_FINETUNED_MATRIX
+from braintumor.core.schema import STUDY_BASE_MATRIX, STUDY_FINETUNED_MATRIX
 
 # The study's published confusion matrices (rows true, columns predicted), classes in the
 # order glioma, meningioma, notumor, pituitary. Both sum to 1,717 images.

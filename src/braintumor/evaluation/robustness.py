@@ -62,7 +62,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from braintumor.core.config import PreprocessParams, RobustnessParams
+from braintumor.core.schema import PreprocessParams, RobustnessParams
 from braintumor.data.imaging import preprocess_gray
 from braintumor.reports.figures import new_figure, save_figure
 

@@ -37,7 +37,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from braintumor.core.config import AugmentParams
+from braintumor.core.schema import AugmentParams
 
 AUGMENTER_NAME = "augmentation"
 

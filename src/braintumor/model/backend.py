@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from braintumor.core.config import ConfigError, TrainParams
 from braintumor.core.paths import real_project_root
+from braintumor.core.schema import ConfigError, TrainParams
 
 AUTOTUNE_FLAG = "--xla_gpu_autotune_level"
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import keras
 
-from braintumor.core.config import ConfigError, ModelParams
+from braintumor.core.schema import ConfigError, ModelParams
 from braintumor.model.lite0 import efficientnet_lite0
 
 GRAY_TO_RGB = "input_gray_to_rgb"

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from braintumor.core.config import ClaheParams, PreprocessParams, UnsharpParams
 from braintumor.core.files import atomic_path, file_sha256
 from braintumor.core.redaction import one_line
+from braintumor.core.schema import ClaheParams, PreprocessParams, UnsharpParams
 from braintumor.data.imaging import decode_image, preprocess_gray
 from braintumor.evaluation.calibration import apply_temperature
 from braintumor.evaluation.ood import OodDetector, OodError

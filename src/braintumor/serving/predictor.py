@@ -44,16 +44,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from braintumor.core.config import (
-    CleanParams,
-    ConfigError,
-    Params,
-    ServingParams,
-    TrackingParams,
-    load_params,
-)
+from braintumor.core.config import load_params
 from braintumor.core.paths import resolve_tracking_uri
 from braintumor.core.redaction import redact_text
+from braintumor.core.schema import CleanParams, ConfigError, Params, ServingParams, TrackingParams
 from braintumor.data import imaging
 from braintumor.data.dicom import decode_dicom, sniff_dicom
 from braintumor.evaluation.calibration import apply_temperature

@@ -28,7 +28,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from braintumor.core.config import CleanParams, ServingParams
+from braintumor.core.config import section_from_mapping
+from braintumor.core.schema import CleanParams, ServingParams
 
 BUNDLE_ARTIFACT = "bundle"
 MODEL_CONFIG_KEY = "serving"
@@ -45,7 +46,8 @@ def model_config(settings: ServingParams, clean: CleanParams) -> dict[str, Any]:
 def settings_from_config(config: dict[str, Any] | None) -> ServingParams:
     """The serving settings a logged model carries (defaults for older models)."""
     section = (config or {}).get(MODEL_CONFIG_KEY)
-    return ServingParams.from_mapping(section or {}).resolved(CleanParams())
+    serving = section_from_mapping(ServingParams, section or {}, "serving")
+    return serving.resolved(CleanParams())
 
 
 def signature(classes: tuple[str, ...] | list[str]) -> Any:

@@ -13,8 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from braintumor.core.config import ConfigError, load_params
+from braintumor.core.config import load_params
 from braintumor.core.redaction import redact_text
+from braintumor.core.schema import ConfigError
 from braintumor.data.sources import AcquireError, acquire, format_summary
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from braintumor.core.config import ConfigError, load_params
+from braintumor.core.config import load_params
 from braintumor.core.files import atomic_path, write_json
+from braintumor.core.schema import ConfigError
 from braintumor.data.cleaning import INDEX_COLUMNS, CleanError, clean, composition_table
 from braintumor.data.imaging import ImageDecodeError, decode_image
 from braintumor.reports import figures

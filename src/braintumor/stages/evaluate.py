@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from braintumor.core.config import ConfigError, Params, load_params
+from braintumor.core.config import load_params
+from braintumor.core.schema import ConfigError, Params
 from braintumor.model.backend import configure_backend
 from braintumor.reports.headline import evaluation_headline
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from braintumor.core.config import ConfigError, load_params
+from braintumor.core.config import load_params
 from braintumor.core.files import write_json
+from braintumor.core.schema import ConfigError
 from braintumor.data.preprocessing import PreprocessError, preprocess
 from braintumor.reports.headline import preprocess_headline
 

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from braintumor.core.config import ConfigError, Params, load_params
+from braintumor.core.config import load_params
+from braintumor.core.schema import ConfigError, Params
 from braintumor.model.backend import configure_backend
 from braintumor.training.checkpointing import PHASES, PhaseError, TrainingInterrupted
 from braintumor.training.phase import NullRun, PhasePaths, find_checkpoint, run_phase

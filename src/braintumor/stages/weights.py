@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from braintumor.core.config import ConfigError, ModelParams, load_params
+from braintumor.core.config import load_params
 from braintumor.core.files import write_json
+from braintumor.core.schema import ConfigError, ModelParams
 from braintumor.model.backend import configure_backend
 from braintumor.model.weights.files import PretrainedError, weights_file
 

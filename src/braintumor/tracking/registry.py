@@ -43,8 +43,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from braintumor.core.config import ConfigError, GateParams, Params, load_params
+from braintumor.core.config import load_params
 from braintumor.core.redaction import one_line, redact_uri
+from braintumor.core.schema import ConfigError, GateParams, Params
 from braintumor.serving.bundle import BundleMeta
 from braintumor.serving.pyfunc import (  # the pyfunc lives beside serving; re-exported here
     SERVED_REQUIREMENTS,

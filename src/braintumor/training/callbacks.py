@@ -12,8 +12,8 @@ from typing import Any
 
 import keras
 
-from braintumor.core.config import PhaseParams
 from braintumor.core.files import write_json
+from braintumor.core.schema import PhaseParams
 from braintumor.training.checkpointing import (
     BEST_MODEL,
     HISTORY_COLUMNS,

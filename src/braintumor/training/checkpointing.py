@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from braintumor.core.config import Params
 from braintumor.core.files import atomic_path, file_sha256
+from braintumor.core.schema import Params
 
 if TYPE_CHECKING:
     import keras

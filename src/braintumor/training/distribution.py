@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from braintumor.core.config import ConfigError
+from braintumor.core.schema import ConfigError
 
 NONE = "none"
 DATA_PARALLEL = "data_parallel"

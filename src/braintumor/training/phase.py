@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from braintumor.core.config import Params, PhaseParams
 from braintumor.core.files import atomic_path, write_json
+from braintumor.core.schema import Params, PhaseParams
 from braintumor.reports import figures
 from braintumor.training.checkpointing import (
     BEST_MODEL,

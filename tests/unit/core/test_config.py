@@ -7,13 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from braintumor.core.config import (
-    ConfigError,
-    deep_merge,
-    flatten,
-    load_params,
-    params_from_mapping,
-)
+from braintumor.core.config import deep_merge, flatten, load_params, params_from_mapping
+from braintumor.core.schema import ConfigError
 
 from conftest import REPO, committed_params_text, params_file, write_params
 
@@ -140,7 +135,7 @@ def test_an_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
 
 
 def test_from_block_loads_and_the_block_count_matches_lite0(tmp_path: Path) -> None:
-    from braintumor.core.config import LITE0_BLOCKS
+    from braintumor.core.schema import LITE0_BLOCKS
     from braintumor.model.lite0 import lite0_blocks
 
     assert len(lite0_blocks()) == LITE0_BLOCKS

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from braintumor.core.config import ConfigError, load_params
+from braintumor.core.config import load_params
+from braintumor.core.schema import ConfigError
 from braintumor.data.sources import (
     AcquireError,
     ArchiveLimits,

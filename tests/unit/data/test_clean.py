@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from braintumor.core.config import CleanParams, load_params
+from braintumor.core.config import load_params
+from braintumor.core.schema import CleanParams
 from braintumor.data.cleaning import CleanError, clean
 from braintumor.data.hashing import content_box
 from braintumor.stages.clean import main

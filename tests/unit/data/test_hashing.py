@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.core.config import CleanParams
+from braintumor.core.schema import CleanParams
 from braintumor.data.hashing import (
     average_hash,
     connected_groups,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor.core.config import ClaheParams, CleanParams, PreprocessParams, UnsharpParams
+from braintumor.core.schema import ClaheParams, CleanParams, PreprocessParams, UnsharpParams
 from braintumor.data.imaging import (
     COLOUR,
     CORRUPT,

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from braintumor.core.config import CalibrationParams, ConfigError
+from braintumor.core.schema import CalibrationParams, ConfigError
 from braintumor.evaluation.calibration import (
     TEMPERATURE_BOUNDS,
     CalibrationFit,

@@ -156,7 +156,7 @@ def test_a_file_that_is_not_a_detector_is_a_clear_error(tmp_path: Path) -> None:
 
 def real_slices(mirror: Path, count: int, size: int) -> np.ndarray:
     """``count`` real Testing slices, decoded and preprocessed as the model sees them."""
-    from braintumor.core.config import PreprocessParams
+    from braintumor.core.schema import PreprocessParams
     from braintumor.data.imaging import decode_image, preprocess_gray
 
     paths = sorted((mirror / "msoud" / "Testing" / "glioma").glob("*.jpg"))[:count]
@@ -168,7 +168,7 @@ def real_slices(mirror: Path, count: int, size: int) -> np.ndarray:
 def test_extractor_gives_the_models_probabilities_and_matching_logits(mirror: Path) -> None:
     import keras
 
-    from braintumor.core.config import ModelParams
+    from braintumor.core.schema import ModelParams
     from braintumor.model.classifier import build_model
 
     keras.utils.set_random_seed(3)

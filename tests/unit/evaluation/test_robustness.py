@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from braintumor.core.config import (
+from braintumor.core.config import load_params, params_from_mapping
+from braintumor.core.schema import (
     ROBUSTNESS_PERTURBATIONS,
     ConfigError,
     PreprocessParams,
     RobustnessParams,
-    load_params,
-    params_from_mapping,
 )
 from braintumor.data.imaging import decode_image, preprocess_gray
 from braintumor.evaluation.robustness import (

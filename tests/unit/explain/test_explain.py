@@ -294,7 +294,7 @@ def test_last_conv_layer_name(trained) -> None:
 def test_works_on_the_project_model_builder() -> None:
     """The pipeline's own model (tinycnn backbone, the study's head with batch norm and
     dropout): the Grad-CAM layer resolves and the maps are well formed."""
-    from braintumor.core.config import ModelParams
+    from braintumor.core.schema import ModelParams
     from braintumor.model.classifier import build_model, feature_layer_name
 
     params = ModelParams(backbone="tinycnn", weights="none", dense_units=(16,))

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from braintumor.core.config import AugmentParams, ConfigError
+from braintumor.core.schema import AugmentParams, ConfigError
 from braintumor.model.augment import (
     RandomIntensity,
     augment_examples,
@@ -194,7 +194,7 @@ import numpy as np
 from braintumor.model.augment import (
     RandomIntensity, augment_examples, build_augmenter, build_training_model,
 )
-from braintumor.core.config import AugmentParams
+from braintumor.core.schema import AugmentParams
 assert keras.backend.backend() == "jax", keras.backend.backend()
 size = 24
 images = np.random.default_rng(0).integers(0, 256, (16, size, size, 1)).astype(np.uint8)

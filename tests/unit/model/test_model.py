@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from braintumor.core.config import AugmentParams, ModelParams
+from braintumor.core.schema import AugmentParams, ModelParams
 from braintumor.model.augment import (
     RandomAffine,
     augment_examples,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from braintumor.core.config import ModelParams
+from braintumor.core.schema import ModelParams
 from braintumor.model.weights.convert import (
     PACKAGE,
     build_lite0_classifier,

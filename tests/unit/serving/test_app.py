@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 import requests
 
-from braintumor.core.config import ServingParams, load_params
+from braintumor.core.config import load_params
+from braintumor.core.schema import ServingParams
 from braintumor.core.tempdirs import FolderInUse, lock_folder
 from braintumor.data.imaging import decode_image
 from braintumor.serving.app.cli import main

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.core.config import ConfigError, ServingParams
+from braintumor.core.schema import ConfigError, ServingParams
 from braintumor.data.imaging import decode_image
 from braintumor.serving.bundle import Bundle, BundleError
 from braintumor.serving.predict import find_inputs, main, predict_files, result_columns

@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 import pytest
 
-from braintumor.core.config import CleanParams, ConfigError, ServingParams, load_params
+from braintumor.core.config import load_params
+from braintumor.core.schema import CleanParams, ConfigError, ServingParams
 from braintumor.data.dicom import DICOM_INFO_TAGS
 from braintumor.data.imaging import decode_image
 from braintumor.serving.bundle import Bundle
@@ -58,7 +59,7 @@ _PEAK_SCRIPT = """
 import json, sys
 from pathlib import Path
 import PIL.PngImagePlugin, pydicom, pydicom.pixels  # imported before the first reading
-from braintumor.core.config import ServingParams
+from braintumor.core.schema import ServingParams
 from braintumor.serving.predictor import InputError, decode_upload
 
 def peak_kb():

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from braintumor.core.config import Params
+from braintumor.core.schema import Params
 from braintumor.serving.predictor import InputError, Predictor
 
 LOGGER = logging.getLogger(__name__)
