@@ -26,7 +26,7 @@ def _no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_relative_sqlite_uri_is_made_absolute(monkeypatch: pytest.MonkeyPatch) -> None:
-    from braintumor.tracking.runs import resolve_tracking_uri
+    from braintumor.core.paths import resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = Path("/work/project")

@@ -44,16 +44,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from braintumor.core.config import load_params
+from braintumor.core.paths import resolve_tracking_uri
 from braintumor.core.redaction import one_line, redact_uri
 from braintumor.core.schema import ConfigError, GateParams, Params
 from braintumor.serving.bundle import BundleMeta
-from braintumor.serving.pyfunc import (  # the pyfunc lives beside serving; re-exported here
+from braintumor.serving.pyfunc import (
     SERVED_REQUIREMENTS,
     BundleModel,
     model_config,
     signature,
 )
-from braintumor.tracking.runs import phase_run, pip_requirements, resolve_tracking_uri
+from braintumor.tracking.runs import phase_run, pip_requirements
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

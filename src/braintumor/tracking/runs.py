@@ -56,10 +56,7 @@ from mlflow.utils.mlflow_tags import (
 from braintumor.core.config import flatten
 from braintumor.core.files import write_json
 from braintumor.core.paths import real_project_root, resolve_tracking_uri
-from braintumor.core.redaction import (  # re-exported: stages and tests import them from here
-    redact_params,
-    redact_uri,
-)
+from braintumor.core.redaction import redact_params, redact_uri
 from braintumor.core.schema import Params
 
 if TYPE_CHECKING:

@@ -315,7 +315,7 @@ def test_bundle_from_the_registry_champion(bundle_folder, mirror, tmp_path, monk
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from braintumor.tracking.registry import BundleModel
+    from braintumor.serving.pyfunc import BundleModel
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
