@@ -12,7 +12,10 @@ the minimum leakage-free class recall.
     python bench/seeds.py --mirror ../shared/datasets --work /tmp/seeds --seeds 1,2,3
     python bench/seeds.py ... --set train.finetune.epochs=2     # any paper_run override
 
-Results go to ``--work``/seeds.json and the table to stdout.
+Results go to ``--work``/seeds.json and the table to stdout. Rerunning the same command
+resumes an interrupted sweep (finished seeds are read back, an interrupted one resumes from
+its checkpoints); a seed that fails is reported and not averaged (exit status 1); a work
+folder holds one recipe (``settings.json``), another ``--set`` there stops in one line.
 """
 
 from __future__ import annotations
@@ -50,7 +53,27 @@ def paper_run(work: Path, stages: str, profile: str, overrides: list[str], mirro
         command += ["--set", item]
     done = subprocess.run(command, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"seeds: {stages} failed in {work} (exit {done.returncode})")
+        raise SeedFailed(f"seeds: {stages} failed in {work} (exit {done.returncode})")
+
+
+class SeedFailed(RuntimeError):
+    """A stage of one seed (or of the shared part) exited non-zero."""
+
+
+def check_settings(folder: Path, profile: str, overrides: list[str]) -> None:
+    """A seed folder belongs to one profile and set of overrides: a rerun with others
+    (which would resume or reuse results of another recipe) stops in one line."""
+    record = folder / "settings.json"
+    wanted = {"profile": profile, "overrides": sorted(overrides)}
+    if record.is_file():
+        found = json.loads(record.read_text())
+        if found != wanted:
+            raise SystemExit(
+                f"seeds: {folder} holds a run of {found}, not {wanted}: use another --work"
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(wanted))
 
 
 def link_shared(shared: Path, work: Path) -> None:
@@ -80,6 +103,21 @@ def seed_row(work: Path) -> dict[str, Any]:
         row[f"finetuned.{view}.min_recall"] = min(
             fine.get(f"{view}.{name}_recall", float("nan")) for name in CLASSES
         )
+    robustness = {
+        key.removeprefix("robustness."): value
+        for key, value in fine.items()
+        if key.startswith("robustness.") and isinstance(value, int | float)
+    }
+    if "clean" in robustness:
+        clean = robustness.pop("clean")
+        worst = min(robustness, key=lambda name: robustness[name])
+        row["finetuned.robustness.clean"] = clean
+        row["finetuned.robustness.worst_drop"] = round(clean - robustness[worst], 4)
+        row["finetuned.robustness.outside_0.05"] = float(
+            sum(clean - value > 0.05 for value in robustness.values())
+        )
+        for name, value in robustness.items():
+            row[f"finetuned.robustness.{name}"] = value
     row["finetuned.kept_starting_weights"] = float(
         json.loads((work / "metrics" / "finetune.json").read_text())["kept_starting_weights"]
     )
@@ -111,27 +149,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     args = parser.parse_args(argv)
-    seeds = [int(text) for text in args.seeds.split(",") if text]
+    try:
+        seeds = [int(text) for text in args.seeds.split(",") if text]
+    except ValueError:
+        raise SystemExit(
+            f"seeds: --seeds {args.seeds!r} is not a comma-separated list of integers"
+        ) from None
+    if not seeds or any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"seeds: --seeds {args.seeds!r} needs distinct non-negative integers")
     work = args.work.resolve()
     shared = work / "shared"
     if not (shared / "data" / "interim" / "index.parquet").is_file():
-        paper_run(shared, SHARED_STAGES, args.profile, args.overrides, args.mirror)
-    rows = {}
+        try:
+            paper_run(shared, SHARED_STAGES, args.profile, args.overrides, args.mirror)
+        except SeedFailed as error:
+            raise SystemExit(str(error)) from None
+    rows: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
     for seed in seeds:
+        # A finished seed is read back; an interrupted one resumes (its stages pick up
+        # their checkpoints); a failed one is reported and left out of the averages.
         folder = work / f"seed-{seed}"
+        check_settings(folder, args.profile, args.overrides)
         if not (folder / "metrics" / "eval.json").is_file():
             link_shared(shared, folder)
             overrides = [*args.overrides, f"common.seed={seed}"]
-            paper_run(folder, SEED_STAGES, args.profile, overrides, None)
+            try:
+                paper_run(folder, SEED_STAGES, args.profile, overrides, None)
+            except SeedFailed as error:
+                failed[seed] = str(error)
+                print(error, file=sys.stderr)
+                continue
         rows[seed] = seed_row(folder)
+    seeds = [seed for seed in seeds if seed in rows]
     summary = {
         "profile": args.profile,
         "overrides": args.overrides,
         "seeds": rows,
+        "failed": failed,
         "spread": spread(list(rows.values())),
     }
     (work / "seeds.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n{len(seeds)} seeds ({args.seeds}), profile {args.profile}")
+    for seed, reason in failed.items():
+        print(f"seed {seed} FAILED, not averaged: {reason}")
+    print(f"\n{len(seeds)} seeds ({','.join(map(str, seeds))}), profile {args.profile}")
     print("| metric | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | range |")
     print("|---" * (len(seeds) + 4) + "|")
     for key, stats in summary["spread"].items():
@@ -140,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {key} | {cells} | {stats['mean']:.4f} | {stats['sd']:.4f} | "
             f"{stats['min']:.4f}-{stats['max']:.4f} |"
         )
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -213,7 +213,12 @@ class AugmentParams:
     0-255 gray scale: ``gamma`` g gives a gamma factor exp(U(-g, g)); ``contrast`` c a
     factor in [1 - c, 1 + c] about the image's mean; ``brightness`` b a shift in
     [-b, b] x 255; ``noise`` s Gaussian noise whose standard deviation (in gray levels) is
-    drawn per image in [0, s]."""
+    drawn per image in [0, s].
+
+    ``downscale`` d (not in the study, 0 = off): each image is resampled down to a scale
+    drawn from {1, 1 - d/3, 1 - 2d/3, 1 - d} of its side (box-filtered) and back up
+    (bilinear): the blur of a coarser acquisition matrix or a small export, which the
+    robustness view's quarter-size round trip showed the model had never seen."""
 
     zoom: float = 0.1
     width_shift: float = 0.05
@@ -227,6 +232,7 @@ class AugmentParams:
     contrast: float = 0.0
     brightness: float = 0.0
     noise: float = 0.0
+    downscale: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("zoom", "width_shift", "height_shift"):
@@ -237,6 +243,7 @@ class AugmentParams:
         _check(0 <= self.contrast < 1, "contrast", "must be in [0, 1)")
         _check(0 <= self.brightness < 1, "brightness", "must be in [0, 1) (a fraction of 255)")
         _check(0 <= self.noise <= 64, "noise", "must be in [0, 64] gray levels")
+        _check(0 <= self.downscale <= 0.75, "downscale", "must be in [0, 0.75] (smallest scale 1 - d)")
 
 
 @dataclass(frozen=True)
@@ -303,6 +310,9 @@ class PhaseParams:
     blocks before ``first_trainable_block`` frozen (``efficientnet_lite0``: blocks 0-15):
     no gradients flow through the early high-resolution blocks, so a fine-tuning epoch
     costs about half (docs/training.md) and more epochs fit the same time.
+    ``ema_momentum`` (null: off): the optimizer keeps an exponential moving average of the
+    weights (Polyak averaging, Keras's ``use_ema``); validation, the best checkpoint and so
+    the saved model use the average, which is smoother than the last step's weights.
     """
 
     epochs: int = 30
@@ -316,9 +326,15 @@ class PhaseParams:
     first_trainable_block: int = 0
     cache_features: bool = False
     must_improve: bool = True
+    ema_momentum: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(
+            self.ema_momentum is None or 0 < self.ema_momentum < 1,
+            "ema_momentum",
+            "must be in (0, 1) or null",
+        )
         _check(
             self.steps_per_epoch is None or self.steps_per_epoch >= 1,
             "steps_per_epoch",
@@ -365,6 +381,14 @@ class TrainParams:
     drop_remainder: bool = True
     compilation_cache: str | None = ".cache/jax"
     xla_gpu_autotune_level: int | None = None
+    # Op determinism (model.backend.deterministic_ops): the same seed on the same machine
+    # and software gives the same weights bit for bit, at a cost measured in
+    # docs/training.md; across machines (other CPU instructions, GPUs) no backend promises it.
+    deterministic: bool = False
+    # What training does with the audit's suspected label errors (stages/audit.py): report
+    # them only, or leave them out of the train split (never relabelled; val and test keep
+    # every image so that the views stay comparable).
+    label_issues: Literal["report", "drop"] = "report"
     frozen: PhaseParams = field(default_factory=PhaseParams)
     finetune: PhaseParams = field(
         default_factory=lambda: PhaseParams(epochs=20, learning_rate=1e-5)
@@ -386,6 +410,23 @@ class TrainParams:
             "subset_per_class",
             "must be >= 1 or null",
         )
+
+
+@dataclass(frozen=True)
+class AuditParams:
+    """The label audit (``evaluation.label_audit``). ``folds``: cross-validation folds of the
+    out-of-fold probabilities, drawn by groups of same-patient neighbours; every class needs
+    at least this many groups. ``figure_suspects``: images in the figure of top suspects.
+    ``external``: the external-validation view (train without a source, test on its
+    Testing images) with phase 1's head on the frozen features."""
+
+    folds: int = 5
+    figure_suspects: int = 16
+    external: bool = True
+
+    def __post_init__(self) -> None:
+        _check(2 <= self.folds <= 20, "folds", "must be in [2, 20]")
+        _check(0 <= self.figure_suspects <= 64, "figure_suspects", "must be in [0, 64]")
 
 
 @dataclass(frozen=True)
@@ -603,6 +644,64 @@ class ServingParams:
         )
 
 
+# The explanation methods the localisation stage can compare (braintumor.explain.cams).
+LOCALISATION_METHODS = ("gradcam", "hirescam", "gradcampp", "occlusion")
+
+
+@dataclass(frozen=True)
+class LocaliseParams:
+    """Explanations measured against tumour masks (the ``localise`` stage).
+
+    ``masks``: the figshare masks folder, a name in the data mirror (as a source's) or a
+    path; ``source``: the acquired source whose Testing images the masks are matched to
+    (by clean's signatures; ``alignment``: the whole-image correlation a match must also
+    reach, so that a re-cropped copy is not given a misplaced mask). ``methods`` x
+    ``layers`` are compared (``auto``: ``model.gradcam_layer``; occlusion ignores the
+    layer). ``tolerance``: pixels at the model's input size by which the pointing game's
+    mask is dilated (15 at 224 px, as Zhang et al. at 224; 8 at 128 px). ``max_slices``
+    caps the matched test slices (0: all), ``occlusion_slices`` those occlusion runs on
+    (a forward pass per patch position), drawn per class with ``seed``.
+    ``baseline_sigma``: the centred Gaussian's spread, a share of the side.
+    ``examples``: slices drawn with every map in the figure."""
+
+    masks: str = "figshare-masks"
+    source: str = "msoud"
+    alignment: float = 0.99
+    methods: tuple[str, ...] = LOCALISATION_METHODS
+    layers: tuple[str, ...] = ("auto", "conv4_block6_out")
+    tolerance: int = 15
+    max_slices: int = 0
+    occlusion_slices: int = 100
+    occlusion_patch: int = 32
+    occlusion_stride: int = 16
+    baseline_sigma: float = 0.25
+    examples: int = 4
+    batch_size: int = 16
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        for index, name in enumerate(self.methods):
+            _check(
+                name in LOCALISATION_METHODS,
+                f"methods[{index}]",
+                f"{name!r} is not a method; known: {', '.join(LOCALISATION_METHODS)}",
+            )
+        _check(len(self.methods) > 0, "methods", "must name at least one method")
+        _check(len(set(self.methods)) == len(self.methods), "methods", "has repeats")
+        _check(len(self.layers) > 0, "layers", "must name at least one layer")
+        _check(len(set(self.layers)) == len(self.layers), "layers", "has repeats")
+        _check(0 < self.alignment <= 1, "alignment", "must be in (0, 1]")
+        _check(0 <= self.tolerance <= 64, "tolerance", "must be in [0, 64] pixels")
+        _check(self.max_slices >= 0, "max_slices", "must be >= 0 (0 = all)")
+        _check(self.occlusion_slices >= 0, "occlusion_slices", "must be >= 0")
+        _check(self.occlusion_patch >= 1, "occlusion_patch", "must be >= 1")
+        _check(self.occlusion_stride >= 1, "occlusion_stride", "must be >= 1")
+        _check(0 < self.baseline_sigma <= 2, "baseline_sigma", "must be in (0, 2]")
+        _check(self.examples >= 0, "examples", "must be >= 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.seed >= 0, "seed", "must be >= 0")
+
+
 @dataclass(frozen=True)
 class Params:
     """All parameters of one pipeline run, after the profile override."""
@@ -615,10 +714,12 @@ class Params:
     augment: AugmentParams = field(default_factory=AugmentParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    audit: AuditParams = field(default_factory=AuditParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     serving: ServingParams = field(default_factory=ServingParams)
+    localise: LocaliseParams = field(default_factory=LocaliseParams)
 
     def __post_init__(self) -> None:
         for matrix in (self.evaluate.study_base_matrix, self.evaluate.study_finetuned_matrix):

@@ -25,6 +25,9 @@ window the intensities or add noise differently: ``gamma`` (a log-uniform gamma 
 ``contrast`` (about the image's mean), ``brightness`` (an additive shift, a fraction of
 255) and ``noise`` (Gaussian, a standard deviation in gray levels drawn per image). It
 comes last, so the noise is not smoothed by the resampling, and clips to [0, 255].
+``RandomResolution`` (``downscale``) comes just before it: a round trip through a smaller
+size, the blur of a coarser acquisition matrix, so that the noise lands on the blurred image
+as it would on a real low-resolution scan.
 
 Core layer: imports keras and the config only.
 """
@@ -214,9 +217,66 @@ class RandomIntensity(keras.layers.Layer):
         return config
 
 
+class RandomResolution(keras.layers.Layer):
+    """Per image, a round trip through a smaller size: down to a scale drawn uniformly from
+    ``1, 1 - d/3, 1 - 2d/3, 1 - d`` of the side (a box filter of about 1/scale pixels,
+    then bilinear: close to an area average) and back up (bilinear).
+
+    Four fixed scales, not a continuous one: each is a resize of static shape (so the step
+    compiles once under XLA and JAX); the batch goes through all of them and each image
+    keeps the one it drew. At 128 px that is three extra resizes of the batch, nothing
+    beside the network. Identity unless called with ``training=True``.
+    """
+
+    LEVELS = 4
+
+    def __init__(self, downscale: float = 0.0, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= downscale < 1:
+            raise ValueError(f"downscale must be in [0, 1), got {downscale}")
+        self.downscale = downscale
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def scales(self) -> list[float]:
+        """The scales an image may draw, 1 (unchanged) first."""
+        step = self.downscale / (self.LEVELS - 1)
+        return [1.0 - level * step for level in range(self.LEVELS)]
+
+    def call(self, images: Any, training: bool | None = None) -> Any:
+        if not training or self.downscale <= 0:
+            return images
+        ops = keras.ops
+        height, width = images.shape[1], images.shape[2]
+        count = ops.shape(images)[0]
+        choice = keras.random.randint((count,), 0, self.LEVELS, seed=self.seed_generator)
+        choice = ops.reshape(choice, (-1, 1, 1, 1))
+        result = images
+        for level, scale in enumerate(self.scales()[1:], start=1):
+            small = (max(1, round(height * scale)), max(1, round(width * scale)))
+            # A box filter of the scale's footprint, then bilinear: the antialiased resize
+            # (ScaleAndTranslate on TensorFlow) does not compile under XLA.
+            window = int(1.0 / scale + 0.5)
+            smoothed = images
+            if window > 1:
+                smoothed = ops.average_pool(images, window, strides=1, padding="same")
+            reduced = ops.image.resize(smoothed, small, interpolation="bilinear")
+            restored = ops.image.resize(reduced, (height, width), interpolation="bilinear")
+            result = ops.where(ops.equal(choice, level), restored, result)
+        return result
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(downscale=self.downscale, seed=self.seed)
+        return config
+
+
 def augmentation_layers(params: AugmentParams, seed: int) -> list[keras.layers.Layer]:
-    """The configured random layers: one affine resampling, the horizontal flip, then the
-    intensity changes (each only when configured).
+    """The configured random layers: one affine resampling, the horizontal flip, the
+    resolution round trip, then the intensity changes (each only when configured).
 
     float32 even under a mixed-precision policy: interpolating 0-255 images in float16
     visibly bands them.
@@ -243,6 +303,12 @@ def augmentation_layers(params: AugmentParams, seed: int) -> list[keras.layers.L
     if params.horizontal_flip:
         layers.append(
             keras.layers.RandomFlip("horizontal", seed=seed + 1, name="aug_flip", dtype="float32")
+        )
+    if params.downscale > 0:
+        layers.append(
+            RandomResolution(
+                params.downscale, seed=seed + 3, name="aug_resolution", dtype="float32"
+            )
         )
     intensity = {
         "gamma": params.gamma,

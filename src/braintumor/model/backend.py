@@ -18,6 +18,8 @@ def configure_backend(train: TrainParams, project_root: Path) -> None:
     (``train.compilation_cache`` relative to the real project root: a DVC temporary
     experiment workspace is deleted after its run, the repository's cache is not)."""
     use_backend(train.backend, xla_gpu_autotune_level=train.xla_gpu_autotune_level)
+    if train.deterministic:
+        deterministic_ops(train.backend)
     cache = train.compilation_cache
     enable_compilation_cache(real_project_root(project_root) / cache if cache else None)
 
@@ -44,6 +46,34 @@ def use_backend(backend: str, *, xla_gpu_autotune_level: int | None = None) -> N
     os.environ["KERAS_BACKEND"] = backend
     # TensorFlow's C++ start-up chatter would bury our one-line errors on stderr.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+DETERMINISM_FLAG = "--xla_gpu_deterministic_ops"
+
+
+def deterministic_ops(backend: str) -> None:
+    """Ask ``backend`` for deterministic kernels, so that a rerun with the same seed on the
+    same machine repeats every number (resumed runs are exact either way: batch order and
+    random layers are reseeded per epoch).
+
+    TensorFlow: ``enable_op_determinism`` (ops without a deterministic kernel then raise
+    instead of varying). JAX: XLA's deterministic-ops flag, read when the GPU backend
+    starts (CPU XLA is deterministic already). PyTorch: ``use_deterministic_algorithms``,
+    with the cuBLAS workspace setting it requires on CUDA. Call before the first op.
+    """
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    elif backend == "jax":
+        os.environ["XLA_FLAGS"] = with_xla_flag(
+            os.environ.get("XLA_FLAGS", ""), DETERMINISM_FLAG, "true"
+        )
+    elif backend == "torch":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        import torch
+
+        torch.use_deterministic_algorithms(True)
 
 
 def with_xla_flag(flags: str, name: str, value: str) -> str:

@@ -6,7 +6,9 @@ backend. The state they save and the rules they share live in ``checkpointing``.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,46 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         value = float(value)
         if self.best is None or improves(value, self.best, self.monitor):
             self.best, self.best_epoch = value, epoch
-            save_model_atomic(self.target, self.path)
+            with ema_weights(self.model.optimizer):
+                save_model_atomic(self.target, self.path)
+
+
+def _ema_optimizer(optimizer: Any) -> Any | None:
+    """The optimizer that holds the weight averages (inside a loss-scale wrapper), or None
+    when averaging is off."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not getattr(inner, "use_ema", False):
+        return None
+    if not hasattr(inner, "_model_variables_moving_average"):
+        return None  # not built yet: no step has run
+    return inner
+
+
+def _swap_ema(optimizer: Any) -> None:
+    for variable, average in zip(
+        optimizer._trainable_variables, optimizer._model_variables_moving_average, strict=True
+    ):
+        current = keras.ops.convert_to_numpy(variable)
+        variable.assign(average)
+        average.assign(current)
+
+
+@contextlib.contextmanager
+def ema_weights(optimizer: Any) -> Iterator[None]:
+    """The model holds the optimizer's moving averages of its weights inside the block (a
+    no-op without ``use_ema``), its own weights again after it, so that what is saved as
+    the best model is what validation measured (``SwapEMAWeights`` swaps for validation
+    only) while the training state saved after each epoch keeps the raw weights and the
+    averages apart, and a resumed run continues exactly."""
+    holder = _ema_optimizer(optimizer)
+    if holder is None:
+        yield
+        return
+    _swap_ema(holder)
+    try:
+        yield
+    finally:
+        _swap_ema(holder)
 
 
 def phase_callbacks(
@@ -198,4 +239,6 @@ def phase_callbacks(
         ),
     }
     epoch_state = EpochState(checkpoint_dir=checkpoint_dir, stateful=stateful, **state)
-    return [*stateful.values(), *extra, epoch_state], epoch_state
+    # With weight averaging, validation runs on the averages (swapped in for it, first).
+    averaging = [keras.callbacks.SwapEMAWeights()] if settings.ema_momentum is not None else []
+    return [*averaging, *stateful.values(), *extra, epoch_state], epoch_state

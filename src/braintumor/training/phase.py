@@ -207,7 +207,11 @@ def phase_inputs(
         train_inputs, train_labels, val_inputs = train.images, train.labels, val.images
         batch_indices = indices
     training_model.compile(
-        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        optimizer=keras.optimizers.Adam(
+            settings.learning_rate,
+            use_ema=settings.ema_momentum is not None,
+            ema_momentum=settings.ema_momentum or 0.99,
+        ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=params.train.jit_compile,

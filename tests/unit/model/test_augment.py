@@ -15,6 +15,7 @@ import pytest
 from braintumor.core.schema import AugmentParams, ConfigError
 from braintumor.model.augment import (
     RandomIntensity,
+    RandomResolution,
     augment_examples,
     augmentation_layers,
     build_augmenter,
@@ -157,6 +158,65 @@ def test_layer_refuses_negative_factors() -> None:
         RandomIntensity(noise=-1.0)
     with pytest.raises(ValueError, match="contrast must be < 1"):
         RandomIntensity(contrast=1.0)
+
+
+def checkerboard(count: int, size: int = 32) -> np.ndarray:
+    """``count`` copies of a 2-pixel checkerboard (0 / 255): the finest detail there is."""
+    cells = (np.indices((size, size)).sum(axis=0) // 2) % 2
+    return np.broadcast_to((255.0 * cells)[None, :, :, None], (count, size, size, 1)).astype(
+        np.float32
+    )
+
+
+def test_resolution_round_trip_blurs_some_images_and_keeps_the_others() -> None:
+    """Each image draws one of four scales: 1 leaves it exactly as it was, the others
+    wash a fine checkerboard towards grey (more the smaller the scale)."""
+    layer = RandomResolution(0.6, seed=4)
+    assert layer.scales() == pytest.approx([1.0, 0.8, 0.6, 0.4])
+    images = checkerboard(COUNT)
+    out = run(layer, images)
+    detail = out.std(axis=(1, 2, 3))
+    untouched = np.all(out == images, axis=(1, 2, 3))
+    # About a quarter of the images keep scale 1; the rest lost contrast.
+    assert 4 <= untouched.sum() <= 32
+    assert np.all(detail[~untouched] < 0.9 * images[0].std())
+    # Three distinct blur levels besides the untouched images.
+    assert len(np.unique(np.round(detail[~untouched], 1))) == 3
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 255
+    np.testing.assert_array_equal(run(layer, images, training=False), images)
+
+
+def test_resolution_layer_is_configured_before_the_intensity_layer() -> None:
+    layers = augmentation_layers(AugmentParams(downscale=0.5, noise=4.0), seed=1)
+    assert [layer.name for layer in layers][-2:] == ["aug_resolution", "aug_intensity"]
+    clone = RandomResolution.from_config(layers[-2].get_config())
+    assert (clone.downscale, clone.seed) == (0.5, 4)
+    with pytest.raises(ConfigError, match="^downscale: "):
+        AugmentParams(downscale=0.9)
+    with pytest.raises(ValueError, match="downscale must be in"):
+        RandomResolution(1.0)
+
+
+@pytest.mark.slow  # XLA compiles the training step: about 25 s on 2 shared cores
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_resolution_layer_runs_inside_a_compiled_training_step(jit_compile: bool) -> None:
+    augmenter = build_augmenter(
+        AugmentParams(
+            zoom=0, width_shift=0, height_shift=0, shear=0, horizontal_flip=False, downscale=0.6
+        ),
+        SIZE,
+        seed=3,
+    )
+    inputs = keras.Input((SIZE, SIZE, 1))
+    hidden = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(hidden))
+    training = build_training_model(model, augmenter)
+    training.compile(
+        optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=jit_compile
+    )
+    images = np.random.default_rng(0).integers(0, 256, (10, SIZE, SIZE, 1)).astype(np.uint8)
+    history = training.fit(images, np.arange(10) % 4, batch_size=4, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
 
 
 @pytest.mark.slow  # XLA compiles the training step: about 25 s on 2 shared cores

@@ -416,6 +416,54 @@ def test_same_seed_same_weights(from_scratch: dict[str, Any], data, tmp_path: Pa
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_weight_averaging_resumes_exactly_and_saves_what_validation_measured(
+    tmp_path: Path, data
+) -> None:
+    """With ``ema_momentum``, validation runs on the averaged weights and the best model
+    saved is those averages (its validation loss is the history's best), while the
+    per-epoch state keeps raw weights and averages apart: an interrupted run resumes to
+    the same weights as an uninterrupted one."""
+    import keras
+
+    from braintumor.training.checkpointing import TrainingInterrupted
+    from braintumor.training.phase import run_phase
+
+    params = tiny_params(
+        frozen__epochs=3,
+        frozen__trainable="all",
+        frozen__learning_rate=3e-3,
+        frozen__ema_momentum=0.9,
+    )
+    whole = run_phase(params, "frozen", data, phase_paths(tmp_path / "whole", "frozen"))
+    paths = phase_paths(tmp_path / "resumed", "frozen")
+    with pytest.raises(TrainingInterrupted):
+        run_phase(params, "frozen", data, paths, stop_after_epochs=1)
+    resumed = run_phase(params, "frozen", data, paths)
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(
+            [row[key] for row in resumed.history], [row[key] for row in whole.history], atol=1e-5
+        )
+    for a, b in zip(whole.model.get_weights(), resumed.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+    saved = keras.saving.load_model(tmp_path / "whole" / "models" / "frozen" / "model.keras")
+    saved.compile(loss="sparse_categorical_crossentropy")
+    val = data.splits["val"]
+    measured = saved.evaluate(val.images.astype("float32"), val.labels, verbose=0)
+    best = min(row["val_loss"] for row in whole.history)
+    assert measured == pytest.approx(best, abs=1e-4)
+    # ...and they are not the last step's raw weights, which validate differently.
+    plain = run_phase(
+        tiny_params(frozen__epochs=3, frozen__trainable="all", frozen__learning_rate=3e-3),
+        "frozen",
+        data,
+        phase_paths(tmp_path / "plain", "frozen"),
+    )
+    assert [row["val_loss"] for row in plain.history] != pytest.approx(
+        [row["val_loss"] for row in whole.history], abs=1e-4
+    )
+
+
 def test_checkpoint_from_other_parameters_is_not_resumed(tmp_path: Path, data) -> None:
     from braintumor.training.phase import find_checkpoint
 
