@@ -69,6 +69,10 @@ DEFAULT_BATCH_SIZE = 16
 ScoreMode = Literal["dense_logits", "softmax_input", "output"]
 Score = Literal["centred", "logit"]
 SCORES: tuple[str, ...] = ("centred", "logit")
+# How the gradient weighs the feature maps (see ``_weighted_maps``): Grad-CAM's channel
+# means, HiResCAM's element-wise product, or Grad-CAM++'s positive-gradient weights.
+Weighting = Literal["gradcam", "hirescam", "gradcampp"]
+WEIGHTINGS: tuple[str, ...] = ("gradcam", "hirescam", "gradcampp")
 
 
 @dataclass(frozen=True)
@@ -142,11 +146,31 @@ def _scores(
     return ops.sum(picked), chosen, probabilities
 
 
-def _weighted_maps(features: Any, gradients: Any) -> Any:
-    """ReLU of the gradient-weighted channel sum (channels last)."""
+def _weighted_maps(features: Any, gradients: Any, weighting: Weighting = "gradcam") -> Any:
+    """ReLU of the gradient-weighted channel sum (channels last).
+
+    ``gradcam``: each channel weighted by its gradient's spatial mean (Selvaraju et al.).
+    ``hirescam``: each position by its own gradient, summed over channels (Draelos and
+    Carin, 2020): the map is then exactly the score's first-order decomposition over
+    positions, where Grad-CAM's averaging can move mass to where the gradient is not.
+    ``gradcampp``: channel weights summing the positive gradients with Chattopadhay et
+    al.'s (2018) pixel coefficients (their closed form for an exponential score).
+    """
     ops = keras.ops
     features = ops.cast(features, "float32")
-    weights = ops.mean(ops.cast(gradients, "float32"), axis=(1, 2))
+    gradients = ops.cast(gradients, "float32")
+    if weighting == "hirescam":
+        return ops.relu(ops.sum(features * gradients, axis=-1))
+    if weighting == "gradcampp":
+        squared = gradients * gradients
+        denominator = 2.0 * squared + ops.sum(features, axis=(1, 2), keepdims=True) * (
+            squared * gradients
+        )
+        safe = ops.where(ops.abs(denominator) > 1e-12, denominator, ops.ones_like(denominator))
+        alphas = ops.where(ops.abs(denominator) > 1e-12, squared / safe, ops.zeros_like(squared))
+        weights = ops.sum(alphas * ops.relu(gradients), axis=(1, 2))
+    else:
+        weights = ops.mean(gradients, axis=(1, 2))
     return ops.relu(ops.einsum("nhwc,nc->nhw", features, weights))
 
 
@@ -224,6 +248,7 @@ def _jax_step(
     splits: list[int],
     mode: ScoreMode,
     centre: bool,
+    weighting: Weighting = "gradcam",
 ) -> Callable[..., tuple[Any, Any, Any]]:
     """The stateless Grad-CAM step for ``jax.jit``: variable values in, (maps, chosen class,
     probabilities) out, with the gradient of the class score taken with respect to the
@@ -250,7 +275,7 @@ def _jax_step(
             return total, (chosen, probabilities)
 
         gradients, (chosen, probabilities) = jax.grad(total_score, has_aux=True)(feature_maps)
-        return _weighted_maps(feature_maps, gradients), chosen, probabilities
+        return _weighted_maps(feature_maps, gradients, weighting), chosen, probabilities
 
     return step
 
@@ -258,7 +283,7 @@ def _jax_step(
 # --------------------------------------------------------------------------- Grad-CAM
 
 
-_CACHE: weakref.WeakKeyDictionary[keras.Model, dict[tuple[str, str], GradCam]] = (
+_CACHE: weakref.WeakKeyDictionary[keras.Model, dict[tuple[str, str, str], GradCam]] = (
     weakref.WeakKeyDictionary()
 )
 _CACHE_LOCK = threading.Lock()
@@ -268,9 +293,17 @@ class GradCam:
     """Grad-CAM for one (model, layer), with its auxiliary model and compiled step built
     once. Prefer ``GradCam.for_model`` (cached) or the ``gradcam`` function."""
 
-    def __init__(self, model: keras.Model, layer_name: str, score: Score = "centred") -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        layer_name: str,
+        score: Score = "centred",
+        weighting: Weighting = "gradcam",
+    ) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
         if keras.config.image_data_format() != "channels_last":
@@ -292,6 +325,7 @@ class GradCam:
             )
         self.layer_name = layer_name
         self.score = score
+        self.weighting = weighting
         self.backend = keras.backend.backend()
         self._lock = threading.Lock()
         self._source, self._mode, self._output_layer = _score_source(model)
@@ -305,15 +339,22 @@ class GradCam:
             raise ValueError(f"Grad-CAM supports tensorflow, jax and torch, not {self.backend!r}")
 
     @classmethod
-    def for_model(cls, model: keras.Model, layer_name: str, score: Score = "centred") -> GradCam:
-        """The cached instance for (model, layer, score), built on first use."""
+    def for_model(
+        cls,
+        model: keras.Model,
+        layer_name: str,
+        score: Score = "centred",
+        weighting: Weighting = "gradcam",
+    ) -> GradCam:
+        """The cached instance for (model, layer, score, weighting), built on first use."""
+        key = (layer_name, score, weighting)
         with _CACHE_LOCK:
             per_model = _CACHE.get(model)
             if per_model is None:
                 per_model = _CACHE[model] = {}
-            instance = per_model.get((layer_name, score))
+            instance = per_model.get(key)
             if instance is None or instance.backend != keras.backend.backend():
-                instance = per_model[(layer_name, score)] = cls(model, layer_name, score)
+                instance = per_model[key] = cls(model, layer_name, score, weighting)
             return instance
 
     # ---- backends: each returns step(images float32, class_index int32) -> (maps,
@@ -329,7 +370,7 @@ class GradCam:
         import tensorflow as tf
 
         auxiliary = keras.Model(model.input, [features, self._source], name="gradcam_auxiliary")
-        mode, centre = self._mode, self.score == "centred"
+        mode, centre, weighting = self._mode, self.score == "centred", self.weighting
 
         @tf.function(
             input_signature=[
@@ -346,7 +387,7 @@ class GradCam:
                     source, class_index, mode, centre, kernel, bias
                 )
             gradients = tape.gradient(total, feature_maps)
-            return _weighted_maps(feature_maps, gradients), chosen, probabilities
+            return _weighted_maps(feature_maps, gradients, weighting), chosen, probabilities
 
         def run(images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, ...]:
             outputs = step(tf.constant(images), tf.constant(class_index))
@@ -359,7 +400,7 @@ class GradCam:
         import torch
 
         auxiliary = keras.Model(model.input, [features, self._source], name="gradcam_auxiliary")
-        mode, centre = self._mode, self.score == "centred"
+        mode, centre, weighting = self._mode, self.score == "centred", self.weighting
 
         def run(images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, ...]:
             inputs = keras.ops.convert_to_tensor(images)
@@ -371,7 +412,7 @@ class GradCam:
                 total, chosen, probabilities = _scores(source, index, mode, centre, kernel, bias)
                 (gradients,) = torch.autograd.grad(total, feature_maps)
             with torch.no_grad():
-                maps = _weighted_maps(feature_maps.detach(), gradients)
+                maps = _weighted_maps(feature_maps.detach(), gradients, weighting)
             return tuple(
                 keras.ops.convert_to_numpy(value) for value in (maps, chosen, probabilities)
             )
@@ -385,7 +426,9 @@ class GradCam:
         clone, feature_part, head_part = _split_clone_at(model, self.layer_name)
         parts = (feature_part, head_part)
         live, splits = _live_variables(parts, _clone_to_original(clone, model))
-        step = _jax_step(feature_part, head_part, splits, self._mode, self.score == "centred")
+        step = _jax_step(
+            feature_part, head_part, splits, self._mode, self.score == "centred", self.weighting
+        )
         compiled = jax.jit(step)
 
         def run(images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -456,6 +499,7 @@ def gradcam(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     score: Score = "centred",
+    weighting: Weighting = "gradcam",
 ) -> np.ndarray:
     """Grad-CAM heatmaps (N, H, W), float32 in [0, 1], at the input's height and width.
 
@@ -463,9 +507,10 @@ def gradcam(
     every image; an array, one class per image. The model is not modified; the auxiliary
     model and compiled step are cached per (model, layer), so only the first call pays for
     building and tracing. ``score``: ``centred`` (default) or ``logit``, see the module
-    docstring.
+    docstring. ``weighting``: ``gradcam`` (default), ``hirescam`` or ``gradcampp`` (see
+    ``_weighted_maps``).
     """
-    instance = GradCam.for_model(model, layer_name, score)
+    instance = GradCam.for_model(model, layer_name, score, weighting)
     return instance(images, class_index, batch_size=batch_size)
 
 
