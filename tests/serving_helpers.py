@@ -330,3 +330,37 @@ def deflated_copy(source: Path, target: Path) -> Path:
     dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     dataset.save_as(target, enforce_file_format=True)
     return target
+
+
+def tiny_exported_bundle(mirror: Path, root: Path) -> Path:
+    """The tiny bundle with its detector and the exported model (LiteRT graph and head
+    parameters, parity-checked on 8 real slices), as the evaluate stage now ships it
+    (once per session); returns its folder."""
+    if "tiny+export" in _BUNDLES:
+        return _BUNDLES["tiny+export"]
+    import keras
+
+    from braintumor.evaluation.ood import OodDetector
+    from braintumor.serving.bundle import OOD_FILE
+    from braintumor.serving.export import export_model
+
+    source = tiny_bundle_with_detector(mirror, root / "ood")
+    meta = read_meta(source)
+    model = keras.saving.load_model(source / MODEL_FILE, compile=False)
+    check = real_slices(mirror, meta, 2, offset=20)
+    exported = export_model(model, meta.gradcam_layer, root / "export", check)
+    detector = OodDetector.load(source / OOD_FILE)
+    write_bundle(root / "bundle", source / MODEL_FILE, meta, detector, exported)
+    _BUNDLES["tiny+export"] = root / "bundle"
+    return root / "bundle"
+
+
+def real_slices(mirror: Path, meta: BundleMeta, per_class: int, offset: int = 0) -> np.ndarray:
+    """Preprocessed msoud Testing slices (N, S, S) uint8 as a bundle's model sees them."""
+    paths = real_images(mirror, per_class, "Testing", offset=offset)
+    return np.stack(
+        [
+            preprocess_gray(decode_image(p.read_bytes()).gray, meta.image_size, meta.preprocess)
+            for p in paths
+        ]
+    )

@@ -5,11 +5,13 @@ and return maps on the same [0, 1] scale (all zeros, never NaN, where nothing st
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
-import keras
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: the serving install (``headcam``) has no Keras
+    import keras
 
 
 def normalize_maps(maps: np.ndarray) -> np.ndarray:

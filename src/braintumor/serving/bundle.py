@@ -2,8 +2,13 @@
 
 A bundle is a folder with ``model.keras``, ``bundle.json`` (class names, input size, the
 exact preprocessing parameters, the calibration temperature, the Grad-CAM layer, the
-intensity statistics of the training images, and where the model came from) and, when the
-evaluate stage fitted one, ``ood.npz`` (the out-of-distribution detector, ``ood.py``).
+intensity statistics of the training images, and where the model came from), when the
+evaluate stage fitted one, ``ood.npz`` (the out-of-distribution detector, ``ood.py``), and
+when it exported one, ``model.tflite`` with ``head.npz`` (``export.py``: the same model
+for LiteRT, probabilities, pooled features and the Grad-CAM map in one invoke, and the
+head's parameters for Grad-CAM in NumPy). A bundle with an exported model is served from
+it by default (``Bundle.load(runtime="auto")``): no Keras or TensorFlow is imported;
+``runtime="keras"`` loads ``model.keras`` instead (evaluation, benchmarks).
 The evaluate stage writes it, the registered MLflow model carries it as an artifact, and
 the app and the ``predict`` command load it, so preprocessing and class names are never
 re-typed and a served image goes through exactly the transform the model was trained on.
@@ -13,10 +18,15 @@ This module owns every file of a bundle: ``write_bundle`` is the one writer and
 (``files``), and ``Bundle.load`` refuses a bundle whose folder holds anything else, lacks
 a listed file, or has a file whose bytes changed: a detector threshold raised to 1e30, a
 deleted detector (which would silently fall back to the weaker input-statistics check)
-or a swapped model are refused with one line naming the file. The only way around it is
-``BRAINTUMOR_UNVERIFIED_BUNDLE=1``, for development, which logs a loud warning.
+or a swapped model are refused with one line naming the file. The exported model is checked
+twice more on loading: its sha256 must be the one its export recorded (``exported``), and
+on a fixed probe image it must give the probabilities recorded at export, with the NumPy
+head agreeing with the graph: an exported file or head from another model is refused.
+The only way around it is ``BRAINTUMOR_UNVERIFIED_BUNDLE=1``, for development, which logs a
+loud warning.
 
-Serving layer: imports the config, imaging, calibration and OOD modules and Keras.
+Serving layer: imports the config, imaging, calibration, OOD and exported-model modules,
+and Keras only to load ``model.keras``.
 """
 
 from __future__ import annotations
@@ -39,12 +49,22 @@ from braintumor.core.schema import ClaheParams, PreprocessParams, UnsharpParams
 from braintumor.data.imaging import decode_image, preprocess_gray
 from braintumor.evaluation.calibration import apply_temperature
 from braintumor.evaluation.ood import OodDetector, OodError
+from braintumor.explain.headcam import HeadCamError, HeadParams, softmax
+from braintumor.serving.exported import (
+    EXPORT_FILE,
+    HEAD_FILE,
+    ExportedModel,
+    ExportedModelError,
+    probe_image,
+)
 
 MODEL_FILE = "model.keras"
 META_FILE = "bundle.json"
 OOD_FILE = "ood.npz"
 # The files a bundle may hold besides bundle.json (the model is required).
-BUNDLE_FILES = (MODEL_FILE, OOD_FILE)
+BUNDLE_FILES = (MODEL_FILE, OOD_FILE, EXPORT_FILE, HEAD_FILE)
+RUNTIME_CHOICES = ("auto", "exported", "keras")
+PROBE_TOLERANCE = 1e-3  # the probe's probabilities: same file, another CPU's rounding
 FORMAT_VERSION = 2  # 2: bundle.json lists every file with its sha256 (``files``)
 UNVERIFIED_ENV = "BRAINTUMOR_UNVERIFIED_BUNDLE"
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -103,6 +123,9 @@ class BundleMeta:
     source: dict[str, Any] = field(default_factory=dict)
     # The manifest: every file of the bundle but bundle.json, with its sha256.
     files: dict[str, str] = field(default_factory=dict)
+    # The exported model (``export.ExportResult.info``): runtime, file, sha256, parity,
+    # the probe's probabilities; empty when the bundle has none.
+    exported: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -127,6 +150,7 @@ class BundleMeta:
                 model_sha256=str(data.get("model_sha256", "")),
                 source=dict(data.get("source", {})),
                 files=_manifest(data.get("files", {})),
+                exported=dict(data.get("exported") or {}),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise BundleError(f"{META_FILE}: malformed ({one_line(error)})") from None
@@ -147,9 +171,12 @@ def write_bundle(
     model_path: Path,
     meta: BundleMeta,
     ood_detector: OodDetector | None = None,
+    exported: Any = None,
 ) -> BundleMeta:
     """Write (atomically) a bundle folder: the saved ``.keras`` model, the detector when
-    there is one, and ``bundle.json`` listing every other file with its sha256.
+    there is one, the exported model and head when ``exported`` (an
+    ``export.ExportResult``) is given, and ``bundle.json`` listing every other file with
+    its sha256.
 
     The one writer of bundles (the evaluate stage, tests and benchmarks call it), so the
     manifest always matches what was written. Returns the metadata as written.
@@ -158,7 +185,13 @@ def write_bundle(
         shutil.copyfile(model_path, temporary / MODEL_FILE)
         if ood_detector is not None:
             ood_detector.save(temporary / OOD_FILE)
+        if exported is not None:
+            shutil.copyfile(exported.model_file, temporary / EXPORT_FILE)
+            shutil.copyfile(exported.head_file, temporary / HEAD_FILE)
+            meta = dataclasses.replace(meta, exported=dict(exported.info))
         files = {path.name: file_sha256(path) for path in sorted(temporary.iterdir())}
+        if exported is not None and files[EXPORT_FILE] != meta.exported.get("sha256"):
+            raise BundleError(f"{exported.model_file}: changed after its export was checked")
         meta = dataclasses.replace(meta, model_sha256=files[MODEL_FILE], files=files)
         (temporary / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True))
     return meta
@@ -215,6 +248,21 @@ def _check_manifest(manifest: Path, meta: BundleMeta) -> None:
     if meta.model_sha256 != meta.files[MODEL_FILE]:
         problem = "is empty" if not meta.model_sha256 else f"differs from its {MODEL_FILE} entry"
         raise BundleError(f"{manifest}: model_sha256 {problem}")
+    _check_exported_entry(manifest, meta)
+
+
+def _check_exported_entry(manifest: Path, meta: BundleMeta) -> None:
+    """An exported model comes as both files, and its sha256 is the one its export
+    recorded (``exported.sha256``)."""
+    if not meta.exported and not {EXPORT_FILE, HEAD_FILE} & set(meta.files):
+        return
+    for name in (EXPORT_FILE, HEAD_FILE):
+        if name not in meta.files:
+            raise BundleError(f"{manifest}: has an exported model but does not list {name}")
+    if meta.exported.get("sha256") != meta.files[EXPORT_FILE]:
+        raise BundleError(
+            f"{manifest}: {EXPORT_FILE}'s sha256 differs from the one its export recorded"
+        )
 
 
 def _check_integrity(folder: Path, meta: BundleMeta) -> None:
@@ -254,22 +302,42 @@ class Bundle:
         model: Any,
         meta: BundleMeta,
         ood_detector: OodDetector | None = None,
+        exported: ExportedModel | None = None,
+        head: HeadParams | None = None,
     ) -> None:
         self.folder = Path(folder)
-        self.model = model
+        self.model = model  # the Keras model; None when served from the exported one
         self.meta = meta
         self.ood_detector = ood_detector  # None: serving falls back to input statistics
+        self.exported = exported
+        self.head = head
+
+    @property
+    def runtime(self) -> str:
+        """``litert`` (the exported model) or ``keras``."""
+        return self.exported.runtime if self.exported is not None else "keras"
 
     @classmethod
-    def load(cls, folder: str | Path) -> Bundle:
+    def load(cls, folder: str | Path, runtime: str = "auto") -> Bundle:
         """Load a bundle after ``verify_files``: every file is the one the evaluate stage
         wrote (or ``BRAINTUMOR_UNVERIFIED_BUNDLE=1`` warns instead); the model's output
-        size must match the class names."""
-        import keras
+        size must match the class names.
 
+        ``runtime``: ``auto`` serves the exported model when the bundle has one, else
+        ``model.keras``; ``exported`` requires it; ``keras`` loads ``model.keras``.
+        """
+        if runtime not in RUNTIME_CHOICES:
+            raise BundleError(f"runtime: {runtime!r} is not one of {', '.join(RUNTIME_CHOICES)}")
         folder = Path(folder)
         meta = read_meta(folder)
         _check_integrity(folder, meta)
+        if runtime == "exported" and not meta.exported:
+            raise BundleError(f"{folder / META_FILE}: the bundle has no exported model")
+        if runtime != "keras" and meta.exported:
+            exported, head = _load_exported(folder, meta)
+            return cls(folder, None, meta, _read_detector(folder), exported, head)
+        import keras
+
         model_path = folder / MODEL_FILE
         if not model_path.is_file():
             raise BundleError(f"{folder}: bundle has no {MODEL_FILE}")
@@ -288,7 +356,7 @@ class Bundle:
     def with_source(self, source: dict[str, Any]) -> Bundle:
         """The same loaded bundle described by another ``source`` (a registry version)."""
         meta = dataclasses.replace(self.meta, source=source)
-        return Bundle(self.folder, self.model, meta, self.ood_detector)
+        return Bundle(self.folder, self.model, meta, self.ood_detector, self.exported, self.head)
 
     def preprocess_bytes(self, data: bytes, name: str = "<upload>") -> np.ndarray:
         """Raw file bytes to the (H, W) uint8 image the model sees (raises ImageDecodeError).
@@ -305,7 +373,14 @@ class Bundle:
         batch = np.asarray(images, dtype=np.float32)
         if batch.ndim == 3:
             batch = batch[..., None]
-        raw = np.asarray(self.model.predict(batch, batch_size=batch_size, verbose=0))
+        if self.exported is not None:
+            parts = [
+                self.exported(batch[start : start + batch_size]).probabilities
+                for start in range(0, len(batch), batch_size)
+            ]
+            raw = np.concatenate(parts)
+        else:
+            raw = np.asarray(self.model.predict(batch, batch_size=batch_size, verbose=0))
         return apply_temperature(raw, self.meta.temperature)
 
     def describe(self) -> str:
@@ -313,4 +388,40 @@ class Bundle:
         source = self.meta.source
         if source.get("registered_model"):
             return f"{source['registered_model']} v{source.get('version', '?')}"
+        if self.exported is not None:
+            return (
+                f"{self.folder / EXPORT_FILE} ({self.runtime}, exported from sha256 "
+                f"{self.meta.model_sha256[:12]})"
+            )
         return f"{self.folder / MODEL_FILE} (sha256 {self.meta.model_sha256[:12]})"
+
+
+def _load_exported(folder: Path, meta: BundleMeta) -> tuple[ExportedModel, HeadParams]:
+    """The exported model and head, refused (one line) when they are not this bundle's:
+    a head for other classes, or a graph whose answer on the probe image differs from the
+    one recorded at export, or from the NumPy head's (a file from another model)."""
+    path = folder / EXPORT_FILE
+    try:
+        exported = ExportedModel(path, str(meta.exported.get("runtime", "litert")))
+        head = HeadParams.load(folder / HEAD_FILE)
+    except (ExportedModelError, HeadCamError) as error:
+        raise BundleError(one_line(error)) from None
+    if head.num_classes != len(meta.classes):
+        raise BundleError(
+            f"{folder / HEAD_FILE}: {head.num_classes} classes but the bundle names "
+            f"{len(meta.classes)}"
+        )
+    try:
+        outputs = exported(probe_image(meta.image_size))
+        logits, _ = head.forward(outputs.pooled)
+    except (HeadCamError, ValueError, RuntimeError) as error:
+        raise BundleError(f"{path}: does not fit this bundle ({one_line(error)[:200]})") from None
+    recorded = np.asarray(meta.exported.get("probe_probabilities", []), np.float64)
+    answer = outputs.probabilities[0].astype(np.float64)
+    if recorded.shape != answer.shape or np.abs(recorded - answer).max() > PROBE_TOLERANCE:
+        raise BundleError(f"{path}: answers differently from the model this bundle recorded")
+    # int8: the graph's softmax runs on quantised logits; the float head only roughly agrees
+    head_tolerance = 0.05 if meta.exported.get("quantize") == "int8" else PROBE_TOLERANCE
+    if np.abs(softmax(logits)[0] - answer).max() > head_tolerance:
+        raise BundleError(f"{folder / HEAD_FILE}: disagrees with {EXPORT_FILE} (another model's)")
+    return exported, head

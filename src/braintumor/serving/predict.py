@@ -178,10 +178,9 @@ def _classify_batch(
     good = [item for item in prepared if isinstance(item, PreparedImage)]
     if not good:
         return [item for item in prepared if isinstance(item, FileResult)]
-    images = np.stack([item.image for item in good])
     heatmaps = None
     if overlays_dir is not None:
-        probabilities, heatmaps = predictor.explain(images)
+        probabilities, heatmaps = predictor.explain_prepared(good)
     else:
         probabilities = predictor.classify(good)
     results: list[FileResult] = []

@@ -18,6 +18,12 @@ drift apart: the same bad file gets the same ``InputError`` reason from all of t
   bits), in the science layer below.
 - ``Predictor.predict`` gives calibrated probabilities in batches; ``Predictor.explain``
   gives them with Grad-CAM maps from the same forward pass.
+- On a bundle with an exported model (the default, ``exported.py``) every forward pass is
+  one invoke of the exported graph: probabilities, pooled features and the last map. The
+  OOD check's pass in ``prepare`` keeps them, so ``classify`` and ``explain_prepared``
+  (the app's Grad-CAM, ``explain.headcam`` from the head's parameters in NumPy) need no
+  second pass, and nothing imports Keras or TensorFlow. A bundle without one runs Keras
+  (its compiled predict function and the GradientTape Grad-CAM) as before.
 
 Patient data: only allow-listed DICOM attributes (``dicom.DICOM_INFO_TAGS``) are returned,
 DICOM refusals never quote the file's values, and pydicom's log messages (which can) are
@@ -371,6 +377,10 @@ class PreparedImage:
     # Calibrated probabilities (K,) from the learned OOD check's forward pass, when the
     # bundle has a detector: ``Predictor.classify`` uses them instead of a second pass.
     probabilities: np.ndarray | None = None
+    # The exported graph's pooled features (D,) and last map (h, w, D) of that same pass:
+    # ``Predictor.explain_prepared`` makes Grad-CAM from them without running the model.
+    pooled: np.ndarray | None = None
+    maps: np.ndarray | None = None
 
 
 class Predictor:
@@ -419,21 +429,39 @@ class Predictor:
                 DECODE_FAILED, f"{name}: cannot be decoded ({type(error).__name__})"
             ) from None
         z_scores, warning = self._distribution_check(image, name)
-        feature_warning, probabilities = self._feature_check(image, name)
-        return PreparedImage(name, image, z_scores, feature_warning or warning, info, probabilities)
+        feature_warning, probabilities, graph = self._feature_check(image, name)
+        pooled, maps = (None, None) if graph is None else (graph.pooled[0], graph.maps[0])
+        return PreparedImage(
+            name, image, z_scores, feature_warning or warning, info, probabilities, pooled, maps
+        )
 
-    def _feature_check(self, image: np.ndarray, name: str) -> tuple[str | None, Any]:
+    def _forward(self, batch: np.ndarray) -> tuple[Any, Any]:
+        """One pass (under the lock): ``ModelOutputs`` (probabilities before calibration,
+        features, logits) and, from an exported model, its ``GraphOutputs`` (else None)."""
+        from braintumor.evaluation.ood import ModelOutputs
+
+        exported, head = self.bundle.exported, self.bundle.head
+        with self._lock:
+            if exported is not None and head is not None:
+                graph = exported(batch)
+                logits, _ = head.forward(graph.pooled)
+                outputs = ModelOutputs(
+                    graph.probabilities.astype(np.float64), graph.pooled.astype(np.float64), logits
+                )
+                return outputs, graph
+            if self._extractor is None:
+                self._extractor = FeatureExtractor(self.bundle.model)
+            return self._extractor(batch, batch_size=len(batch)), None
+
+    def _feature_check(self, image: np.ndarray, name: str) -> tuple[str | None, Any, Any]:
         """The learned out-of-distribution check (``ood.py``): the model's own pooled
         features against the training slices', thresholded on validation. Refuses what
         lies beyond the threshold, warns on the top 1 % of what validation scored.
-        Returns the warning and the calibrated probabilities of the same forward pass
-        (``None`` without a detector)."""
+        Returns the warning, the calibrated probabilities of the same forward pass and the
+        exported graph's outputs (``None`` without a detector or without an export)."""
         if self._ood is None:
-            return None, None
-        with self._lock:
-            if self._extractor is None:
-                self._extractor = FeatureExtractor(self.bundle.model)
-            outputs = self._extractor(image[None], batch_size=1)
+            return None, None, None
+        outputs, graph = self._forward(image[None])
         probabilities = apply_temperature(
             outputs.probabilities.astype(np.float32), self.bundle.meta.temperature
         )[0]
@@ -448,10 +476,14 @@ class Predictor:
             )
         if percent >= 99.0:
             return (
-                "unusual image for this model (its features are at the edge of what it was "
-                "validated on); treat the prediction with caution"
-            ), probabilities
-        return None, probabilities
+                (
+                    "unusual image for this model (its features are at the edge of what it was "
+                    "validated on); treat the prediction with caution"
+                ),
+                probabilities,
+                graph,
+            )
+        return None, probabilities, graph
 
     def _distribution_check(
         self, image: np.ndarray, name: str
@@ -494,9 +526,14 @@ class Predictor:
         batch = self._batch(images)
         size = self.settings.batch_size
         outputs = []
+        exported = self.bundle.exported
         with self._lock:
             for start in range(0, len(batch), size):
-                raw = self.bundle.model.predict_on_batch(batch[start : start + size])
+                chunk = batch[start : start + size]
+                if exported is not None:
+                    raw = exported(chunk).probabilities
+                else:
+                    raw = self.bundle.model.predict_on_batch(chunk)
                 outputs.append(np.asarray(raw, dtype=np.float32))
         return apply_temperature(np.concatenate(outputs), self.bundle.meta.temperature)
 
@@ -514,7 +551,8 @@ class Predictor:
         return np.stack(rows).astype(np.float32)
 
     def gradcam(self) -> Any:
-        """The compiled Grad-CAM of the bundle's layer (built on first use)."""
+        """The compiled Grad-CAM of the bundle's layer (built on first use; Keras
+        bundles: an exported one computes it from the head, ``explain.headcam``)."""
         if self._gradcam is None:
             from braintumor.explain.gradcam import GradCam
 
@@ -525,11 +563,48 @@ class Predictor:
         """Calibrated probabilities (N, K) and Grad-CAM maps (N, S, S) in [0, 1] of the
         predicted class, both from one forward pass."""
         batch = self._batch(images)
+        exported = self.bundle.exported
+        if exported is not None:
+            size = self.settings.batch_size
+            rows: list[np.ndarray] = []
+            maps: list[np.ndarray] = []
+            for start in range(0, len(batch), size):
+                with self._lock:
+                    graph = exported(batch[start : start + size])
+                rows.append(graph.probabilities)
+                maps.append(self._head_cam(graph.pooled, graph.maps))
+            calibrated = apply_temperature(np.concatenate(rows), self.bundle.meta.temperature)
+            return calibrated, np.concatenate(maps)
         gradcam = self.gradcam()
         with self._lock:
             result = gradcam.compute(batch, batch_size=self.settings.batch_size)
         probabilities = apply_temperature(result.probabilities, self.bundle.meta.temperature)
         return probabilities, result.heatmaps
+
+    def _head_cam(self, pooled: np.ndarray, maps: np.ndarray) -> np.ndarray:
+        """One-pass Grad-CAM maps (``explain.headcam``) of the predicted classes from an
+        exported graph's outputs: NumPy on the head's parameters, no model call."""
+        from braintumor.explain.headcam import head_gradcam
+
+        head = self.bundle.head
+        if head is None:  # pragma: no cover - Bundle.load always pairs them
+            raise ValueError("the bundle's exported model has no head parameters")
+        return head_gradcam(head, pooled, maps, (self.image_size, self.image_size)).heatmaps
+
+    def explain_prepared(self, prepared: list[PreparedImage]) -> tuple[np.ndarray, np.ndarray]:
+        """``explain`` of prepared images, reusing the OOD check's pass where it kept the
+        exported graph's outputs (the app: one pass per upload); the rest go through
+        ``explain``."""
+        kept = [
+            (item.probabilities, item.pooled, item.maps)
+            for item in prepared
+            if item.probabilities is not None and item.pooled is not None and item.maps is not None
+        ]
+        if prepared and len(kept) == len(prepared):
+            pooled = np.stack([row[1] for row in kept])
+            heatmaps = self._head_cam(pooled, np.stack([row[2] for row in kept]))
+            return np.stack([row[0] for row in kept]).astype(np.float32), heatmaps
+        return self.explain(np.stack([item.image for item in prepared]))
 
     def warm_up(self, explain: bool = True) -> None:
         """Trace the compiled functions now, so the first request is not the slow one.

@@ -36,6 +36,7 @@ from braintumor.model.backend import configure_backend
 from braintumor.reports.headline import evaluation_headline
 
 MODELS = ("base", "finetuned")
+EXPORT_CHECK_IMAGES = 32  # validation images the exported model's parity is checked on
 VIEW_TEST = "test"
 VIEW_LEAKAGE_FREE = "leakage_free"
 
@@ -540,24 +541,49 @@ def write_model_bundle(
     params: Params,
     detector: Any = None,
 ) -> Any:
-    """The bundle, through its one writer: the model, its metadata and the OOD detector
-    (when fitted), every file hashed into bundle.json."""
+    """The bundle, through its one writer: the model, its metadata, the OOD detector
+    (when fitted) and the exported model serving runs (``export_for_bundle``), every file
+    hashed into bundle.json."""
+    import tempfile
+
     from braintumor.serving.bundle import BundleMeta, InputStats, write_bundle
 
-    return write_bundle(
-        paths.bundle,
-        paths.finetuned_model,
-        BundleMeta(
-            classes=tuple(params.common.classes),
-            image_size=params.common.image_size,
-            preprocess=params.preprocess,
-            gradcam_layer=gradcam_layer(params, inputs.models["finetuned"]),
-            temperature=float(results["finetuned"]["temperature"]),
-            input_stats=InputStats.from_images(inputs.data.splits["train"].images),
-            source={"data_digest": inputs.data.digest, "profile": params.profile},
-        ),
-        detector,
-    )
+    with tempfile.TemporaryDirectory(prefix="braintumor-export-") as folder:
+        return write_bundle(
+            paths.bundle,
+            paths.finetuned_model,
+            BundleMeta(
+                classes=tuple(params.common.classes),
+                image_size=params.common.image_size,
+                preprocess=params.preprocess,
+                gradcam_layer=gradcam_layer(params, inputs.models["finetuned"]),
+                temperature=float(results["finetuned"]["temperature"]),
+                input_stats=InputStats.from_images(inputs.data.splits["train"].images),
+                source={"data_digest": inputs.data.digest, "profile": params.profile},
+            ),
+            detector,
+            export_for_bundle(inputs, params, Path(folder)),
+        )
+
+
+def export_for_bundle(inputs: Inputs, params: Params, folder: Path) -> Any:
+    """The fine-tuned model exported for serving (``serving.export``: LiteRT, the head's
+    parameters, parity with Keras checked on validation images), or None off the
+    TensorFlow backend (the LiteRT converter needs TensorFlow's Keras; that bundle is
+    then served by Keras). A failed parity check stops the stage with its one line."""
+    import keras
+
+    from braintumor.serving.export import ExportError, export_model
+
+    if keras.backend.backend() != "tensorflow":
+        print(f"evaluate: no exported model on the {keras.backend.backend()} backend")
+        return None
+    model = inputs.models["finetuned"]
+    check = inputs.data.splits["val"].images[:EXPORT_CHECK_IMAGES]
+    try:
+        return export_model(model, gradcam_layer(params, model), folder, check)
+    except ExportError as error:
+        raise EvaluateError(str(error)) from None
 
 
 def fit_ood_detector(inputs: Inputs, params: Params) -> tuple[Any, dict[str, float]]:

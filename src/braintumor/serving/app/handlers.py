@@ -223,7 +223,7 @@ class Handlers:
 
     def _outputs(self, name: str, data: bytes, alpha: float, started: float) -> tuple[Any, ...]:
         prepared = self.predictor.prepare(data, name)
-        probabilities, heatmaps = self.predictor.explain(prepared.image[None])
+        probabilities, heatmaps = self.predictor.explain_prepared([prepared])
         # Decoded again for display only once accepted (prepare keeps no copy).
         shown = fit_for_display(decode_upload(data, name, self.predictor.settings))
         classes = self.predictor.classes

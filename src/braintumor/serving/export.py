@@ -1,0 +1,337 @@
+"""Export a bundle's Keras model for serving without TensorFlow: the LiteRT graph and the
+head's parameters, checked against the Keras model before anything is written.
+
+``export_model`` builds one inference graph from the trained model (0-255 gray in;
+``probabilities``, ``pooled`` features and the Grad-CAM layer's ``maps`` out,
+``serving.exported``), converts it with TensorFlow's LiteRT converter (builtin ops only,
+so the ``ai-edge-litert`` interpreter runs it without TensorFlow), reads the head after
+global average pooling into ``explain.headcam.HeadParams``, and runs the parity check on
+real images: probabilities and Grad-CAM maps from the exported graph plus the NumPy head
+against the Keras model's own probabilities and the GradientTape Grad-CAM
+(``explain.gradcam``). Beyond ``PARITY_TOLERANCE`` the export fails with one line, so a
+bundle never carries an exported model that answers differently from the evaluated one.
+
+``quantize="int8"`` is post-training full-integer quantisation (weights and activations
+int8, float input and outputs) calibrated on a representative set of validation images;
+its parity with the float model is reported, not required (the evaluate stage decides by
+the evaluation views whether to adopt it).
+
+The Grad-CAM layer must be the map global average pooling reads (``top_activation`` in
+our models): that is what makes the head's gradient the channel weight. Another layer
+(an earlier block, for localisation studies) can still be returned by the graph as an
+extra named output (``extra_layers``), but its Grad-CAM needs gradients through the
+backbone and is not served from this graph.
+
+Serving layer; imports Keras and TensorFlow (the training install), never at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from braintumor.explain.headcam import AFFINE, DENSE, HeadParams, HeadStep, head_gradcam, softmax
+from braintumor.serving.exported import (
+    EXPORT_FILE,
+    HEAD_FILE,
+    INPUT_NAME,
+    ExportedModel,
+    probe_image,
+)
+
+POOL_LAYER = "head_pool"  # model.classifier: HEAD_PREFIX + "pool"
+PARITY_TOLERANCE = 1e-4  # max |difference| of probabilities and of [0, 1] Grad-CAM maps
+QUANTIZE = ("none", "int8")
+
+
+class ExportError(ValueError):
+    """The model cannot be exported, or its export disagrees with it (one line)."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Max absolute differences, exported vs Keras, over ``images`` real images."""
+
+    images: int
+    probabilities: float
+    maps: float
+    same_class: float  # share of images whose predicted class agrees
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "images": self.images,
+            "probabilities": float(self.probabilities),
+            "maps": float(self.maps),
+            "same_class": float(self.same_class),
+        }
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Files written into ``folder`` and what the bundle records about them."""
+
+    model_file: Path
+    head_file: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _layer_input(layer: Any) -> Any:
+    node = layer._inbound_nodes[0]
+    inputs = node.input_tensors
+    return inputs[0] if len(inputs) == 1 else None
+
+
+def head_params(model: Any) -> HeadParams:
+    """The head after ``head_pool`` as NumPy arrays: every layer from the pooling to the
+    output must be a chain of BatchNormalization, Dropout and Dense (ReLU or linear
+    hidden, softmax out); anything else is refused in one line."""
+    import keras
+
+    try:
+        pool = model.get_layer(POOL_LAYER)
+    except ValueError:
+        raise ExportError(f"model {model.name!r} has no {POOL_LAYER!r} layer") from None
+    output_layer = model.outputs[0]._keras_history.operation
+    chain = []
+    layer = output_layer
+    while layer is not pool:
+        chain.append(layer)
+        tensor = _layer_input(layer)
+        if tensor is None:
+            raise ExportError(f"head layer {layer.name!r} has several inputs (not a chain)")
+        layer = tensor._keras_history.operation
+    chain.reverse()
+    steps: list[HeadStep] = []
+    for layer in chain[:-1]:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma = np.asarray(layer.gamma, np.float64) if layer.scale else 1.0
+            beta = np.asarray(layer.beta, np.float64) if layer.center else 0.0
+            mean = np.asarray(layer.moving_mean, np.float64)
+            variance = np.asarray(layer.moving_variance, np.float64)
+            scale = gamma / np.sqrt(variance + layer.epsilon) * np.ones_like(mean)
+            steps.append(HeadStep(AFFINE, scale, beta - mean * scale))
+        elif isinstance(layer, keras.layers.Dropout):
+            continue
+        elif isinstance(layer, keras.layers.Dense):
+            activation = keras.activations.serialize(layer.activation)
+            name = activation if isinstance(activation, str) else activation.get("config", "")
+            if name not in ("relu", "linear"):
+                raise ExportError(f"head layer {layer.name!r}: activation {name!r} not supported")
+            kernel = np.asarray(layer.kernel, np.float64)
+            bias = (
+                np.asarray(layer.bias, np.float64) if layer.use_bias else np.zeros(kernel.shape[1])
+            )
+            steps.append(HeadStep(DENSE, kernel, bias, name == "relu"))
+        else:
+            raise ExportError(
+                f"head layer {layer.name!r} ({type(layer).__name__}) is not supported by the "
+                "one-pass Grad-CAM (BatchNormalization, Dense, Dropout only)"
+            )
+    last = chain[-1]
+    if not isinstance(last, keras.layers.Dense) or last.activation is not keras.activations.softmax:
+        raise ExportError(f"output layer {last.name!r} is not a softmax Dense")
+    kernel = np.asarray(last.kernel, np.float64)
+    bias = np.asarray(last.bias, np.float64) if last.use_bias else np.zeros(kernel.shape[1])
+    return HeadParams(tuple(steps), kernel, bias)
+
+
+def check_map_layer(model: Any, layer_name: str) -> None:
+    """The Grad-CAM layer must be the one ``head_pool`` averages (see the module doc)."""
+    try:
+        layer = model.get_layer(layer_name)
+    except ValueError:
+        raise ExportError(f"gradcam_layer: the model has no layer {layer_name!r}") from None
+    pooled_from = _layer_input(model.get_layer(POOL_LAYER))
+    if pooled_from is None or pooled_from._keras_history.operation is not layer:
+        raise ExportError(
+            f"gradcam_layer: {layer_name!r} is not the map {POOL_LAYER} averages; the one-pass "
+            "Grad-CAM needs that layer"
+        )
+
+
+def inference_graph(model: Any, layer_name: str, extra_layers: tuple[str, ...] = ()) -> Any:
+    """A Keras model with the three named outputs (and ``map:<layer>`` for extras)."""
+    import keras
+
+    outputs = {
+        "probabilities": model.output,
+        "pooled": model.get_layer(POOL_LAYER).output,
+        "maps": model.get_layer(layer_name).output,
+    }
+    for name in extra_layers:
+        outputs[f"map_{name}"] = model.get_layer(name).output
+    return keras.Model(model.inputs, outputs, name="served_graph")
+
+
+def _saved_model(graph: Any, size: int, folder: Path) -> None:
+    import tensorflow as tf
+    from keras.export import ExportArchive
+
+    archive = ExportArchive()
+    archive.track(graph)
+
+    def serve(image: Any) -> Any:
+        return graph(image, training=False)
+
+    archive.add_endpoint(
+        "serve",
+        serve,
+        input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32, name=INPUT_NAME)],
+    )
+    archive.write_out(str(folder), verbose=False)
+
+
+def to_tflite(
+    graph: Any, size: int, quantize: str = "none", representative: np.ndarray | None = None
+) -> bytes:
+    """The graph as a LiteRT flatbuffer (builtin ops only); ``int8``: full-integer
+    post-training quantisation calibrated on ``representative`` (N, S, S) images."""
+    import tensorflow as tf
+
+    if quantize not in QUANTIZE:
+        raise ExportError(f"quantize: {quantize!r} is not one of {', '.join(QUANTIZE)}")
+    with tempfile.TemporaryDirectory(prefix="braintumor-export-") as folder:
+        _saved_model(graph, size, Path(folder))
+        converter = tf.lite.TFLiteConverter.from_saved_model(folder)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantize == "int8":
+            if representative is None or len(representative) == 0:
+                raise ExportError("quantize int8: needs representative validation images")
+            samples = np.asarray(representative, np.float32).reshape(-1, size, size, 1)
+
+            def dataset() -> Any:
+                for sample in samples:
+                    yield {INPUT_NAME: sample[None]}
+
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = dataset
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        try:
+            return bytes(converter.convert())
+        except Exception as error:  # noqa: BLE001 - the converter raises many kinds
+            from braintumor.core.redaction import one_line
+
+            raise ExportError(f"LiteRT conversion failed ({one_line(error)[:200]})") from None
+
+
+def to_onnx(graph: Any, size: int, path: Path) -> None:
+    """The same graph as ONNX (tf2onnx), for the runtime comparison (``bench/serve.py``)."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None, size, size, 1), tf.float32, name=INPUT_NAME),)
+
+    @tf.function(input_signature=spec)
+    def serve(image: Any) -> Any:
+        return graph(image, training=False)
+
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=17)
+    path.write_bytes(proto.SerializeToString())
+
+
+def keras_reference(
+    model: Any, layer_name: str, images: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Keras model's probabilities and GradientTape Grad-CAM maps of its predicted
+    classes: what the exported model must reproduce."""
+    from braintumor.explain.gradcam import GradCam
+
+    batch = np.asarray(images, np.float32).reshape(len(images), *model.input_shape[1:])
+    result = GradCam.for_model(model, layer_name).compute(batch)
+    probabilities = np.asarray(model.predict_on_batch(batch), np.float32)
+    return probabilities, result.heatmaps
+
+
+def exported_answers(
+    exported: ExportedModel, head: HeadParams, images: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities from the graph, the NumPy head's probabilities and the one-pass
+    Grad-CAM maps (of the head's predicted class), image by image (the serving batch)."""
+    graph_p, head_p, maps = [], [], []
+    for image in np.asarray(images):
+        outputs = exported(image[None])
+        result = head_gradcam(head, outputs.pooled, outputs.maps, image.shape[:2])
+        graph_p.append(outputs.probabilities[0])
+        head_p.append(softmax(result.logits)[0])
+        maps.append(result.heatmaps[0])
+    return np.stack(graph_p), np.stack(head_p), np.stack(maps)
+
+
+def measure_parity(
+    model: Any, layer_name: str, exported: ExportedModel, head: HeadParams, images: np.ndarray
+) -> Parity:
+    """Exported (graph and NumPy head) against Keras on ``images`` (N, S, S) uint8."""
+    images = np.asarray(images).reshape(len(images), *model.input_shape[1:3])
+    reference_p, reference_maps = keras_reference(model, layer_name, images)
+    graph_p, head_p, maps = exported_answers(exported, head, images)
+    probabilities = max(
+        float(np.abs(graph_p - reference_p).max()), float(np.abs(head_p - reference_p).max())
+    )
+    return Parity(
+        images=len(images),
+        probabilities=probabilities,
+        maps=float(np.abs(maps - reference_maps).max()),
+        same_class=float((graph_p.argmax(1) == reference_p.argmax(1)).mean()),
+    )
+
+
+def export_model(
+    model: Any,
+    layer_name: str,
+    folder: Path,
+    check_images: np.ndarray,
+    *,
+    quantize: str = "none",
+    representative: np.ndarray | None = None,
+    tolerance: float = PARITY_TOLERANCE,
+) -> ExportResult:
+    """Write ``model.tflite`` and ``head.npz`` into ``folder`` after the parity check on
+    ``check_images`` (N, S, S) real images; ``ExportError`` (one line) if the float
+    export disagrees with Keras beyond ``tolerance`` (probabilities or maps). For
+    ``int8`` the parity is recorded, not enforced."""
+    check_images = np.asarray(check_images)
+    if check_images.ndim == 4:
+        check_images = check_images[..., 0]
+    if len(check_images) == 0:
+        raise ExportError("export: no images for the parity check")
+    size = int(model.input_shape[1])
+    check_map_layer(model, layer_name)
+    head = head_params(model)
+    if head.num_classes != int(model.output_shape[-1]):
+        raise ExportError("head parameters do not match the model's outputs")
+    blob = to_tflite(inference_graph(model, layer_name), size, quantize, representative)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file, head_file = folder / EXPORT_FILE, folder / HEAD_FILE
+    model_file.write_bytes(blob)
+    head.save(head_file)
+    exported = ExportedModel(model_file)
+    parity = measure_parity(model, layer_name, exported, head, check_images)
+    if quantize == "none" and max(parity.probabilities, parity.maps) > tolerance:
+        model_file.unlink()
+        head_file.unlink()
+        raise ExportError(
+            f"export: the exported model disagrees with the Keras model beyond {tolerance:g} "
+            f"(probabilities {parity.probabilities:.2e}, Grad-CAM maps {parity.maps:.2e} on "
+            f"{parity.images} images)"
+        )
+    probe = exported(probe_image(size)).probabilities[0]
+    info = {
+        "runtime": "litert",
+        "file": EXPORT_FILE,
+        "head": HEAD_FILE,
+        "quantize": quantize,
+        "map_layer": layer_name,
+        "outputs": ["probabilities", "pooled", "maps"],
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "parity": parity.as_dict(),
+        "parity_tolerance": tolerance,
+        "probe_probabilities": [float(value) for value in probe],
+    }
+    return ExportResult(model_file, head_file, info)

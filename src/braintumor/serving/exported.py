@@ -1,0 +1,138 @@
+"""The exported inference model: what serving runs instead of Keras, in one invoke.
+
+``serving.export`` converts the bundle's Keras model into a LiteRT flatbuffer
+(``model.tflite``) whose single signature returns three tensors for a batch of 0-255 gray
+images: ``probabilities`` (N, K, before calibration), ``pooled`` (N, D, the global average
+of the last convolutional map: the out-of-distribution detector's features) and ``maps``
+(N, h, w, D, that map: Grad-CAM's). With the head's parameters (``head.npz``,
+``explain.headcam``) those feed classification, the OOD check and Grad-CAM from one pass.
+
+Why LiteRT: measured side by side with ONNX Runtime on the quickstart's EfficientNet-Lite0
+(``bench/serve.py --runtimes``), it had the steadier tail at batch 1 on two cores and a
+smaller installed runtime than TensorFlow by far; EfficientNet-Lite was designed for it.
+``onnxruntime`` is kept here as the second runtime for that comparison (an ``.onnx`` file
+of the same graph, ``export.to_onnx``); bundles carry the LiteRT file.
+
+Serving layer, NumPy plus the runtime's own package (``ai-edge-litert`` or
+``onnxruntime``), imported on first use: no TensorFlow, Keras, JAX or torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from braintumor.core.redaction import one_line
+
+EXPORT_FILE = "model.tflite"
+HEAD_FILE = "head.npz"
+RUNTIMES = ("litert", "onnxruntime")
+OUTPUT_NAMES = ("probabilities", "pooled", "maps")
+INPUT_NAME = "image"
+
+
+class ExportedModelError(ValueError):
+    """An exported file that cannot be loaded or run (one line, naming the file)."""
+
+
+@dataclass(frozen=True)
+class GraphOutputs:
+    """One invoke of the exported graph."""
+
+    probabilities: np.ndarray  # (N, K) float32, uncalibrated
+    pooled: np.ndarray  # (N, D) float32
+    maps: np.ndarray  # (N, h, w, D) float32
+
+
+def default_threads() -> int:
+    """The CPUs this process may use (the interpreter's thread count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class ExportedModel:
+    """An exported graph loaded in its runtime. Not thread-safe (one interpreter): callers
+    serialise calls (``Predictor`` holds a lock)."""
+
+    def __init__(self, path: str | Path, runtime: str = "litert", threads: int | None = None):
+        self.path = Path(path)
+        if runtime not in RUNTIMES:
+            raise ExportedModelError(f"runtime: {runtime!r} is not one of {', '.join(RUNTIMES)}")
+        if not self.path.is_file():
+            raise ExportedModelError(f"{self.path}: missing")
+        self.runtime = runtime
+        self.threads = threads or default_threads()
+        try:
+            if runtime == "litert":
+                self._run = self._litert()
+            else:
+                self._run = self._onnxruntime()
+        except ExportedModelError:
+            raise
+        except Exception as error:  # noqa: BLE001 - runtimes raise many kinds for a bad file
+            raise ExportedModelError(
+                f"{self.path}: not a {runtime} model ({one_line(error)[:200]})"
+            ) from None
+
+    def _litert(self) -> Any:
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(self.path), num_threads=self.threads)
+        signatures = interpreter.get_signature_list()
+        if len(signatures) != 1:
+            raise ExportedModelError(f"{self.path}: expected one signature, has {len(signatures)}")
+        (key, spec), *_ = signatures.items()
+        if list(spec["inputs"]) != [INPUT_NAME] or set(spec["outputs"]) != set(OUTPUT_NAMES):
+            raise ExportedModelError(
+                f"{self.path}: signature {spec} is not image -> {', '.join(OUTPUT_NAMES)}"
+            )
+        runner = interpreter.get_signature_runner(key)
+        self._interpreter = interpreter
+
+        def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+            return dict(runner(**{INPUT_NAME: batch}))
+
+        return run
+
+    def _onnxruntime(self) -> Any:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+        names = [output.name for output in session.get_outputs()]
+        if set(names) != set(OUTPUT_NAMES):
+            raise ExportedModelError(f"{self.path}: outputs {names}, expected {OUTPUT_NAMES}")
+        input_name = session.get_inputs()[0].name
+
+        def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+            return dict(zip(names, session.run(names, {input_name: batch}), strict=True))
+
+        return run
+
+    def __call__(self, images: np.ndarray) -> GraphOutputs:
+        """One invoke for a batch of gray images (N, S, S) or (N, S, S, 1), 0-255."""
+        batch = np.asarray(images, dtype=np.float32)
+        if batch.ndim == 3:
+            batch = batch[..., None]
+        outputs = self._run(np.ascontiguousarray(batch))
+        return GraphOutputs(*(np.asarray(outputs[name], dtype=np.float32) for name in OUTPUT_NAMES))
+
+
+def probe_image(size: int) -> np.ndarray:
+    """A fixed, deterministic (1, S, S) uint8 image (a diagonal ramp with a bright disc):
+    the export records the exported model's answer on it, and loading a bundle checks the
+    file still gives it (a file exported from another model does not)."""
+    rows, columns = np.mgrid[0:size, 0:size].astype(np.float32)
+    ramp = (rows + columns) * (255.0 / max(1, 2 * size - 2))
+    disc = (rows - size * 0.4) ** 2 + (columns - size * 0.6) ** 2 < (size * 0.2) ** 2
+    return np.where(disc, 255.0, ramp * 0.5).astype(np.uint8)[None]
