@@ -45,6 +45,21 @@ $(DEV_STAMP): $(STAMP) requirements-dev.lock
 
 install-dev: install $(DEV_STAMP)
 
+# The serving install (issue 22): requirements-serving.lock alone (no TensorFlow, Keras, JAX
+# or torch) and the package, in .venv-serving; the app, `predict` and the pyfunc run there
+# on a bundle's exported model. tests/repo/test_serving_lock.py builds one the same way.
+SERVING_VENV := .venv-serving
+SERVING_STAMP := $(SERVING_VENV)/.installed
+$(SERVING_STAMP): requirements-serving.lock pyproject.toml
+	$(PYTHON) -m venv $(SERVING_VENV)
+	$(SERVING_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-compile \
+		-r requirements-serving.lock
+	$(SERVING_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-compile .
+	touch $@
+
+.PHONY: install-serving
+install-serving: $(SERVING_STAMP)
+
 # GPU runners (CUDA 12 driver): `make install GPU=1` adds requirements-gpu.lock, JAX with
 # its CUDA plugin and the NVIDIA libraries as wheels (no system CUDA toolkit needed). Run
 # with KERAS_BACKEND=jax (params: train.backend: jax); README "GPU runners" says why.
@@ -107,7 +122,7 @@ run: install
 # checks that it names each section of params.yaml); --keep brings the three metrics back.
 # (leakage_free.min_recall, the gate's, would take 8 more columns than the 120.)
 COMPARE_KEEP := (test|leakage_free)\.accuracy$$|test\.min_recall$$
-COMPARE_DROP := (?!Experiment$$|profile$$|params\.yaml:|profiles/|(common|acquire|clean|preprocess|augment|model|train|evaluate|registry|serving|tracking)\.)
+COMPARE_DROP := (?!Experiment$$|profile$$|params\.yaml:|profiles/|(common|acquire|clean|preprocess|augment|model|train|evaluate|registry|serving|localise|tracking)\.)
 .PHONY: compare
 compare:
 	dvc exp show --no-pager --only-changed --sort-by leakage_free.accuracy --sort-order desc \
