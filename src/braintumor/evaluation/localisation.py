@@ -37,8 +37,7 @@ def _check_stack(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.nd
     regions = np.asarray(masks, dtype=bool)
     if values.ndim != 3 or values.shape != regions.shape:
         raise ValueError(
-            f"maps and masks must be (N, H, W) of one shape, got {values.shape} and "
-            f"{regions.shape}"
+            f"maps and masks must be (N, H, W) of one shape, got {values.shape} and {regions.shape}"
         )
     if not np.all(np.isfinite(values)) or (values.size and values.min() < 0):
         raise ValueError("maps must be finite and non-negative")
@@ -113,7 +112,10 @@ def wilson_interval(hits: int, total: int, z: float = 1.96) -> tuple[float, floa
 
 
 def score(
-    maps: np.ndarray, masks: np.ndarray, tolerance: int, labels: Sequence[str] | None = None
+    maps: np.ndarray,
+    masks: np.ndarray,
+    tolerance: int,
+    labels: Sequence[str] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Pointing game and energy share of a stack of maps: overall (with the pointing game's
     Wilson interval) and per class when ``labels`` are given."""
@@ -123,7 +125,7 @@ def score(
 
 
 def summarise(
-    hits: np.ndarray, shares: np.ndarray, labels: Sequence[str] | None = None
+    hits: np.ndarray, shares: np.ndarray, labels: Sequence[str] | np.ndarray | None = None
 ) -> dict[str, Any]:
     """The numbers of ``score`` from per-image hits and energy shares."""
     total = len(hits)
@@ -147,9 +149,7 @@ def summarise(
     return result
 
 
-def choose(
-    results: Mapping[str, Mapping[str, Any]], candidates: Sequence[str]
-) -> tuple[str, str]:
+def choose(results: Mapping[str, Mapping[str, Any]], candidates: Sequence[str]) -> tuple[str, str]:
     """The map to show, by measurement: among ``candidates`` (keys of ``results``, the
     methods cheap enough to serve), the highest pointing game, ties broken by energy
     share. Returns (key, the reason in words)."""
@@ -200,19 +200,35 @@ def localisation_figure(
     energy = [results[key]["energy"] for key in keys]
     bars.bar(positions - width / 2, pointing, width, label="pointing game")
     bars.bar(positions + width / 2, energy, width, label="energy in mask")
-    bars.axhline(baseline["pointing"], color="black", linestyle="--", linewidth=1,
-                 label=f"centred Gaussian: pointing {baseline['pointing']:.2f}")
-    bars.axhline(baseline["energy"], color="grey", linestyle=":", linewidth=1,
-                 label=f"centred Gaussian: energy {baseline['energy']:.2f}")
-    bars.axhline(area_share, color="red", linestyle=":", linewidth=1,
-                 label=f"mask area (uniform map) {area_share:.3f}")
+    bars.axhline(
+        baseline["pointing"],
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label=f"centred Gaussian: pointing {baseline['pointing']:.2f}",
+    )
+    bars.axhline(
+        baseline["energy"],
+        color="grey",
+        linestyle=":",
+        linewidth=1,
+        label=f"centred Gaussian: energy {baseline['energy']:.2f}",
+    )
+    bars.axhline(
+        area_share,
+        color="red",
+        linestyle=":",
+        linewidth=1,
+        label=f"mask area (uniform map) {area_share:.3f}",
+    )
     for position, value in zip(positions, pointing, strict=True):
         bars.text(position - width / 2, value + 0.01, f"{value:.2f}", ha="center", fontsize=7)
     bars.set_xticks(positions, [key.replace("@", "\n@") for key in keys], fontsize=7)
     bars.set_ylim(0, 1.05)
     bars.set_title(
         f"Explanations against tumour masks ({results[keys[0]]['slices']} test slices)"
-        if keys else "no method measured"
+        if keys
+        else "no method measured"
     )
     bars.legend(fontsize=7, loc="upper right")
     for row, example in enumerate(examples, start=1):

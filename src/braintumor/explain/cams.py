@@ -58,4 +58,3 @@ def explanation_maps(
         )
     instance = GradCam.for_model(model, layer, "centred", method)  # type: ignore[arg-type]
     return instance(images, class_index, batch_size=batch_size)
-

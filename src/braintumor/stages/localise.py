@@ -164,11 +164,14 @@ def measure(
     seconds: dict[str, float] = {}
     for method in settings.methods:
         for layer in [INPUT_LAYER] if method == OCCLUSION else layers:
-            count = min(settings.occlusion_slices, len(batch)) if method == OCCLUSION else len(batch)
+            count = (
+                min(settings.occlusion_slices, len(batch)) if method == OCCLUSION else len(batch)
+            )
             if count == 0:
                 continue
+            key = f"{method}@{layer}"
             start = time.perf_counter()
-            maps[f"{method}@{layer}"] = explanation_maps(
+            maps[key] = explanation_maps(
                 model,
                 batch[:count],
                 method,
@@ -178,8 +181,8 @@ def measure(
                 occlusion_patch=settings.occlusion_patch,
                 occlusion_stride=settings.occlusion_stride,
             )
-            seconds[f"{method}@{layer}"] = time.perf_counter() - start
-            print(f"localise: {method}@{layer} on {count} slices, {seconds[f'{method}@{layer}']:.1f} s")
+            seconds[key] = time.perf_counter() - start
+            print(f"localise: {key} on {count} slices, {seconds[key]:.1f} s")
     return maps, seconds
 
 
@@ -196,9 +199,7 @@ def score_all(
         key: score(values, regions[: len(values)], tolerance, labels[: len(values)])
         for key, values in maps.items()
     }
-    baseline = score(
-        np.broadcast_to(gaussian, regions.shape), regions, tolerance, labels
-    )
+    baseline = score(np.broadcast_to(gaussian, regions.shape), regions, tolerance, labels)
     paired: dict[str, Any] = {}
     occluded = [key for key in maps if key.startswith(f"{OCCLUSION}@")]
     if occluded:
@@ -208,7 +209,9 @@ def score_all(
             for key, values in maps.items()
         }
         paired["centred_gaussian"] = score(
-            np.broadcast_to(gaussian, (count, size, size)), regions[:count], tolerance,
+            np.broadcast_to(gaussian, (count, size, size)),
+            regions[:count],
+            tolerance,
             labels[:count],
         )
     return {
@@ -219,8 +222,14 @@ def score_all(
     }
 
 
-def headline(scores: dict[str, Any], counts: dict[str, int], chosen: str, reason: str,
-             params: Params, seconds: dict[str, float]) -> dict[str, Any]:
+def headline(
+    scores: dict[str, Any],
+    counts: dict[str, int],
+    chosen: str,
+    reason: str,
+    params: Params,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
     """The DVC metric: pointing and energy per method and layer, the baseline, the counts,
     the choice. Nested as method -> layer so ``dvc metrics diff`` reads
     ``hirescam.block10_add.pointing``."""
@@ -257,8 +266,11 @@ def examples(
 ) -> list[dict[str, Any]]:
     """A few slices (one per class in turn, among those every map covers) with their maps."""
     covered = min(len(values) for values in maps.values()) if maps else 0
-    picks = select(rows.head(covered).assign(_row=np.arange(covered)), params.localise.examples,
-                   params.localise.seed)
+    picks = select(
+        rows.head(covered).assign(_row=np.arange(covered)),
+        params.localise.examples,
+        params.localise.seed,
+    )
     return [
         {
             "image": images[row],
@@ -272,7 +284,7 @@ def examples(
 
 def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     """The stage's work; returns the headline."""
-    from braintumor.data.masks import class_counts, match_counts, masks_by_status
+    from braintumor.data.masks import class_counts, masks_by_status, match_counts
     from braintumor.evaluation.localisation import choose, localisation_figure
 
     started = time.perf_counter()

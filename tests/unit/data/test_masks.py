@@ -66,10 +66,20 @@ def _build(mirror: Path, root: Path) -> tuple[Path, Path]:
     shutil.copy(figshare / "images" / "10.jpg", folder / "images" / f"{MISSING}.jpg")
     extra = pd.DataFrame(
         [
-            {"id": FOOD, "class": "glioma", "patient_fold": 1, "original_size": 512,
-             "mask_pixels": 3600},
-            {"id": MISSING, "class": "glioma", "patient_fold": 1, "original_size": 512,
-             "mask_pixels": 1},
+            {
+                "id": FOOD,
+                "class": "glioma",
+                "patient_fold": 1,
+                "original_size": 512,
+                "mask_pixels": 3600,
+            },
+            {
+                "id": MISSING,
+                "class": "glioma",
+                "patient_fold": 1,
+                "original_size": 512,
+                "mask_pixels": 1,
+            },
         ]
     )
     pd.concat([rows, extra]).to_csv(folder / "meta.csv", index=False)
