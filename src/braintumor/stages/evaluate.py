@@ -349,6 +349,7 @@ class EvaluatePaths:
     headline: Path | None = None
     parent_run_file: Path | None = None
     run_file: Path | None = None
+    audit: Path | None = None
 
 
 @dataclass
@@ -627,6 +628,20 @@ def detail_metrics(results: dict[str, dict[str, Any]], robustness: list[dict]) -
     return metrics
 
 
+def external_views(audit: Path | None) -> dict[str, Any]:
+    """The audit stage's external-validation views (phase 1's head trained without a source,
+    scored on that source's Testing images) and the same head trained on every source, as
+    the eval.json entries ``external`` and ``external_reference`` (flat, like a model's)."""
+    import json
+
+    if audit is None:
+        return {}
+    if not audit.is_file():
+        raise EvaluateError(f"{audit}: not found; run the audit stage")
+    found = json.loads(audit.read_text(encoding="utf-8"))
+    return {key: found[key] for key in ("external", "external_reference") if found.get(key)}
+
+
 def evaluate(params: Params, paths: EvaluatePaths) -> Evaluation:
     """Score both models on every view, the fine-tuned one under perturbations, and fit
     the OOD detector; writes nothing (``write_evaluation`` does)."""
@@ -637,6 +652,7 @@ def evaluate(params: Params, paths: EvaluatePaths) -> Evaluation:
     detector, ood_summary = fit_ood_detector(inputs, params)
     metrics = detail_metrics(results, robustness)
     metrics["finetuned"].update(ood_summary)
+    metrics.update(external_views(paths.audit))
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     return Evaluation(inputs, results, robustness, detector, metrics)
 
@@ -722,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", required=True, type=Path, help="bundle folder to write")
     parser.add_argument("--parent-run-file", type=Path, help="finetune's MLflow run file")
     parser.add_argument("--run-file", type=Path, default=None, help="this stage's run file")
+    parser.add_argument("--audit", type=Path, help="metrics/audit.json: the external views")
     parser.add_argument("--no-tracking", action="store_true", help="skip MLflow")
     args = vars(parser.parse_args(argv))
     params_file, tracking = args.pop("params"), not args.pop("no_tracking")

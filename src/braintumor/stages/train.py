@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensorboard", type=Path, help="TensorBoard log folder")
     parser.add_argument("--init", type=Path, help="finetune: the frozen phase's model.keras")
     parser.add_argument("--pretrained", type=Path, help="the weights stage's folder")
+    parser.add_argument("--label-issues", type=Path, help="the audit stage's suspects CSV")
     # The same names as evaluate's.
     parser.add_argument(
         "--parent-run-file", type=Path, help="finetune: the frozen phase's run file"
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         data = load_processed(args.data, params.common.classes, params.common.image_size)
+        data = _label_issues(params, data, args.label_issues)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -105,6 +107,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _print_summary(args.phase, result.metrics)
     return 0
+
+
+def _label_issues(params: Params, data: Any, suspects: Path | None) -> Any:
+    """``train.label_issues``: say how many of the audit's suspects are train images, and
+    under ``drop`` leave them out of the train split (labels are never changed)."""
+    if suspects is None:
+        return data
+    import pandas as pd
+
+    from braintumor.training.inputs import DataError, without_training_rows
+
+    if not suspects.is_file():
+        raise DataError(f"{suspects}: not found; run the audit stage")
+    table = pd.read_csv(suspects)
+    if not {"split", "path"} <= set(table.columns):
+        raise DataError(f"{suspects}: expected the audit's columns split and path")
+    paths = set(table.loc[table["split"] == "train", "path"].astype(str))
+    mode = params.train.label_issues
+    if mode == "drop":
+        data, dropped = without_training_rows(data, paths)
+        print(f"label issues: {dropped} suspected train images left out ({mode})")
+    else:
+        print(f"label issues: {len(paths)} suspected train images kept ({mode})")
+    return data
 
 
 def _print_summary(phase: str, metrics: dict[str, Any]) -> None:

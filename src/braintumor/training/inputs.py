@@ -119,6 +119,35 @@ def _open_split(folder: Path, name: str, num_classes: int, image_size: int) -> S
     return Split(name=name, images=images, labels=labels.astype(np.int64))
 
 
+def without_training_rows(data: ProcessedData, paths: set[str]) -> tuple[ProcessedData, int]:
+    """``data`` with the train rows whose ``train_index.csv`` path is in ``paths`` left out
+    (the label audit's suspects under ``train.label_issues: drop``), and how many went.
+
+    Labels are never changed, only rows left out; val and test keep every row. The kept
+    images are copied out of the memory map, and the digest changes with the rows left out,
+    so a checkpoint of the full split is not resumed on the reduced one."""
+    import hashlib
+
+    import pandas as pd
+
+    index_path = data.folder / "train_index.csv"
+    if not index_path.is_file():
+        raise DataError(f"{index_path}: not found; run the preprocess stage first")
+    train = data.splits["train"]
+    rows = pd.read_csv(index_path)["path"].astype(str).to_numpy()
+    if len(rows) != len(train):
+        raise DataError(f"{index_path}: {len(rows)} rows for {len(train)} train images")
+    dropped = np.isin(rows, sorted(paths))
+    if not dropped.any():
+        return data, 0
+    keep = np.flatnonzero(~dropped)
+    split = Split("train", np.asarray(train.images[keep]), train.labels[keep])
+    digest = hashlib.sha256((data.digest + "\n".join(sorted(rows[dropped]))).encode())
+    meta = {**data.meta, "digest": digest.hexdigest(), "dropped_label_issues": int(dropped.sum())}
+    splits = {**data.splits, "train": split}
+    return ProcessedData(folder=data.folder, meta=meta, splits=splits), int(dropped.sum())
+
+
 def subset_per_class(labels: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
     """Row indices keeping at most ``cap`` seeded-random rows per class (all when None),
     sorted so reads from the memory map stay in file order."""

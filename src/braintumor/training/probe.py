@@ -1,0 +1,85 @@
+"""Phase 1 alone, on features already computed: a fresh head trained by the frozen phase's
+recipe, for the questions that need many cheap models (the external-validation view, the
+label screening in ``bench/label_screen.py``).
+
+With the backbone frozen, phase 1 is a function of the pooled features only, so one
+backbone pass serves any number of heads trained on different subsets of the rows, each in
+seconds. The head is a fresh copy of the inference model's head (``head_model``, re-
+initialised by ``clone_model``) trained with ``train.frozen``'s optimizer, learning rate,
+early stopping, LR schedule and class weights; it is not saved and not tracked.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from braintumor.core.schema import Params
+from braintumor.training.features import head_model
+from braintumor.training.inputs import ArrayBatches, class_weights
+
+if TYPE_CHECKING:
+    import keras
+
+
+def fit_head(
+    params: Params,
+    model: keras.Model,
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    *,
+    seed: int,
+) -> keras.Model:
+    """A freshly initialised head of ``model`` trained on the features by phase 1's recipe
+    (``train.frozen``); it takes pooled features and gives class probabilities."""
+    import keras
+
+    settings = params.train.frozen
+    keras.utils.set_random_seed(seed)
+    head = keras.models.clone_model(head_model(model))
+    head.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    stopping, plateau = settings.early_stopping, settings.reduce_lr
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor=stopping.monitor,
+            min_delta=stopping.min_delta,
+            patience=stopping.patience,
+            restore_best_weights=stopping.restore_best_weights,
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor=plateau.monitor,
+            factor=plateau.factor,
+            patience=plateau.patience,
+            min_lr=plateau.min_learning_rate,
+        ),
+    ]
+    batches = ArrayBatches(
+        train_features,
+        train_labels,
+        settings.batch_size,
+        shuffle=True,
+        seed=seed,
+        drop_remainder=params.train.drop_remainder,
+    )
+    head.fit(
+        batches,
+        validation_data=ArrayBatches(val_features, val_labels, settings.batch_size),
+        epochs=settings.epochs,
+        class_weight=class_weights(train_labels, len(params.common.classes), settings.class_weight),
+        callbacks=callbacks,
+        shuffle=False,
+        verbose=0,
+    )
+    return head
+
+
+def predict_head(head: keras.Model, features: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (float64) of pooled features."""
+    return np.asarray(head.predict(features, batch_size=batch_size, verbose=0), dtype=np.float64)
