@@ -77,16 +77,15 @@ def match(params: Params, raw: Path, masks: Path) -> pd.DataFrame:
 
 
 def select(rows: pd.DataFrame, count: int, seed: int) -> pd.DataFrame:
-    """``count`` rows (0: all) drawn per class in proportion, seeded, in a stable order."""
-    if count == 0 or count >= len(rows):
-        return rows.reset_index(drop=True)
+    """``count`` rows (0: all) drawn per class in proportion, seeded, classes interleaved:
+    any head of the result is itself a proportional draw (occlusion's subset is one)."""
     shuffled = rows.sample(frac=1.0, random_state=seed)
     # Round-robin over classes keeps the proportions within one slice per class.
     order = shuffled.groupby("class", sort=True).cumcount() / shuffled.groupby("class")[
         "class"
     ].transform("size")
     picked = shuffled.assign(_rank=order).sort_values(["_rank", "class"], kind="stable")
-    return picked.head(count).drop(columns="_rank").reset_index(drop=True)
+    return picked.head(count or len(picked)).drop(columns="_rank").reset_index(drop=True)
 
 
 def model_inputs(
@@ -253,7 +252,18 @@ def headline(
         "slices": scores["baseline"]["slices"],
         "tolerance_px": params.localise.tolerance,
         "masks": counts,
-        "chosen": {"method": method, "layer": layer, "reason": reason},
+        "chosen": {
+            "method": method,
+            "layer": layer,
+            "reason": reason,
+            # Negative: "look at the middle" does better on this score.
+            "pointing_over_baseline": round(
+                scores["methods"][chosen]["pointing"] - scores["baseline"]["pointing"], 4
+            ),
+            "energy_over_baseline": round(
+                scores["methods"][chosen]["energy"] - scores["baseline"]["energy"], 4
+            ),
+        },
     }
 
 

@@ -149,3 +149,23 @@ def test_bad_inputs_fail_in_one_line(
     error = capsys.readouterr().err.strip()
     assert "localise.masks: 'absent'" in error and "\n" not in error
     assert not (tmp_path / "m").exists()
+
+
+def test_any_head_of_the_selection_keeps_the_class_proportions() -> None:
+    """Occlusion runs on the head of the selection: it must not be one class only (the
+    matched rows come sorted by class)."""
+    rows = pd.DataFrame(
+        {"class": ["glioma"] * 50 + ["meningioma"] * 30 + ["pituitary"] * 20, "id": range(100)}
+    )
+    everything = localise.select(rows, 0, seed=42)
+    assert sorted(everything["id"]) == list(range(100))
+    assert everything.head(10)["class"].value_counts().to_dict() == {
+        "glioma": 5,
+        "meningioma": 3,
+        "pituitary": 2,
+    }
+    assert localise.select(rows, 20, seed=42)["class"].value_counts().to_dict() == {
+        "glioma": 10,
+        "meningioma": 6,
+        "pituitary": 4,
+    }
