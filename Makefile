@@ -54,7 +54,7 @@ $(SERVING_STAMP): requirements-serving.lock pyproject.toml
 	$(PYTHON) -m venv $(SERVING_VENV)
 	$(SERVING_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-compile \
 		-r requirements-serving.lock
-	$(SERVING_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-compile .
+	$(SERVING_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-compile -e .
 	touch $@
 
 .PHONY: install-serving

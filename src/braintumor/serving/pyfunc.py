@@ -35,7 +35,36 @@ BUNDLE_ARTIFACT = "bundle"
 MODEL_CONFIG_KEY = "serving"
 # Beyond the backend: what the served code imports (``serving`` reads DICOM and YAML).
 SERVED_REQUIREMENTS = ["opencv-python-headless", "pillow", "pandas", "scipy", "pydicom", "pyyaml"]
+# A bundle with an exported model is served by LiteRT: no training framework to install.
+EXPORTED_REQUIREMENTS = [
+    "mlflow",
+    "numpy",
+    "ai-edge-litert",
+    "opencv-python-headless",
+    "pillow",
+    "pandas",
+    "pydicom",
+    "pyyaml",
+    "tqdm",
+]
 STATUS_COLUMNS = ("status", "reason", "error", "warning")
+
+
+def served_requirements(exported: bool, training: list[str]) -> list[str]:
+    """The registered model's pip requirements: for an exported bundle (served by LiteRT,
+    ``requirements-serving.lock``) its runtime pinned as installed here, without Keras or
+    TensorFlow; otherwise ``training`` (the backend's) and ``SERVED_REQUIREMENTS``."""
+    if not exported:
+        return training + SERVED_REQUIREMENTS
+    from importlib import metadata
+
+    pinned = []
+    for package in EXPORTED_REQUIREMENTS:
+        try:
+            pinned.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pinned.append(package)
+    return pinned
 
 
 def model_config(settings: ServingParams, clean: CleanParams) -> dict[str, Any]:

@@ -49,9 +49,9 @@ from braintumor.core.redaction import one_line, redact_uri
 from braintumor.core.schema import ConfigError, GateParams, Params
 from braintumor.serving.bundle import BundleMeta
 from braintumor.serving.pyfunc import (
-    SERVED_REQUIREMENTS,
     BundleModel,
     model_config,
+    served_requirements,
     signature,
 )
 from braintumor.tracking.runs import phase_run, pip_requirements
@@ -164,7 +164,9 @@ def log_evaluation(
             code_paths=[str(PACKAGE_DIR)],
             signature=signature(bundle_meta.classes),
             model_config=model_config(params.serving, params.clean),
-            pip_requirements=pip_requirements(params.train.backend) + SERVED_REQUIREMENTS,
+            pip_requirements=served_requirements(
+                bool(bundle_meta.exported), pip_requirements(params.train.backend)
+            ),
             registered_model_name=params.tracking.registered_model,
         )
         version = str(info.registered_model_version)
