@@ -333,6 +333,9 @@ TINY_OVERRIDES = {
     "acquire": {"sources": QUICKSTART_SOURCES[:1]},
     "common": {"image_size": TINY_SIZE},
     "preprocess": {"val_fraction": 0.3, "workers": 1},
+    # A few images per class: the label audit's out-of-fold probabilities need a group of
+    # images per class in each fold.
+    "audit": {"folds": 2},
     "model": {"backbone": "tinycnn", "weights": "none", "gradcam_layer": "auto"},
     "evaluate": {
         "bootstrap_resamples": 50,
