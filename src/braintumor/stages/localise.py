@@ -267,6 +267,30 @@ def headline(
     }
 
 
+def card_line(scores: dict[str, Any], chosen: str, tolerance: int, last: str) -> str:
+    """One sentence for a model card: the chosen map, the last map's Grad-CAM, occlusion
+    and the centred Gaussian, pointing game with its interval and energy in the mask."""
+    methods, baseline = scores["methods"], scores["baseline"]
+
+    def told(key: str) -> str:
+        result = methods[key]
+        low, high = result["pointing_interval"]
+        return (
+            f"{key} {result['pointing']:.2f} [{low:.2f}, {high:.2f}] "
+            f"(energy {result['energy']:.3f}, {result['slices']} slices)"
+        )
+
+    shown = [chosen] + [
+        key for key in (f"gradcam@{last}", f"{OCCLUSION}@input") if key in methods and key != chosen
+    ]
+    return (
+        f"Explanations against figshare tumour masks (pointing game, peak within {tolerance} "
+        f"px of the mask): {'; '.join(told(key) for key in shown)}; a centred Gaussian "
+        f"{baseline['pointing']:.2f} (energy {baseline['energy']:.3f}); mask area "
+        f"{scores['area_share']:.3f}. The app's map: {chosen}."
+    )
+
+
 def examples(
     params: Params,
     rows: pd.DataFrame,
@@ -329,6 +353,7 @@ def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
         "explained_class": "true",
         "seconds": {key: round(value, 2) for key, value in seconds.items()},
         "chosen": {"key": chosen, "reason": reason},
+        "card_line": card_line(scores, chosen, params.localise.tolerance, layers[0]),
         "elapsed_seconds": round(time.perf_counter() - started, 1),
     }
     args.figures.mkdir(parents=True, exist_ok=True)

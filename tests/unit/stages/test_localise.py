@@ -122,6 +122,10 @@ def test_the_stages_measure_every_method_and_count_the_unmatched_mask(
     assert metrics["chosen"]["method"] in localise.SERVABLE
     detail = json.loads((out / "detail.json").read_text())
     assert set(detail["paired_with_occlusion"]) >= {"occlusion@input", "centred_gaussian"}
+    assert (
+        "centred Gaussian" in detail["card_line"]
+        and metrics["chosen"]["method"] in (detail["card_line"])
+    )
     matches = pd.read_csv(out / "matches.csv")
     assert sorted(matches["status"].value_counts().items()) == [
         ("test", len(PAIRS)),
