@@ -222,15 +222,11 @@ def score_all(
 
 
 def headline(
-    scores: dict[str, Any],
-    counts: dict[str, int],
-    chosen: str,
-    reason: str,
-    params: Params,
-    seconds: dict[str, float],
+    scores: dict[str, Any], counts: dict[str, int], chosen: str, params: Params
 ) -> dict[str, Any]:
     """The DVC metric: pointing and energy per method and layer, the baseline, the counts,
-    the choice. Nested as method -> layer so ``dvc metrics diff`` reads
+    the choice (no timings or prose, which change or crowd ``dvc metrics diff``: both are
+    in the detail). Nested as method -> layer so ``dvc metrics diff`` reads
     ``hirescam.block10_add.pointing``."""
     methods: dict[str, dict[str, Any]] = {}
     for key, result in scores["methods"].items():
@@ -239,7 +235,6 @@ def headline(
             "pointing": round(result["pointing"], 4),
             "energy": round(result["energy"], 4),
             "slices": result["slices"],
-            "ms_per_slice": round(1000 * seconds[key] / max(result["slices"], 1), 1),
         }
     method, layer = chosen.split("@", 1)
     return {
@@ -255,7 +250,6 @@ def headline(
         "chosen": {
             "method": method,
             "layer": layer,
-            "reason": reason,
             # Negative: "look at the middle" does better on this score.
             "pointing_over_baseline": round(
                 scores["methods"][chosen]["pointing"] - scores["baseline"]["pointing"], 4
@@ -343,7 +337,7 @@ def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
     servable = [key for key in scores["methods"] if key.split("@", 1)[0] in SERVABLE]
     chosen, reason = choose(scores["methods"], servable or list(scores["methods"]))
     print(f"localise: chosen {chosen} ({reason})")
-    summary = headline(scores, counts, chosen, reason, params, seconds)
+    summary = headline(scores, counts, chosen, params)
     detail = {
         **scores,
         "masks": counts,
