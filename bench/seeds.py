@@ -31,7 +31,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_STAGES = "acquire,clean,weights"
-SEED_STAGES = "preprocess,train,finetune,evaluate"
+SEED_STAGES = "preprocess,audit,train,finetune,evaluate"
 SHARED_OUTPUTS = ("data/raw", "data/interim", "models/pretrained")
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 

@@ -243,7 +243,9 @@ class AugmentParams:
         _check(0 <= self.contrast < 1, "contrast", "must be in [0, 1)")
         _check(0 <= self.brightness < 1, "brightness", "must be in [0, 1) (a fraction of 255)")
         _check(0 <= self.noise <= 64, "noise", "must be in [0, 64] gray levels")
-        _check(0 <= self.downscale <= 0.75, "downscale", "must be in [0, 0.75] (smallest scale 1 - d)")
+        _check(
+            0 <= self.downscale <= 0.75, "downscale", "must be in [0, 0.75] (smallest scale 1 - d)"
+        )
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,11 @@ class PhaseParams:
     blocks before ``first_trainable_block`` frozen (``efficientnet_lite0``: blocks 0-15):
     no gradients flow through the early high-resolution blocks, so a fine-tuning epoch
     costs about half (docs/training.md) and more epochs fit the same time.
+    ``guard_metric``: what ``must_improve`` compares. ``monitor`` is the early-stopping
+    metric (validation loss); ``balanced_accuracy`` is the mean class recall on the
+    validation rows without a training neighbour (``val_index.csv``'s ``leakage_free``),
+    what the quality bars measure: a fine-tuning can lower the loss while losing accuracy
+    on the images unlike any training image.
     ``ema_momentum`` (null: off): the optimizer keeps an exponential moving average of the
     weights (Polyak averaging, Keras's ``use_ema``); validation, the best checkpoint and so
     the saved model use the average, which is smoother than the last step's weights.
@@ -326,6 +333,7 @@ class PhaseParams:
     first_trainable_block: int = 0
     cache_features: bool = False
     must_improve: bool = True
+    guard_metric: Literal["monitor", "balanced_accuracy"] = "monitor"
     ema_momentum: float | None = None
 
     def __post_init__(self) -> None:

@@ -342,10 +342,24 @@ def _train_phase(
         )
         guard = settings.must_improve and paths.init_model is not None
         start = starting_point(model, inputs, monitor) if guard else None
+        guard_start = (
+            guard_score(model, data, settings.batch_size)
+            if guard and settings.guard_metric == "balanced_accuracy"
+            else None
+        )
         fit_phase(settings, inputs, callbacks, resume, paths.checkpoint_dir, verbose)
     kept_start = _keep_best_weights(model, paths, history, start, monitor)
+    guard_scores: dict[str, Any] = {}
+    if guard_start is not None and start is not None:
+        # Judged on what the bars measure: the best epoch must beat the start there too.
+        guard_best = guard_score(model, data, settings.batch_size)
+        guard_scores = {"guard_start": round(guard_start, 6), "guard_best": round(guard_best, 6)}
+        if not kept_start and guard_best <= guard_start:
+            model.set_weights(start[1])
+            kept_start = True
     metrics = {
         **phase_metrics(params, phase, model, history, inputs, resume, started, start, kept_start),
+        **guard_scores,
         **session_epoch_seconds(history, epoch_state.epochs_this_session),
         **meter.summary(),
         "devices": devices,
@@ -466,6 +480,36 @@ def starting_point(
     if key not in values:
         return None
     return float(values[key]), [np.array(w) for w in model.get_weights()]
+
+
+def guard_rows(data: ProcessedData) -> np.ndarray:
+    """The validation rows the guard judges on: those without a training neighbour
+    (``val_index.csv``'s ``leakage_free``), or every row of a folder that has no flag or
+    no such row."""
+    import pandas as pd
+
+    count = len(data.splits["val"])
+    index_path = data.folder / "val_index.csv"
+    if not index_path.is_file():
+        return np.ones(count, dtype=bool)
+    index = pd.read_csv(index_path)
+    if "leakage_free" not in index or len(index) != count:
+        return np.ones(count, dtype=bool)
+    flags = index["leakage_free"].astype(bool).to_numpy()
+    return flags if flags.any() else np.ones(count, dtype=bool)
+
+
+def guard_score(model: keras.Model, data: ProcessedData, batch_size: int) -> float:
+    """Balanced accuracy (mean recall over the classes present) of ``model`` on the
+    validation rows of ``guard_rows``: the fine-tuning guard's ``balanced_accuracy``."""
+    val = data.splits["val"]
+    rows = np.flatnonzero(guard_rows(data))
+    predicted = np.argmax(
+        model.predict(np.asarray(val.images[rows]), batch_size=batch_size, verbose=0), axis=1
+    )
+    labels = val.labels[rows]
+    recalls = [float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)]
+    return float(np.mean(recalls)) if recalls else float("nan")
 
 
 def _tensorboard(log_dir: Path | None, backend: str) -> Any | None:

@@ -322,6 +322,57 @@ def test_a_finetuning_that_only_hurts_keeps_the_starting_weights(
     assert unguarded["start_val_loss"] is None and unguarded["kept_starting_weights"] is False
 
 
+def test_the_guard_can_judge_on_balanced_accuracy_of_leakage_free_validation(
+    two_phases: dict[str, Any], data, tmp_path: Path
+) -> None:
+    """``guard_metric: balanced_accuracy``: the start and the best epoch are scored by mean
+    class recall on the validation rows flagged leakage-free (only those), and the phase
+    keeps its start unless the best epoch beats it there as well as on the loss."""
+    import dataclasses
+    import shutil
+
+    import keras
+    import pandas as pd
+    from sklearn.metrics import balanced_accuracy_score
+
+    from braintumor.training.phase import guard_rows, run_phase
+
+    folder = tmp_path / "processed"
+    shutil.copytree(data.folder, folder)
+    index = pd.read_csv(folder / "val_index.csv")
+    index["leakage_free"] = np.arange(len(index)) % 3 != 0
+    index.to_csv(folder / "val_index.csv", index=False)
+    flagged = dataclasses.replace(data, folder=folder)
+    rows = guard_rows(flagged)
+    assert rows.tolist() == index["leakage_free"].tolist() and 0 < rows.sum() < len(rows)
+
+    def score(model: Any) -> float:
+        val = data.splits["val"]
+        predicted = model.predict(np.asarray(val.images[rows]), verbose=0).argmax(axis=1)
+        return float(balanced_accuracy_score(val.labels[rows], predicted))
+
+    init = two_phases["root"] / "models" / "frozen" / "model.keras"
+    for rate in (1e-3, 50.0):  # an ordinary fine-tuning, and a destructive one
+        params = tiny_params(
+            finetune__guard_metric="balanced_accuracy", finetune__learning_rate=rate
+        )
+        paths = phase_paths(tmp_path / str(rate), "finetune", init)
+        result = run_phase(params, "finetune", flagged, paths)
+        metrics = result.metrics
+        start = keras.saving.load_model(init)
+        assert metrics["guard_start"] == pytest.approx(score(start), abs=1e-6)
+        beat_loss = metrics["best_val_loss"] < metrics["start_val_loss"]
+        if metrics["kept_starting_weights"]:
+            assert not beat_loss or metrics["guard_best"] <= metrics["guard_start"]
+            for before, after in zip(start.get_weights(), result.model.get_weights(), strict=True):
+                np.testing.assert_array_equal(before, after)
+        else:
+            assert beat_loss and metrics["guard_best"] > metrics["guard_start"]
+            assert score(result.model) == pytest.approx(metrics["guard_best"], abs=1e-6)
+        if rate == 50.0:
+            assert metrics["kept_starting_weights"] is True
+
+
 def test_cached_features_need_a_head_only_phase(tmp_path: Path, data) -> None:
     from braintumor.training.phase import run_phase
 
