@@ -1,43 +1,43 @@
-"""Benchmark serving: upload latency, batch throughput and the app under 8 parallel clients.
+"""Benchmark serving side by side: the Keras path against the exported model (LiteRT, ONNX
+Runtime, optionally LiteRT int8), per upload, in batches, and the app's memory.
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/serve.py [--backbone efficientnet_lite0] [--size 128]
-        [--uploads 40] [--images 100] [--naive-images 20] [--duration 60] [--clients 8]
-        [--skip-concurrency] [--mirror DIR]
+    .venv/bin/python bench/serve.py [--model models/bundle] [--runtimes keras,litert,onnxruntime]
+        [--int8] [--uploads 40] [--images 100] [--duration 30] [--clients 8]
+        [--serving-python .venv-serving/bin/python] [--skip-concurrency] [--mirror DIR]
 
-The model is the real serving model at its real size: ``model.build_model`` with
-``--backbone`` (``weights="none"``: the timing does not depend on the weights' values),
-Grad-CAM on ``model.feature_layer_name(backbone)``, saved and loaded as a bundle exactly
-as the app loads one. The default, EfficientNet-Lite0 at 128 px, is what the CPU
-quickstart profile serves; ``--backbone resnet50 --size 224`` is the paper profile's
-model. In one run:
+The model: ``--model`` (a trained bundle, e.g. ``models/bundle`` of ``make run``; exported
+here first if it has no exported model) or, by default, ``model.build_model`` with
+``--backbone`` at ``--size`` (``weights="none"``: timings do not depend on the weights'
+values), exported the same way (``serving.export``, parity-checked). The runtimes, each
+behind the same ``Predictor`` (decode, checks, preprocessing, the OOD check, calibration):
 
-1. **Latency of one upload** (real test slices, a different file each time, the variants
-   interleaved so machine load hits them alike), p50 and p95:
-   - ``served``: ``Predictor.prepare`` (decode, checks, preprocessing) then
-     ``Predictor.predict`` (Keras's compiled ``predict_on_batch``);
-   - ``served + Grad-CAM``: ``prepare``, then ``Predictor.explain`` (the cached, compiled
-     ``explain.GradCam``: probabilities and map from one pass) and the overlay blend: what
-     the app does per upload;
-   - ``naive``: ``Bundle.preprocess_bytes`` then ``model.predict`` per image;
-   - ``naive + Grad-CAM``: the same plus the tutorial Grad-CAM rebuilt from scratch on
-     every call (a new ``keras.Model(inputs, [layer.output, output])`` and an eager
-     ``GradientTape``), then the same blend.
-2. **Throughput of ``predict``** on a folder of real slices: ``predict.predict_files``
-   (batched, reading ahead) with and without overlays, against the naive per-image loop
-   (without Grad-CAM on every image; with Grad-CAM from scratch on ``--naive-images``).
-3. **Concurrency**: ``python -m braintumor.serving.app`` on loopback with that bundle, ``--clients``
-   ``gradio_client`` clients calling ``/predict`` in parallel for ``--duration`` seconds
-   (one upload in ten a text file renamed .png, which must come back as a refusal). It
-   counts errors (exceptions, or a wrong answer), client-side latency, and samples the
-   app's resident memory. Stated bound: **no errors, and the app's RSS grows less than
-   150 MB over the second half of the run** (a leak would grow with requests; the first
-   half absorbs allocator warm-up); the peak RSS is printed beside it.
+- ``keras``: ``Bundle.load(runtime="keras")``: Keras's compiled ``predict_on_batch``, the
+  ``FeatureExtractor`` pass of the OOD check and the GradientTape Grad-CAM (a second pass);
+- ``litert``: the bundle's ``model.tflite`` in ``ai-edge-litert`` (XNNPACK), one invoke per
+  upload, Grad-CAM from the head in NumPy (``explain.headcam``): what serving runs;
+- ``onnxruntime``: the same graph converted with tf2onnx, in ONNX Runtime (CPU provider);
+- ``litert-int8`` (``--int8``): post-training full-integer quantisation, calibrated on 100
+  real Training slices (not test ones).
 
-Not a test: numbers depend on the machine and its load (printed with the results). The
-default run takes a few minutes on 2 cores; ``--uploads 10 --images 30 --naive-images 5
---duration 20`` is a quick one.
+In one run:
+
+1. **Latency of one upload** (real test slices, a different file each time, the runtimes
+   interleaved so machine load hits them alike), p50 and p95: ``served`` (prepare, then
+   the probabilities) and ``served + Grad-CAM`` (prepare, probabilities and map, overlay
+   blend: what the app does per upload); the model's forward pass alone per runtime; the
+   largest probability difference from the Keras path.
+2. **Throughput**: ``predict.predict_files`` with overlays on a folder of real slices, and
+   a batch of 32 preprocessed slices through ``Predictor.predict``, images/s per runtime.
+3. **The app** (``python -m braintumor.serving.app --runtime keras|auto``, with
+   ``--serving-python`` for the exported model if given: the serving install, no
+   TensorFlow): RSS after warm-up, then ``--clients`` ``gradio_client`` clients for
+   ``--duration`` seconds (one upload in ten a text file renamed .png, which must come
+   back as a refusal): errors, latency, peak RSS and its growth over the second half.
+   (``bench/app_load.py --rounds 5`` is the 50-client soak.)
+
+Not a test: numbers depend on the machine and its load (printed with the results).
 """
 
 from __future__ import annotations
@@ -86,23 +86,24 @@ def real_slices(mirror: Path, split: str, count: int, offset: int = 0) -> list[P
     return chosen
 
 
-def build_bundle(folder: Path, mirror: Path, size: int, backbone: str) -> tuple[Path, float]:
-    """The serving model (random weights) as a bundle; returns its folder and build time."""
+def preprocessed(paths: list[Path], size: int, params: Any) -> np.ndarray:
+    from braintumor.data.imaging import decode_image, preprocess_gray
+
+    return np.stack(
+        [preprocess_gray(decode_image(p.read_bytes()).gray, size, params) for p in paths]
+    )
+
+
+def build_bundle(folder: Path, mirror: Path, size: int, backbone: str) -> Path:
+    """The serving model (random weights) as a bundle, without an exported model yet."""
     import keras
 
     from braintumor.core.schema import ModelParams, PreprocessParams
-    from braintumor.data.imaging import decode_image, preprocess_gray
     from braintumor.model.classifier import build_model, feature_layer_name
     from braintumor.serving.bundle import BundleMeta, InputStats, write_bundle
 
-    started = time.perf_counter()
     params = PreprocessParams()
-    images = np.stack(
-        [
-            preprocess_gray(decode_image(p.read_bytes()).gray, size, params)
-            for p in real_slices(mirror, "Training", 40)
-        ]
-    )[..., None]
+    images = preprocessed(real_slices(mirror, "Training", 40), size, params)
     keras.utils.set_random_seed(0)
     model = build_model(ModelParams(backbone=backbone, weights="none"), size, len(CLASSES))
     model.save(folder / "model.keras")
@@ -112,30 +113,81 @@ def build_bundle(folder: Path, mirror: Path, size: int, backbone: str) -> tuple[
         preprocess=params,
         gradcam_layer=feature_layer_name(backbone),
         temperature=1.5,
-        input_stats=InputStats.from_images(images),
+        input_stats=InputStats.from_images(images[..., None]),
     )
-    write_bundle(folder / "bundle", folder / "model.keras", meta)
-    return folder / "bundle", time.perf_counter() - started
+    write_bundle(folder / "source", folder / "model.keras", meta)
+    return folder / "source"
 
 
-def naive_gradcam(model: Any, image: np.ndarray, layer_name: str) -> np.ndarray:
-    """The tutorial recipe, rebuilt on every call: a new gradient model, eager tape, the
-    predicted class's probability as the score."""
-    import cv2
+def exported_bundle(source: Path, work: Path, mirror: Path, int8: bool) -> dict[str, Any]:
+    """``source`` with an exported model (exported here if it has none), the ONNX file of
+    the same graph and, with ``int8``, a quantised flatbuffer; export times and sizes."""
     import keras
-    import tensorflow as tf
 
-    gradient_model = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.output])
-    batch = tf.constant(image[None, ..., None], tf.float32)
-    with tf.GradientTape() as tape:
-        features, probabilities = gradient_model(batch, training=False)
-        index = int(tf.argmax(probabilities[0]))
-        score = probabilities[:, index]
-    gradients = tape.gradient(score, features)
-    weights = tf.reduce_mean(gradients, axis=(1, 2))
-    cam = tf.nn.relu(tf.reduce_sum(features * weights[:, None, None, :], axis=-1))[0].numpy()
-    cam = cv2.resize(cam, (image.shape[1], image.shape[0]))
-    return (cam / (cam.max() + 1e-8)).astype(np.float32)
+    from braintumor.evaluation.ood import OodDetector
+    from braintumor.serving.bundle import MODEL_FILE, OOD_FILE, read_meta, write_bundle
+    from braintumor.serving.export import export_model, inference_graph, to_onnx, to_tflite
+
+    meta = read_meta(source)
+    model = keras.saving.load_model(source / MODEL_FILE, compile=False)
+    info: dict[str, Any] = {"keras_model_mb": (source / MODEL_FILE).stat().st_size / 1e6}
+    folder = source
+    if not meta.exported:
+        check = preprocessed(
+            real_slices(mirror, "Training", 32, offset=200), meta.image_size, meta.preprocess
+        )
+        started = time.perf_counter()
+        exported = export_model(model, meta.gradcam_layer, work / "export", check)
+        info["export_s"] = time.perf_counter() - started
+        detector = OodDetector.load(source / OOD_FILE) if (source / OOD_FILE).is_file() else None
+        folder = work / "bundle"
+        write_bundle(folder, source / MODEL_FILE, meta, detector, exported)
+        meta = read_meta(folder)
+    info["bundle"] = folder
+    info["parity"] = meta.exported.get("parity")
+    info["litert_mb"] = meta.exported["bytes"] / 1e6
+    graph = inference_graph(model, meta.gradcam_layer)
+    started = time.perf_counter()
+    to_onnx(graph, meta.image_size, work / "model.onnx")
+    info["onnx_export_s"] = time.perf_counter() - started
+    info["onnx"] = work / "model.onnx"
+    info["onnx_mb"] = (work / "model.onnx").stat().st_size / 1e6
+    if int8:
+        representative = preprocessed(
+            real_slices(mirror, "Training", 100, offset=400), meta.image_size, meta.preprocess
+        )
+        started = time.perf_counter()
+        blob = to_tflite(graph, meta.image_size, "int8", representative)
+        info["int8_export_s"] = time.perf_counter() - started
+        (work / "int8.tflite").write_bytes(blob)
+        info["int8"] = work / "int8.tflite"
+        info["int8_mb"] = len(blob) / 1e6
+    return info
+
+
+def predictors(info: dict[str, Any], runtimes: list[str], settings: Any) -> dict[str, Any]:
+    """One ``Predictor`` per runtime over the same bundle (the other exported files swapped
+    in for the bundle's LiteRT model), each warmed up."""
+    from braintumor.serving.bundle import Bundle
+    from braintumor.serving.exported import ExportedModel
+    from braintumor.serving.predictor import Predictor
+
+    made: dict[str, Any] = {}
+    for runtime in runtimes:
+        started = time.perf_counter()
+        if runtime == "keras":
+            bundle = Bundle.load(info["bundle"], runtime="keras")
+        else:
+            bundle = Bundle.load(info["bundle"])
+            if runtime == "onnxruntime":
+                bundle.exported = ExportedModel(info["onnx"], "onnxruntime")
+            elif runtime == "litert-int8":
+                bundle.exported = ExportedModel(info["int8"])
+        predictor = Predictor(bundle, settings)
+        predictor.warm_up()
+        info.setdefault("load_and_warm_up_s", {})[runtime] = time.perf_counter() - started
+        made[runtime] = predictor
+    return made
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -151,115 +203,99 @@ def percentiles(values: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------- 1. latency
 
 
-def measure_latency(predictor: Any, uploads: list[Path]) -> dict[str, Any]:
-    from braintumor.evaluation.calibration import apply_temperature
+def measure_latency(runs: dict[str, Any], uploads: list[Path]) -> dict[str, Any]:
     from braintumor.serving.predictor import overlay_image
 
-    bundle, model = predictor.bundle, predictor.bundle.model
-    layer, temperature = bundle.meta.gradcam_layer, bundle.meta.temperature
-    alpha = predictor.settings.overlay_alpha
     payloads = [(path.name, path.read_bytes()) for path in uploads]
 
-    def served(name: str, data: bytes) -> np.ndarray:
-        return predictor.predict(predictor.prepare(data, name).image)[0]
+    from braintumor.serving.predictor import InputError
 
-    def served_gradcam(name: str, data: bytes) -> np.ndarray:
-        image = predictor.prepare(data, name).image
-        probabilities, heatmaps = predictor.explain(image[None])
-        overlay_image(image, heatmaps[0], alpha)
+    refused: dict[str, int] = dict.fromkeys(runs, 0)
+    missing = np.full(len(CLASSES), np.nan)
+
+    def served(predictor: Any, name: str, data: bytes) -> np.ndarray:
+        try:
+            return predictor.classify([predictor.prepare(data, name)])[0]
+        except InputError:  # counted: a runtime whose features move refuses real slices
+            refused[next(k for k, v in runs.items() if v is predictor)] += 1
+            return missing
+
+    def served_gradcam(predictor: Any, name: str, data: bytes) -> np.ndarray:
+        try:
+            prepared = predictor.prepare(data, name)
+        except InputError:
+            return missing
+        probabilities, heatmaps = predictor.explain_prepared([prepared])
+        overlay_image(prepared.image, heatmaps[0], predictor.settings.overlay_alpha)
         return probabilities[0]
 
-    def naive(name: str, data: bytes) -> np.ndarray:
-        image = bundle.preprocess_bytes(data, name)
-        raw = model.predict(image[None, ..., None].astype(np.float32), verbose=0)
-        return apply_temperature(raw, temperature)[0]
-
-    def naive_gradcam_call(name: str, data: bytes) -> np.ndarray:
-        image = bundle.preprocess_bytes(data, name)
-        raw = model.predict(image[None, ..., None].astype(np.float32), verbose=0)
-        overlay_image(image, naive_gradcam(model, image, layer), alpha)
-        return apply_temperature(raw, temperature)[0]
-
-    variants = {
-        "served": served,
-        "served + Grad-CAM": served_gradcam,
-        "naive": naive,
-        "naive + Grad-CAM": naive_gradcam_call,
-    }
-    for function in variants.values():  # one untimed call each: tracing, first allocations
-        function(*payloads[0])
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    answers: dict[str, list[np.ndarray]] = {name: [] for name in variants}
-    names = list(variants)
+    variants = [
+        (runtime, kind, function)
+        for runtime in runs
+        for kind, function in (("served", served), ("served + Grad-CAM", served_gradcam))
+    ]
+    for runtime, _, function in variants:  # one untimed call each: first allocations
+        function(runs[runtime], *payloads[0])
+    times: dict[str, list[float]] = {f"{r} {k}": [] for r, k, _ in variants}
+    answers: dict[str, list[np.ndarray]] = {f"{r} {k}": [] for r, k, _ in variants}
     for index, (name, data) in enumerate(payloads):
-        order = names[index % len(names) :] + names[: index % len(names)]
-        for variant in order:
+        shift = index % len(variants)
+        for runtime, kind, function in variants[shift:] + variants[:shift]:
             started = time.perf_counter()
-            answers[variant].append(variants[variant](name, data))
-            times[variant].append(time.perf_counter() - started)
-    reference = np.stack(answers["naive"])
+            answers[f"{runtime} {kind}"].append(function(runs[runtime], name, data))
+            times[f"{runtime} {kind}"].append(time.perf_counter() - started)
+    reference_key = next(iter(answers))
+    reference = np.stack(answers[reference_key])
     agreement = {
-        variant: float(np.abs(np.stack(values) - reference).max())
-        for variant, values in answers.items()
+        key: float(np.nanmax(np.abs(np.stack(values) - reference)))
+        for key, values in answers.items()
     }
-    # Where the served path's time goes (medians over a few uploads).
-    stages: dict[str, list[float]] = {"prepare": [], "predict": [], "explain": [], "overlay": []}
-    for name, data in payloads[: min(10, len(payloads))]:
-        started = time.perf_counter()
-        image = predictor.prepare(data, name).image
-        stages["prepare"].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        predictor.predict(image)
-        stages["predict"].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        _, heatmaps = predictor.explain(image[None])
-        stages["explain"].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        overlay_image(image, heatmaps[0], alpha)
-        stages["overlay"].append(time.perf_counter() - started)
+    # The forward pass alone, per runtime, on one preprocessed slice (interleaved).
+    forward: dict[str, list[float]] = {runtime: [] for runtime in runs}
+    first = next(iter(runs.values()))
+    image = first.prepare(payloads[0][1], payloads[0][0]).image[None]
+    for _ in range(50):
+        for runtime, predictor in runs.items():
+            started = time.perf_counter()
+            predictor.predict(image)
+            forward[runtime].append(time.perf_counter() - started)
     return {
-        "latency": {variant: percentiles(values) for variant, values in times.items()},
-        # Shows the agreement check is not vacuous: the model's answers vary by image.
+        "latency": {key: percentiles(values) for key, values in times.items()},
+        "forward": {key: percentiles(values) for key, values in forward.items()},
         "probability_std_across_uploads": float(reference.std(axis=0).max()),
-        "max_abs_probability_difference_vs_naive": agreement,
-        "served_stage_median_ms": {k: float(np.median(v) * 1000) for k, v in stages.items()},
+        "reference": reference_key,
+        "refused_as_out_of_distribution": refused,
+        "max_abs_probability_difference": agreement,
     }
 
 
 # --------------------------------------------------------------------------- 2. throughput
 
 
-def measure_throughput(
-    predictor: Any, paths: list[Path], naive_count: int, work: Path
-) -> dict[str, Any]:
+def measure_throughput(runs: dict[str, Any], paths: list[Path], work: Path) -> dict[str, Any]:
     from braintumor.serving.predict import predict_files
 
-    bundle, model = predictor.bundle, predictor.bundle.model
     results: dict[str, Any] = {}
-
-    def rate(label: str, count: int, seconds: float) -> None:
-        results[label] = {"images": count, "seconds": seconds, "images_per_s": count / seconds}
-
-    started = time.perf_counter()
-    rows = predict_files(predictor, paths, progress=False)
-    rate("predict (batched)", len(paths), time.perf_counter() - started)
-    errors = sum(row.status != "ok" for row in rows)
-    started = time.perf_counter()
-    predict_files(predictor, paths, overlays_dir=work / "overlays", root=None, progress=False)
-    rate("predict --overlays (batched, Grad-CAM)", len(paths), time.perf_counter() - started)
-    started = time.perf_counter()
-    for path in paths:
-        image = bundle.preprocess_bytes(path.read_bytes(), path.name)
-        model.predict(image[None, ..., None].astype(np.float32), verbose=0)
-    rate("naive loop (model.predict per image)", len(paths), time.perf_counter() - started)
-    subset = paths[:naive_count]
-    started = time.perf_counter()
-    for path in subset:
-        image = bundle.preprocess_bytes(path.read_bytes(), path.name)
-        model.predict(image[None, ..., None].astype(np.float32), verbose=0)
-        naive_gradcam(model, image, bundle.meta.gradcam_layer)
-    rate("naive loop + Grad-CAM from scratch", len(subset), time.perf_counter() - started)
-    results["refused_files"] = errors
+    batch = None
+    for runtime, predictor in runs.items():
+        started = time.perf_counter()
+        rows = predict_files(
+            predictor, paths, overlays_dir=work / f"overlays-{runtime}", root=None, progress=False
+        )
+        seconds = time.perf_counter() - started
+        if batch is None:
+            batch = np.stack([predictor.prepare_file(p).image for p in paths[:32]])
+        predictor.predict(batch)
+        started = time.perf_counter()
+        for _ in range(3):
+            predictor.predict(batch)
+        batch_seconds = (time.perf_counter() - started) / 3
+        results[runtime] = {
+            "images": len(paths),
+            "refused": sum(row.status != "ok" for row in rows),
+            "predict_overlays_img_s": len(paths) / seconds,
+            "batch32_img_s": len(batch) / batch_seconds,
+        }
     return results
 
 
@@ -285,7 +321,14 @@ def tree_rss(process: psutil.Process) -> int:
 
 
 def measure_concurrency(
-    bundle: Path, uploads: list[Path], text_file: Path, clients: int, duration: float, work: Path
+    bundle: Path,
+    uploads: list[Path],
+    text_file: Path,
+    clients: int,
+    duration: float,
+    work: Path,
+    runtime: str = "auto",
+    python: str = sys.executable,
 ) -> dict[str, Any]:
     from gradio_client import Client, handle_file
 
@@ -294,9 +337,11 @@ def measure_concurrency(
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     env.pop("GRADIO_TEMP_DIR", None)
     command = [
-        sys.executable,
+        python,
         "-m",
         "braintumor.serving.app",
+        "--runtime",
+        runtime,
         "--model",
         str(bundle),
         "--port",
@@ -327,6 +372,7 @@ def measure_concurrency(
                 time.sleep(0.5)
         startup_s = time.perf_counter() - started
         process = psutil.Process(server.pid)
+        time.sleep(2.0)  # the app has warmed up (the model traced) before it listens
         idle_rss = tree_rss(process)
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
@@ -391,6 +437,8 @@ def measure_concurrency(
             else 0
         )
         return {
+            "runtime": runtime,
+            "python": python,
             "clients": clients,
             "duration_s": wall,
             "app_startup_s": startup_s,
@@ -425,80 +473,107 @@ def report(result: dict[str, Any]) -> None:
     print(f"serving benchmark: {result['setup']}")
     print(f"command: {result['command']}")
     print(f"load average before / after: {result['load_before']} / {result['load_after']}")
+    files = result["files"]
+    print(
+        f"files: model.keras {files['keras_model_mb']:.1f} MB, LiteRT {files['litert_mb']:.1f} MB, "
+        f"ONNX {files['onnx_mb']:.1f} MB"
+        + (f", LiteRT int8 {files['int8_mb']:.1f} MB" if "int8_mb" in files else "")
+        + f"; export parity {files['parity']}"
+    )
     if "latency" in result:
         print()
-        print(
-            "latency of one upload (decode + checks + preprocessing + model [+ Grad-CAM + blend])"
-        )
-        header = f"{'variant':<22} {'n':>4} {'p50 ms':>9} {'p95 ms':>9} {'min ms':>9}"
+        print("one upload (decode + checks + preprocessing + OOD + model [+ Grad-CAM + blend])")
+        header = f"{'runtime and variant':<34} {'n':>4} {'p50 ms':>9} {'p95 ms':>9} {'min ms':>9}"
         print(header)
         print("-" * len(header))
         for variant, values in result["latency"].items():
             print(
-                f"{variant:<22} {values['n']:>4} {values['p50_ms']:>9.1f} "
+                f"{variant:<34} {values['n']:>4} {values['p50_ms']:>9.1f} "
                 f"{values['p95_ms']:>9.1f} {values['min_ms']:>9.1f}"
             )
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in result["served_stage_median_ms"].items())
-        print(f"served path, median ms per stage: {stages}")
-        target = result["latency"]["served + Grad-CAM"]["p50_ms"]
-        verdict = "met" if target < 300 else "NOT met"
-        print(f"target: prediction + Grad-CAM p50 < 300 ms -> {target:.0f} ms ({verdict})")
+        print("forward pass alone (Predictor.predict, one preprocessed slice, 50 interleaved)")
+        for runtime, values in result["forward"].items():
+            print(f"  {runtime:<14} p50 {values['p50_ms']:.2f} ms, p95 {values['p95_ms']:.2f} ms")
+        keras_key = "keras served + Grad-CAM"
+        if keras_key in result["latency"]:
+            base = result["latency"][keras_key]["p50_ms"]
+            for runtime in result["forward"]:
+                key = f"{runtime} served + Grad-CAM"
+                if runtime != "keras" and key in result["latency"]:
+                    ratio = base / result["latency"][key]["p50_ms"]
+                    print(f"  p50 per upload with Grad-CAM, keras / {runtime}: {ratio:.1f}x")
         diffs = ", ".join(
-            f"{k} {v:.1e}" for k, v in result["max_abs_probability_difference_vs_naive"].items()
+            f"{k} {v:.1e}" for k, v in result["max_abs_probability_difference"].items()
+        )
+        print(f"max |probability difference| vs {result['reference']}: {diffs}")
+        print(
+            f"real test slices refused by the OOD check: {result['refused_as_out_of_distribution']}"
         )
         print(
-            f"max |probability difference| vs naive: {diffs} (largest std of a class "
-            f"probability across uploads: {result['probability_std_across_uploads']:.1e})"
+            "(largest std of a class probability across uploads: "
+            f"{result['probability_std_across_uploads']:.1e})"
         )
     if "throughput" in result:
         print()
-        print("throughput of batch prediction on a folder of real slices")
-        header = f"{'variant':<42} {'images':>7} {'seconds':>8} {'img/s':>7}"
-        print(header)
-        print("-" * len(header))
-        for variant, values in result["throughput"].items():
-            if isinstance(values, dict):
-                print(
-                    f"{variant:<42} {values['images']:>7} {values['seconds']:>8.1f} "
-                    f"{values['images_per_s']:>7.2f}"
-                )
-    if "concurrency" in result:
-        c = result["concurrency"]
+        print(
+            "throughput, images/s: predict --overlays on a folder; "
+            "a batch of 32 via Predictor.predict"
+        )
+        for runtime, values in result["throughput"].items():
+            print(
+                f"  {runtime:<14} {values['predict_overlays_img_s']:>7.1f} (folder of "
+                f"{values['images']}, {values['refused']} refused)  {values['batch32_img_s']:>7.1f}"
+            )
+    for c in result.get("concurrency", []):
         print()
         print(
-            f"concurrency: {c['clients']} gradio_client clients for {c['duration_s']:.0f} s "
-            f"(app started in {c['app_startup_s']:.0f} s)"
+            f"app --runtime {c['runtime']} ({c['python']}): started in {c['app_startup_s']:.0f} s; "
+            f"RSS after warm-up {c['rss_idle_mb']:.0f} MB"
         )
         print(
-            f"requests {c['requests']} ({c['requests_per_s']:.2f}/s): ok {c['ok']}, refused as "
-            f"expected {c['refused_as_expected']}, errors {c['errors']}"
+            f"  {c['clients']} clients for {c['duration_s']:.0f} s: {c['requests']} requests "
+            f"({c['requests_per_s']:.2f}/s), ok {c['ok']}, refused as expected "
+            f"{c['refused_as_expected']}, errors {c['errors']}"
         )
         if c["client_latency"]:
             print(
-                f"client-side latency p50 {c['client_latency']['p50_ms']:.0f} ms, "
-                f"p95 {c['client_latency']['p95_ms']:.0f} ms (queued: one request at a time)"
+                f"  client-side latency p50 {c['client_latency']['p50_ms']:.0f} ms, "
+                f"p95 {c['client_latency']['p95_ms']:.0f} ms (queued: one analysis at a time)"
             )
         print(
-            f"app RSS: idle {c['rss_idle_mb']:.0f} MB, peak {c['rss_peak_mb']:.0f} MB, end "
-            f"{c['rss_end_mb']:.0f} MB, growth over the second half "
-            f"{c['rss_growth_second_half_mb']:.0f} MB; upload folder {c['upload_folder_mb']:.1f} MB"
+            f"  RSS peak {c['rss_peak_mb']:.0f} MB, end {c['rss_end_mb']:.0f} MB, growth over the "
+            f"second half {c['rss_growth_second_half_mb']:.0f} MB -> bound "
+            f"{'met' if c['bound_met'] else 'NOT met'}"
         )
-        print(f"bound: {c['bound']} -> {'met' if c['bound_met'] else 'NOT met'}")
         for message in c["error_examples"]:
             print(f"  error: {message}")
+    if "serving_install_mb" in result:
+        print(
+            f"\nserving install (site-packages of {result['serving_python']}): "
+            f"{result['serving_install_mb']:.0f} MB"
+        )
+
+
+def folder_mb(path: Path) -> float:
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     from braintumor.model.classifier import BACKBONES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="a trained bundle (default: random weights)")
+    parser.add_argument("--runtimes", default="keras,litert,onnxruntime")
+    parser.add_argument("--int8", action="store_true", help="add litert-int8")
     parser.add_argument("--uploads", type=int, default=40, help="uploads timed per variant")
     parser.add_argument("--images", type=int, default=100, help="folder size for throughput")
-    parser.add_argument(
-        "--naive-images", type=int, default=20, help="images for the naive Grad-CAM loop"
-    )
-    parser.add_argument("--duration", type=float, default=60.0, help="concurrency seconds")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of clients")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--serving-python", help="python of the serving install, for the exported app run"
+    )
     parser.add_argument("--skip-concurrency", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
@@ -506,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         "--backbone",
         choices=sorted(BACKBONES),
         default=DEFAULT_BACKBONE,
-        help="the served backbone (the paper profile's is resnet50 at 224 px)",
+        help="the served backbone without --model (the paper profile's: resnet50 at 224 px)",
     )
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in px")
     parser.add_argument("--mirror", type=Path)
@@ -515,9 +590,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     mirror = _mirror(args.mirror)
     from braintumor.core.schema import ServingParams
-    from braintumor.serving.bundle import Bundle
-    from braintumor.serving.predictor import Predictor
 
+    runtimes = [name.strip() for name in args.runtimes.split(",") if name.strip()]
+    if args.int8:
+        runtimes.append("litert-int8")
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "load_before": [round(x, 2) for x in os.getloadavg()],
@@ -525,20 +601,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
-        bundle_folder, build_s = build_bundle(work, mirror, args.size, args.backbone)
-        started = time.perf_counter()
-        predictor = Predictor(Bundle.load(bundle_folder), ServingParams(grayscale_tolerance=6.0))
-        load_s = time.perf_counter() - started
-        started = time.perf_counter()
-        predictor.warm_up()
-        warm_s = time.perf_counter() - started
-        result["setup"] = (
-            f"{args.backbone} at {args.size} px (weights none), {os.cpu_count()} CPUs; bundle "
-            f"built in {build_s:.0f} s, loaded in {load_s:.1f} s, warmed up in {warm_s:.1f} s"
-        )
+        if args.model is not None:
+            source = Path(shutil.copytree(args.model, work / "source"))
+            what = f"bundle {args.model}"
+        else:
+            source = build_bundle(work, mirror, args.size, args.backbone)
+            what = f"{args.backbone} at {args.size} px (weights none)"
+        info = exported_bundle(source, work, mirror, args.int8)
+        settings = ServingParams(grayscale_tolerance=6.0)
+        runs = predictors(info, runtimes, settings)
+        result["files"] = {k: v for k, v in info.items() if not isinstance(v, Path)}
+        warm = ", ".join(f"{k} {v:.1f} s" for k, v in info["load_and_warm_up_s"].items())
+        result["setup"] = f"{what}, {os.cpu_count()} CPUs; load + warm-up: {warm}"
         uploads = real_slices(mirror, "Testing", max(args.uploads, 1), offset=50)
         if not args.skip_latency:
-            result.update(measure_latency(predictor, uploads))
+            result.update(measure_latency(runs, uploads))
         if not args.skip_throughput:
             folder = work / "folder"
             for path in real_slices(mirror, "Testing", args.images, offset=120):
@@ -546,17 +623,27 @@ def main(argv: list[str] | None = None) -> int:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
             paths = sorted(folder.rglob("*.jpg"))
-            result["throughput"] = measure_throughput(predictor, paths, args.naive_images, work)
+            result["throughput"] = measure_throughput(runs, paths, work)
         if not args.skip_concurrency:
             text_file = work / "text.png"
             text_file.write_text("not an image\n" * 20)
-            result["concurrency"] = measure_concurrency(
-                bundle_folder, uploads, text_file, args.clients, args.duration, work
+            apps = [("keras", sys.executable), ("auto", args.serving_python or sys.executable)]
+            result["concurrency"] = [
+                measure_concurrency(
+                    info["bundle"], uploads, text_file, args.clients, args.duration, work, r, py
+                )
+                for r, py in apps
+            ]
+        if args.serving_python:
+            prefix = Path(args.serving_python).parent.parent
+            result["serving_python"] = args.serving_python
+            result["serving_install_mb"] = sum(
+                folder_mb(p) for p in prefix.glob("lib/python*/site-packages")
             )
         result["load_after"] = [round(x, 2) for x in os.getloadavg()]
         report(result)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"\nwrote {args.out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -125,7 +125,13 @@ class ExportedModel:
         if batch.ndim == 3:
             batch = batch[..., None]
         outputs = self._run(np.ascontiguousarray(batch))
-        return GraphOutputs(*(np.asarray(outputs[name], dtype=np.float32) for name in OUTPUT_NAMES))
+        probabilities, pooled, maps = (
+            np.asarray(outputs[name], dtype=np.float32) for name in OUTPUT_NAMES
+        )
+        # An int8 graph's softmax output is quantised (rows sum to 1 +- 1/256): renormalised
+        # so calibration accepts it; a float graph's rows change by float rounding only.
+        total = probabilities.sum(axis=1, keepdims=True)
+        return GraphOutputs(probabilities / np.maximum(total, 1e-12), pooled, maps)
 
 
 def probe_image(size: int) -> np.ndarray:

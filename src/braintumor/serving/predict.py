@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from braintumor.core.files import atomic_path, write_text
+from braintumor.serving.bundle import RUNTIME_CHOICES
 from braintumor.serving.predictor import (
     SUPPORTED_EXTENSIONS,
     InputError,
@@ -302,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--all-files", action="store_true", help="in a folder, try every file, not only known"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        default="auto",
+        help="auto: the bundle's exported model (LiteRT) when it has one, else Keras",
+    )
     return parser
 
 
@@ -321,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOGGER.error("error: %s: no supported image files (%s)", args.input, SUPPORTED_EXTENSIONS)
         return 1
     try:
-        config, bundle = open_model(args.params, args.model)
+        config, bundle = open_model(args.params, args.model, args.runtime)
     except SetupError as error:
         LOGGER.error("error: %s", error)
         return 1

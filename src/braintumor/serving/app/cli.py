@@ -30,6 +30,7 @@ from braintumor.serving.app.login import AUTH_ENV, resolve_auth
 from braintumor.serving.app.page import build_app
 from braintumor.serving.app.server import serve
 from braintumor.serving.app.uploads import TEMP_ENV, claim_upload_folder, default_temp_root
+from braintumor.serving.bundle import RUNTIME_CHOICES
 from braintumor.serving.predictor import Predictor, SetupError, open_model
 
 LOGGER = logging.getLogger(__name__)
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--examples", type=Path, nargs="*", help="example images (default: test images)"
     )
     parser.add_argument("--no-warm-up", action="store_true", help="skip tracing at start")
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        default="auto",
+        help="auto: the bundle's exported model (LiteRT) when it has one, else Keras",
+    )
     parser.add_argument(
         "--auth-file",
         type=Path,
@@ -114,7 +121,7 @@ def _serve_until_stopped(
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        config, bundle = open_model(args.params, args.model)
+        config, bundle = open_model(args.params, args.model, args.runtime)
     except SetupError as error:
         LOGGER.error("error: %s", error)
         return 1
