@@ -108,6 +108,13 @@ def test_the_stage_writes_suspects_counts_figures_and_external_views(project: Pa
         assert metrics["external_reference"][f"{source}_test.count"] == count
     headline = json.loads((project / "metrics" / "audit_headline.json").read_text())
     assert "external.sartaj_test.accuracy" in headline
+    # The evaluate stage puts them into eval.json as they are.
+    from braintumor.stages.evaluate import EvaluateError, external_views
+
+    views = external_views(project / "metrics" / "audit.json")
+    assert views == {key: metrics[key] for key in ("external", "external_reference")}
+    with pytest.raises(EvaluateError, match="run the audit stage"):
+        external_views(project / "metrics" / "missing.json")
 
 
 @pytest.mark.parametrize(
