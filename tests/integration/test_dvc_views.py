@@ -452,6 +452,9 @@ def write_views(root: Path) -> None:
     data = {"kept": 120, "dropped": {"duplicate": 7}, "duplicates": {"groups": 7, "pairs": 9}}
     (metrics / "data.json").write_text(json.dumps(data))
     (metrics / "data_headline.json").write_text(json.dumps(data_headline(data)))
+    # The localise stage's metric (its own test: tests/unit/stages/test_localise.py).
+    localisation = {"hirescam": {"block10_add": {"pointing": 0.41, "energy": 0.063}}}
+    (metrics / "localisation.json").write_text(json.dumps(localisation))
     _write_csv(
         metrics / "data_composition.csv",
         "split,source,label,count,group",
