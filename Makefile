@@ -122,7 +122,7 @@ run: install
 # checks that it names each section of params.yaml); --keep brings the three metrics back.
 # (leakage_free.min_recall, the gate's, would take 8 more columns than the 120.)
 COMPARE_KEEP := (test|leakage_free)\.accuracy$$|test\.min_recall$$
-COMPARE_DROP := (?!Experiment$$|profile$$|params\.yaml:|profiles/|(common|acquire|clean|preprocess|augment|model|train|evaluate|registry|serving|localise|tracking)\.)
+COMPARE_DROP := (?!Experiment$$|profile$$|params\.yaml:|profiles/|(common|acquire|clean|preprocess|augment|model|train|evaluate|registry|serving|localise|audit|tracking)\.)
 .PHONY: compare
 compare:
 	dvc exp show --no-pager --only-changed --sort-by leakage_free.accuracy --sort-order desc \

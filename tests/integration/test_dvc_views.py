@@ -455,6 +455,9 @@ def write_views(root: Path) -> None:
     # The localise stage's metric (its own test: tests/unit/stages/test_localise.py).
     localisation = {"hirescam": {"block10_add": {"pointing": 0.41, "energy": 0.063}}}
     (metrics / "localisation.json").write_text(json.dumps(localisation))
+    # The audit stage's metric (its own test: tests/integration/test_audit_stage.py).
+    audit = {"label_issues": {"train": {"msoud": {"suspects": 3, "share": 0.05}}}}
+    (metrics / "audit_headline.json").write_text(json.dumps(audit))
     _write_csv(
         metrics / "data_composition.csv",
         "split,source,label,count,group",
