@@ -377,7 +377,7 @@ def measure_concurrency(
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
         lock = threading.Lock()
-        counts = {"ok": 0, "refused_as_expected": 0, "errors": 0}
+        counts = {"ok": 0, "refused_as_expected": 0, "refused_by_ood_check": 0, "errors": 0}
         latencies: list[float] = []
         error_messages: list[str] = []
 
@@ -403,7 +403,9 @@ def measure_concurrency(
                         else message.startswith("Analysed") and len(result[0]["confidences"]) == 4
                     )
                     outcome = ("refused_as_expected" if bad else "ok") if good else "errors"
-                    if not good:
+                    if not bad and "does not look like a brain MRI slice" in message:
+                        outcome = "refused_by_ood_check"  # a real slice the detector refuses
+                    elif not good:
                         error_messages.append(message[:200])
                 except Exception as error:  # noqa: BLE001 - every failure counts
                     outcome = "errors"
@@ -533,7 +535,8 @@ def report(result: dict[str, Any]) -> None:
         print(
             f"  {c['clients']} clients for {c['duration_s']:.0f} s: {c['requests']} requests "
             f"({c['requests_per_s']:.2f}/s), ok {c['ok']}, refused as expected "
-            f"{c['refused_as_expected']}, errors {c['errors']}"
+            f"{c['refused_as_expected']}, real slices refused by the OOD check "
+            f"{c['refused_by_ood_check']}, errors {c['errors']}"
         )
         if c["client_latency"]:
             print(

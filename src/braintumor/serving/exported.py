@@ -106,6 +106,8 @@ class ExportedModel:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        # No busy-waiting between runs: on a few shared cores it steals the NumPy work's CPU.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(
             str(self.path), options, providers=["CPUExecutionProvider"]
         )

@@ -25,7 +25,7 @@ from braintumor.model.classifier import build_model
 from braintumor.serving.bundle import META_FILE, MODEL_FILE, Bundle, BundleError, read_meta
 from braintumor.serving.export import PARITY_TOLERANCE, ExportError, export_model, head_params
 from braintumor.serving.exported import EXPORT_FILE, HEAD_FILE, ExportedModel
-from braintumor.serving.predictor import Predictor
+from braintumor.serving.predictor import InputError, Predictor
 
 from serving_helpers import BUNDLE_SIZE, CLASSES, real_slices, tiny_exported_bundle
 
@@ -218,3 +218,45 @@ def test_export_refuses_a_map_layer_the_pooling_does_not_read(
 ) -> None:
     with pytest.raises(ExportError, match="'tiny_relu2' is not the map head_pool averages"):
         export_model(keras_model, "tiny_relu2", tmp_path, slices[:2])
+
+
+def test_registered_pyfunc_serves_the_exported_model(
+    shipped: Path, mirror: Path, tmp_path: Path
+) -> None:
+    """``mlflow.pyfunc`` save and load (what the registry and ``mlflow models serve`` run):
+    the loaded model answers from ``model.tflite``, like the Keras path within 1e-4, and
+    its requirements name the LiteRT runtime, not TensorFlow or Keras."""
+    import mlflow
+
+    from braintumor.core.schema import CleanParams, ServingParams
+    from braintumor.serving.pyfunc import BundleModel, model_config, served_requirements
+
+    requirements = served_requirements(True, ["keras==3", "tensorflow-cpu==2"])
+    assert any(r.startswith("ai-edge-litert==") for r in requirements)
+    assert not any(r.startswith(("keras", "tensorflow")) for r in requirements)
+    mlflow.pyfunc.save_model(
+        path=str(tmp_path / "model"),
+        python_model=BundleModel(),
+        artifacts={"bundle": str(shipped)},
+        model_config=model_config(ServingParams(), CleanParams()),
+        pip_requirements=requirements,
+    )
+    loaded = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    served = loaded.unwrap_python_model().predictor
+    assert served.bundle.runtime == "litert" and served.bundle.model is None
+    paths = [
+        sorted(p for p in (mirror / "msoud" / "Testing" / name).iterdir() if p.is_file())[7]
+        for name in CLASSES
+    ]
+    table = loaded.predict([path.read_bytes() for path in paths])
+    keras_predictor = Predictor(Bundle.load(shipped, runtime="keras"))
+    for path, (_, row) in zip(paths, table.iterrows(), strict=True):
+        try:  # the same checks: a slice the tiny detector refuses is refused by both
+            prepared = keras_predictor.prepare(path.read_bytes())
+        except InputError as error:
+            assert row["status"] == "error" and row["reason"] == error.reason
+            continue
+        assert row["status"] == "ok"
+        expected = keras_predictor.classify([prepared])[0]
+        assert np.abs(row[list(CLASSES)].to_numpy(float) - expected).max() <= PARITY_TOLERANCE
+    assert (table["status"] == "ok").sum() >= 2
