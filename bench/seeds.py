@@ -100,6 +100,7 @@ def seed_row(work: Path) -> dict[str, Any]:
             continue
         row[f"finetuned.{view}.ece_before"] = fine.get(f"{view}.ece_before")
         row[f"finetuned.{view}.ece_after"] = fine.get(f"{view}.ece_after")
+        row[f"finetuned.{view}.ece_floor"] = fine.get(f"{view}.ece_floor")
         row[f"finetuned.{view}.min_recall"] = min(
             fine.get(f"{view}.{name}_recall", float("nan")) for name in CLASSES
         )

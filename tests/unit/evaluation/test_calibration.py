@@ -11,6 +11,7 @@ import pytest
 
 from braintumor.core.schema import CalibrationParams, ConfigError
 from braintumor.evaluation.calibration import (
+    ece_floor,
     TEMPERATURE_BOUNDS,
     CalibrationFit,
     TemperatureFit,
@@ -317,3 +318,36 @@ def test_calibrate_checks_its_inputs() -> None:
 def test_calibration_params_reject_bad_values(settings: dict) -> None:
     with pytest.raises(ConfigError):
         CalibrationParams(**settings)
+
+
+def dirichlet_rows(count: int, seed: int) -> np.ndarray:
+    """Confident four-class probabilities, as a trained classifier gives."""
+    rng = np.random.default_rng(seed)
+    rows = rng.dirichlet([0.3, 0.3, 0.3, 0.3], size=count)
+    return 0.1 * rows + 0.9 * np.eye(4)[rows.argmax(axis=1)] * rows.max(axis=1, keepdims=True)
+
+
+def test_ece_floor_is_what_perfectly_calibrated_labels_score() -> None:
+    """Labels drawn from the probabilities themselves are calibrated by construction; their
+    ECE still averages the floor, not 0, and the floor shrinks as the view grows."""
+    small = dirichlet_rows(300, seed=1)
+    small = small / small.sum(axis=1, keepdims=True)
+    rng = np.random.default_rng(5)
+    observed = []
+    for _ in range(200):
+        labels = np.array([rng.choice(4, p=row) for row in small])
+        observed.append(expected_calibration_error(labels, small))
+    floor = ece_floor(small)
+    assert floor == pytest.approx(np.mean(observed), rel=0.1)
+    assert floor > 0.01
+    large = np.repeat(small, 10, axis=0)
+    assert ece_floor(large) < 0.5 * floor
+    assert ece_floor(small) == floor  # seeded
+
+
+def test_ece_floor_of_certain_predictions_is_zero_and_bad_input_is_refused() -> None:
+    assert ece_floor(np.eye(4)[[0, 1, 2, 3, 0]]) == 0.0
+    with pytest.raises(ValueError, match="y_prob must be"):
+        ece_floor(np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="bins must be"):
+        ece_floor(np.eye(4), bins=0)

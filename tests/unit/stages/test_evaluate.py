@@ -85,7 +85,13 @@ def test_calibration_is_fitted_on_validation_and_reported(evaluated: Path, proje
         for key in view.split("."):
             node = node[key]
         calibration = node if view == "validation" else node["calibration"]
-        assert set(calibration) == {"ece_before", "ece_after", "nll_before", "nll_after"}
+        assert set(calibration) == {
+            "ece_before",
+            "ece_after",
+            "ece_floor",
+            "nll_before",
+            "nll_after",
+        }
     fit = report["finetuned"]["calibration"]
     assert fit["fit_view"] == "val_leakage_free"
     # Refit here: the reported temperature is the one the leakage-free validation
