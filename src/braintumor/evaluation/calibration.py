@@ -403,7 +403,6 @@ def ece_floor(y_prob: Any, bins: int = 15, draws: int = 200, seed: int = 0) -> f
     predicted = probabilities.argmax(axis=1)
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    count = np.bincount(index, minlength=bins).astype(np.float64)
     summed_confidence = np.bincount(index, weights=confidence, minlength=bins)
     cumulative = np.cumsum(probabilities, axis=1)
     cumulative[:, -1] = 1.0

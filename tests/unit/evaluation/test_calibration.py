@@ -11,7 +11,6 @@ import pytest
 
 from braintumor.core.schema import CalibrationParams, ConfigError
 from braintumor.evaluation.calibration import (
-    ece_floor,
     TEMPERATURE_BOUNDS,
     CalibrationFit,
     TemperatureFit,
@@ -20,6 +19,7 @@ from braintumor.evaluation.calibration import (
     apply_temperature_to_logits,
     calibrate,
     calibration_summary,
+    ece_floor,
     expected_calibration_error,
     fit_temperature,
     log_probabilities,
