@@ -262,7 +262,7 @@ def measure_latency(runs: dict[str, Any], uploads: list[Path]) -> dict[str, Any]
     return {
         "latency": {key: percentiles(values) for key, values in times.items()},
         "forward": {key: percentiles(values) for key, values in forward.items()},
-        "probability_std_across_uploads": float(reference.std(axis=0).max()),
+        "probability_std_across_uploads": float(np.nanstd(reference, axis=0).max()),
         "reference": reference_key,
         "refused_as_out_of_distribution": refused,
         "max_abs_probability_difference": agreement,

@@ -7,11 +7,14 @@ of the last convolutional map: the out-of-distribution detector's features) and 
 (N, h, w, D, that map: Grad-CAM's). With the head's parameters (``head.npz``,
 ``explain.headcam``) those feed classification, the OOD check and Grad-CAM from one pass.
 
-Why LiteRT: measured side by side with ONNX Runtime on the quickstart's EfficientNet-Lite0
-(``bench/serve.py --runtimes``), it had the steadier tail at batch 1 on two cores and a
-smaller installed runtime than TensorFlow by far; EfficientNet-Lite was designed for it.
-``onnxruntime`` is kept here as the second runtime for that comparison (an ``.onnx`` file
-of the same graph, ``export.to_onnx``); bundles carry the LiteRT file.
+Why LiteRT: measured side by side with ONNX Runtime on the quickstart's trained
+EfficientNet-Lite0 (``bench/serve.py --model models/bundle``, 2 busy cores; docs/
+benchmarks-lite0.md): per upload with Grad-CAM the two are close (p50 12.5 vs 11.0 ms, p95
+14.2 vs 17.0 ms; with ONNX Runtime's default busy-waiting its p50 was 38.8 ms), but a batch
+of 32 runs at 286 against 60 images/s, and its package is smaller (59 vs 68 MB installed);
+EfficientNet-Lite was designed for it. ``onnxruntime`` is kept here as the second runtime
+of that comparison (an ``.onnx`` file of the same graph, ``export.to_onnx``); bundles carry
+the LiteRT file.
 
 Serving layer, NumPy plus the runtime's own package (``ai-edge-litert`` or
 ``onnxruntime``), imported on first use: no TensorFlow, Keras, JAX or torch.
