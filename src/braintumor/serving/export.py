@@ -38,6 +38,7 @@ import numpy as np
 from braintumor.explain.headcam import AFFINE, DENSE, HeadParams, HeadStep, head_gradcam, softmax
 from braintumor.serving.exported import (
     EXPORT_FILE,
+    EXTRA_PREFIX,
     HEAD_FILE,
     INPUT_NAME,
     ExportedModel,
@@ -164,7 +165,10 @@ def inference_graph(model: Any, layer_name: str, extra_layers: tuple[str, ...] =
         "maps": model.get_layer(layer_name).output,
     }
     for name in extra_layers:
-        outputs[f"map_{name}"] = model.get_layer(name).output
+        try:
+            outputs[f"{EXTRA_PREFIX}{name}"] = model.get_layer(name).output
+        except ValueError:
+            raise ExportError(f"extra_layers: the model has no layer {name!r}") from None
     return keras.Model(model.inputs, outputs, name="served_graph")
 
 
@@ -289,11 +293,14 @@ def export_model(
     quantize: str = "none",
     representative: np.ndarray | None = None,
     tolerance: float = PARITY_TOLERANCE,
+    extra_layers: tuple[str, ...] = (),
 ) -> ExportResult:
     """Write ``model.tflite`` and ``head.npz`` into ``folder`` after the parity check on
     ``check_images`` (N, S, S) real images; ``ExportError`` (one line) if the float
     export disagrees with Keras beyond ``tolerance`` (probabilities or maps). For
-    ``int8`` the parity is recorded, not enforced."""
+    ``int8`` the parity is recorded, not enforced. ``extra_layers``: other layers whose
+    maps the same invoke also returns (``GraphOutputs.extra``, named in bundle.json's
+    ``exported.outputs``), for a map the app may show instead once measured."""
     check_images = np.asarray(check_images)
     if check_images.ndim == 4:
         check_images = check_images[..., 0]
@@ -304,7 +311,8 @@ def export_model(
     head = head_params(model)
     if head.num_classes != int(model.output_shape[-1]):
         raise ExportError("head parameters do not match the model's outputs")
-    blob = to_tflite(inference_graph(model, layer_name), size, quantize, representative)
+    graph = inference_graph(model, layer_name, extra_layers)
+    blob = to_tflite(graph, size, quantize, representative)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model_file, head_file = folder / EXPORT_FILE, folder / HEAD_FILE
@@ -327,7 +335,7 @@ def export_model(
         "head": HEAD_FILE,
         "quantize": quantize,
         "map_layer": layer_name,
-        "outputs": ["probabilities", "pooled", "maps"],
+        "outputs": ["probabilities", "pooled", "maps", *(EXTRA_PREFIX + n for n in extra_layers)],
         "bytes": len(blob),
         "sha256": hashlib.sha256(blob).hexdigest(),
         "parity": parity.as_dict(),

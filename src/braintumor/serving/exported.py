@@ -23,7 +23,7 @@ Serving layer, NumPy plus the runtime's own package (``ai-edge-litert`` or
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ EXPORT_FILE = "model.tflite"
 HEAD_FILE = "head.npz"
 RUNTIMES = ("litert", "onnxruntime")
 OUTPUT_NAMES = ("probabilities", "pooled", "maps")
+EXTRA_PREFIX = "map_"  # extra outputs: ``map_<layer>``, another layer's map (export.py)
 INPUT_NAME = "image"
 
 
@@ -49,6 +50,8 @@ class GraphOutputs:
     probabilities: np.ndarray  # (N, K) float32, uncalibrated
     pooled: np.ndarray  # (N, D) float32
     maps: np.ndarray  # (N, h, w, D) float32
+    # Maps of other layers the export was asked for (``map_<layer>`` -> (N, h', w', C')).
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def default_threads() -> int:
@@ -91,7 +94,7 @@ class ExportedModel:
         if len(signatures) != 1:
             raise ExportedModelError(f"{self.path}: expected one signature, has {len(signatures)}")
         (key, spec), *_ = signatures.items()
-        if list(spec["inputs"]) != [INPUT_NAME] or set(spec["outputs"]) != set(OUTPUT_NAMES):
+        if list(spec["inputs"]) != [INPUT_NAME] or not _expected_outputs(spec["outputs"]):
             raise ExportedModelError(
                 f"{self.path}: signature {spec} is not image -> {', '.join(OUTPUT_NAMES)}"
             )
@@ -115,7 +118,7 @@ class ExportedModel:
             str(self.path), options, providers=["CPUExecutionProvider"]
         )
         names = [output.name for output in session.get_outputs()]
-        if set(names) != set(OUTPUT_NAMES):
+        if not _expected_outputs(names):
             raise ExportedModelError(f"{self.path}: outputs {names}, expected {OUTPUT_NAMES}")
         input_name = session.get_inputs()[0].name
 
@@ -136,7 +139,19 @@ class ExportedModel:
         # An int8 graph's softmax output is quantised (rows sum to 1 +- 1/256): renormalised
         # so calibration accepts it; a float graph's rows change by float rounding only.
         total = probabilities.sum(axis=1, keepdims=True)
-        return GraphOutputs(probabilities / np.maximum(total, 1e-12), pooled, maps)
+        extra = {
+            name: np.asarray(value, dtype=np.float32)
+            for name, value in outputs.items()
+            if name.startswith(EXTRA_PREFIX)
+        }
+        return GraphOutputs(probabilities / np.maximum(total, 1e-12), pooled, maps, extra)
+
+
+def _expected_outputs(names: Any) -> bool:
+    """The three outputs, and extras only as ``map_<layer>``."""
+    names = set(names)
+    extras = names - set(OUTPUT_NAMES)
+    return set(OUTPUT_NAMES) <= names and all(n.startswith(EXTRA_PREFIX) for n in extras)
 
 
 def probe_image(size: int) -> np.ndarray:

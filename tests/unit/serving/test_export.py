@@ -260,3 +260,23 @@ def test_registered_pyfunc_serves_the_exported_model(
         expected = keras_predictor.classify([prepared])[0]
         assert np.abs(row[list(CLASSES)].to_numpy(float) - expected).max() <= PARITY_TOLERANCE
     assert (table["status"] == "ok").sum() >= 2
+
+
+def test_extra_layer_maps_come_from_the_same_invoke(
+    keras_model, slices: np.ndarray, tmp_path: Path
+) -> None:
+    """The seam for another map (localisation may choose an earlier block): the graph also
+    returns ``map_<layer>``, equal to the Keras layer's output, and says so in its record."""
+    result = export_model(
+        keras_model, "top_activation", tmp_path, slices[:2], extra_layers=("tiny_relu2",)
+    )
+    assert result.info["outputs"][-1] == "map_tiny_relu2"
+    outputs = ExportedModel(result.model_file)(slices[:3])
+    probe = keras.Model(keras_model.inputs, keras_model.get_layer("tiny_relu2").output)
+    expected = np.asarray(probe.predict_on_batch(slices[:3, ..., None].astype(np.float32)))
+    assert outputs.extra["map_tiny_relu2"].shape == expected.shape
+    assert np.abs(outputs.extra["map_tiny_relu2"] - expected).max() <= 1e-4 * max(
+        1.0, float(np.abs(expected).max())
+    )
+    with pytest.raises(ExportError, match="extra_layers: the model has no layer 'nope'"):
+        export_model(keras_model, "top_activation", tmp_path, slices[:2], extra_layers=("nope",))
