@@ -168,7 +168,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         value = float(value)
         if self.best is None or improves(value, self.best, self.monitor):
             self.best, self.best_epoch = value, epoch
-            with ema_weights(self.model.optimizer):
+            with ema_weights(getattr(self.model, "optimizer", None)):
                 save_model_atomic(self.target, self.path)
 
 
