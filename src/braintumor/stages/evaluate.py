@@ -33,6 +33,7 @@ import numpy as np
 from braintumor.core.config import load_params
 from braintumor.core.schema import ConfigError, Params
 from braintumor.model.backend import configure_backend
+from braintumor.model.saved import SavedModelError, load_classifier
 from braintumor.reports.headline import evaluation_headline
 
 MODELS = ("base", "finetuned")
@@ -46,23 +47,11 @@ class EvaluateError(ValueError):
 
 
 def load_keras_model(path: Path, num_classes: int) -> Any:
-    """Load a ``.keras`` model, refusing files that are not one or that disagree with the
-    data's class list, with a one-line error."""
-    import keras
-
-    if not path.is_file():
-        raise EvaluateError(f"{path}: model file not found; run the training stages")
+    """The trained model at ``path``, checked (``model.saved.load_classifier``)."""
     try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as error:  # noqa: BLE001 - Keras raises many kinds for a bad file
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise EvaluateError(f"{path}: not a Keras model ({first[:200]})") from None
-    outputs = int(model.output_shape[-1])
-    if outputs != num_classes:
-        raise EvaluateError(
-            f"{path}: model predicts {outputs} classes but the data has {num_classes}"
-        )
-    return model
+        return load_classifier(path, num_classes)
+    except SavedModelError as error:
+        raise EvaluateError(str(error)) from None
 
 
 def gradcam_layer(params: Params, model: Any) -> str:

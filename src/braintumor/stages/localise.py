@@ -33,6 +33,7 @@ from braintumor.core.files import atomic_path, write_json
 from braintumor.core.schema import ConfigError, Params
 from braintumor.data.masks import TEST, MaskError
 from braintumor.model.backend import configure_backend
+from braintumor.model.saved import SavedModelError, load_classifier
 
 OCCLUSION = "occlusion"
 # Methods the app can afford per upload (one forward and backward pass): the choice is
@@ -113,22 +114,11 @@ def model_inputs(
 
 
 def load_model(path: Path, num_classes: int) -> Any:
-    """The fine-tuned Keras model, refused in one line if it is not one or disagrees with
-    the class list."""
-    import keras
-
-    if not path.is_file():
-        raise LocaliseError(f"{path}: model file not found; run the finetune stage")
+    """The fine-tuned Keras model, checked (``model.saved.load_classifier``)."""
     try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as error:  # noqa: BLE001 - Keras raises many kinds for a bad file
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise LocaliseError(f"{path}: not a Keras model ({first[:200]})") from None
-    if int(model.output_shape[-1]) != num_classes:
-        raise LocaliseError(
-            f"{path}: model predicts {model.output_shape[-1]} classes, params name {num_classes}"
-        )
-    return model
+        return load_classifier(path, num_classes, "the finetune stage")
+    except SavedModelError as error:
+        raise LocaliseError(str(error)) from None
 
 
 def resolve_layers(params: Params, model: Any) -> list[str]:
