@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mask_helpers import copy_masks, copy_matching_slices
+
 from conftest import REPO, TINY_OVERRIDES, copy_project, copy_sample, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -37,6 +39,8 @@ TEAM_OVERRIDES = {
     **TINY_OVERRIDES,
     "train": {"frozen": ONE_EPOCH, "finetune": ONE_EPOCH},
     "tracking": {"experiment": "team-test"},
+    # tinycnn has no stride-16 block of the backbones' names: the last map only.
+    "localise": {"layers": ["auto"], "occlusion_slices": 3},
     # A one-epoch model on 32 images: the gate's absolute floors are not what is tested
     # here (test_registry does that), the path through it from another runner is.
     "registry": {"gate": {"min_class_recall": 0.0, "max_ece": 1.0}},
@@ -165,11 +169,14 @@ def clone(team: Team, origin: Path, name: str) -> Path:
 
 
 def tiny_mirror(team: Team, mirror: Path) -> Path:
-    """A few real images per class (msoud: 8 train, 3 test)."""
+    """A few real images per class (msoud: 8 train, 3 test), plus the test slices that
+    nine real figshare tumour masks belong to, and those masks (the localise stage)."""
     root = team.root.parent / "mirror"
     if not root.is_dir():
         copy_sample(mirror, root / "msoud", "msoud", 8, ("Training",))
         copy_sample(mirror, root / "msoud", "msoud", 3, ("Testing",))
+        copy_matching_slices(mirror, root / "msoud")
+        copy_masks(mirror, root / "figshare-masks")
     return root
 
 

@@ -15,22 +15,12 @@ import pandas as pd
 import pytest
 
 from braintumor.stages import localise, masks
+from mask_helpers import PAIRS, copy_masks
 
 from conftest import QUICKSTART_SOURCES, write_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mirror")]
 
-PAIRS = {
-    209: "Testing/glioma/Te-gl_0094.jpg",
-    736: "Testing/glioma/Te-gl_0229.jpg",
-    741: "Testing/glioma/Te-gl_0230.jpg",
-    4: "Testing/meningioma/Te-me_0204.jpg",
-    7: "Testing/meningioma/Te-me_0287.jpg",
-    8: "Testing/meningioma/Te-me_0292.jpg",
-    919: "Testing/pituitary/Te-pi_0118.jpg",
-    923: "Testing/pituitary/Te-pi_0119.jpg",
-    59: "Testing/pituitary/Te-pi_0107.jpg",
-}
 FOOD = 90001
 SIZE = 48
 
@@ -43,14 +33,8 @@ def project(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     from braintumor.model.classifier import build_model
 
     root = tmp_path_factory.mktemp("localise")
-    figshare = mirror / "figshare-masks"
     shelf = root / "mirror" / "figshare-masks"
-    (shelf / "images").mkdir(parents=True)
-    (shelf / "masks").mkdir()
-    meta = pd.read_csv(figshare / "meta.csv").set_index("id").loc[list(PAIRS)].reset_index()
-    for name in PAIRS:
-        shutil.copy(figshare / "images" / f"{name}.jpg", shelf / "images")
-        shutil.copy(figshare / "masks" / f"{name}.png", shelf / "masks")
+    meta = copy_masks(mirror, shelf)
     food = sorted((mirror / "not-mri").rglob("*.jpg"))[0]
     gray = cv2.resize(cv2.imread(str(food), cv2.IMREAD_GRAYSCALE), (256, 256))
     cv2.imwrite(str(shelf / "images" / f"{FOOD}.jpg"), gray)
