@@ -17,11 +17,14 @@ temporary folder; ready when its output says so, read line by line), then:
    address (127.0.x.y: the app's limits are per client address), or all from 127.0.0.1
    with ``--same-address``. Files: real msoud test slices, and one request in ten a food
    photograph from ``not-mri/`` that must come back as a refusal. Outcomes: ``ok``;
-   ``refused_as_expected`` (the food photo); ``queue_full`` (HTTP 503: the bounded queue
-   doing its job; that client waits 1 s before its next try); ``upload_limit`` (HTTP 429:
-   that address has its quota of uploads waiting; it waits 1 s too); ``errors`` (anything
-   else: an exception, a wrong or missing answer). Latency: upload to answer, p50 and
-   p95, over ``ok`` and ``refused_as_expected``.
+   ``refused_as_expected`` (the food photo); ``refused`` (an MRI slice the app refused
+   with its one-line reason, e.g. the out-of-distribution check's false alarm on a slice
+   far from the training ones: a correct answer of the app, not an error, counted apart
+   with the files it refused); ``queue_full`` (HTTP 503: the bounded queue doing its job;
+   that client waits 1 s before its next try); ``upload_limit`` (HTTP 429: that address
+   has its quota of uploads waiting; it waits 1 s too); ``errors`` (anything else: an
+   exception, an internal error, a food photo given a class, a missing answer). Latency:
+   upload to answer, p50 and p95, over ``ok``, ``refused_as_expected`` and ``refused``.
 3. **Memory**: resident memory of the app (its process tree) sampled every 0.5 s: before
    the load (after one warm request), the peak, the end; growth = end - before, and the
    growth over the second half of the run (the first half absorbs allocator warm-up).
@@ -203,14 +206,36 @@ def _request(session: requests.Session, url: str, path: Path) -> tuple[int, str]
         return 0, f"{type(error).__name__}: {str(error)[:150]}"
 
 
+REFUSAL = "Cannot analyse this file"
+ANSWERED = ("ok", "refused_as_expected", "refused")
+
+
 def _outcome(status: int, message: str, bad: bool) -> str:
+    """One request's outcome. A refusal (the app's one-line reason, no prediction) is an
+    answer: expected for the food photo, and for an MRI slice a refusal counted apart
+    (``refused``), never an error."""
     if status == 503 and "Queue is full" in message:
         return "queue_full"
     if status == 429 and "Upload refused" in message:
         return "upload_limit"
-    if status == 200 and message.startswith("Cannot analyse this file" if bad else "Analysed"):
-        return "refused_as_expected" if bad else "ok"
+    if status == 200 and message.startswith(REFUSAL):
+        return "refused_as_expected" if bad else "refused"
+    if status == 200 and message.startswith("Analysed") and not bad:
+        return "ok"
     return "errors"
+
+
+def _record(tally: dict[str, Any], outcome: str, elapsed: float, what: str) -> None:
+    """Count one outcome; the latency of an answer, the file of a refused MRI slice, the
+    first 20 errors (``what``: "file: status message")."""
+    tally["counts"][outcome] += 1
+    if outcome in ANSWERED:
+        tally["latencies"].append(elapsed)
+    if outcome == "refused":
+        name = what.split(": ", 1)[0]
+        tally["refusals"][name] = tally["refusals"].get(name, 0) + 1
+    elif outcome == "errors" and len(tally["problems"]) < 20:
+        tally["problems"].append(what)
 
 
 def run_load(
@@ -218,9 +243,12 @@ def run_load(
 ) -> dict[str, Any]:
     """``args.clients`` client threads for ``args.duration`` seconds; counts, latencies,
     RSS samples."""
-    counts = {"ok": 0, "refused_as_expected": 0, "queue_full": 0, "upload_limit": 0, "errors": 0}
-    latencies: list[float] = []
-    problems: list[str] = []
+    tally: dict[str, Any] = {
+        "counts": dict.fromkeys((*ANSWERED, "queue_full", "upload_limit", "errors"), 0),
+        "latencies": [],
+        "problems": [],
+        "refusals": {},  # MRI slice -> times refused
+    }
     samples: list[int] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -237,11 +265,7 @@ def run_load(
             elapsed = time.perf_counter() - began
             outcome = _outcome(status, message, bad)
             with lock:
-                counts[outcome] += 1
-                if outcome in ("ok", "refused_as_expected"):
-                    latencies.append(elapsed)
-                elif outcome == "errors" and len(problems) < 20:
-                    problems.append(f"{path.name}: {status} {message}")
+                _record(tally, outcome, elapsed, f"{path.name}: {status} {message}")
             if outcome in ("queue_full", "upload_limit"):
                 stop.wait(1.0)
 
@@ -263,9 +287,7 @@ def run_load(
     wall = time.perf_counter() - started
     sampler.join(timeout=5)
     return {
-        "counts": counts,
-        "latencies": latencies,
-        "problems": problems,
+        **tally,
         "rss": samples,
         "wall_s": wall,
     }
@@ -306,6 +328,7 @@ def summarise(load: dict[str, Any], before: int, after: int, folder: Path) -> di
             "bytes": sum(p.stat().st_size for p in left),
         },
         "problems": load["problems"],
+        "refused_slices": load["refusals"],
         "wall_s": load["wall_s"],
     }
 
@@ -371,19 +394,23 @@ def report(result: dict[str, Any]) -> None:
         f"{result['max_queue']}; app RSS after warm-up {result['rss_after_warm_up_mb']:.0f} MB"
     )
     print(
-        "round | ok | refused | queue_full | upload_limit | errors | req/s | p50 ms | "
+        "round | ok | not-MRI refused | MRI refused | queue_full | upload_limit | errors | "
+        "req/s | p50 ms | "
         "p95 ms | RSS end MB | peak MB | growth MB | threads | files left"
     )
     for summary in result["rounds"]:
         counts, latency, rss = summary["counts"], summary["latency"], summary["rss_mb"]
         print(
             f"{summary['round']:5d} | {counts['ok']} | {counts['refused_as_expected']} | "
+            f"{counts['refused']} | "
             f"{counts['queue_full']} | {counts['upload_limit']} | {counts['errors']} | "
             f"{summary['requests_per_s']:.1f} | {latency.get('p50_ms', float('nan')):.0f} | "
             f"{latency.get('p95_ms', float('nan')):.0f} | {rss['end']:.0f} | "
             f"{rss['peak']:.0f} | {rss['growth']:+.0f} | {summary['threads']} | "
             f"{summary['files_left']['count']}"
         )
+        for name, times in sorted(summary["refused_slices"].items()):
+            print(f"  MRI slice refused (an answer, not an error): {name} x{times}")
         for problem in summary["problems"]:
             print(f"  error: {problem}")
     print(f"folder removed at exit: {result['folder_removed_at_exit']}")
