@@ -339,6 +339,7 @@ class EvaluatePaths:
     parent_run_file: Path | None = None
     run_file: Path | None = None
     audit: Path | None = None
+    localisation: Path | None = None  # metrics/localisation_detail.json, for the model card
 
 
 @dataclass
@@ -655,6 +656,7 @@ def write_evaluation(evaluation: Evaluation, paths: EvaluatePaths, params: Param
     inputs, results, robustness = evaluation.inputs, evaluation.results, evaluation.robustness
     confusion, roc = write_figures(paths.figures, inputs, results, robustness, params)
     bundle_meta = write_model_bundle(paths, inputs, results, params, evaluation.detector)
+    write_model_card(evaluation, paths, params, bundle_meta)
     write_plot_tables(paths.plots, confusion, roc, robustness)
     report_json: dict[str, Any] = {
         name: {k: v for k, v in result.items() if k not in ("calibrated", "raw")}
@@ -668,6 +670,56 @@ def write_evaluation(evaluation: Evaluation, paths: EvaluatePaths, params: Param
     if paths.headline is not None:
         write_json(paths.headline, evaluation_headline(evaluation.metrics, params.common.classes))
     return bundle_meta
+
+
+def card_path(paths: EvaluatePaths) -> Path:
+    """Where the model card goes: beside the comparison report (reports/MODEL_CARD.md)."""
+    from braintumor.reports.model_card import CARD_FILE
+
+    return paths.report.parent / CARD_FILE
+
+
+def write_model_card(
+    evaluation: Evaluation, paths: EvaluatePaths, params: Params, bundle_meta: Any
+) -> Path:
+    """The model card (``reports/model_card.py``) from this evaluation, the audit and the
+    localisation detail when their files exist (the card says what was not measured when
+    they do not); logged to the evaluate run with the reports."""
+    import json
+
+    from braintumor.core.files import write_text
+    from braintumor.reports.model_card import model_card
+
+    def optional(path: Path | None) -> dict[str, Any] | None:
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise EvaluateError(f"{path}: not valid JSON ({error})") from None
+
+    splits = evaluation.inputs.data.splits
+    card = model_card(
+        evaluation.metrics,
+        params.common.classes,
+        model={
+            "backbone": params.model.backbone,
+            "input": f"{params.common.image_size} px grey",
+            "profile": params.profile,
+            "temperature": round(float(evaluation.results["finetuned"]["temperature"]), 3),
+            "model.keras sha256": bundle_meta.model_sha256[:16],
+            "data digest": str(bundle_meta.source.get("data_digest", ""))[:16],
+        },
+        data={
+            "sources": [source.name for source in params.acquire.sources],
+            "splits": {name: len(split.labels) for name, split in splits.items()},
+        },
+        audit=optional(paths.audit),
+        localisation=optional(paths.localisation),
+    )
+    path = card_path(paths)
+    write_text(path, card)
+    return path
 
 
 def run(params: Params, paths: EvaluatePaths, tracking: bool = True) -> dict[str, Any]:
@@ -697,7 +749,11 @@ def log_to_mlflow(
         run_file=run_file,
         metrics=evaluation_run_metrics(evaluation.metrics, classes),
         figures=paths.figures,
-        reports=[paths.report.with_suffix(".json"), paths.report.with_suffix(".md")],
+        reports=[
+            paths.report.with_suffix(".json"),
+            paths.report.with_suffix(".md"),
+            card_path(paths),
+        ],
         bundle=paths.bundle,
         bundle_meta=bundle_meta,
     )
@@ -728,6 +784,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-run-file", type=Path, help="finetune's MLflow run file")
     parser.add_argument("--run-file", type=Path, default=None, help="this stage's run file")
     parser.add_argument("--audit", type=Path, help="metrics/audit.json: the external views")
+    parser.add_argument(
+        "--localisation", type=Path, help="metrics/localisation_detail.json: the card's line"
+    )
     parser.add_argument("--no-tracking", action="store_true", help="skip MLflow")
     args = vars(parser.parse_args(argv))
     params_file, tracking = args.pop("params"), not args.pop("no_tracking")
