@@ -151,6 +151,14 @@ lint: install-dev
 serve: install
 	$(BIN)/python -m braintumor.serving.app $(if $(MODEL),--model $(MODEL),)
 
+# A PNG of the real app answering a real slice (class, confidences, map) in headless
+# Chromium: bench/screenshot.py, on models/bundle (or MODEL=...), into
+# figures/app_screenshot.png (or OUT=...; figures/ is not committed).
+.PHONY: screenshot
+screenshot: install-dev
+	nice -n 10 $(BIN)/python bench/screenshot.py --model $(or $(MODEL),models/bundle) \
+		$(if $(OUT),--out $(OUT),)
+
 bench-preprocess: install
 	$(BIN)/python bench/preprocess.py
 
