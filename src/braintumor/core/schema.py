@@ -21,6 +21,8 @@ MAX_WORKERS = 256
 # EfficientNet-Lite0's MBConv blocks (braintumor.model.lite0; a test keeps the two equal):
 # the range of ``train.<phase>.first_trainable_block``.
 LITE0_BLOCKS = 16
+SEED_MAX = 2**31 - 1  # 32-bit seeds everywhere (Keras SeedGenerator state is uint32 and the
+# augmenter adds up to 3 to the seed), with room left: a larger one fails deep in a stage
 
 
 class ConfigError(ValueError):
@@ -42,6 +44,9 @@ class CommonParams:
         _check(len(self.classes) >= 2, "classes", "needs at least two classes")
         _check(len(set(self.classes)) == len(self.classes), "classes", "has repeats")
         _check(16 <= self.image_size <= 2048, "image_size", "must be in [16, 2048]")
+        # NumPy's and the backends' generators take 32-bit seeds; a larger one would be
+        # folded or refused deep inside a stage, after the data work is done.
+        _check(0 <= self.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}]")
 
 
 @dataclass(frozen=True)
@@ -286,6 +291,10 @@ class EarlyStoppingParams:
     patience: int = 5
     restore_best_weights: bool = True
 
+    def __post_init__(self) -> None:
+        _check(self.min_delta >= 0, "min_delta", "must be >= 0")
+        _check(self.patience >= 0, "patience", "must be >= 0")
+
 
 @dataclass(frozen=True)
 class ReduceLrParams:
@@ -293,6 +302,11 @@ class ReduceLrParams:
     factor: float = 0.3
     patience: int = 5
     min_learning_rate: float = 1e-7
+
+    def __post_init__(self) -> None:
+        _check(0 < self.factor < 1, "factor", "must be in (0, 1)")
+        _check(self.patience >= 0, "patience", "must be >= 0")
+        _check(self.min_learning_rate >= 0, "min_learning_rate", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -505,7 +519,7 @@ class RobustnessParams:
             "perturbations",
             "has repeats",
         )
-        _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(0 <= self.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}]")
 
 
 @dataclass(frozen=True)
@@ -707,7 +721,7 @@ class LocaliseParams:
         _check(0 < self.baseline_sigma <= 2, "baseline_sigma", "must be in (0, 2]")
         _check(self.examples >= 0, "examples", "must be >= 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(self.seed >= 0, "seed", "must be >= 0")
+        _check(0 <= self.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}]")
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,25 @@ def test_every_profile_file_has_every_section_dvc_tracks() -> None:
         ),
         ({"train": {"finetune": {"trainable": "from_blok"}}}, "train.finetune.trainable: "),
         ({"profile": "nosuch"}, "profile: no profile file"),
+        ({"common": {"seed": -1}}, "common.seed: must be in [0, 2147483647]"),
+        ({"common": {"seed": 2**31}}, "common.seed: must be in [0, 2147483647]"),
+        (
+            {"train": {"frozen": {"early_stopping": {"patience": -1}}}},
+            "train.frozen.early_stopping.patience: ",
+        ),
+        (
+            {"train": {"finetune": {"early_stopping": {"min_delta": -0.1}}}},
+            "train.finetune.early_stopping.min_delta: ",
+        ),
+        (
+            {"train": {"finetune": {"reduce_lr": {"factor": 1.5}}}},
+            "train.finetune.reduce_lr.factor: must be in (0, 1)",
+        ),
+        (
+            {"train": {"finetune": {"reduce_lr": {"min_learning_rate": -1e-7}}}},
+            "train.finetune.reduce_lr.min_learning_rate: ",
+        ),
+        ({"evaluate": {"robustness": {"seed": 2**40}}}, "evaluate.robustness.seed: must be in"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(
