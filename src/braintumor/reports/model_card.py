@@ -181,11 +181,11 @@ def robustness_section(metrics: Mapping[str, Any]) -> list[str]:
     if clean is None or not found:
         return [*lines, f"Accuracy under perturbations: {NOT_MEASURED}."]
     worst = min(found, key=found.__getitem__)
+    kinds = ", ".join(sorted({name.split("_", 1)[0] for name in found}))
     return [
         *lines,
         f"Accuracy on the leakage-free test view under {len(found)} perturbations "
-        f"(brightness, contrast, gamma, noise, JPEG, resolution, rotation, shift): clean "
-        f"{clean:.3f}; worst {worst} {found[worst]:.3f} (a drop of "
+        f"({kinds}): clean {clean:.3f}; worst {worst} {found[worst]:.3f} (a drop of "
         f"{clean - found[worst]:.3f}).",
     ]
 
