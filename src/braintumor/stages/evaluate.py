@@ -572,7 +572,14 @@ def export_for_bundle(inputs: Inputs, params: Params, folder: Path) -> Any:
     model = inputs.models["finetuned"]
     check = inputs.data.splits["val"].images[:EXPORT_CHECK_IMAGES]
     try:
-        return export_model(model, gradcam_layer(params, model), folder, check)
+        served = params.serving.explanation  # the localise stage's choice
+        return export_model(
+            model,
+            gradcam_layer(params, model),
+            folder,
+            check,
+            explanation=(served.method, served.layer),
+        )
     except ExportError as error:
         raise EvaluateError(str(error)) from None
 
@@ -655,8 +662,9 @@ def write_evaluation(evaluation: Evaluation, paths: EvaluatePaths, params: Param
 
     inputs, results, robustness = evaluation.inputs, evaluation.results, evaluation.robustness
     confusion, roc = write_figures(paths.figures, inputs, results, robustness, params)
+    card = model_card_text(evaluation, paths, params)
     bundle_meta = write_model_bundle(paths, inputs, results, params, evaluation.detector)
-    write_model_card(evaluation, paths, params, bundle_meta)
+    write_text(card_path(paths), card)  # logged to the evaluate run with the reports
     write_plot_tables(paths.plots, confusion, roc, robustness)
     report_json: dict[str, Any] = {
         name: {k: v for k, v in result.items() if k not in ("calibrated", "raw")}
@@ -679,15 +687,14 @@ def card_path(paths: EvaluatePaths) -> Path:
     return paths.report.parent / CARD_FILE
 
 
-def write_model_card(
-    evaluation: Evaluation, paths: EvaluatePaths, params: Params, bundle_meta: Any
-) -> Path:
+def model_card_text(evaluation: Evaluation, paths: EvaluatePaths, params: Params) -> str:
     """The model card (``reports/model_card.py``) from this evaluation, the audit and the
     localisation detail when their files exist (the card says what was not measured when
-    they do not); logged to the evaluate run with the reports."""
+    they do not). Built before the bundle is written (it names the model by the sha256 of
+    the file the bundle copies), so that the bundle can carry it."""
     import json
 
-    from braintumor.core.files import write_text
+    from braintumor.core.files import file_sha256
     from braintumor.reports.model_card import model_card
 
     def optional(path: Path | None) -> dict[str, Any] | None:
@@ -699,7 +706,7 @@ def write_model_card(
             raise EvaluateError(f"{path}: not valid JSON ({error})") from None
 
     splits = evaluation.inputs.data.splits
-    card = model_card(
+    return model_card(
         evaluation.metrics,
         params.common.classes,
         model={
@@ -707,8 +714,8 @@ def write_model_card(
             "input": f"{params.common.image_size} px grey",
             "profile": params.profile,
             "temperature": round(float(evaluation.results["finetuned"]["temperature"]), 3),
-            "model.keras sha256": bundle_meta.model_sha256[:16],
-            "data digest": str(bundle_meta.source.get("data_digest", ""))[:16],
+            "model.keras sha256": file_sha256(paths.finetuned_model)[:16],
+            "data digest": str(evaluation.inputs.data.digest)[:16],
         },
         data={
             "sources": [source.name for source in params.acquire.sources],
@@ -717,9 +724,6 @@ def write_model_card(
         audit=optional(paths.audit),
         localisation=optional(paths.localisation),
     )
-    path = card_path(paths)
-    write_text(path, card)
-    return path
 
 
 def run(params: Params, paths: EvaluatePaths, tracking: bool = True) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from braintumor.reports.model_card import CARD_FILE
+from braintumor.serving.bundle import read_meta
 
 from conftest import TINY_OVERRIDES, evaluate_args, write_params
 
@@ -41,3 +42,4 @@ def test_the_stage_writes_the_card_from_its_metrics(
     assert CARD_LINE in card and "Not for diagnosis" in card
     assert "Suspected label errors: not measured" in card
     assert f"temperature {round(metrics['temperature'], 3)}" in card
+    assert read_meta(tmp_path / "out" / "bundle").model_sha256[:16] in card
