@@ -610,6 +610,23 @@ class RegistryParams:
     gate: GateParams = field(default_factory=GateParams)
 
 
+# The maps one exported pass can serve (braintumor.explain.tailcam).
+SERVED_EXPLANATIONS = ("gradcam", "hirescam")
+
+
+@dataclass(frozen=True)
+class ExplanationParams:
+    """The map serving shows: ``method`` at ``layer`` (``auto``: ``model.gradcam_layer``).
+    The localisation stage's measurement chooses it (``metrics/localisation.json``)."""
+
+    method: str = "gradcam"
+    layer: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.method in SERVED_EXPLANATIONS, "method", f"one of {SERVED_EXPLANATIONS}")
+        _check(bool(self.layer), "layer", "must name a layer or be auto")
+
+
 @dataclass(frozen=True)
 class ServingParams:
     """Limits, thresholds and batching of every serving entry point (the app, ``predict``,
@@ -624,6 +641,7 @@ class ServingParams:
     ``ood_warn_z`` and ``ood_refuse_z``: training standard deviations an image's mean or
     spread may be off before a warning, and before a refusal. ``examples``: test images
     the app offers. ``overlay_alpha``: Grad-CAM blend. ``batch_size``: images per call.
+    ``explanation``: the map shown (``ExplanationParams``; the export serves it).
     """
 
     max_upload_bytes: int = 20_000_000
@@ -636,6 +654,7 @@ class ServingParams:
     examples: int = 4
     overlay_alpha: float = 0.4
     batch_size: int = 16
+    explanation: ExplanationParams = field(default_factory=ExplanationParams)
 
     def __post_init__(self) -> None:
         _check(self.max_upload_bytes >= 1024, "max_upload_bytes", "must be >= 1024")

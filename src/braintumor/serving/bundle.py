@@ -6,7 +6,9 @@ intensity statistics of the training images, and where the model came from), whe
 evaluate stage fitted one, ``ood.npz`` (the out-of-distribution detector, ``ood.py``), and
 when it exported one, ``model.tflite`` with ``head.npz`` (``export.py``: the same model
 for LiteRT, probabilities, pooled features and the Grad-CAM map in one invoke, and the
-head's parameters for Grad-CAM in NumPy). A bundle with an exported model is served from
+head's parameters for Grad-CAM in NumPy; and ``tail.npz``, the backbone's layers after
+the explanation layer, when the served map is HiResCAM at an earlier block,
+``explain.tailcam``). A bundle with an exported model is served from
 it by default (``Bundle.load(runtime="auto")``): no Keras or TensorFlow is imported;
 ``runtime="keras"`` loads ``model.keras`` instead (evaluation, benchmarks).
 The evaluate stage writes it, the registered MLflow model carries it as an artifact, and
@@ -50,9 +52,13 @@ from braintumor.data.imaging import decode_image, preprocess_gray
 from braintumor.evaluation.calibration import apply_temperature
 from braintumor.evaluation.ood import OodDetector, OodError
 from braintumor.explain.headcam import HeadCamError, HeadParams, softmax
+from braintumor.explain.tailcam import TailParams
 from braintumor.serving.exported import (
+    EXPLANATION_METHODS,
     EXPORT_FILE,
     HEAD_FILE,
+    TAIL_FILE,
+    Explanation,
     ExportedModel,
     ExportedModelError,
     probe_image,
@@ -62,7 +68,7 @@ MODEL_FILE = "model.keras"
 META_FILE = "bundle.json"
 OOD_FILE = "ood.npz"
 # The files a bundle may hold besides bundle.json (the model is required).
-BUNDLE_FILES = (MODEL_FILE, OOD_FILE, EXPORT_FILE, HEAD_FILE)
+BUNDLE_FILES = (MODEL_FILE, OOD_FILE, EXPORT_FILE, HEAD_FILE, TAIL_FILE)
 RUNTIME_CHOICES = ("auto", "exported", "keras")
 PROBE_TOLERANCE = 1e-3  # the probe's probabilities: same file, another CPU's rounding
 FORMAT_VERSION = 2  # 2: bundle.json lists every file with its sha256 (``files``)
@@ -188,6 +194,8 @@ def write_bundle(
         if exported is not None:
             shutil.copyfile(exported.model_file, temporary / EXPORT_FILE)
             shutil.copyfile(exported.head_file, temporary / HEAD_FILE)
+            if getattr(exported, "tail_file", None) is not None:
+                shutil.copyfile(exported.tail_file, temporary / TAIL_FILE)
             meta = dataclasses.replace(meta, exported=dict(exported.info))
         files = {path.name: file_sha256(path) for path in sorted(temporary.iterdir())}
         if exported is not None and files[EXPORT_FILE] != meta.exported.get("sha256"):
@@ -254,7 +262,7 @@ def _check_manifest(manifest: Path, meta: BundleMeta) -> None:
 def _check_exported_entry(manifest: Path, meta: BundleMeta) -> None:
     """An exported model comes as both files, and its sha256 is the one its export
     recorded (``exported.sha256``)."""
-    if not meta.exported and not {EXPORT_FILE, HEAD_FILE} & set(meta.files):
+    if not meta.exported and not {EXPORT_FILE, HEAD_FILE, TAIL_FILE} & set(meta.files):
         return
     for name in (EXPORT_FILE, HEAD_FILE):
         if name not in meta.files:
@@ -263,6 +271,19 @@ def _check_exported_entry(manifest: Path, meta: BundleMeta) -> None:
         raise BundleError(
             f"{manifest}: {EXPORT_FILE}'s sha256 differs from the one its export recorded"
         )
+    wants_tail = explanation_entry(meta).get("tail") == TAIL_FILE
+    if wants_tail != (TAIL_FILE in meta.files):
+        problem = "does not list" if wants_tail else "lists a tail its export did not write:"
+        raise BundleError(f"{manifest}: {problem} {TAIL_FILE}")
+
+
+def explanation_entry(meta: BundleMeta) -> dict[str, Any]:
+    """What the export recorded about the served map (``exported.explanation``); a bundle
+    exported before it, or not exported, shows Grad-CAM at its ``gradcam_layer``."""
+    entry = meta.exported.get("explanation") if meta.exported else None
+    if not isinstance(entry, dict):
+        return {"method": "gradcam", "layer": meta.gradcam_layer, "tail": None}
+    return entry
 
 
 def _check_integrity(folder: Path, meta: BundleMeta) -> None:
@@ -304,6 +325,7 @@ class Bundle:
         ood_detector: OodDetector | None = None,
         exported: ExportedModel | None = None,
         head: HeadParams | None = None,
+        explanation: Explanation | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.model = model  # the Keras model; None when served from the exported one
@@ -311,6 +333,14 @@ class Bundle:
         self.ood_detector = ood_detector  # None: serving falls back to input statistics
         self.exported = exported
         self.head = head
+        entry = explanation_entry(meta)
+        # The map serving shows (method, layer), with the tail on an exported bundle; a
+        # Keras bundle computes the same method and layer with the GradientTape.
+        self.explanation = explanation or Explanation(
+            str(entry.get("method", "gradcam")),
+            str(entry.get("layer", meta.gradcam_layer)),
+            meta.gradcam_layer,
+        )
 
     @property
     def runtime(self) -> str:
@@ -334,8 +364,8 @@ class Bundle:
         if runtime == "exported" and not meta.exported:
             raise BundleError(f"{folder / META_FILE}: the bundle has no exported model")
         if runtime != "keras" and meta.exported:
-            exported, head = _load_exported(folder, meta)
-            return cls(folder, None, meta, _read_detector(folder), exported, head)
+            exported, head, explanation = _load_exported(folder, meta)
+            return cls(folder, None, meta, _read_detector(folder), exported, head, explanation)
         import keras
 
         model_path = folder / MODEL_FILE
@@ -356,7 +386,15 @@ class Bundle:
     def with_source(self, source: dict[str, Any]) -> Bundle:
         """The same loaded bundle described by another ``source`` (a registry version)."""
         meta = dataclasses.replace(self.meta, source=source)
-        return Bundle(self.folder, self.model, meta, self.ood_detector, self.exported, self.head)
+        return Bundle(
+            self.folder,
+            self.model,
+            meta,
+            self.ood_detector,
+            self.exported,
+            self.head,
+            self.explanation,
+        )
 
     def preprocess_bytes(self, data: bytes, name: str = "<upload>") -> np.ndarray:
         """Raw file bytes to the (H, W) uint8 image the model sees (raises ImageDecodeError).
@@ -396,16 +434,25 @@ class Bundle:
         return f"{self.folder / MODEL_FILE} (sha256 {self.meta.model_sha256[:12]})"
 
 
-def _load_exported(folder: Path, meta: BundleMeta) -> tuple[ExportedModel, HeadParams]:
-    """The exported model and head, refused (one line) when they are not this bundle's:
-    a head for other classes, or a graph whose answer on the probe image differs from the
-    one recorded at export, or from the NumPy head's (a file from another model)."""
+def _load_exported(folder: Path, meta: BundleMeta) -> tuple[ExportedModel, HeadParams, Explanation]:
+    """The exported model, head and served explanation (with its tail), refused (one
+    line) when they are not this bundle's: a head for other classes, a graph whose answer
+    on the probe image differs from the one recorded at export, or from the NumPy head's,
+    or a tail whose pooled features differ from the graph's (a file from another model)."""
     path = folder / EXPORT_FILE
+    entry = explanation_entry(meta)
     try:
         exported = ExportedModel(path, str(meta.exported.get("runtime", "litert")))
         head = HeadParams.load(folder / HEAD_FILE)
+        tail = TailParams.load(folder / TAIL_FILE) if entry.get("tail") == TAIL_FILE else None
     except (ExportedModelError, HeadCamError) as error:
         raise BundleError(one_line(error)) from None
+    method, layer = str(entry.get("method")), str(entry.get("layer"))
+    if method not in EXPLANATION_METHODS or (tail is None) != (layer == meta.gradcam_layer):
+        raise BundleError(f"{folder / META_FILE}: exported.explanation {entry} is not servable")
+    if tail is not None and tail.layer != layer:
+        raise BundleError(f"{folder / TAIL_FILE}: is the tail of {tail.layer!r}, not {layer!r}")
+    explanation = Explanation(method, layer, meta.gradcam_layer, tail)
     if head.num_classes != len(meta.classes):
         raise BundleError(
             f"{folder / HEAD_FILE}: {head.num_classes} classes but the bundle names "
@@ -424,4 +471,24 @@ def _load_exported(folder: Path, meta: BundleMeta) -> tuple[ExportedModel, HeadP
     head_tolerance = 0.05 if meta.exported.get("quantize") == "int8" else PROBE_TOLERANCE
     if np.abs(softmax(logits)[0] - answer).max() > head_tolerance:
         raise BundleError(f"{folder / HEAD_FILE}: disagrees with {EXPORT_FILE} (another model's)")
-    return exported, head
+    if tail is not None:
+        _check_tail(folder, tail, explanation, outputs, head_tolerance)
+    return exported, head, explanation
+
+
+def _check_tail(
+    folder: Path, tail: TailParams, explanation: Explanation, outputs: Any, tolerance: float
+) -> None:
+    """The tail run forward from the graph's map of its layer must give the graph's own
+    pooled features on the probe image (relative to their size): another model's tail,
+    or one whose numbers were changed, does not."""
+    try:
+        pooled, _ = tail.forward(explanation.layer_maps(outputs))
+    except (ExportedModelError, HeadCamError, ValueError) as error:
+        raise BundleError(
+            f"{folder / TAIL_FILE}: does not fit {EXPORT_FILE} ({one_line(error)[:200]})"
+        ) from None
+    expected = outputs.pooled.astype(np.float64)
+    scale = max(1.0, float(np.abs(expected).max()))
+    if pooled.shape != expected.shape or np.abs(pooled - expected).max() > tolerance * scale:
+        raise BundleError(f"{folder / TAIL_FILE}: disagrees with {EXPORT_FILE} (another model's)")

@@ -17,10 +17,12 @@ its parity with the float model is reported, not required (the evaluate stage de
 the evaluation views whether to adopt it).
 
 The Grad-CAM layer must be the map global average pooling reads (``top_activation`` in
-our models): that is what makes the head's gradient the channel weight. Another layer
-(an earlier block, for localisation studies) can still be returned by the graph as an
-extra named output (``extra_layers``), but its Grad-CAM needs gradients through the
-backbone and is not served from this graph.
+our models): that is what makes the head's gradient the channel weight. The map serving
+shows (``explanation``, ``serving.explanation``) may be another (method, layer): HiResCAM
+at an earlier block, as the localisation stage chose. That layer becomes an extra output
+of the same graph, the backbone's layers after it are written to ``tail.npz``
+(``explain.tailcam``: their gradient by hand in NumPy, since gradient ops are not LiteRT
+builtins), and the parity check compares those served maps with the GradientTape's.
 
 Serving layer; imports Keras and TensorFlow (the training install), never at import time.
 """
@@ -35,12 +37,16 @@ from typing import Any
 
 import numpy as np
 
-from braintumor.explain.headcam import AFFINE, DENSE, HeadParams, HeadStep, head_gradcam, softmax
+from braintumor.explain.headcam import AFFINE, DENSE, HeadParams, HeadStep, softmax
+from braintumor.explain.tailcam import TailError, TailParams, tail_from_model
 from braintumor.serving.exported import (
+    EXPLANATION_METHODS,
     EXPORT_FILE,
     EXTRA_PREFIX,
     HEAD_FILE,
     INPUT_NAME,
+    TAIL_FILE,
+    Explanation,
     ExportedModel,
     probe_image,
 )
@@ -79,6 +85,7 @@ class ExportResult:
     model_file: Path
     head_file: Path
     info: dict[str, Any] = field(default_factory=dict)
+    tail_file: Path | None = None  # ``tail.npz`` when the explanation needs the tail
 
 
 def _layer_input(layer: Any) -> Any:
@@ -239,40 +246,53 @@ def to_onnx(graph: Any, size: int, path: Path) -> None:
 
 
 def keras_reference(
-    model: Any, layer_name: str, images: np.ndarray
+    model: Any, layer_name: str, images: np.ndarray, method: str = "gradcam"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The Keras model's probabilities and GradientTape Grad-CAM maps of its predicted
-    classes: what the exported model must reproduce."""
+    """The Keras model's probabilities and GradientTape maps (``method``: Grad-CAM or
+    HiResCAM at ``layer_name``) of its predicted classes: what the exported model must
+    reproduce."""
     from braintumor.explain.gradcam import GradCam
 
     batch = np.asarray(images, np.float32).reshape(len(images), *model.input_shape[1:])
-    result = GradCam.for_model(model, layer_name).compute(batch)
+    result = GradCam.for_model(model, layer_name, "centred", method).compute(batch)  # type: ignore[arg-type]
     probabilities = np.asarray(model.predict_on_batch(batch), np.float32)
     return probabilities, result.heatmaps
 
 
 def exported_answers(
-    exported: ExportedModel, head: HeadParams, images: np.ndarray
+    exported: ExportedModel, head: HeadParams, images: np.ndarray, explanation: Explanation
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probabilities from the graph, the NumPy head's probabilities and the one-pass
-    Grad-CAM maps (of the head's predicted class), image by image (the serving batch)."""
+    """Probabilities from the graph, the NumPy head's probabilities and the served maps
+    (``explanation``, of the head's predicted class), image by image (the serving batch)."""
     graph_p, head_p, maps = [], [], []
     for image in np.asarray(images):
         outputs = exported(image[None])
-        result = head_gradcam(head, outputs.pooled, outputs.maps, image.shape[:2])
+        logits, _ = head.forward(outputs.pooled)
+        layer_maps = explanation.layer_maps(outputs)
         graph_p.append(outputs.probabilities[0])
-        head_p.append(softmax(result.logits)[0])
-        maps.append(result.heatmaps[0])
+        head_p.append(softmax(logits)[0])
+        maps.append(explanation.maps(head, outputs.pooled, layer_maps, image.shape[0])[0])
     return np.stack(graph_p), np.stack(head_p), np.stack(maps)
 
 
 def measure_parity(
-    model: Any, layer_name: str, exported: ExportedModel, head: HeadParams, images: np.ndarray
+    model: Any,
+    layer_name: str,
+    exported: ExportedModel,
+    head: HeadParams,
+    images: np.ndarray,
+    explanation: Explanation | None = None,
 ) -> Parity:
-    """Exported (graph and NumPy head) against Keras on ``images`` (N, S, S) uint8."""
+    """Exported (graph, NumPy head and the served maps) against Keras (its probabilities
+    and the GradientTape maps of the same method and layer) on ``images`` (N, S, S)
+    uint8. ``explanation``: None is Grad-CAM at ``layer_name``."""
+    if explanation is None:
+        explanation = Explanation("gradcam", layer_name, layer_name)
     images = np.asarray(images).reshape(len(images), *model.input_shape[1:3])
-    reference_p, reference_maps = keras_reference(model, layer_name, images)
-    graph_p, head_p, maps = exported_answers(exported, head, images)
+    reference_p, reference_maps = keras_reference(
+        model, explanation.layer, images, explanation.method
+    )
+    graph_p, head_p, maps = exported_answers(exported, head, images, explanation)
     probabilities = max(
         float(np.abs(graph_p - reference_p).max()), float(np.abs(head_p - reference_p).max())
     )
@@ -284,7 +304,36 @@ def measure_parity(
     )
 
 
-def export_model(
+def check_parity(parity: Parity, tolerance: float, what: str = "Grad-CAM at the last map") -> None:
+    """``ExportError`` (one line) when the exported probabilities or served maps differ
+    from Keras's beyond ``tolerance``: the export gate."""
+    if max(parity.probabilities, parity.maps) > tolerance:
+        raise ExportError(
+            f"export: the exported model disagrees with the Keras model beyond {tolerance:g} "
+            f"(probabilities {parity.probabilities:.2e}, {what} maps {parity.maps:.2e} on "
+            f"{parity.images} images)"
+        )
+
+
+def served_explanation(model: Any, layer_name: str, method: str, layer: str) -> Explanation:
+    """The explanation to serve: ``method`` at ``layer`` (``auto``: the map the pooling
+    reads), with the backbone's tail read from the model when the layer is an earlier one
+    (``explain.tailcam``); ``ExportError`` (one line) for what one pass cannot serve."""
+    if method not in EXPLANATION_METHODS:
+        raise ExportError(
+            f"serving.explanation.method: {method!r} is not one of {', '.join(EXPLANATION_METHODS)}"
+        )
+    layer = layer_name if layer == "auto" else layer
+    if layer == layer_name:
+        return Explanation(method, layer, layer_name)
+    try:
+        tail = tail_from_model(model, layer, POOL_LAYER)
+    except TailError as error:
+        raise ExportError(f"serving.explanation.layer: {error}") from None
+    return Explanation(method, layer, layer_name, tail)
+
+
+def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
     model: Any,
     layer_name: str,
     folder: Path,
@@ -294,6 +343,7 @@ def export_model(
     representative: np.ndarray | None = None,
     tolerance: float = PARITY_TOLERANCE,
     extra_layers: tuple[str, ...] = (),
+    explanation: tuple[str, str] = ("gradcam", "auto"),
 ) -> ExportResult:
     """Write ``model.tflite`` and ``head.npz`` into ``folder`` after the parity check on
     ``check_images`` (N, S, S) real images; ``ExportError`` (one line) if the float
@@ -311,23 +361,30 @@ def export_model(
     head = head_params(model)
     if head.num_classes != int(model.output_shape[-1]):
         raise ExportError("head parameters do not match the model's outputs")
+    served = served_explanation(model, layer_name, *explanation)
+    if served.layer != layer_name and served.layer not in extra_layers:
+        extra_layers = (*extra_layers, served.layer)
     graph = inference_graph(model, layer_name, extra_layers)
     blob = to_tflite(graph, size, quantize, representative)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model_file, head_file = folder / EXPORT_FILE, folder / HEAD_FILE
+    tail_file = folder / TAIL_FILE if served.tail is not None else None
     model_file.write_bytes(blob)
     head.save(head_file)
+    if served.tail is not None and tail_file is not None:
+        served.tail.save(tail_file)
+        served = Explanation(served.method, served.layer, layer_name, TailParams.load(tail_file))
     exported = ExportedModel(model_file)
-    parity = measure_parity(model, layer_name, exported, head, check_images)
-    if quantize == "none" and max(parity.probabilities, parity.maps) > tolerance:
-        model_file.unlink()
-        head_file.unlink()
-        raise ExportError(
-            f"export: the exported model disagrees with the Keras model beyond {tolerance:g} "
-            f"(probabilities {parity.probabilities:.2e}, Grad-CAM maps {parity.maps:.2e} on "
-            f"{parity.images} images)"
-        )
+    parity = measure_parity(model, layer_name, exported, head, check_images, served)
+    if quantize == "none":
+        try:
+            check_parity(parity, tolerance, served.label)
+        except ExportError:
+            for path in (model_file, head_file, tail_file):
+                if path is not None:
+                    path.unlink()
+            raise
     probe = exported(probe_image(size)).probabilities[0]
     info = {
         "runtime": "litert",
@@ -338,8 +395,13 @@ def export_model(
         "outputs": ["probabilities", "pooled", "maps", *(EXTRA_PREFIX + n for n in extra_layers)],
         "bytes": len(blob),
         "sha256": hashlib.sha256(blob).hexdigest(),
+        "explanation": {
+            "method": served.method,
+            "layer": served.layer,
+            "tail": TAIL_FILE if tail_file is not None else None,
+        },
         "parity": parity.as_dict(),
         "parity_tolerance": tolerance,
         "probe_probabilities": [float(value) for value in probe],
     }
-    return ExportResult(model_file, head_file, info)
+    return ExportResult(model_file, head_file, info, tail_file)

@@ -30,9 +30,13 @@ from typing import Any
 import numpy as np
 
 from braintumor.core.redaction import one_line
+from braintumor.explain.headcam import HeadParams, head_gradcam
+from braintumor.explain.tailcam import TailParams, tail_cam
 
 EXPORT_FILE = "model.tflite"
 HEAD_FILE = "head.npz"
+TAIL_FILE = "tail.npz"  # the backbone's layers after an earlier explanation layer
+EXPLANATION_METHODS = ("gradcam", "hirescam")  # what one pass can serve (``explain.tailcam``)
 RUNTIMES = ("litert", "onnxruntime")
 OUTPUT_NAMES = ("probabilities", "pooled", "maps")
 EXTRA_PREFIX = "map_"  # extra outputs: ``map_<layer>``, another layer's map (export.py)
@@ -152,6 +156,53 @@ def _expected_outputs(names: Any) -> bool:
     names = set(names)
     extras = names - set(OUTPUT_NAMES)
     return set(OUTPUT_NAMES) <= names and all(n.startswith(EXTRA_PREFIX) for n in extras)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The map serving shows: ``method`` at ``layer``, from one invoke's outputs.
+
+    The localisation stage chooses it (``metrics/localisation.json``: HiResCAM at a block
+    of output stride 16 put twice the energy in the tumour mask that last-layer Grad-CAM
+    did) and ``serving.explanation`` names it; the export records it in bundle.json
+    (``exported.explanation``). Grad-CAM at the map the pooling reads needs only the head
+    (``explain.headcam``); any other (method, layer) also runs the backbone's tail in
+    NumPy (``explain.tailcam``, ``tail.npz``), on that layer's map which the graph returns
+    as the extra output ``map_<layer>``.
+    """
+
+    method: str
+    layer: str
+    map_layer: str  # the map the pooling reads (the graph's ``maps`` output)
+    tail: TailParams | None = None
+
+    @property
+    def label(self) -> str:
+        """What the app writes under the map, e.g. ``HiResCAM at block10_add``."""
+        name = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM"}.get(self.method, self.method)
+        return f"{name} at {self.layer}"
+
+    def layer_maps(self, outputs: GraphOutputs) -> np.ndarray:
+        """This explanation's layer's maps from one invoke's outputs."""
+        if self.layer == self.map_layer:
+            return outputs.maps
+        key = EXTRA_PREFIX + self.layer
+        if key not in outputs.extra:
+            raise ExportedModelError(f"the exported graph has no output {key!r}")
+        return outputs.extra[key]
+
+    def maps(
+        self, head: HeadParams, pooled: np.ndarray, layer_maps: np.ndarray, size: int
+    ) -> np.ndarray:
+        """(N, S, S) maps in [0, 1] of each row's predicted class, in NumPy."""
+        if self.method == "gradcam" and self.layer == self.map_layer:
+            return head_gradcam(head, pooled, layer_maps, (size, size)).heatmaps
+        tail = self.tail
+        if tail is None:
+            if self.layer != self.map_layer:
+                raise ExportedModelError(f"{self.label} needs the tail parameters ({TAIL_FILE})")
+            tail = TailParams(self.layer, ())  # HiResCAM at the pooled map: no layers between
+        return tail_cam(head, tail, pooled, layer_maps, (size, size), self.method).heatmaps
 
 
 def probe_image(size: int) -> np.ndarray:

@@ -19,11 +19,13 @@ drift apart: the same bad file gets the same ``InputError`` reason from all of t
 - ``Predictor.predict`` gives calibrated probabilities in batches; ``Predictor.explain``
   gives them with Grad-CAM maps from the same forward pass.
 - On a bundle with an exported model (the default, ``exported.py``) every forward pass is
-  one invoke of the exported graph: probabilities, pooled features and the last map. The
+  one invoke of the exported graph: probabilities, pooled features and the maps. The
   OOD check's pass in ``prepare`` keeps them, so ``classify`` and ``explain_prepared``
-  (the app's Grad-CAM, ``explain.headcam`` from the head's parameters in NumPy) need no
-  second pass, and nothing imports Keras or TensorFlow. A bundle without one runs Keras
-  (its compiled predict function and the GradientTape Grad-CAM) as before.
+  (the app's map: the bundle's ``explanation``, e.g. HiResCAM at ``block10_add`` as the
+  localisation stage chose, from the head's and the backbone tail's parameters in NumPy,
+  ``explain.headcam`` / ``explain.tailcam``) need no second pass, and nothing imports
+  Keras or TensorFlow. A bundle without one runs Keras (its compiled predict function and
+  the GradientTape map of the same method and layer).
 
 Patient data: only allow-listed DICOM attributes (``dicom.DICOM_INFO_TAGS``) are returned,
 DICOM refusals never quote the file's values, and pydicom's log messages (which can) are
@@ -383,8 +385,9 @@ class PreparedImage:
     # Calibrated probabilities (K,) from the learned OOD check's forward pass, when the
     # bundle has a detector: ``Predictor.classify`` uses them instead of a second pass.
     probabilities: np.ndarray | None = None
-    # The exported graph's pooled features (D,) and last map (h, w, D) of that same pass:
-    # ``Predictor.explain_prepared`` makes Grad-CAM from them without running the model.
+    # The exported graph's pooled features (D,) and the explanation layer's map (h, w, C)
+    # of that same pass: ``Predictor.explain_prepared`` makes the served map from them
+    # without running the model.
     pooled: np.ndarray | None = None
     maps: np.ndarray | None = None
 
@@ -454,7 +457,11 @@ class Predictor:
             ) from None
         z_scores, warning = self._distribution_check(image, name)
         feature_warning, probabilities, graph = self._feature_check(image, name)
-        pooled, maps = (None, None) if graph is None else (graph.pooled[0], graph.maps[0])
+        pooled, maps = (
+            (None, None)
+            if graph is None
+            else (graph.pooled[0], self.bundle.explanation.layer_maps(graph)[0])
+        )
         return PreparedImage(
             name, image, z_scores, feature_warning or warning, info, probabilities, pooled, maps
         )
@@ -574,17 +581,29 @@ class Predictor:
                 rows[index] = row
         return np.stack(rows).astype(np.float32)
 
+    @property
+    def explanation_label(self) -> str:
+        """The served map's method and layer, e.g. ``HiResCAM at block10_add``."""
+        return self.bundle.explanation.label
+
     def gradcam(self) -> Any:
-        """The compiled Grad-CAM of the bundle's layer (built on first use; Keras
-        bundles: an exported one computes it from the head, ``explain.headcam``)."""
+        """The compiled GradientTape map of the bundle's explanation (method and layer;
+        built on first use; Keras bundles: an exported one computes the same map in
+        NumPy, ``explain.tailcam``)."""
         if self._gradcam is None:
             from braintumor.explain.gradcam import GradCam
 
-            self._gradcam = GradCam.for_model(self.bundle.model, self.bundle.meta.gradcam_layer)
+            explanation = self.bundle.explanation
+            self._gradcam = GradCam.for_model(
+                self.bundle.model,
+                explanation.layer,
+                "centred",
+                explanation.method,  # type: ignore[arg-type]
+            )
         return self._gradcam
 
     def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated probabilities (N, K) and Grad-CAM maps (N, S, S) in [0, 1] of the
+        """Calibrated probabilities (N, K) and the served maps (N, S, S) in [0, 1] of the
         predicted class, both from one forward pass."""
         batch = self._batch(images)
         exported = self.bundle.exported
@@ -596,7 +615,8 @@ class Predictor:
                 with self._lock:
                     graph = exported(batch[start : start + size])
                 rows.append(graph.probabilities)
-                maps.append(self._head_cam(graph.pooled, graph.maps))
+                layer_maps = self.bundle.explanation.layer_maps(graph)
+                maps.append(self._head_cam(graph.pooled, layer_maps))
             calibrated = apply_temperature(np.concatenate(rows), self.bundle.meta.temperature)
             return calibrated, np.concatenate(maps)
         gradcam = self.gradcam()
@@ -606,14 +626,13 @@ class Predictor:
         return probabilities, result.heatmaps
 
     def _head_cam(self, pooled: np.ndarray, maps: np.ndarray) -> np.ndarray:
-        """One-pass Grad-CAM maps (``explain.headcam``) of the predicted classes from an
-        exported graph's outputs: NumPy on the head's parameters, no model call."""
-        from braintumor.explain.headcam import head_gradcam
-
+        """One-pass maps of the predicted classes (the bundle's explanation: the head's
+        and the backbone tail's gradient in NumPy) from an exported graph's outputs:
+        ``maps`` are the explanation layer's; no model call."""
         head = self.bundle.head
         if head is None:  # pragma: no cover - Bundle.load always pairs them
             raise ValueError("the bundle's exported model has no head parameters")
-        return head_gradcam(head, pooled, maps, (self.image_size, self.image_size)).heatmaps
+        return self.bundle.explanation.maps(head, pooled, maps, self.image_size)
 
     def explain_prepared(self, prepared: list[PreparedImage]) -> tuple[np.ndarray, np.ndarray]:
         """``explain`` of prepared images, reusing the OOD check's pass where it kept the

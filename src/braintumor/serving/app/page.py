@@ -28,7 +28,7 @@ TITLE = "Brain tumour MRI classifier"
 FILE_TYPES = [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"]
 INTRO = (
     "Upload one axial brain MRI slice (JPEG, PNG or DICOM). The model gives a calibrated "
-    "probability for each class and a Grad-CAM map of the image regions that drove its "
+    "probability for each class and a heat map of the image regions that drove its "
     "answer. A research demonstration, not a medical device."
 )
 # Display images and uploads never analysed are deleted this long after they were made
@@ -160,8 +160,11 @@ def _result_row(gr: Any, predictor: Predictor) -> tuple[Any, ...]:
     with gr.Row(equal_height=False):
         shown = gr.Image(label="Uploaded slice", elem_id="slice", scale=3, **image_options)
         with gr.Column(scale=3):
+            # Names the method and layer served (bundle.json's exported.explanation).
             overlay = gr.Image(
-                label="Grad-CAM overlay (predicted class)", elem_id="overlay", **image_options
+                label=f"{predictor.explanation_label} overlay (predicted class)",
+                elem_id="overlay",
+                **image_options,
             )
             opacity = gr.Slider(
                 0.0,
