@@ -364,3 +364,29 @@ def real_slices(mirror: Path, meta: BundleMeta, per_class: int, offset: int = 0)
             for p in paths
         ]
     )
+
+
+def tiny_hirescam_bundle(mirror: Path, root: Path) -> Path:
+    """The tiny bundle exported to serve HiResCAM at ``tiny_relu2`` (an earlier block: its
+    map is an extra output and ``tail.npz`` carries ``tiny_conv3``, ``tiny_bn3`` and the
+    last ReLU), as ``serving.explanation`` asks for (once per session); returns its
+    folder."""
+    if "tiny+hirescam" in _BUNDLES:
+        return _BUNDLES["tiny+hirescam"]
+    import keras
+
+    from braintumor.evaluation.ood import OodDetector
+    from braintumor.serving.bundle import OOD_FILE
+    from braintumor.serving.export import export_model
+
+    source = tiny_bundle_with_detector(mirror, root / "ood")
+    meta = read_meta(source)
+    model = keras.saving.load_model(source / MODEL_FILE, compile=False)
+    check = real_slices(mirror, meta, 2, offset=20)
+    exported = export_model(
+        model, meta.gradcam_layer, root / "export", check, explanation=("hirescam", "tiny_relu2")
+    )
+    detector = OodDetector.load(source / OOD_FILE)
+    write_bundle(root / "bundle", source / MODEL_FILE, meta, detector, exported)
+    _BUNDLES["tiny+hirescam"] = root / "bundle"
+    return root / "bundle"

@@ -441,11 +441,11 @@ def tail_from_model(model: Any, layer_name: str, pool_layer: str) -> TailParams:
     average pooling), read from the functional graph. ``TailError`` (one line) when the
     layer does not separate the model there (something after it reads an earlier tensor)
     or a layer in between is not supported."""
-    try:
-        chosen = model.get_layer(layer_name)
-        pool = model.get_layer(pool_layer)
-    except ValueError as error:
-        raise TailError(f"explanation layer: {error}") from None
+    names = {layer.name for layer in model.layers}
+    for name in (layer_name, pool_layer):
+        if name not in names:
+            raise TailError(f"model {model.name!r} has no layer named {name!r}")
+    chosen, pool = model.get_layer(layer_name), model.get_layer(pool_layer)
     if len(chosen._inbound_nodes) != 1:
         raise TailError(f"explanation layer {layer_name!r} is called more than once")
     target = chosen.output
