@@ -1,0 +1,138 @@
+"""The NumPy tail (``explain.tailcam``): HiResCAM and Grad-CAM at an earlier block from
+one forward pass's maps equal the GradientTape's (``gradcam.GradCam``) on real slices.
+
+The two backbones the study serves, built flat as the classifier builds them (untrained:
+``weights="none"``, so their BatchNormalization statistics are set from a seeded random
+draw to make every affine step non-trivial): EfficientNet-Lite0 at ``block10_add`` (its
+tail: 1x1 and 5x5 depthwise convolutions, one strided, BN, ReLU6, residual adds and
+drop-connect Dropout) and ResNet50 at ``conv4_block6_out`` (strided 1x1 and 3x3
+convolutions with bias, a projection shortcut, BN, ReLU activations, adds). Also: a layer
+that does not separate the model, a layer type the tail cannot differentiate, and the
+file round trip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from braintumor.core.schema import ModelParams, PreprocessParams
+from braintumor.data.imaging import decode_image, preprocess_gray
+from braintumor.explain.gradcam import GradCam
+from braintumor.explain.tailcam import TailError, TailParams, tail_cam, tail_from_model
+from braintumor.serving.export import POOL_LAYER, head_params
+
+from serving_helpers import real_images
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mirror")]
+
+TOLERANCE = 1e-4  # serving.export.PARITY_TOLERANCE
+
+
+def slices(mirror: Path, size: int) -> np.ndarray:
+    """Two real msoud test slices per class, preprocessed as served: (8, S, S, 1)."""
+    params = PreprocessParams()
+    paths = real_images(mirror, 2, "Testing", offset=40)
+    gray = [preprocess_gray(decode_image(p.read_bytes()).gray, size, params) for p in paths]
+    return np.stack(gray)[..., None].astype(np.float32)
+
+
+def classifier(backbone: str, size: int) -> keras.Model:
+    """The classifier over ``backbone`` with random (seeded) BN statistics everywhere."""
+    keras.utils.set_random_seed(3)
+    model = build(backbone, size)
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.normal(0, 0.2, shape).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.2, shape).astype("float32"))
+    return model
+
+
+def build(backbone: str, size: int) -> keras.Model:
+    from braintumor.model.classifier import build_model
+
+    return build_model(ModelParams(backbone=backbone, weights="none", dense_units=(16,)), size, 4)
+
+
+def numpy_maps(model: keras.Model, layer: str, images: np.ndarray, method: str) -> np.ndarray:
+    """What serving computes: the layer's map and the pooled features of one forward pass,
+    then the head and the tail in NumPy."""
+    tail = tail_from_model(model, layer, POOL_LAYER)
+    taps = keras.Model(
+        model.input, [model.get_layer(layer).output, model.get_layer(POOL_LAYER).output]
+    )
+    layer_maps, pooled = (np.asarray(v) for v in taps.predict_on_batch(images))
+    size = images.shape[1:3]
+    return tail_cam(head_params(model), tail, pooled, layer_maps, size, method).heatmaps
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size", "layer"),
+    [("efficientnet_lite0", 128, "block10_add"), ("resnet50", 64, "conv4_block6_out")],
+)
+def test_tail_maps_equal_the_gradient_tape_on_real_slices(
+    mirror: Path, backbone: str, size: int, layer: str
+) -> None:
+    model = classifier(backbone, size)
+    images = slices(mirror, size)
+    for method in ("hirescam", "gradcam"):
+        served = numpy_maps(model, layer, images, method)
+        reference = GradCam.for_model(model, layer, "centred", method).compute(images).heatmaps  # type: ignore[arg-type]
+        difference = float(np.abs(served - reference).max())
+        assert difference <= TOLERANCE, (backbone, method, difference)
+        assert reference.max() == 1.0  # real, non-flat maps compared
+    # HiResCAM at the block is not Grad-CAM at the last map (the check can tell them apart).
+    last = GradCam.for_model(
+        model, "top_activation" if backbone != "resnet50" else "conv5_block3_out"
+    )
+    assert np.abs(numpy_maps(model, layer, images, "hirescam") - last(images)).max() > 0.05
+
+
+def test_tail_is_read_as_the_backbone_has_it() -> None:
+    model = build("efficientnet_lite0", 64)
+    tail = tail_from_model(model, "block10_add", POOL_LAYER)
+    kinds = [step.kind for step in tail.steps]
+    assert kinds.count("depthwise") == 5 and kinds.count("add") == 3  # blocks 11-15
+    assert kinds[-3:] == ["conv", "affine", "relu"]  # top_conv, top_bn, top_activation
+    strided = [step.name for step in tail.steps if step.config.get("stride") == 2]
+    assert strided == ["block11_dwconv"]
+    assert all(len(step.inputs) == 2 for step in tail.steps if step.kind == "add")
+
+
+def test_layer_that_does_not_separate_the_model_is_refused() -> None:
+    """Inside a residual block the skip connection bypasses the layer."""
+    model = build("efficientnet_lite0", 64)
+    with pytest.raises(TailError, match="'block12_project_bn' does not separate") as caught:
+        tail_from_model(model, "block12_project_bn", POOL_LAYER)
+    assert "\n" not in str(caught.value)
+
+
+def test_unsupported_layer_is_refused_in_one_line() -> None:
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="first")(inputs)
+    x = keras.layers.MaxPooling2D(name="pooling")(x)
+    x = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    with pytest.raises(TailError, match=r"tail layer 'pooling' \(MaxPooling2D\)") as caught:
+        tail_from_model(model, "first", POOL_LAYER)
+    assert "\n" not in str(caught.value)
+
+
+def test_file_round_trip_and_a_bad_file(tmp_path: Path) -> None:
+    model = build("resnet50", 64)
+    tail = tail_from_model(model, "conv4_block6_out", POOL_LAYER)
+    tail.save(tmp_path / "tail.npz")
+    loaded = TailParams.load(tmp_path / "tail.npz")
+    assert loaded.layer == "conv4_block6_out" and len(loaded.steps) == len(tail.steps)
+    maps = np.random.default_rng(0).uniform(0, 1, (1, 4, 4, 1024)).astype(np.float32)
+    assert np.array_equal(loaded.forward(maps)[0], tail.forward(maps)[0])
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(TailError, match=r"bad\.npz: not a tail-parameters file"):
+        TailParams.load(tmp_path / "bad.npz")
