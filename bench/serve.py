@@ -4,19 +4,23 @@ Runtime, optionally LiteRT int8), per upload, in batches, and the app's memory.
 Usage (from the repository root)::
 
     .venv/bin/python bench/serve.py [--model models/bundle] [--runtimes keras,litert,onnxruntime]
+        [--reexport] [--explanation hirescam:block10_add]
         [--int8] [--uploads 40] [--images 100] [--duration 30] [--clients 8]
         [--serving-python .venv-serving/bin/python] [--skip-concurrency] [--mirror DIR]
 
 The model: ``--model`` (a trained bundle, e.g. ``models/bundle`` of ``make run``; exported
-here first if it has no exported model) or, by default, ``model.build_model`` with
+here first if it has no exported model, or with ``--reexport``, serving the map
+``--explanation`` names) or, by default, ``model.build_model`` with
 ``--backbone`` at ``--size`` (``weights="none"``: timings do not depend on the weights'
 values), exported the same way (``serving.export``, parity-checked). The runtimes, each
 behind the same ``Predictor`` (decode, checks, preprocessing, the OOD check, calibration):
 
 - ``keras``: ``Bundle.load(runtime="keras")``: Keras's compiled ``predict_on_batch``, the
-  ``FeatureExtractor`` pass of the OOD check and the GradientTape Grad-CAM (a second pass);
+  ``FeatureExtractor`` pass of the OOD check and the GradientTape map of the bundle's
+  explanation (a second pass);
 - ``litert``: the bundle's ``model.tflite`` in ``ai-edge-litert`` (XNNPACK), one invoke per
-  upload, Grad-CAM from the head in NumPy (``explain.headcam``): what serving runs;
+  upload, the served map (e.g. HiResCAM at ``block10_add``) from the head and the
+  backbone's tail in NumPy (``explain.headcam``, ``explain.tailcam``): what serving runs;
 - ``onnxruntime``: the same graph converted with tf2onnx, in ONNX Runtime (CPU provider);
 - ``litert-int8`` (``--int8``): post-training full-integer quantisation, calibrated on 100
   real Training slices (not test ones).
@@ -25,9 +29,9 @@ In one run:
 
 1. **Latency of one upload** (real test slices, a different file each time, the runtimes
    interleaved so machine load hits them alike), p50 and p95: ``served`` (prepare, then
-   the probabilities) and ``served + Grad-CAM`` (prepare, probabilities and map, overlay
-   blend: what the app does per upload); the model's forward pass alone per runtime; the
-   largest probability difference from the Keras path.
+   the probabilities) and ``served + map`` (prepare, probabilities and the served map,
+   overlay blend: what the app does per upload); the model's forward pass alone per
+   runtime; the largest probability and map differences from the Keras path.
 2. **Throughput**: ``predict.predict_files`` with overlays on a folder of real slices, and
    a batch of 32 preprocessed slices through ``Predictor.predict``, images/s per runtime.
 3. **The app** (``python -m braintumor.serving.app --runtime keras|auto``, with
@@ -119,25 +123,40 @@ def build_bundle(folder: Path, mirror: Path, size: int, backbone: str) -> Path:
     return folder / "source"
 
 
-def exported_bundle(source: Path, work: Path, mirror: Path, int8: bool) -> dict[str, Any]:
-    """``source`` with an exported model (exported here if it has none), the ONNX file of
-    the same graph and, with ``int8``, a quantised flatbuffer; export times and sizes."""
+def exported_bundle(
+    source: Path,
+    work: Path,
+    mirror: Path,
+    int8: bool,
+    explanation: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """``source`` with an exported model (exported here if it has none, or if
+    ``explanation`` (method, layer) is given: re-exported to serve that map), the ONNX
+    file of the same graph and, with ``int8``, a quantised flatbuffer; export times and
+    sizes."""
     import keras
 
     from braintumor.evaluation.ood import OodDetector
     from braintumor.serving.bundle import MODEL_FILE, OOD_FILE, read_meta, write_bundle
     from braintumor.serving.export import export_model, inference_graph, to_onnx, to_tflite
+    from braintumor.serving.exported import EXTRA_PREFIX
 
     meta = read_meta(source)
     model = keras.saving.load_model(source / MODEL_FILE, compile=False)
     info: dict[str, Any] = {"keras_model_mb": (source / MODEL_FILE).stat().st_size / 1e6}
     folder = source
-    if not meta.exported:
+    if not meta.exported or explanation is not None:
         check = preprocessed(
             real_slices(mirror, "Training", 32, offset=200), meta.image_size, meta.preprocess
         )
         started = time.perf_counter()
-        exported = export_model(model, meta.gradcam_layer, work / "export", check)
+        exported = export_model(
+            model,
+            meta.gradcam_layer,
+            work / "export",
+            check,
+            explanation=explanation or ("gradcam", "auto"),
+        )
         info["export_s"] = time.perf_counter() - started
         detector = OodDetector.load(source / OOD_FILE) if (source / OOD_FILE).is_file() else None
         folder = work / "bundle"
@@ -145,8 +164,15 @@ def exported_bundle(source: Path, work: Path, mirror: Path, int8: bool) -> dict[
         meta = read_meta(folder)
     info["bundle"] = folder
     info["parity"] = meta.exported.get("parity")
+    info["explanation"] = meta.exported.get("explanation")
     info["litert_mb"] = meta.exported["bytes"] / 1e6
-    graph = inference_graph(model, meta.gradcam_layer)
+    # The same outputs as the bundle's graph (the served map's layer among them).
+    extras = tuple(
+        name[len(EXTRA_PREFIX) :]
+        for name in meta.exported.get("outputs", [])
+        if name.startswith(EXTRA_PREFIX)
+    )
+    graph = inference_graph(model, meta.gradcam_layer, extras)
     started = time.perf_counter()
     to_onnx(graph, meta.image_size, work / "model.onnx")
     info["onnx_export_s"] = time.perf_counter() - started
@@ -212,6 +238,7 @@ def measure_latency(runs: dict[str, Any], uploads: list[Path]) -> dict[str, Any]
 
     refused: dict[str, int] = dict.fromkeys(runs, 0)
     missing = np.full(len(CLASSES), np.nan)
+    shown: dict[str, list[np.ndarray]] = {runtime: [] for runtime in runs}
 
     def served(predictor: Any, name: str, data: bytes) -> np.ndarray:
         try:
@@ -220,22 +247,24 @@ def measure_latency(runs: dict[str, Any], uploads: list[Path]) -> dict[str, Any]
             refused[next(k for k, v in runs.items() if v is predictor)] += 1
             return missing
 
-    def served_gradcam(predictor: Any, name: str, data: bytes) -> np.ndarray:
+    def served_map(predictor: Any, name: str, data: bytes) -> np.ndarray:
         try:
             prepared = predictor.prepare(data, name)
         except InputError:
             return missing
         probabilities, heatmaps = predictor.explain_prepared([prepared])
         overlay_image(prepared.image, heatmaps[0], predictor.settings.overlay_alpha)
+        shown[next(k for k, v in runs.items() if v is predictor)].append(heatmaps[0])
         return probabilities[0]
 
     variants = [
         (runtime, kind, function)
         for runtime in runs
-        for kind, function in (("served", served), ("served + Grad-CAM", served_gradcam))
+        for kind, function in (("served", served), ("served + map", served_map))
     ]
     for runtime, _, function in variants:  # one untimed call each: first allocations
         function(runs[runtime], *payloads[0])
+    shown = {runtime: [] for runtime in runs}
     times: dict[str, list[float]] = {f"{r} {k}": [] for r, k, _ in variants}
     answers: dict[str, list[np.ndarray]] = {f"{r} {k}": [] for r, k, _ in variants}
     for index, (name, data) in enumerate(payloads):
@@ -259,7 +288,17 @@ def measure_latency(runs: dict[str, Any], uploads: list[Path]) -> dict[str, Any]
             started = time.perf_counter()
             predictor.predict(image)
             forward[runtime].append(time.perf_counter() - started)
+    first_runtime = next(iter(runs))
+    map_difference = {
+        runtime: float(np.abs(np.stack(maps) - np.stack(shown[first_runtime])).max())
+        for runtime, maps in shown.items()
+        if maps and len(maps) == len(shown[first_runtime])
+    }
     return {
+        "explanation": {
+            runtime: predictor.explanation_label for runtime, predictor in runs.items()
+        },
+        "max_abs_map_difference": map_difference,
         "latency": {key: percentiles(values) for key, values in times.items()},
         "forward": {key: percentiles(values) for key, values in forward.items()},
         "probability_std_across_uploads": float(np.nanstd(reference, axis=0).max()),
@@ -484,7 +523,8 @@ def report(result: dict[str, Any]) -> None:
     )
     if "latency" in result:
         print()
-        print("one upload (decode + checks + preprocessing + OOD + model [+ Grad-CAM + blend])")
+        print("one upload (decode + checks + preprocessing + OOD + model [+ map + blend])")
+        print(f"map served: {result['explanation']}")
         header = f"{'runtime and variant':<34} {'n':>4} {'p50 ms':>9} {'p95 ms':>9} {'min ms':>9}"
         print(header)
         print("-" * len(header))
@@ -496,18 +536,20 @@ def report(result: dict[str, Any]) -> None:
         print("forward pass alone (Predictor.predict, one preprocessed slice, 50 interleaved)")
         for runtime, values in result["forward"].items():
             print(f"  {runtime:<14} p50 {values['p50_ms']:.2f} ms, p95 {values['p95_ms']:.2f} ms")
-        keras_key = "keras served + Grad-CAM"
+        keras_key = "keras served + map"
         if keras_key in result["latency"]:
             base = result["latency"][keras_key]["p50_ms"]
             for runtime in result["forward"]:
-                key = f"{runtime} served + Grad-CAM"
+                key = f"{runtime} served + map"
                 if runtime != "keras" and key in result["latency"]:
                     ratio = base / result["latency"][key]["p50_ms"]
-                    print(f"  p50 per upload with Grad-CAM, keras / {runtime}: {ratio:.1f}x")
+                    print(f"  p50 per upload with the map, keras / {runtime}: {ratio:.1f}x")
         diffs = ", ".join(
             f"{k} {v:.1e}" for k, v in result["max_abs_probability_difference"].items()
         )
         print(f"max |probability difference| vs {result['reference']}: {diffs}")
+        maps = ", ".join(f"{k} {v:.1e}" for k, v in result["max_abs_map_difference"].items())
+        print(f"max |served map difference| vs {next(iter(result['explanation']))}: {maps}")
         print(
             f"real test slices refused by the OOD check: {result['refused_as_out_of_distribution']}"
         )
@@ -588,6 +630,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in px")
     parser.add_argument("--mirror", type=Path)
+    parser.add_argument(
+        "--reexport", action="store_true", help="export --model again (with --explanation)"
+    )
+    parser.add_argument(
+        "--explanation",
+        default="hirescam:block10_add",
+        help="METHOD:LAYER of the map to serve when exporting here (auto: the last map)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "serve.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -610,7 +660,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             source = build_bundle(work, mirror, args.size, args.backbone)
             what = f"{args.backbone} at {args.size} px (weights none)"
-        info = exported_bundle(source, work, mirror, args.int8)
+        method, _, layer = args.explanation.partition(":")
+        reexport = args.model is None or args.reexport
+        if args.model is None and args.backbone != DEFAULT_BACKBONE:
+            layer = "auto"  # the default layer is Lite0's; name another backbone's with --model
+        info = exported_bundle(
+            source, work, mirror, args.int8, (method, layer or "auto") if reexport else None
+        )
         settings = ServingParams(grayscale_tolerance=6.0)
         runs = predictors(info, runtimes, settings)
         result["files"] = {k: v for k, v in info.items() if not isinstance(v, Path)}

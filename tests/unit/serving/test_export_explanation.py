@@ -33,7 +33,7 @@ from braintumor.serving.export import (
     measure_parity,
     served_explanation,
 )
-from braintumor.serving.exported import EXPORT_FILE, TAIL_FILE, ExportedModel, Explanation
+from braintumor.serving.exported import EXPORT_FILE, TAIL_FILE, Explanation, ExportedModel
 from braintumor.serving.predictor import Predictor
 
 from serving_helpers import BUNDLE_SIZE, real_slices, tiny_hirescam_bundle
