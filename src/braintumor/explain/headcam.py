@@ -17,8 +17,9 @@ column. ``score="logit"`` uses the raw column.
 
 Only this head shape is supported (a chain of BatchNormalization / Dense with ReLU or no
 activation / Dropout, ending in a Dense); ``serving.export`` reads it from a Keras model
-and refuses anything else in one line. A Grad-CAM layer that does not feed the pooling
-directly (an earlier block) needs gradients through the backbone, which this cannot give.
+and refuses anything else in one line. A layer that does not feed the pooling directly
+(an earlier block) needs gradients through the backbone too: ``explain.tailcam`` chains
+``HeadParams.pooled_gradient`` through those layers.
 
 Explain layer, NumPy and OpenCV only (through ``maps``): it runs in the serving install,
 which holds no Keras.

@@ -4,8 +4,11 @@
 (``model.tflite``) whose single signature returns three tensors for a batch of 0-255 gray
 images: ``probabilities`` (N, K, before calibration), ``pooled`` (N, D, the global average
 of the last convolutional map: the out-of-distribution detector's features) and ``maps``
-(N, h, w, D, that map: Grad-CAM's). With the head's parameters (``head.npz``,
-``explain.headcam``) those feed classification, the OOD check and Grad-CAM from one pass.
+(N, h, w, D, that map: Grad-CAM's), plus ``map_<layer>`` for the served explanation's
+layer when it is an earlier one. With the head's parameters (``head.npz``,
+``explain.headcam``) and, for that layer, the backbone tail's (``tail.npz``,
+``explain.tailcam``) those feed classification, the OOD check and the served map
+(``Explanation``) from one pass.
 
 Why LiteRT: measured side by side with ONNX Runtime on the quickstart's trained
 EfficientNet-Lite0 (``bench/serve.py --model models/bundle``, 2 busy cores; docs/

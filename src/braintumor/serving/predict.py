@@ -296,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", type=Path, help="out.csv or out.json (default: CSV on standard output)"
     )
-    parser.add_argument("--overlays", type=Path, help="folder for Grad-CAM overlay PNGs")
+    parser.add_argument(
+        "--overlays", type=Path, help="folder for overlay PNGs of the bundle's served map"
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--batch-size", type=int, help="images per model call")
     parser.add_argument(
