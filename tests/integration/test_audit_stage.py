@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -65,6 +66,8 @@ def run_audit(root: Path, params: Path | None = None) -> subprocess.CompletedPro
             str(root / "metrics" / "label_issues.csv"),
             "--figures",
             str(root / "figures" / "audit"),
+            "--features",
+            str(root / "data" / "features"),
         ],
         capture_output=True,
         text=True,
@@ -106,6 +109,14 @@ def test_the_stage_writes_suspects_counts_figures_and_external_views(project: Pa
         assert metrics["external"][f"{source}_test.count"] == count
         assert 0 <= metrics["external"][f"{source}_test.accuracy"] <= 1
         assert metrics["external_reference"][f"{source}_test.count"] == count
+    # Phase 1's features (training.features): train and val rows, keyed to what made them.
+    from braintumor.training.features import FEATURES_META
+
+    saved = json.loads((project / "data" / "features" / FEATURES_META).read_text())
+    for split in ("train", "val"):
+        rows = len(pd.read_csv(processed / f"{split}_index.csv"))
+        assert saved["rows"][split] == rows
+        assert np.load(project / "data" / "features" / f"{split}.npy").shape[0] == rows
     headline = json.loads((project / "metrics" / "audit_headline.json").read_text())
     assert "external.sartaj_test.accuracy" in headline
     # The evaluate stage puts them into eval.json as they are.

@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--headline", type=Path, help="the stage's DVC metric")
     parser.add_argument("--suspects", required=True, type=Path, help="CSV of every suspect")
     parser.add_argument("--figures", required=True, type=Path, help="figures folder")
+    parser.add_argument("--features", type=Path, help="train/val pooled features for phase 1")
     return parser
 
 
@@ -122,7 +123,7 @@ def run_audit(params: Params, args: argparse.Namespace) -> tuple[dict[str, Any],
     """Features, the audit of each part, the figures and the external view."""
     from braintumor.model.classifier import build_model
     from braintumor.model.weights.files import weights_file
-    from braintumor.training.features import backbone_features
+    from braintumor.training.features import backbone_features, features_key, save_features
     from braintumor.training.inputs import load_processed
 
     started = time.perf_counter()
@@ -131,6 +132,14 @@ def run_audit(params: Params, args: argparse.Namespace) -> tuple[dict[str, Any],
     frames = training_rows(args.data, args.index, sources)
     data = load_processed(args.data, classes, params.common.image_size, ("train", "val", "test"))
     pretrained = weights_file(args.pretrained, params.model.backbone) if args.pretrained else None
+    import keras
+
+    # Seeded and in the precision phase 1 builds its model with, so that the features are
+    # the ones phase 1 would compute (training.features), weights file or not.
+    keras.utils.set_random_seed(params.common.seed)
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if params.train.mixed_precision else "float32"
+    )
     model = build_model(params.model, params.common.image_size, len(classes), pretrained=pretrained)
     batch = params.evaluate.batch_size
     features = {
@@ -138,6 +147,9 @@ def run_audit(params: Params, args: argparse.Namespace) -> tuple[dict[str, Any],
         for split in ("train", "val", "test")
     }
     feature_seconds = time.perf_counter() - started
+    if args.features is not None:  # phase 1 reuses them (training.features.load_features)
+        key = features_key(params, data.digest, pretrained)
+        save_features(args.features, {s: features[s] for s in ("train", "val")}, key)
     tables, counts, matrices, accuracy = [], {}, {}, {}
     args.figures.mkdir(parents=True, exist_ok=True)
     for part, splits in AUDITED.items():

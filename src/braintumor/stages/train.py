@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--init", type=Path, help="finetune: the frozen phase's model.keras")
     parser.add_argument("--pretrained", type=Path, help="the weights stage's folder")
     parser.add_argument("--label-issues", type=Path, help="the audit stage's suspects CSV")
+    parser.add_argument("--features", type=Path, help="frozen: the audit's pooled features")
     # The same names as evaluate's.
     parser.add_argument(
         "--parent-run-file", type=Path, help="finetune: the frozen phase's run file"
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         pretrained=(
             weights_file(args.pretrained, params.model.backbone) if args.pretrained else None
         ),
+        features=args.features,
     )
     try:
         checkpoint = find_checkpoint(params, args.phase, data, paths)

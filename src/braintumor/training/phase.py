@@ -41,7 +41,13 @@ from braintumor.training.checkpointing import (
     reset_checkpoint_dir,
     save_model_atomic,
 )
-from braintumor.training.features import backbone_features, check_cacheable, head_model
+from braintumor.training.features import (
+    backbone_features,
+    check_cacheable,
+    features_key,
+    head_model,
+    load_features,
+)
 from braintumor.training.records import (
     numeric_metrics,
     session_epoch_seconds,
@@ -70,6 +76,7 @@ class PhasePaths:
     headline: Path | None = None  # the few numbers DVC compares (headline.phase_headline)
     init_model: Path | None = None  # finetune: the frozen phase's model.keras
     pretrained: Path | None = None  # frozen: the weights stage's converted backbone file
+    features: Path | None = None  # frozen, cache_features: the audit's pooled features
 
     @property
     def model(self) -> Path:
@@ -175,6 +182,7 @@ class PhaseInputs:
     val_batches: Any
     indices: np.ndarray  # training rows used (a per-class subset, or all)
     class_weight: dict[int, float] | None
+    features_source: str | None = None  # cache_features: reused (from where) or computed, why
 
 
 def phase_inputs(
@@ -184,6 +192,7 @@ def phase_inputs(
     augmenter: Any,
     data: ProcessedData,
     initial_epoch: int,
+    paths: PhasePaths | None = None,
 ) -> PhaseInputs:
     """The training model and batches of a phase, compiled with its optimizer."""
     import keras
@@ -194,14 +203,22 @@ def phase_inputs(
     settings = phase_params(params, phase)
     train, val = data.splits["train"], data.splits["val"]
     indices = subset_per_class(train.labels, params.train.subset_per_class, params.common.seed)
+    features_source = None
     if settings.cache_features:
         # The frozen backbone gives every epoch the same features: compute them once and
         # train the head alone (without augmentation, which would change them).
         check_cacheable(phase, trainable_mode(phase, settings))
         training_model = head_model(model)
-        train_inputs = backbone_features(model, train.images, indices, settings.batch_size)
+        key = features_key(params, data.digest, paths.pretrained if paths else None)
+        rows = {"train": len(train.labels), "val": len(val.labels)}
+        saved, features_source = load_features(paths.features if paths else None, key, rows)
+        if saved is not None:
+            train_inputs, val_inputs = saved["train"][indices], saved["val"]
+        else:
+            features_source = f"computed: {features_source}"
+            train_inputs = backbone_features(model, train.images, indices, settings.batch_size)
+            val_inputs = backbone_features(model, val.images, None, settings.batch_size)
         train_labels, batch_indices = train.labels[indices], None
-        val_inputs = backbone_features(model, val.images, None, settings.batch_size)
     else:
         training_model = build_training_model(model, augmenter)
         train_inputs, train_labels, val_inputs = train.images, train.labels, val.images
@@ -234,7 +251,9 @@ def phase_inputs(
     weights = class_weights(
         train.labels[indices], len(params.common.classes), settings.class_weight
     )
-    return PhaseInputs(training_model, train_batches, val_batches, indices, weights)
+    return PhaseInputs(
+        training_model, train_batches, val_batches, indices, weights, features_source
+    )
 
 
 def fit_phase(
@@ -322,7 +341,7 @@ def _train_phase(
         model = build_phase_model(params, phase, paths.init_model, paths.pretrained)
         augmenter = build_augmenter(params.augment, params.common.image_size, params.common.seed)
         inputs = phase_inputs(
-            params, phase, model, augmenter, data, resume["epoch"] if resume else 0
+            params, phase, model, augmenter, data, resume["epoch"] if resume else 0, paths
         )
         run.log_dataset(data, inputs.indices)
         tensorboard = _tensorboard(paths.tensorboard, params.train.backend)
@@ -446,6 +465,7 @@ def phase_metrics(
         "val_images": int(len(inputs.val_batches.labels)),
         "trainable_mode": trainable_mode(phase, settings),
         "cached_features": settings.cache_features,
+        "features_source": inputs.features_source,
         "start_" + monitor: None if start is None else round(start[0], 6),
         "kept_starting_weights": kept_start,
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),

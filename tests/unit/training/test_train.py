@@ -373,6 +373,62 @@ def test_the_guard_can_judge_on_balanced_accuracy_of_leakage_free_validation(
             assert metrics["kept_starting_weights"] is True
 
 
+def test_phase_one_reuses_the_audits_features_only_when_they_fit(tmp_path: Path, data) -> None:
+    """The audit saves the frozen backbone's pooled features and phase 1 trains on them
+    instead of computing its own: the same head as computing them, and it is the saved
+    arrays that train it (zeros with the right key give another head). Features with
+    another key or another row count are not used, and the reason is kept."""
+    import dataclasses
+
+    import keras
+
+    from braintumor.training.features import (
+        backbone_features,
+        features_key,
+        load_features,
+        save_features,
+    )
+    from braintumor.training.phase import build_phase_model, run_phase
+
+    params = tiny_params(frozen__cache_features=True, frozen__epochs=2)
+    keras.utils.set_random_seed(params.common.seed)
+    model = build_phase_model(params, "frozen", None)
+    train = backbone_features(model, data.splits["train"].images, None, 7)
+    val = backbone_features(model, data.splits["val"].images, None, 7)
+    key = features_key(params, data.digest, None)
+    folder = tmp_path / "features"
+
+    def frozen(name: str) -> dict[str, Any]:
+        paths = dataclasses.replace(phase_paths(tmp_path / name, "frozen"), features=folder)
+        result = run_phase(params, "frozen", data, paths)
+        kernel = result.model.get_layer("head_dense1").get_weights()[0]
+        return {"loss": result.history[-1]["val_loss"], "kernel": kernel, **result.metrics}
+
+    computed = run_phase(params, "frozen", data, phase_paths(tmp_path / "own", "frozen"))
+    assert computed.metrics["features_source"] == "computed: no features folder given"
+    save_features(folder, {"train": train, "val": val}, key)
+    reused = frozen("reused")
+    assert reused["features_source"] == f"reused {folder}"
+    assert reused["loss"] == pytest.approx(computed.history[-1]["val_loss"], abs=1e-5)
+    kernel = computed.model.get_layer("head_dense1").get_weights()[0]
+    np.testing.assert_allclose(reused["kernel"], kernel, atol=1e-5)
+    save_features(folder, {"train": np.zeros_like(train), "val": val}, key)
+    assert np.abs(frozen("zeros")["kernel"] - kernel).max() > 1e-4  # no input, no gradient
+    rows = {"train": len(train), "val": len(val)}
+    save_features(folder, {"train": train, "val": val}, "another key")
+    assert load_features(folder, key, rows)[0] is None
+    assert "another model" in load_features(folder, key, rows)[1]
+    save_features(folder, {"train": train[:-1], "val": val}, key)
+    assert load_features(folder, key, rows)[0] is None
+    assert "rows" in load_features(folder, key, rows)[1]
+    (folder / "meta.json").write_text("{")
+    assert "unreadable" in load_features(folder, key, rows)[1]
+    other_seed = tiny_raw_params(frozen__cache_features=True)
+    other_seed["common"]["seed"] = 7  # no weights file: the seed makes the backbone
+    assert features_key(params_from_mapping(other_seed), data.digest, None) != key
+    assert features_key(params, data.digest + "x", None) != key
+
+
 def test_cached_features_need_a_head_only_phase(tmp_path: Path, data) -> None:
     from braintumor.training.phase import run_phase
 
