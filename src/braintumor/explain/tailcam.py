@@ -198,8 +198,17 @@ class TailParams:
 # --------------------------------------------------------------------------- the layers
 
 
+def _pointwise(step: TailStep) -> bool:
+    """A 1 x 1, stride-1 convolution: one matrix product, no padding or windows."""
+    kernel = step.arrays["kernel"]
+    return step.kind == CONV and kernel.shape[:2] == (1, 1) and int(step.config["stride"]) == 1
+
+
 def _conv_forward(step: TailStep, x: np.ndarray) -> np.ndarray:
     kernel = step.arrays["kernel"]
+    if _pointwise(step):
+        out = (x.reshape(-1, kernel.shape[2]) @ kernel[0, 0]).reshape(*x.shape[:3], -1)
+        return out + step.arrays["bias"] if "bias" in step.arrays else out
     stride, padding = int(step.config["stride"]), str(step.config["padding"])
     size = kernel.shape[:2]
     padded = _padded(x, size, stride, padding)
@@ -214,7 +223,9 @@ def _conv_forward(step: TailStep, x: np.ndarray) -> np.ndarray:
                 i : i + stride * (rows - 1) + 1 : stride,
                 j : j + stride * (cols - 1) + 1 : stride,
             ]
-            if depthwise:
+            if depthwise and kernel.shape[3] == 1:
+                out += patch * kernel[i, j, :, 0]
+            elif depthwise:
                 out += (patch[..., None] * kernel[i, j]).reshape(out.shape)
             else:  # as one 2-D product: a strided 4-D matmul skips BLAS
                 flat = np.ascontiguousarray(patch).reshape(-1, kernel.shape[2])
@@ -226,15 +237,19 @@ def _conv_forward(step: TailStep, x: np.ndarray) -> np.ndarray:
 
 def _conv_backward(step: TailStep, upstream: np.ndarray, x: np.ndarray) -> list[np.ndarray]:
     kernel = step.arrays["kernel"]
+    if _pointwise(step):
+        flat = np.ascontiguousarray(upstream).reshape(-1, kernel.shape[3])
+        return [(flat @ kernel[0, 0].T).reshape(x.shape)]
     stride, padding = int(step.config["stride"]), str(step.config["padding"])
     size = kernel.shape[:2]
     padded_shape = _padded(x[:1], size, stride, padding).shape
     gradient = np.zeros((x.shape[0], *padded_shape[1:]), upstream.dtype)
     rows, cols = upstream.shape[1:3]
     depthwise = step.kind == DEPTHWISE
-    if depthwise:
+    single = depthwise and kernel.shape[3] == 1  # multiplier 1: channel by channel
+    if depthwise and not single:
         upstream = upstream.reshape(*upstream.shape[:3], kernel.shape[2], kernel.shape[3])
-    else:
+    elif not depthwise:
         flat = np.ascontiguousarray(upstream).reshape(-1, kernel.shape[3])
     for i in range(size[0]):
         for j in range(size[1]):
@@ -243,7 +258,9 @@ def _conv_backward(step: TailStep, upstream: np.ndarray, x: np.ndarray) -> list[
                 slice(i, i + stride * (rows - 1) + 1, stride),
                 slice(j, j + stride * (cols - 1) + 1, stride),
             )
-            if depthwise:
+            if single:
+                gradient[window] += upstream * kernel[i, j, :, 0]
+            elif depthwise:
                 gradient[window] += (upstream * kernel[i, j]).sum(axis=-1)
             else:
                 part = flat @ kernel[i, j].T

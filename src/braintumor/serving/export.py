@@ -22,7 +22,10 @@ shows (``explanation``, ``serving.explanation``) may be another (method, layer):
 at an earlier block, as the localisation stage chose. That layer becomes an extra output
 of the same graph, the backbone's layers after it are written to ``tail.npz``
 (``explain.tailcam``: their gradient by hand in NumPy, since gradient ops are not LiteRT
-builtins), and the parity check compares those served maps with the GradientTape's.
+builtins), and the parity check compares those maps with the GradientTape's: within
+``PARITY_TOLERANCE`` when computed on Keras's own forward values (the NumPy gradient is
+exact), within ``SERVED_MAP_TOLERANCE`` from the LiteRT graph's (whose float rounding
+flips a few ReLU6 gates in the tail).
 
 Serving layer; imports Keras and TensorFlow (the training install), never at import time.
 """
@@ -53,6 +56,12 @@ from braintumor.serving.exported import (
 
 POOL_LAYER = "head_pool"  # model.classifier: HEAD_PREFIX + "pool"
 PARITY_TOLERANCE = 1e-4  # max |difference| of probabilities and of [0, 1] Grad-CAM maps
+# The served map through the backbone's tail, LiteRT's forward values against Keras's: the
+# runtimes' float32 rounding differs (3e-4 at block10_add of the quickstart's Lite0, scale
+# 44), which flips a few ReLU6 gates in the tail and moves the map by up to 1.8e-3 (32
+# validation slices). The NumPy tail itself is held to PARITY_TOLERANCE on Keras's own
+# forward values (``Parity.numpy_maps``: 9e-7 there).
+SERVED_MAP_TOLERANCE = 1e-2
 QUANTIZE = ("none", "int8")
 
 
@@ -66,14 +75,18 @@ class Parity:
 
     images: int
     probabilities: float
-    maps: float
+    maps: float  # the served maps from the exported graph's outputs
     same_class: float  # share of images whose predicted class agrees
+    # The same NumPy maps (head and tail) on Keras's own forward values: the hand-written
+    # gradient alone, without the runtimes' rounding differences.
+    numpy_maps: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {
             "images": self.images,
             "probabilities": float(self.probabilities),
             "maps": float(self.maps),
+            "numpy_maps": float(self.numpy_maps),
             "same_class": float(self.same_class),
         }
 
@@ -301,16 +314,44 @@ def measure_parity(
         probabilities=probabilities,
         maps=float(np.abs(maps - reference_maps).max()),
         same_class=float((graph_p.argmax(1) == reference_p.argmax(1)).mean()),
+        numpy_maps=float(
+            np.abs(keras_tapped_maps(model, head, images, explanation) - reference_maps).max()
+        ),
     )
 
 
-def check_parity(parity: Parity, tolerance: float, what: str = "Grad-CAM at the last map") -> None:
-    """``ExportError`` (one line) when the exported probabilities or served maps differ
-    from Keras's beyond ``tolerance``: the export gate."""
-    if max(parity.probabilities, parity.maps) > tolerance:
+def keras_tapped_maps(
+    model: Any, head: HeadParams, images: np.ndarray, explanation: Explanation
+) -> np.ndarray:
+    """The NumPy maps (``explanation``) computed on Keras's own pooled features and layer
+    maps: what the head and tail alone contribute to the parity."""
+    import keras
+
+    taps = keras.Model(
+        model.inputs,
+        [model.get_layer(explanation.layer).output, model.get_layer(POOL_LAYER).output],
+        name="parity_taps",
+    )
+    batch = np.asarray(images, np.float32).reshape(len(images), *model.input_shape[1:])
+    layer_maps, pooled = (np.asarray(value) for value in taps.predict_on_batch(batch))
+    return explanation.maps(head, pooled, layer_maps, int(batch.shape[1]))
+
+
+def check_parity(
+    parity: Parity,
+    tolerance: float,
+    what: str = "Grad-CAM at the last map",
+    map_tolerance: float | None = None,
+) -> None:
+    """``ExportError`` (one line) when the exported probabilities or the NumPy maps on
+    Keras's forward values differ from Keras's beyond ``tolerance``, or the served maps
+    beyond ``map_tolerance`` (None: ``tolerance``): the export gate."""
+    map_bound = tolerance if map_tolerance is None else map_tolerance
+    if max(parity.probabilities, parity.numpy_maps) > tolerance or parity.maps > map_bound:
         raise ExportError(
             f"export: the exported model disagrees with the Keras model beyond {tolerance:g} "
-            f"(probabilities {parity.probabilities:.2e}, {what} maps {parity.maps:.2e} on "
+            f"(probabilities {parity.probabilities:.2e}, {what} maps {parity.numpy_maps:.2e} "
+            f"in NumPy on Keras's values, {parity.maps:.2e} served, bound {map_bound:g}, on "
             f"{parity.images} images)"
         )
 
@@ -377,9 +418,10 @@ def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
         served = Explanation(served.method, served.layer, layer_name, TailParams.load(tail_file))
     exported = ExportedModel(model_file)
     parity = measure_parity(model, layer_name, exported, head, check_images, served)
+    map_tolerance = tolerance if served.tail is None else max(tolerance, SERVED_MAP_TOLERANCE)
     if quantize == "none":
         try:
-            check_parity(parity, tolerance, served.label)
+            check_parity(parity, tolerance, served.label, map_tolerance)
         except ExportError:
             for path in (model_file, head_file, tail_file):
                 if path is not None:
@@ -402,6 +444,7 @@ def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
         },
         "parity": parity.as_dict(),
         "parity_tolerance": tolerance,
+        "parity_map_tolerance": map_tolerance,
         "probe_probabilities": [float(value) for value in probe],
     }
     return ExportResult(model_file, head_file, info, tail_file)

@@ -66,7 +66,8 @@ def test_export_records_the_served_explanation_and_its_parity(shipped: Path) -> 
     assert meta.exported["explanation"] == {"method": "hirescam", "layer": LAYER, "tail": TAIL_FILE}
     assert f"map_{LAYER}" in meta.exported["outputs"]
     assert meta.files[TAIL_FILE] == file_sha256(shipped / TAIL_FILE)
-    assert meta.exported["parity"]["maps"] <= PARITY_TOLERANCE
+    assert meta.exported["parity"]["numpy_maps"] <= PARITY_TOLERANCE
+    assert meta.exported["parity"]["maps"] <= meta.exported["parity_map_tolerance"] <= 1e-2
     tail = TailParams.load(shipped / TAIL_FILE)
     assert [step.kind for step in tail.steps] == ["conv", "affine", "relu"]
 
@@ -165,8 +166,9 @@ def test_a_tail_off_by_a_little_fails_the_export_gate(
     shipped: Path, keras_model, slices: np.ndarray
 ) -> None:
     """The gate the export runs (``measure_parity`` then ``check_parity``): the real tail
-    passes it; the same tail with one convolution scaled by 1 % gives maps beyond 1e-4 and
-    the export fails in one line naming the served map."""
+    passes it; the same tail with one convolution's channels scaled by up to 10 % gives
+    maps beyond 1e-4 (on Keras's own forward values, where the NumPy tail must be exact)
+    and the export fails in one line naming the served map."""
     exported = ExportedModel(shipped / EXPORT_FILE)
     head = head_params(keras_model)
     served = served_explanation(keras_model, "top_activation", "hirescam", LAYER)
@@ -183,7 +185,8 @@ def test_a_tail_off_by_a_little_fails_the_export_gate(
     )
     off = Explanation("hirescam", LAYER, "top_activation", TailParams(LAYER, tuple(steps)))
     bad = measure_parity(keras_model, "top_activation", exported, head, slices, off)
-    assert bad.maps > PARITY_TOLERANCE
+    assert bad.numpy_maps > PARITY_TOLERANCE and bad.maps > PARITY_TOLERANCE
+    assert good.numpy_maps <= PARITY_TOLERANCE
     with pytest.raises(ExportError, match=f"HiResCAM at {LAYER} maps") as caught:
         check_parity(bad, PARITY_TOLERANCE, off.label)
     assert "\n" not in str(caught.value)
