@@ -203,3 +203,15 @@ def test_export_refuses_an_explanation_one_pass_cannot_serve(
         export_model(
             keras_model, "top_activation", tmp_path, slices[:2], explanation=("hirescam", "nope")
         )
+
+
+def test_the_app_labels_the_map_with_its_method_and_layer(shipped: Path, tmp_path: Path) -> None:
+    from braintumor.serving.app.page import build_app
+
+    page = build_app(Predictor(Bundle.load(shipped)), upload_folder=tmp_path)
+    labels = {
+        block.elem_id: getattr(block, "label", None)
+        for block in page.blocks.blocks.values()
+        if getattr(block, "elem_id", None)
+    }
+    assert labels["overlay"] == f"HiResCAM at {LAYER} overlay (predicted class)"
