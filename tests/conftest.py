@@ -337,6 +337,9 @@ TINY_OVERRIDES = {
     # images per class in each fold.
     "audit": {"folds": 2},
     "model": {"backbone": "tinycnn", "weights": "none", "gradcam_layer": "auto"},
+    # tinycnn has no stride-16 block of the backbones' names: HiResCAM at its second
+    # block (a strided conv, BN and ReLU before the pooled map) is served instead.
+    "serving": {"explanation": {"method": "hirescam", "layer": "tiny_relu2"}},
     "evaluate": {
         "bootstrap_resamples": 50,
         "gradcam_examples": 1,
