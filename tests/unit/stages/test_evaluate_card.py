@@ -27,14 +27,11 @@ def test_the_stage_writes_the_card_from_its_metrics(
     """About 30 s: one evaluation of the tiny project without tracking, with a
     localisation detail; the card holds the run's own headline and that sentence, and
     says the audit was not run (no --audit)."""
-    from braintumor.core.config import deep_merge
     from braintumor.stages.evaluate import main
 
     detail = tmp_path / "localisation_detail.json"
     detail.write_text(json.dumps({"card_line": CARD_LINE, "chosen": "gradcam@top_activation"}))
-    # the tiny model's own last map (params.yaml serves a layer of the real backbones)
-    served = {"serving": {"explanation": {"method": "gradcam", "layer": "auto"}}}
-    params = write_params(tmp_path / "params", deep_merge(TINY_OVERRIDES, served))
+    params = write_params(tmp_path / "params", TINY_OVERRIDES)
     args = evaluate_args(tiny_project, tmp_path / "out", params=params)
     assert main([*args, "--no-tracking", "--localisation", str(detail)]) == 0
     card = (tmp_path / "out" / CARD_FILE).read_text(encoding="utf-8")
