@@ -132,6 +132,9 @@ class BundleMeta:
     # The exported model (``export.ExportResult.info``): runtime, file, sha256, parity,
     # the probe's probabilities; empty when the bundle has none.
     exported: dict[str, Any] = field(default_factory=dict)
+    # The map serving shows (``serving.explanation``: method and layer), for a bundle
+    # served by Keras too (no export on JAX); an export's own record wins.
+    explanation: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -157,6 +160,7 @@ class BundleMeta:
                 source=dict(data.get("source", {})),
                 files=_manifest(data.get("files", {})),
                 exported=dict(data.get("exported") or {}),
+                explanation={str(k): str(v) for k, v in (data.get("explanation") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as error:
             raise BundleError(f"{META_FILE}: malformed ({one_line(error)})") from None
@@ -278,12 +282,15 @@ def _check_exported_entry(manifest: Path, meta: BundleMeta) -> None:
 
 
 def explanation_entry(meta: BundleMeta) -> dict[str, Any]:
-    """What the export recorded about the served map (``exported.explanation``); a bundle
-    exported before it, or not exported, shows Grad-CAM at its ``gradcam_layer``."""
+    """What the export recorded about the served map (``exported.explanation``), else
+    what the bundle names (``explanation``, a bundle without an export); a bundle written
+    before either shows Grad-CAM at its ``gradcam_layer``."""
     entry = meta.exported.get("explanation") if meta.exported else None
-    if not isinstance(entry, dict):
-        return {"method": "gradcam", "layer": meta.gradcam_layer, "tail": None}
-    return entry
+    if isinstance(entry, dict):
+        return entry
+    if meta.explanation and not meta.exported:
+        return {**meta.explanation, "tail": None}
+    return {"method": "gradcam", "layer": meta.gradcam_layer, "tail": None}
 
 
 def _check_integrity(folder: Path, meta: BundleMeta) -> None:

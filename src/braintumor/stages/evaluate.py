@@ -551,6 +551,13 @@ def write_model_bundle(
                 temperature=float(results["finetuned"]["temperature"]),
                 input_stats=InputStats.from_images(inputs.data.splits["train"].images),
                 source={"data_digest": inputs.data.digest, "profile": params.profile},
+                # The served map, also for a bundle Keras serves (serving.explanation).
+                explanation={
+                    "method": params.serving.explanation.method,
+                    "layer": gradcam_layer(params, inputs.models["finetuned"])
+                    if params.serving.explanation.layer == "auto"
+                    else params.serving.explanation.layer,
+                },
             ),
             detector,
             export_for_bundle(inputs, params, Path(folder)),

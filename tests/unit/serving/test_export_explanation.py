@@ -215,3 +215,25 @@ def test_the_app_labels_the_map_with_its_method_and_layer(shipped: Path, tmp_pat
         if getattr(block, "elem_id", None)
     }
     assert labels["overlay"] == f"HiResCAM at {LAYER} overlay (predicted class)"
+
+
+def test_a_bundle_without_export_serves_its_named_explanation_with_keras(
+    shipped: Path, keras_model, slices: np.ndarray, tmp_path: Path
+) -> None:
+    """No export (the JAX backend): bundle.json's ``explanation`` still names the map, and
+    the Keras runtime computes it with the GradientTape."""
+    import dataclasses
+
+    from braintumor.serving.bundle import write_bundle
+
+    meta = dataclasses.replace(
+        read_meta(shipped), exported={}, explanation={"method": "hirescam", "layer": LAYER}
+    )
+    folder = tmp_path / "keras-only"
+    write_bundle(folder, shipped / MODEL_FILE, meta)
+    predictor = Predictor(Bundle.load(folder))
+    assert predictor.bundle.runtime == "keras"
+    assert predictor.explanation_label == f"HiResCAM at {LAYER}"
+    _, maps = predictor.explain(slices[:4])
+    expected = GradCam.for_model(keras_model, LAYER, "centred", "hirescam")(slices[:4, ..., None])
+    assert np.abs(maps - expected).max() <= PARITY_TOLERANCE
