@@ -7,8 +7,8 @@ draw to make every affine step non-trivial): EfficientNet-Lite0 at ``block10_add
 tail: 1x1 and 5x5 depthwise convolutions, one strided, BN, ReLU6, residual adds and
 drop-connect Dropout) and ResNet50 at ``conv4_block6_out`` (strided 1x1 and 3x3
 convolutions with bias, a projection shortcut, BN, ReLU activations, adds). Also: a layer
-that does not separate the model, a layer type the tail cannot differentiate, and the
-file round trip.
+that does not separate the model, a layer type the tail cannot differentiate, the file
+round trip, and the fused plan serving runs on the layer cases the backbones do not reach.
 """
 
 from __future__ import annotations
@@ -136,3 +136,56 @@ def test_file_round_trip_and_a_bad_file(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
     with pytest.raises(TailError, match=r"bad\.npz: not a tail-parameters file"):
         TailParams.load(tmp_path / "bad.npz")
+
+
+def test_fused_layers_equal_the_gradient_tape() -> None:
+    """The fused plan (BN folded into the convolution before it, ReLU clipped in place,
+    depthwise as one einsum) on the cases the two backbones do not reach: a valid,
+    strided depthwise with bias, an odd map, channel multiplier 2, a 3 x 3 strided
+    convolution with BN and ReLU6, BN after an add (not folded), zero padding and a ReLU
+    whose input two steps read (not fused). Forward and input gradient, batch of 3."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(7)
+    layers = keras.layers
+    inputs = keras.Input((9, 9, 6))
+    start = layers.Activation("linear", name="start")(inputs)  # the chosen map: the input
+    x = layers.DepthwiseConv2D(3, strides=2, padding="valid", use_bias=True, name="dw")(start)
+    x = layers.BatchNormalization(name="dw_bn")(x)
+    x = layers.ReLU(6.0, name="dw_relu")(x)
+    y = layers.DepthwiseConv2D(5, padding="same", depth_multiplier=2, name="dw2")(x)
+    y = layers.Conv2D(6, 1, name="project")(y)
+    y = layers.Add(name="add")([x, y])
+    y = layers.BatchNormalization(name="add_bn")(y)
+    z = layers.ReLU(name="shared_relu")(y)
+    z = layers.Add(name="add2")([z, layers.Conv2D(6, 1, name="side")(z)])
+    z = layers.ZeroPadding2D(((1, 0), (0, 1)), name="pad")(z)
+    z = layers.Conv2D(8, 3, strides=2, padding="same", name="conv3")(z)
+    z = layers.BatchNormalization(name="conv3_bn")(z)
+    z = layers.Activation("relu6", name="conv3_relu")(z)
+    pooled = layers.GlobalAveragePooling2D(name=POOL_LAYER)(z)
+    model = keras.Model(inputs, pooled)
+    rng = np.random.default_rng(2)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            shape = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.normal(0, 0.2, shape).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.2, shape).astype("float32"))
+    tail = tail_from_model(model, "start", POOL_LAYER)
+    assert len(tail._plan.ops) < len([s for s in tail.steps if s.kind != "identity"])
+    maps = rng.uniform(-20, 40, (3, 9, 9, 6)).astype(np.float32)  # ReLU6 caps some
+    weights = rng.normal(0, 1, (3, 8)).astype(np.float32)
+    tensor = tf.constant(maps)
+    with tf.GradientTape() as tape:
+        tape.watch(tensor)
+        out = model(tensor, training=False)
+        score = tf.reduce_sum(out * weights)
+    expected = np.asarray(tape.gradient(score, tensor))
+    served, values = tail.forward(maps)
+    assert all((values[i] == 6.0).any() for i in (1, -1))  # both ReLU6 masks have a cap
+    assert np.abs(served - np.asarray(out)).max() <= 1e-5
+    gradient = tail.backward(values, weights)
+    assert np.abs(gradient - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max()))
+    assert np.abs(expected).max() > 0.01  # a real gradient compared
