@@ -98,6 +98,24 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
+def write_arrays(path: str | Path, arrays: dict[str, Any], *, compressed: bool = False) -> None:
+    """Named arrays as an ``.npz`` of plain arrays, atomically: the format of the bundle's
+    small numeric files (the head, the tail, the OOD detector), readable without pickle."""
+    import numpy as np
+
+    with atomic_path(Path(path)) as temporary, open(temporary, "wb") as handle:
+        (np.savez_compressed if compressed else np.savez)(handle, **arrays)
+
+
+def read_arrays(path: str | Path) -> dict[str, Any]:
+    """Every array of an ``.npz``, read with pickle refused (an object array raises
+    ``ValueError``, as a missing or corrupt file raises ``OSError`` or ``ValueError``)."""
+    import numpy as np
+
+    with np.load(Path(path), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
 def stream_sha256(reader: BinaryIO, chunk_bytes: int = 1 << 20) -> tuple[str, int]:
     """SHA-256 (hex) and size of what ``reader`` holds from where it stands, read in chunks:
     the package's one way of hashing a file's bytes (bundles, weights, archives, the raw

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from braintumor.core.files import read_arrays, write_arrays
+
 METHODS = ("mahalanobis", "energy")
 FEATURE_LAYER = "head_pool"  # model.HEAD_PREFIX + "pool": global average of the backbone
 LOGIT_LAYER = "head_predictions"  # model.OUTPUT: a softmax Dense, its logits are rebuilt
@@ -197,8 +199,6 @@ class OodDetector:
 
     def save(self, path: Path) -> None:
         """Write (atomically) an ``.npz`` of plain arrays, loadable without pickle."""
-        from braintumor.core.files import atomic_path
-
         arrays: dict[str, Any] = {
             "format_version": np.array(FORMAT_VERSION),
             "method": np.array(self.method),
@@ -209,15 +209,13 @@ class OodDetector:
         if self.method == "mahalanobis":
             arrays["means"] = np.asarray(self.means, np.float32)
             arrays["whitening"] = np.asarray(self.whitening, np.float32)
-        with atomic_path(Path(path)) as temporary, open(temporary, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
+        write_arrays(path, arrays, compressed=True)
 
     @classmethod
     def load(cls, path: Path) -> OodDetector:
         """Read a detector written by ``save``; ``OodError`` for a missing or bad file."""
         try:
-            with np.load(Path(path), allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
+            arrays = read_arrays(path)
         except (OSError, ValueError) as error:
             raise OodError(f"{path}: not an out-of-distribution detector ({error})") from None
         version = int(arrays.get("format_version", -1))

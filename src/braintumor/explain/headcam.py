@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from braintumor.core.files import read_arrays, write_arrays
 from braintumor.explain.maps import normalize_maps, resize_maps
 
 FORMAT_VERSION = 1
@@ -109,8 +110,6 @@ class HeadParams:
 
     def save(self, path: Path) -> None:
         """Plain arrays in an ``.npz`` (no pickle), written atomically."""
-        from braintumor.core.files import atomic_path
-
         arrays: dict[str, Any] = {
             "format_version": np.array(FORMAT_VERSION),
             "kinds": np.array([s.kind + ("_relu" if s.relu else "") for s in self.steps]),
@@ -120,15 +119,13 @@ class HeadParams:
         for index, step in enumerate(self.steps):
             arrays[f"step{index}_first"] = step.first
             arrays[f"step{index}_second"] = step.second
-        with atomic_path(Path(path)) as temporary, open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
+        write_arrays(path, arrays)
 
     @classmethod
     def load(cls, path: Path) -> HeadParams:
         """Read ``save``'s file; ``HeadCamError`` (one line) for anything else."""
         try:
-            with np.load(Path(path), allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
+            arrays = read_arrays(path)
             if int(arrays["format_version"]) != FORMAT_VERSION:
                 raise HeadCamError(f"{path}: head format {int(arrays['format_version'])}")
             steps = []

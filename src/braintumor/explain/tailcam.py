@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from braintumor.core.files import read_arrays, write_arrays
 from braintumor.explain.headcam import HeadCamError, HeadCamResult, HeadParams
 from braintumor.explain.maps import normalize_maps, resize_maps
 
@@ -158,8 +159,6 @@ class TailParams:
 
     def save(self, path: Path) -> None:
         """Plain arrays and a JSON description in an ``.npz`` (no pickle), atomically."""
-        from braintumor.core.files import atomic_path
-
         spec = [
             {"kind": s.kind, "inputs": list(s.inputs), "name": s.name, "config": s.config}
             for s in self.steps
@@ -172,15 +171,13 @@ class TailParams:
         for index, step in enumerate(self.steps):
             for key, value in step.arrays.items():
                 arrays[f"step{index}_{key}"] = value
-        with atomic_path(Path(path)) as temporary, open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
+        write_arrays(path, arrays)
 
     @classmethod
     def load(cls, path: Path) -> TailParams:
         """Read ``save``'s file; ``TailError`` (one line) for anything else."""
         try:
-            with np.load(Path(path), allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
+            arrays = read_arrays(path)
             if int(arrays["format_version"]) != FORMAT_VERSION:
                 raise TailError(f"{path}: tail format {int(arrays['format_version'])}")
             spec = json.loads(str(arrays["spec"]))
