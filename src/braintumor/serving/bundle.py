@@ -67,8 +67,9 @@ from braintumor.serving.exported import (
 MODEL_FILE = "model.keras"
 META_FILE = "bundle.json"
 OOD_FILE = "ood.npz"
+CARD_FILE = "MODEL_CARD.md"  # the model card (reports/model_card.py), hashed like the rest
 # The files a bundle may hold besides bundle.json (the model is required).
-BUNDLE_FILES = (MODEL_FILE, OOD_FILE, EXPORT_FILE, HEAD_FILE, TAIL_FILE)
+BUNDLE_FILES = (MODEL_FILE, OOD_FILE, EXPORT_FILE, HEAD_FILE, TAIL_FILE, CARD_FILE)
 RUNTIME_CHOICES = ("auto", "exported", "keras")
 PROBE_TOLERANCE = 1e-3  # the probe's probabilities: same file, another CPU's rounding
 FORMAT_VERSION = 2  # 2: bundle.json lists every file with its sha256 (``files``)
@@ -182,11 +183,12 @@ def write_bundle(
     meta: BundleMeta,
     ood_detector: OodDetector | None = None,
     exported: Any = None,
+    card: str | None = None,
 ) -> BundleMeta:
     """Write (atomically) a bundle folder: the saved ``.keras`` model, the detector when
     there is one, the exported model and head when ``exported`` (an
-    ``export.ExportResult``) is given, and ``bundle.json`` listing every other file with
-    its sha256.
+    ``export.ExportResult``) is given, the model card (``MODEL_CARD.md``) when ``card`` is,
+    and ``bundle.json`` listing every other file with its sha256.
 
     The one writer of bundles (the evaluate stage, tests and benchmarks call it), so the
     manifest always matches what was written. Returns the metadata as written.
@@ -201,6 +203,8 @@ def write_bundle(
             if getattr(exported, "tail_file", None) is not None:
                 shutil.copyfile(exported.tail_file, temporary / TAIL_FILE)
             meta = dataclasses.replace(meta, exported=dict(exported.info))
+        if card is not None:
+            (temporary / CARD_FILE).write_text(card, encoding="utf-8")
         files = {path.name: file_sha256(path) for path in sorted(temporary.iterdir())}
         if exported is not None and files[EXPORT_FILE] != meta.exported.get("sha256"):
             raise BundleError(f"{exported.model_file}: changed after its export was checked")

@@ -531,10 +531,11 @@ def write_model_bundle(
     results: dict[str, dict[str, Any]],
     params: Params,
     detector: Any = None,
+    card: str | None = None,
 ) -> Any:
     """The bundle, through its one writer: the model, its metadata, the OOD detector
-    (when fitted) and the exported model serving runs (``export_for_bundle``), every file
-    hashed into bundle.json."""
+    (when fitted), the exported model serving runs (``export_for_bundle``) and the model
+    card, every file hashed into bundle.json."""
     import tempfile
 
     from braintumor.serving.bundle import BundleMeta, InputStats, write_bundle
@@ -561,6 +562,7 @@ def write_model_bundle(
             ),
             detector,
             export_for_bundle(inputs, params, Path(folder)),
+            card,
         )
 
 
@@ -670,8 +672,8 @@ def write_evaluation(evaluation: Evaluation, paths: EvaluatePaths, params: Param
     inputs, results, robustness = evaluation.inputs, evaluation.results, evaluation.robustness
     confusion, roc = write_figures(paths.figures, inputs, results, robustness, params)
     card = model_card_text(evaluation, paths, params)
-    bundle_meta = write_model_bundle(paths, inputs, results, params, evaluation.detector)
-    write_text(card_path(paths), card)  # logged to the evaluate run with the reports
+    bundle_meta = write_model_bundle(paths, inputs, results, params, evaluation.detector, card)
+    write_text(card_path(paths), card)  # also logged to the evaluate run with the reports
     write_plot_tables(paths.plots, confusion, roc, robustness)
     report_json: dict[str, Any] = {
         name: {k: v for k, v in result.items() if k not in ("calibrated", "raw")}

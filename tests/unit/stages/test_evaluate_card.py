@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from braintumor.reports.model_card import CARD_FILE
-from braintumor.serving.bundle import read_meta
+from braintumor.serving.bundle import Bundle, read_meta
 
 from conftest import TINY_OVERRIDES, evaluate_args, write_params
 
@@ -43,3 +43,8 @@ def test_the_stage_writes_the_card_from_its_metrics(
     assert "Suspected label errors: not measured" in card
     assert f"temperature {round(metrics['temperature'], 3)}" in card
     assert read_meta(tmp_path / "out" / "bundle").model_sha256[:16] in card
+    # the bundle carries the same card, hashed in its manifest, and still loads
+    bundle = tmp_path / "out" / "bundle"
+    assert (bundle / CARD_FILE).read_text(encoding="utf-8") == card
+    assert CARD_FILE in read_meta(bundle).files
+    Bundle.load(bundle)

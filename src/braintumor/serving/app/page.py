@@ -27,9 +27,9 @@ from braintumor.serving.predictor import Predictor
 TITLE = "Brain tumour MRI classifier"
 FILE_TYPES = [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"]
 INTRO = (
-    "Upload one axial brain MRI slice (JPEG, PNG or DICOM). The model gives a calibrated "
-    "probability for each class and a heat map of the image regions that drove its "
-    "answer. A research demonstration, not a medical device."
+    "Upload one brain MRI slice (axial, coronal or sagittal; JPEG, PNG or DICOM). The model "
+    "gives a calibrated probability for each class and a heat map of the image regions "
+    "that drove its answer. A research demonstration, not a medical device."
 )
 # Display images and uploads never analysed are deleted this long after they were made
 # (checked every CACHE_SWEEP_S); analysed uploads go at once.
