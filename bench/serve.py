@@ -686,7 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_concurrency:
             text_file = work / "text.png"
             text_file.write_text("not an image\n" * 20)
-            apps = [("keras", sys.executable), ("auto", args.serving_python or sys.executable)]
+            # abspath, not resolve(): the app starts in another folder, and a venv's python
+            # is a link that must stay one (resolving it leaves the venv)
+            serving = os.path.abspath(args.serving_python) if args.serving_python else None
+            apps = [("keras", sys.executable), ("auto", serving or sys.executable)]
             result["concurrency"] = [
                 measure_concurrency(
                     info["bundle"], uploads, text_file, args.clients, args.duration, work, r, py
