@@ -128,7 +128,19 @@ class TailParams:
                 values.append(op.forward(*args))
             except ValueError as error:
                 raise TailError(f"tail step {op.name!r}: {error}") from None
-        return values[plan.output].mean(axis=(1, 2)), values
+        return self.pooled(values), values
+
+    def pooled(self, values: list[np.ndarray]) -> np.ndarray:
+        """What the global average pooling makes of the tail's values (N, D)."""
+        return values[self._plan.output].mean(axis=(1, 2))
+
+    @property
+    def value_layers(self) -> tuple[str, ...]:
+        """The Keras layer whose output each of ``forward``'s values is (the chosen map's
+        first): tapping these from the model gives ``backward`` the model's own values,
+        so its ReLU gates are the model's (a gate within float rounding of 0 or 6 can
+        flip between two forward computations, and a flipped gate moves the map)."""
+        return (self.layer, *self._plan.names)
 
     def backward(self, values: list[np.ndarray], pooled_gradient: np.ndarray) -> np.ndarray:
         """The gradient with respect to the chosen map (N, h, w, C) of a score whose
@@ -353,6 +365,8 @@ class _Op(NamedTuple):
 class _Plan(NamedTuple):
     ops: tuple[_Op, ...]
     output: int  # the value the pooling reads
+    # The Keras layer whose output each op's value equals (the last step of its group)
+    names: tuple[str, ...] = ()
 
 
 def _clip(out: np.ndarray, maximum: float | None) -> np.ndarray:
@@ -556,6 +570,7 @@ def _fused(steps: tuple[TailStep, ...]) -> _Plan:
     readers[len(steps)] += 1  # the pooling reads the last value
     where = {0: 0}  # a step's value (its index + 1) -> the plan's value
     ops: list[_Op] = []
+    names: list[str] = []
     index = 0
     while index < len(steps):
         step = steps[index]
@@ -565,13 +580,15 @@ def _fused(steps: tuple[TailStep, ...]) -> _Plan:
         elif step.kind in (CONV, DEPTHWISE):
             op, end = _conv_group(steps, index, readers, inputs)
             ops.append(op)
+            names.append(steps[end - 1].name)
         else:
             ops.append(_plain_op(step, inputs))
+            names.append(step.name)
             end = index + 1
         for value in range(index + 1, end + 1):
             where.setdefault(value, len(ops))
         index = end
-    return _Plan(tuple(ops), where[len(steps)])
+    return _Plan(tuple(ops), where[len(steps)], tuple(names))
 
 
 # --------------------------------------------------------------------------- the maps
@@ -586,12 +603,16 @@ def tail_cam(
     method: str = "hirescam",
     class_index: np.ndarray | None = None,
     centred: bool = True,
+    values: list[np.ndarray] | None = None,
 ) -> HeadCamResult:
     """HiResCAM (``ReLU(sum_c grad * A)``) or Grad-CAM (channel weights: the gradient's
     spatial mean) at the tail's layer, from one forward pass's pooled features (N, D) and
     that layer's maps ``A`` (N, h, w, C), upsampled to ``output_size`` and scaled to
     [0, 1] exactly as ``gradcam.GradCam.compute`` does. The class (None: each row's
-    predicted one) comes from the head on ``pooled``, as in ``head_gradcam``."""
+    predicted one) comes from the head on ``pooled``, as in ``head_gradcam``. ``values``:
+    the tail's values from elsewhere, one per ``TailParams.value_layers`` (the parity
+    check passes Keras's own, so the gradient is compared on the same ReLU gates); None
+    runs the tail forward from ``layer_maps``."""
     if method not in TAIL_METHODS:
         raise TailError(f"explanation method {method!r} is not one of {', '.join(TAIL_METHODS)}")
     maps = np.asarray(layer_maps, dtype=np.float32)
@@ -604,7 +625,16 @@ def tail_cam(
     chosen = (
         logits.argmax(axis=1) if class_index is None else np.asarray(class_index, dtype=np.int64)
     )
-    tail_pooled, values = tail.forward(maps)
+    if values is None:
+        tail_pooled, values = tail.forward(maps)
+    else:
+        values = [np.ascontiguousarray(value, DTYPE) for value in values]
+        if len(values) != len(tail.value_layers):
+            raise TailError(
+                f"tail at {tail.layer!r}: {len(values)} values given, it has "
+                f"{len(tail.value_layers)}"
+            )
+        tail_pooled = tail.pooled(values)
     if tail_pooled.shape[1] != head.feature_size:
         raise TailError(
             f"tail at {tail.layer!r} ends in {tail_pooled.shape[1]} features, the head reads "

@@ -23,9 +23,11 @@ at an earlier block, as the localisation stage chose. That layer becomes an extr
 of the same graph, the backbone's layers after it are written to ``tail.npz``
 (``explain.tailcam``: their gradient by hand in NumPy, since gradient ops are not LiteRT
 builtins), and the parity check compares those maps with the GradientTape's: within
-``PARITY_TOLERANCE`` when computed on Keras's own forward values (the NumPy gradient is
-exact), within ``SERVED_MAP_TOLERANCE`` from the LiteRT graph's (whose float rounding
-flips a few ReLU6 gates in the tail).
+``PARITY_TOLERANCE`` when computed on Keras's own values at every tail layer (the NumPy
+gradient is exact on the same ReLU gates), with the NumPy forward held to the same bound
+against those values; served from the LiteRT graph's values, each image's mean difference
+within ``SERVED_MAP_TOLERANCE`` (float rounding can flip a ReLU6 gate in the tail, which
+moves a few pixels by ~1e-2).
 
 Serving layer; imports Keras and TensorFlow (the training install), never at import time.
 """
@@ -41,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from braintumor.explain.headcam import AFFINE, DENSE, HeadParams, HeadStep, softmax
-from braintumor.explain.tailcam import TailError, TailParams, tail_from_model
+from braintumor.explain.tailcam import TailError, TailParams, tail_cam, tail_from_model
 from braintumor.serving.exported import (
     EXPLANATION_METHODS,
     EXPORT_FILE,
@@ -56,11 +58,17 @@ from braintumor.serving.exported import (
 
 POOL_LAYER = "head_pool"  # model.classifier: HEAD_PREFIX + "pool"
 PARITY_TOLERANCE = 1e-4  # max |difference| of probabilities and of [0, 1] Grad-CAM maps
-# The served map through the backbone's tail, LiteRT's forward values against Keras's: the
-# runtimes' float32 rounding differs (3e-4 at block10_add of the quickstart's Lite0, scale
-# 44), which flips a few ReLU6 gates in the tail and moves the map by up to 1.8e-3 (32
-# validation slices). The NumPy tail itself is held to PARITY_TOLERANCE on Keras's own
-# forward values (``Parity.numpy_maps``: 9e-7 there).
+# The served map through the backbone's tail starts from LiteRT's forward values and runs
+# the tail forward in NumPy (BatchNormalization folded): both round differently from
+# Keras (3e-4 at block10_add of the quickstart's Lite0, scale 44). A ReLU6 whose input is
+# within that rounding of 0 or 6 then gates the gradient the other way, and the map moves
+# where that unit reaches: by 1.4e-3 to 3.2e-3 at the worst pixel on most seeds, by 1.15e-2
+# (mean 7.9e-4) on one validation slice of one seed, with the same hottest cell. So the
+# served maps are held to SERVED_MAP_TOLERANCE on each image's mean |difference| (a wrong
+# tail or layer moves it by more than 5e-2), while what must be exact is held to
+# PARITY_TOLERANCE: the NumPy gradient on Keras's own values at every tail layer (the
+# same gates: 8e-7 on that slice, ``Parity.numpy_maps``) and the NumPy forward against
+# those values (``Parity.tail_forward``).
 SERVED_MAP_TOLERANCE = 1e-2
 QUANTIZE = ("none", "int8")
 
@@ -71,22 +79,29 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class Parity:
-    """Max absolute differences, exported vs Keras, over ``images`` real images."""
+    """Differences, exported vs Keras, over ``images`` real images."""
 
     images: int
-    probabilities: float
-    maps: float  # the served maps from the exported graph's outputs
+    probabilities: float  # max |difference|
+    maps: float  # the served maps from the exported graph's outputs: max |difference|
     same_class: float  # share of images whose predicted class agrees
-    # The same NumPy maps (head and tail) on Keras's own forward values: the hand-written
-    # gradient alone, without the runtimes' rounding differences.
+    # The same NumPy maps (head and tail) on Keras's own forward values at every layer
+    # they read: the hand-written gradient alone, without the runtimes' rounding.
     numpy_maps: float = 0.0
+    # The served maps' mean |difference| on the image where it is largest.
+    maps_mean: float = 0.0
+    # The NumPy tail's forward from Keras's map against Keras's values at each tail layer,
+    # relative to that layer's largest magnitude (0 without a tail).
+    tail_forward: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {
             "images": self.images,
             "probabilities": float(self.probabilities),
             "maps": float(self.maps),
+            "maps_mean": float(self.maps_mean),
             "numpy_maps": float(self.numpy_maps),
+            "tail_forward": float(self.tail_forward),
             "same_class": float(self.same_class),
         }
 
@@ -309,50 +324,72 @@ def measure_parity(
     probabilities = max(
         float(np.abs(graph_p - reference_p).max()), float(np.abs(head_p - reference_p).max())
     )
+    numpy_maps, tail_forward = keras_tapped_maps(model, head, images, explanation)
+    served = np.abs(maps - reference_maps)
     return Parity(
         images=len(images),
         probabilities=probabilities,
-        maps=float(np.abs(maps - reference_maps).max()),
+        maps=float(served.max()),
         same_class=float((graph_p.argmax(1) == reference_p.argmax(1)).mean()),
-        numpy_maps=float(
-            np.abs(keras_tapped_maps(model, head, images, explanation) - reference_maps).max()
-        ),
+        numpy_maps=float(np.abs(numpy_maps - reference_maps).max()),
+        maps_mean=float(served.reshape(len(served), -1).mean(axis=1).max()),
+        tail_forward=tail_forward,
     )
 
 
 def keras_tapped_maps(
     model: Any, head: HeadParams, images: np.ndarray, explanation: Explanation
-) -> np.ndarray:
-    """The NumPy maps (``explanation``) computed on Keras's own pooled features and layer
-    maps: what the head and tail alone contribute to the parity."""
+) -> tuple[np.ndarray, float]:
+    """The NumPy maps (``explanation``) computed on Keras's own forward values: the pooled
+    features, the layer's maps and, for a tail, every value its backward reads (so the
+    ReLU gates are Keras's): what the hand-written gradient alone contributes to the
+    parity, exact up to float rounding whatever the seed. With them, the NumPy tail's own
+    forward from Keras's map against those values (relative; 0.0 without a tail)."""
     import keras
 
+    tail = explanation.tail
+    names = (explanation.layer,) if tail is None else tail.value_layers
     taps = keras.Model(
         model.inputs,
-        [model.get_layer(explanation.layer).output, model.get_layer(POOL_LAYER).output],
+        [*(model.get_layer(name).output for name in names), model.get_layer(POOL_LAYER).output],
         name="parity_taps",
     )
     batch = np.asarray(images, np.float32).reshape(len(images), *model.input_shape[1:])
-    layer_maps, pooled = (np.asarray(value) for value in taps.predict_on_batch(batch))
-    return explanation.maps(head, pooled, layer_maps, int(batch.shape[1]))
+    *values, pooled = (np.asarray(value) for value in taps.predict_on_batch(batch))
+    size = int(batch.shape[1])
+    if tail is None:
+        return explanation.maps(head, pooled, values[0], size), 0.0
+    maps = tail_cam(head, tail, pooled, values[0], (size, size), explanation.method, values=values)
+    _, own = tail.forward(values[0])
+    forward = max(
+        float(np.abs(mine - theirs).max()) / max(float(np.abs(theirs).max()), 1e-12)
+        for mine, theirs in zip(own[1:], values[1:], strict=True)
+    )
+    return maps.heatmaps, forward
 
 
 def check_parity(
     parity: Parity,
     tolerance: float,
     what: str = "Grad-CAM at the last map",
-    map_tolerance: float | None = None,
+    served_mean_bound: float | None = None,
 ) -> None:
-    """``ExportError`` (one line) when the exported probabilities or the NumPy maps on
-    Keras's forward values differ from Keras's beyond ``tolerance``, or the served maps
-    beyond ``map_tolerance`` (None: ``tolerance``): the export gate."""
-    map_bound = tolerance if map_tolerance is None else map_tolerance
-    if max(parity.probabilities, parity.numpy_maps) > tolerance or parity.maps > map_bound:
+    """``ExportError`` (one line) when the exported probabilities, the NumPy maps on
+    Keras's forward values or the NumPy tail's forward differ from Keras's beyond
+    ``tolerance``, or the served maps do: their max |difference| against ``tolerance``,
+    or (a tail, whose forward rounding may flip a ReLU gate) each image's mean
+    |difference| against ``served_mean_bound``. The export gate."""
+    exact = max(parity.probabilities, parity.numpy_maps, parity.tail_forward)
+    if served_mean_bound is None:
+        served, bound, statistic = parity.maps, tolerance, "max"
+    else:
+        served, bound, statistic = parity.maps_mean, served_mean_bound, "mean"
+    if exact > tolerance or served > bound:
         raise ExportError(
             f"export: the exported model disagrees with the Keras model beyond {tolerance:g} "
             f"(probabilities {parity.probabilities:.2e}, {what} maps {parity.numpy_maps:.2e} "
-            f"in NumPy on Keras's values, {parity.maps:.2e} served, bound {map_bound:g}, on "
-            f"{parity.images} images)"
+            f"in NumPy on Keras's values, tail forward {parity.tail_forward:.2e}, served "
+            f"maps {statistic} {served:.2e} against {bound:g}, on {parity.images} images)"
         )
 
 
@@ -418,10 +455,10 @@ def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
         served = Explanation(served.method, served.layer, layer_name, TailParams.load(tail_file))
     exported = ExportedModel(model_file)
     parity = measure_parity(model, layer_name, exported, head, check_images, served)
-    map_tolerance = tolerance if served.tail is None else max(tolerance, SERVED_MAP_TOLERANCE)
+    served_bound = None if served.tail is None else SERVED_MAP_TOLERANCE
     if quantize == "none":
         try:
-            check_parity(parity, tolerance, served.label, map_tolerance)
+            check_parity(parity, tolerance, served.label, served_bound)
         except ExportError:
             for path in (model_file, head_file, tail_file):
                 if path is not None:
@@ -444,7 +481,7 @@ def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
         },
         "parity": parity.as_dict(),
         "parity_tolerance": tolerance,
-        "parity_map_tolerance": map_tolerance,
+        "parity_served_mean_bound": served_bound,
         "probe_probabilities": [float(value) for value in probe],
     }
     return ExportResult(model_file, head_file, info, tail_file)

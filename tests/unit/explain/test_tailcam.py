@@ -95,6 +95,45 @@ def test_tail_maps_equal_the_gradient_tape_on_real_slices(
     assert np.abs(numpy_maps(model, layer, images, "hirescam") - last(images)).max() > 0.05
 
 
+def test_keras_values_give_the_tape_maps_and_their_gates(mirror: Path) -> None:
+    """The export's parity check runs the tail's backward on Keras's own values at every
+    tail layer (``TailParams.value_layers``), so a ReLU6 input within float rounding of 0
+    or 6, which the NumPy forward may gate the other way, cannot move the compared map.
+    Those maps equal the GradientTape's; the gates really come from the values given
+    (saturating some of them moves the map); a wrong number of values is refused."""
+    model = classifier("efficientnet_lite0", 128)
+    images = slices(mirror, 128)
+    tail = tail_from_model(model, "block10_add", POOL_LAYER)
+    names = tail.value_layers
+    assert names[0] == "block10_add" and names[-1] == "top_activation"
+    assert len(set(names)) == len(names) and len(names) < len(tail.steps) + 1  # fused
+    taps = keras.Model(
+        model.input,
+        [*(model.get_layer(n).output for n in names), model.get_layer(POOL_LAYER).output],
+    )
+    *values, pooled = (np.asarray(v) for v in taps.predict_on_batch(images))
+    head = head_params(model)
+    given = tail_cam(head, tail, pooled, values[0], (128, 128), "hirescam", values=values)
+    reference = GradCam.for_model(model, "block10_add", "centred", "hirescam").compute(images)  # type: ignore[arg-type]
+    assert np.abs(given.heatmaps - reference.heatmaps).max() <= TOLERANCE
+    own_pooled, own = tail.forward(values[0])
+    for mine, theirs in zip(own[1:], values[1:], strict=True):
+        assert np.abs(mine - theirs).max() <= 1e-5 * max(1.0, float(np.abs(theirs).max()))
+    assert np.abs(own_pooled - pooled).max() <= 1e-4
+    # Saturate every other open ReLU6 gate of the last activation: the gradient stops there.
+    last = values[-1].copy()
+    open_gates = (last > 0) & (last < 6)
+    open_gates[..., ::2] = False
+    last[open_gates] = 6.0
+    flipped = tail_cam(
+        head, tail, pooled, values[0], (128, 128), "hirescam", values=[*values[:-1], last]
+    )
+    assert np.abs(flipped.heatmaps - given.heatmaps).max() > 0.05
+    with pytest.raises(TailError, match="values given") as caught:
+        tail_cam(head, tail, pooled, values[0], (128, 128), "hirescam", values=values[:-1])
+    assert "\n" not in str(caught.value)
+
+
 def test_tail_is_read_as_the_backbone_has_it() -> None:
     model = build("efficientnet_lite0", 64)
     tail = tail_from_model(model, "block10_add", POOL_LAYER)
