@@ -5,7 +5,10 @@ the common [0, 1] scale at input size, whatever the method; the localisation sta
 over methods and layers with it. The gradient methods (``gradcam``, ``hirescam``,
 ``gradcampp``: one forward and backward pass, :mod:`braintumor.explain.gradcam`) take a
 layer; ``occlusion`` (:mod:`braintumor.explain.occlusion`) works on the input and takes
-none (``INPUT_LAYER``); it costs a forward pass per patch position.
+none (``INPUT_LAYER``); it costs a forward pass per patch position. To compare several
+gradient methods at a layer, ``gradient_maps`` gives them all from one forward and backward
+pass (the weightings share the layer's feature maps and gradients), each map equal to the
+one ``explanation_maps`` gives for that method alone.
 
 Layers are named in the parameters, not guessed: a backbone's block at output stride 16
 (``block10_add`` of EfficientNet-Lite0, 8 x 8 at 128 px; ``conv4_block6_out`` of
@@ -16,6 +19,7 @@ at 8 x 8 before its strided convolution).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -58,3 +62,23 @@ def explanation_maps(
         )
     instance = GradCam.for_model(model, layer, "centred", method)  # type: ignore[arg-type]
     return instance(images, class_index, batch_size=batch_size)
+
+
+def gradient_maps(
+    model: keras.Model,
+    images: Any,
+    methods: Sequence[str],
+    layer: str,
+    class_index: Any = None,
+    *,
+    batch_size: int = 16,
+) -> dict[str, np.ndarray]:
+    """Maps (N, H, W) float32 in [0, 1] of each gradient method in ``methods`` (distinct
+    names among ``WEIGHTINGS``) at ``layer``, by method, from one forward and backward pass
+    per batch instead of one per method."""
+    for method in methods:
+        if method not in WEIGHTINGS:
+            raise ValueError(f"gradient method must be one of {WEIGHTINGS}, got {method!r}")
+    instance = GradCam.for_model(model, layer, "centred", tuple(methods))  # type: ignore[arg-type]
+    result = instance.compute(images, class_index, batch_size=batch_size)
+    return dict(result.each)

@@ -23,10 +23,16 @@ Design choices, each for a reason:
   changed, no layer called on new inputs (which would add nodes to the served model's
   layers). The auxiliary models read the live weights, so a model trained further after
   the first call is explained with its current weights.
-- **Compiled once per (model, layer, score)**: ``GradCam.for_model`` caches the auxiliary model
-  and its compiled step in a ``WeakKeyDictionary`` keyed by the model, so repeated calls
-  (the app, a figure loop) skip graph building and tracing, and the cache entry goes away
-  with the model. Images are processed in batches.
+- **Compiled once per (model, layer, score, weightings)**: ``GradCam.for_model`` caches the
+  auxiliary model and its compiled step in a ``WeakKeyDictionary`` keyed by the model, so
+  repeated calls (the app, a figure loop) skip graph building and tracing, and the cache
+  entry goes away with the model. Images are processed in batches.
+- **Several weightings, one pass**: Grad-CAM, HiResCAM and Grad-CAM++ are all functions of
+  the same (feature maps, gradients) pair at a layer, so ``GradCam(model, layer,
+  weighting=("gradcam", "hirescam"))`` weighs that pair each way after one forward and
+  backward pass (``GradCamResult.each``), instead of one pass per method; each map is the
+  one a single-weighting instance gives (same ops on the same tensors, same resizing and
+  scaling). The localisation stage compares the methods this way.
 - **Backends**: TensorFlow (``tf.GradientTape`` in a ``tf.function`` over
   ``Model(inputs, [features, logit source])``), JAX (``jax.grad`` of a jitted, stateless
   call; JAX cannot differentiate with respect to an intermediate tensor, so a structural
@@ -45,8 +51,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import keras
@@ -75,14 +81,31 @@ Weighting = Literal["gradcam", "hirescam", "gradcampp"]
 WEIGHTINGS: tuple[str, ...] = ("gradcam", "hirescam", "gradcampp")
 
 
+def check_weightings(weighting: Weighting | Sequence[Weighting]) -> tuple[Weighting, ...]:
+    """One weighting name, or several (distinct, at least one), as a tuple; anything else
+    is refused in one line naming the allowed values."""
+    names = (weighting,) if isinstance(weighting, str) else tuple(weighting)
+    if not names:
+        raise ValueError(f"weighting must name at least one of {WEIGHTINGS}")
+    for name in names:
+        if name not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"weighting names a method twice: {names}")
+    return names
+
+
 @dataclass(frozen=True)
 class GradCamResult:
     """Grad-CAM maps with the class each one explains and the model's probabilities (the
-    same forward pass, so a caller need not run the model twice)."""
+    same forward pass, so a caller need not run the model twice). ``heatmaps`` are the
+    instance's first (for most instances, only) weighting's maps; ``each`` holds every
+    weighting's maps from that one pass, by name."""
 
     heatmaps: np.ndarray  # (N, H, W) float32 in [0, 1]
     class_indices: np.ndarray  # (N,) int64, the explained class per image
     probabilities: np.ndarray  # (N, K) float32, the model's output
+    each: Mapping[str, np.ndarray] = field(default_factory=dict)  # weighting -> (N, H, W)
 
 
 def _producer(tensor: Any) -> tuple[Any, Any]:
@@ -248,11 +271,11 @@ def _jax_step(
     splits: list[int],
     mode: ScoreMode,
     centre: bool,
-    weighting: Weighting = "gradcam",
+    weightings: tuple[Weighting, ...] = ("gradcam",),
 ) -> Callable[..., tuple[Any, Any, Any]]:
-    """The stateless Grad-CAM step for ``jax.jit``: variable values in, (maps, chosen class,
-    probabilities) out, with the gradient of the class score taken with respect to the
-    feature maps through ``jax.grad`` of the head part."""
+    """The stateless Grad-CAM step for ``jax.jit``: variable values in, (maps per
+    weighting, chosen class, probabilities) out, with the gradient of the class score taken
+    with respect to the feature maps through ``jax.grad`` of the head part."""
     import jax
 
     def step(
@@ -275,7 +298,8 @@ def _jax_step(
             return total, (chosen, probabilities)
 
         gradients, (chosen, probabilities) = jax.grad(total_score, has_aux=True)(feature_maps)
-        return _weighted_maps(feature_maps, gradients, weighting), chosen, probabilities
+        maps = tuple(_weighted_maps(feature_maps, gradients, name) for name in weightings)
+        return maps, chosen, probabilities
 
     return step
 
@@ -283,7 +307,10 @@ def _jax_step(
 # --------------------------------------------------------------------------- Grad-CAM
 
 
-_CACHE: weakref.WeakKeyDictionary[keras.Model, dict[tuple[str, str, str], GradCam]] = (
+# A backend step's output: the raw maps (one array per weighting), chosen, probabilities.
+_StepOutput = tuple[list[np.ndarray], np.ndarray, np.ndarray]
+_CacheKey = tuple[str, str, tuple[Weighting, ...]]
+_CACHE: weakref.WeakKeyDictionary[keras.Model, dict[_CacheKey, GradCam]] = (
     weakref.WeakKeyDictionary()
 )
 _CACHE_LOCK = threading.Lock()
@@ -291,19 +318,22 @@ _CACHE_LOCK = threading.Lock()
 
 class GradCam:
     """Grad-CAM for one (model, layer), with its auxiliary model and compiled step built
-    once. Prefer ``GradCam.for_model`` (cached) or the ``gradcam`` function."""
+    once. Prefer ``GradCam.for_model`` (cached) or the ``gradcam`` function.
+
+    ``weighting``: one name, or several to get each one's maps from a single forward and
+    backward pass (``compute(...).each``); ``heatmaps`` and ``__call__`` give the first's.
+    """
 
     def __init__(
         self,
         model: keras.Model,
         layer_name: str,
         score: Score = "centred",
-        weighting: Weighting = "gradcam",
+        weighting: Weighting | Sequence[Weighting] = "gradcam",
     ) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        weightings = check_weightings(weighting)
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
         if keras.config.image_data_format() != "channels_last":
@@ -325,7 +355,8 @@ class GradCam:
             )
         self.layer_name = layer_name
         self.score = score
-        self.weighting = weighting
+        self.weightings = weightings
+        self.weighting = weightings[0]
         self.backend = keras.backend.backend()
         self._lock = threading.Lock()
         self._source, self._mode, self._output_layer = _score_source(model)
@@ -344,21 +375,23 @@ class GradCam:
         model: keras.Model,
         layer_name: str,
         score: Score = "centred",
-        weighting: Weighting = "gradcam",
+        weighting: Weighting | Sequence[Weighting] = "gradcam",
     ) -> GradCam:
-        """The cached instance for (model, layer, score, weighting), built on first use."""
-        key = (layer_name, score, weighting)
+        """The cached instance for (model, layer, score, weighting or weightings), built on
+        first use."""
+        weightings = check_weightings(weighting)
+        key = (layer_name, score, weightings)
         with _CACHE_LOCK:
             per_model = _CACHE.get(model)
             if per_model is None:
                 per_model = _CACHE[model] = {}
             instance = per_model.get(key)
             if instance is None or instance.backend != keras.backend.backend():
-                instance = per_model[key] = cls(model, layer_name, score, weighting)
+                instance = per_model[key] = cls(model, layer_name, score, weightings)
             return instance
 
-    # ---- backends: each returns step(images float32, class_index int32) -> (maps,
-    # ---- chosen, probabilities) as numpy arrays.
+    # ---- backends: each returns step(images float32, class_index int32) -> (maps, one per
+    # ---- weighting in order, chosen, probabilities) as numpy arrays.
 
     def _output_weights(self) -> tuple[Any, Any]:
         layer = self._output_layer
@@ -370,7 +403,7 @@ class GradCam:
         import tensorflow as tf
 
         auxiliary = keras.Model(model.input, [features, self._source], name="gradcam_auxiliary")
-        mode, centre, weighting = self._mode, self.score == "centred", self.weighting
+        mode, centre, weightings = self._mode, self.score == "centred", self.weightings
 
         @tf.function(
             input_signature=[
@@ -387,11 +420,12 @@ class GradCam:
                     source, class_index, mode, centre, kernel, bias
                 )
             gradients = tape.gradient(total, feature_maps)
-            return _weighted_maps(feature_maps, gradients, weighting), chosen, probabilities
+            maps = tuple(_weighted_maps(feature_maps, gradients, name) for name in weightings)
+            return maps, chosen, probabilities
 
-        def run(images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, ...]:
-            outputs = step(tf.constant(images), tf.constant(class_index))
-            return tuple(output.numpy() for output in outputs)
+        def run(images: np.ndarray, class_index: np.ndarray) -> _StepOutput:
+            maps, chosen, probabilities = step(tf.constant(images), tf.constant(class_index))
+            return [m.numpy() for m in maps], chosen.numpy(), probabilities.numpy()
 
         self._auxiliary = auxiliary
         return run
@@ -400,9 +434,9 @@ class GradCam:
         import torch
 
         auxiliary = keras.Model(model.input, [features, self._source], name="gradcam_auxiliary")
-        mode, centre, weighting = self._mode, self.score == "centred", self.weighting
+        mode, centre, weightings = self._mode, self.score == "centred", self.weightings
 
-        def run(images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, ...]:
+        def run(images: np.ndarray, class_index: np.ndarray) -> _StepOutput:
             inputs = keras.ops.convert_to_tensor(images)
             inputs.requires_grad_(True)  # so the graph exists even if every weight is frozen
             index = keras.ops.convert_to_tensor(class_index)
@@ -412,10 +446,10 @@ class GradCam:
                 total, chosen, probabilities = _scores(source, index, mode, centre, kernel, bias)
                 (gradients,) = torch.autograd.grad(total, feature_maps)
             with torch.no_grad():
-                maps = _weighted_maps(feature_maps.detach(), gradients, weighting)
-            return tuple(
-                keras.ops.convert_to_numpy(value) for value in (maps, chosen, probabilities)
-            )
+                features = feature_maps.detach()
+                maps = [_weighted_maps(features, gradients, name) for name in weightings]
+            numpy = keras.ops.convert_to_numpy
+            return [numpy(m) for m in maps], numpy(chosen), numpy(probabilities)
 
         self._auxiliary = auxiliary
         return run
@@ -427,13 +461,13 @@ class GradCam:
         parts = (feature_part, head_part)
         live, splits = _live_variables(parts, _clone_to_original(clone, model))
         step = _jax_step(
-            feature_part, head_part, splits, self._mode, self.score == "centred", self.weighting
+            feature_part, head_part, splits, self._mode, self.score == "centred", self.weightings
         )
         compiled = jax.jit(step)
 
-        def run(images: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, ...]:
+        def run(images: np.ndarray, class_index: np.ndarray) -> _StepOutput:
             kernel, bias = self._output_weights()
-            outputs = compiled(
+            maps, chosen, probabilities = compiled(
                 [variable.value for variable in live[0]],
                 [variable.value for variable in live[1]],
                 None if kernel is None else kernel.value,
@@ -441,7 +475,7 @@ class GradCam:
                 images,
                 class_index,
             )
-            return tuple(np.asarray(output) for output in outputs)
+            return [np.asarray(m) for m in maps], np.asarray(chosen), np.asarray(probabilities)
 
         self._auxiliary = parts
         return run
@@ -455,7 +489,8 @@ class GradCam:
 
         ``images``: shaped like the model input (N, H, W, C), in the model's own input
         range (ours: 0-255 gray). ``class_index``: None for each image's predicted class,
-        an int for one class for all, or one int per image.
+        an int for one class for all, or one int per image. Every weighting's maps come
+        from the same pass (``each``); ``heatmaps`` is the first weighting's.
         """
         check_batch_size(batch_size)
         if keras.backend.backend() != self.backend:
@@ -465,30 +500,41 @@ class GradCam:
             )
         array = check_images(images, self._input_shape)
         indices = class_indices(class_index, array.shape[0], self._num_classes)
-        maps, chosen, probabilities = [], [], []
+        maps: list[list[np.ndarray]] = [[] for _ in self.weightings]
+        chosen, probabilities = [], []
         with self._lock:  # the compiled step is shared; keep concurrent callers in order
             for start in range(0, array.shape[0], batch_size):
                 stop = start + batch_size
                 batch_maps, batch_chosen, batch_probabilities = self._step(
                     array[start:stop], indices[start:stop]
                 )
-                maps.append(batch_maps)
+                for collected, batch in zip(maps, batch_maps, strict=True):
+                    collected.append(batch)
                 chosen.append(batch_chosen)
                 probabilities.append(batch_probabilities)
-        # Upsample first, then scale: each map then spans [0, 1] at the input's size.
-        raw = np.nan_to_num(np.concatenate(maps).astype(np.float32), nan=0.0, posinf=0.0)
-        heatmaps = normalize_maps(resize_maps(raw, *array.shape[1:3]))
+        each: dict[str, np.ndarray] = {
+            name: _heatmaps(collected, array.shape[1:3])
+            for name, collected in zip(self.weightings, maps, strict=True)
+        }
         return GradCamResult(
-            heatmaps=heatmaps,
+            heatmaps=each[self.weighting],
             class_indices=np.concatenate(chosen).astype(np.int64),
             probabilities=np.concatenate(probabilities).astype(np.float32),
+            each=each,
         )
 
     def __call__(
         self, images: Any, class_index: Any = None, *, batch_size: int = DEFAULT_BATCH_SIZE
     ) -> np.ndarray:
-        """Grad-CAM maps only: (N, H, W) float32 in [0, 1]."""
+        """Grad-CAM maps only: (N, H, W) float32 in [0, 1] (the first weighting's)."""
         return self.compute(images, class_index, batch_size=batch_size).heatmaps
+
+
+def _heatmaps(batches: list[np.ndarray], size: tuple[int, ...]) -> np.ndarray:
+    """Raw layer maps, batch by batch, as heatmaps at input size: upsampled first, then
+    scaled, so each map spans [0, 1] at the input's size."""
+    raw = np.nan_to_num(np.concatenate(batches).astype(np.float32), nan=0.0, posinf=0.0)
+    return normalize_maps(resize_maps(raw, *size))
 
 
 def gradcam(

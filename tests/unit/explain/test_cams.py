@@ -3,18 +3,26 @@
 Known answers: behind global average pooling every position of the last map has the same
 gradient, so HiResCAM equals Grad-CAM there exactly (Draelos and Carin); at an earlier
 layer they differ, and every method's peak lands on the shape the class depends on.
-Grad-CAM++'s weights are checked against the closed form written out in NumPy.
+Grad-CAM++'s weights are checked against the closed form written out in NumPy. One
+gradient pass for several methods (``gradient_maps``, what the localisation stage runs)
+gives each method's maps as its own pass does, on real slices through EfficientNet-Lite0.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
+from braintumor.core.schema import ModelParams, PreprocessParams
+from braintumor.data.imaging import decode_image, preprocess_gray
 from braintumor.evaluation.localisation import pointing_hits
-from braintumor.explain.cams import INPUT_LAYER, METHODS, explanation_maps
-from braintumor.explain.gradcam import _weighted_maps
+from braintumor.explain.cams import INPUT_LAYER, METHODS, explanation_maps, gradient_maps
+from braintumor.explain.gradcam import WEIGHTINGS, GradCam, _weighted_maps
+
+from serving_helpers import real_images
 
 pytestmark = pytest.mark.slow  # trains a small CNN (about 20 s on two idle cores)
 
@@ -99,3 +107,66 @@ def test_bad_method_or_layer_is_refused(trained: keras.Model) -> None:
         explanation_maps(trained, images, "occlusion", "conv_last", labels)
     with pytest.raises(ValueError, match="not a top-level layer"):
         explanation_maps(trained, images, "hirescam", "nowhere", labels)
+
+
+def lite0_with_random_statistics() -> keras.Model:
+    """The quickstart's classifier (EfficientNet-Lite0 at 128 px, untrained) with seeded
+    random BatchNormalization statistics, so every layer's gradient is non-trivial."""
+    from braintumor.model.classifier import build_model
+
+    keras.utils.set_random_seed(3)
+    params = ModelParams(backbone="efficientnet_lite0", weights="none", dense_units=(16,))
+    model = build_model(params, 128, 4)
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.normal(0, 0.2, shape).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+    return model
+
+
+def test_one_pass_gives_each_method_as_its_own_pass_on_real_slices(mirror: Path) -> None:
+    """The localisation stage's shared pass: every method's maps at both of its layers equal
+    a pass of that method alone, and the methods still differ (not one map three times)."""
+    model = lite0_with_random_statistics()
+    paths = real_images(mirror, 3, "Testing", offset=60)
+    preprocess = PreprocessParams()
+    images = np.stack(
+        [preprocess_gray(decode_image(p.read_bytes()).gray, 128, preprocess) for p in paths]
+    )[..., None].astype(np.float32)
+    classes = np.arange(len(images)) % 4
+    for layer in ("top_activation", "block10_add"):
+        shared = gradient_maps(model, images, WEIGHTINGS, layer, classes, batch_size=5)
+        assert list(shared) == list(WEIGHTINGS)
+        for method in WEIGHTINGS:
+            alone = explanation_maps(model, images, method, layer, classes, batch_size=5)
+            assert shared[method].shape == alone.shape == (len(images), 128, 128)
+            np.testing.assert_allclose(shared[method], alone, rtol=0, atol=1e-6)
+        assert np.abs(shared["gradcampp"] - shared["hirescam"]).max() > 0.05
+    # Any order and subset; the first named is the instance's ``heatmaps``.
+    pair = GradCam.for_model(model, "block10_add", weighting=("gradcampp", "gradcam"))
+    result = pair.compute(images, classes)
+    assert list(result.each) == ["gradcampp", "gradcam"]
+    np.testing.assert_array_equal(result.heatmaps, result.each["gradcampp"])
+    alone = GradCam.for_model(model, "block10_add", weighting="gradcampp").compute(images, classes)
+    np.testing.assert_allclose(result.heatmaps, alone.heatmaps, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(result.class_indices, alone.class_indices)
+    np.testing.assert_allclose(result.probabilities, alone.probabilities, rtol=0, atol=1e-6)
+    assert list(alone.each) == ["gradcampp"]
+
+
+def test_bad_gradient_methods_are_refused_in_one_line(trained: keras.Model) -> None:
+    images, labels, _ = make_images(2, seed=4)
+    for methods, message in [
+        (("gradcam", "lime"), "gradient method must be one of"),
+        (("occlusion",), "gradient method must be one of"),
+        ((), "at least one"),
+        (("hirescam", "hirescam"), "twice"),
+    ]:
+        with pytest.raises(ValueError, match=message) as raised:
+            gradient_maps(trained, images, methods, "conv_last", labels)
+        assert "\n" not in str(raised.value)
+    with pytest.raises(ValueError, match="weighting must be one of") as raised:
+        GradCam(trained, "conv_last", weighting=("gradcam", "lime"))  # type: ignore[arg-type]
+    assert "\n" not in str(raised.value)

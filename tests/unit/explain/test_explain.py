@@ -400,3 +400,53 @@ def test_gradcam_on_the_jax_backend_matches_tensorflow(trained, held_out, tmp_pa
         np.load(paths[2]), gradcam(trained, images, LAYER, labels), atol=1e-3
     )
     np.testing.assert_allclose(np.load(paths[3]), gradcam(trained, images[:3], LAYER), atol=1e-3)
+
+
+_WEIGHTINGS_SCRIPT = """
+import sys
+import numpy as np
+import keras
+from braintumor.explain.gradcam import WEIGHTINGS, GradCam
+assert keras.backend.backend() == sys.argv[1], keras.backend.backend()
+model = keras.saving.load_model(sys.argv[2])
+images, labels = np.load(sys.argv[3]), np.load(sys.argv[4])
+shared = GradCam(model, "conv1", weighting=WEIGHTINGS).compute(images, labels, batch_size=5)
+alone = [GradCam(model, "conv1", weighting=w)(images, labels, batch_size=5) for w in WEIGHTINGS]
+np.save(sys.argv[5], np.stack([shared.each[name] for name in WEIGHTINGS]))
+np.save(sys.argv[6], np.stack(alone))
+"""
+
+
+@pytest.mark.slow  # a fresh process imports the backend and keras: about a minute on 2 cores
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_one_pass_for_every_weighting_on_the_other_backends(
+    trained, held_out, tmp_path: Path, backend: str
+) -> None:
+    """Each backend's step weighs one pass's gradients every way: the maps equal that
+    backend's single-weighting passes, and the TensorFlow ones (at ``conv1``, where the
+    three methods differ)."""
+    probe = subprocess.run([sys.executable, "-c", f"import {backend}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{backend} is not installed in this environment")
+    images, labels, _ = held_out
+    model_path = tmp_path / "model.keras"
+    trained.save(model_path)
+    paths = [tmp_path / name for name in ("images.npy", "labels.npy", "shared.npy", "alone.npy")]
+    np.save(paths[0], images)
+    np.save(paths[1], labels)
+    environment = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu"}
+    completed = subprocess.run(
+        [sys.executable, "-c", _WEIGHTINGS_SCRIPT, backend, str(model_path), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=240,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    shared, alone = np.load(paths[2]), np.load(paths[3])
+    assert shared.shape == (3, len(images), SIZE, SIZE)
+    np.testing.assert_allclose(shared, alone, rtol=0, atol=1e-6)
+    for name, maps in zip(gradcam_module.WEIGHTINGS, shared, strict=True):
+        expected = gradcam(trained, images, "conv1", labels, weighting=name)  # type: ignore[arg-type]
+        np.testing.assert_allclose(maps, expected, atol=1e-3)
+    assert np.abs(shared[1] - shared[0]).max() > 0.05  # hirescam is not gradcam at conv1
