@@ -135,6 +135,12 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
         return stream_sha256(handle, chunk_bytes)[0]
 
 
+def optional_sha256(path: Path | None) -> str | None:
+    """SHA-256 of ``path`` when it is a file, else None: what a key records for an input
+    that may be absent (a backbone without a weights file)."""
+    return file_sha256(path) if path is not None and Path(path).is_file() else None
+
+
 def worker_count(requested: int) -> int:
     """``requested`` workers, or every core this process may use when it is 0."""
     if requested > 0:

@@ -76,6 +76,16 @@ def deterministic_ops(backend: str) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def seed_and_precision(seed: int, mixed_precision: bool) -> None:
+    """Keras's global seed and dtype policy, set the same way wherever a model is built
+    whose numbers must match another's (a training phase, and the audit whose pooled
+    features phase 1 reuses)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
+
+
 def with_xla_flag(flags: str, name: str, value: str) -> str:
     """``flags`` (an XLA_FLAGS string) with ``name=value``, replacing any earlier value."""
     kept = [flag for flag in flags.split() if flag.split("=", 1)[0] != name]

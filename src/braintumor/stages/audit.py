@@ -41,7 +41,7 @@ from braintumor.evaluation.label_audit import (
     suspects_figure,
     suspects_table,
 )
-from braintumor.model.backend import configure_backend
+from braintumor.model.backend import configure_backend, seed_and_precision
 
 AUDITED = {"training": ("train", "val"), "test": ("test",)}
 
@@ -132,14 +132,9 @@ def run_audit(params: Params, args: argparse.Namespace) -> tuple[dict[str, Any],
     frames = training_rows(args.data, args.index, sources)
     data = load_processed(args.data, classes, params.common.image_size, ("train", "val", "test"))
     pretrained = weights_file(args.pretrained, params.model.backbone) if args.pretrained else None
-    import keras
-
     # Seeded and in the precision phase 1 builds its model with, so that the features are
     # the ones phase 1 would compute (training.features), weights file or not.
-    keras.utils.set_random_seed(params.common.seed)
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if params.train.mixed_precision else "float32"
-    )
+    seed_and_precision(params.common.seed, params.train.mixed_precision)
     model = build_model(params.model, params.common.image_size, len(classes), pretrained=pretrained)
     batch = params.evaluate.batch_size
     features = {

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from braintumor.core.files import atomic_path, file_sha256
+from braintumor.core.files import atomic_path, file_sha256, optional_sha256
 from braintumor.core.schema import Params
 
 if TYPE_CHECKING:
@@ -141,9 +141,7 @@ def fingerprint(
         "train": train,
         "data": data_digest,
         "init_model": file_sha256(init_model) if init_model is not None else None,
-        "pretrained": (
-            file_sha256(pretrained) if pretrained is not None and pretrained.is_file() else None
-        ),
+        "pretrained": optional_sha256(pretrained),
     }
     text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from braintumor.core.files import atomic_path, file_sha256, write_json
+from braintumor.core.files import atomic_path, optional_sha256, write_json
 from braintumor.core.schema import Params
 from braintumor.training.checkpointing import PhaseError
 
@@ -87,7 +87,7 @@ def features_key(params: Params, data_digest: str, pretrained: Path | None) -> s
     digest changes with every row, and with the label-issue rows a phase drops) and the
     numerics (backend, mixed precision); without a backbone file, the seed that initialises
     the backbone. Equal keys, the same features to float rounding."""
-    weights = file_sha256(pretrained) if pretrained is not None and pretrained.is_file() else None
+    weights = optional_sha256(pretrained)
     content = {
         "model": dataclasses.asdict(params.model),
         "image_size": params.common.image_size,

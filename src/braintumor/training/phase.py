@@ -29,6 +29,7 @@ import numpy as np
 
 from braintumor.core.files import atomic_path, write_json
 from braintumor.core.schema import Params, PhaseParams
+from braintumor.model.backend import seed_and_precision
 from braintumor.reports import figures
 from braintumor.training.checkpointing import (
     BEST_MODEL,
@@ -333,7 +334,7 @@ def _train_phase(
     settings = phase_params(params, phase)
     monitor = settings.early_stopping.monitor
     started = time.perf_counter()
-    _seed_and_precision(params)
+    seed_and_precision(params.common.seed, params.train.mixed_precision)
     expected, resume = _open_checkpoint(params, phase, data, paths, checkpoint, verbose)
     history: list[dict[str, float]] = list(resume["history"]) if resume else []
     # Counted from the model's build: on JAX its weight initialisers compile too.
@@ -406,15 +407,6 @@ def _open_checkpoint(
     elif verbose:
         print(f"{phase}: resuming after epoch {resume['epoch']}")
     return expected, resume
-
-
-def _seed_and_precision(params: Params) -> None:
-    import keras
-
-    keras.utils.set_random_seed(params.common.seed)
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if params.train.mixed_precision else "float32"
-    )
 
 
 def _keep_best_weights(
