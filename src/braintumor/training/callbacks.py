@@ -81,6 +81,7 @@ class EpochState(keras.callbacks.Callback):
         rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         self.learning_rate = float(f"{rate:.6g}")  # 1e-4, not float32's 9.9999997e-05
         self.started = time.perf_counter()
+        self.cpu_started = time.process_time()
         self.train_ended: float | None = None
 
     def on_test_begin(self, logs: dict | None = None) -> None:
@@ -116,6 +117,7 @@ class EpochState(keras.callbacks.Callback):
             "learning_rate": self.learning_rate,
             "seconds": round(now - self.started, 3),
             "train_seconds": round(train_seconds, 3),
+            "cpu_seconds": round(time.process_time() - self.cpu_started, 3),
         }
         if self.epochs_this_session > 0:  # the first one includes compilation
             row["images_per_second"] = round(self.images_per_epoch / train_seconds, 2)

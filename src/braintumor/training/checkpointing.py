@@ -32,6 +32,11 @@ HISTORY_COLUMNS = (
     "learning_rate",
     "seconds",
     "train_seconds",
+    # The process's CPU time in the epoch (every thread). Beside the wall seconds it tells
+    # two slowdowns apart: other processes on the cores leave it as it was and lower
+    # cpu_seconds / seconds; a host that takes the virtual CPUs away (unseen from inside a
+    # microVM, where steal reads 0) raises it for the same work.
+    "cpu_seconds",
 )
 STATE_FILE = "state.json"
 BEST_MODEL = "best.keras"

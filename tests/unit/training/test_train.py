@@ -475,6 +475,7 @@ def test_phase_outputs(two_phases: dict[str, Any]) -> None:
         rows = list(csv.DictReader((root / "metrics" / f"{phase}_history.csv").open()))
         assert [int(r["epoch"]) for r in rows] == [1, 2]
         assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(rows[0])
+        assert all(float(r["cpu_seconds"]) > 0 for r in rows)  # the machine's share, per epoch
         metrics = json.loads((root / "metrics" / f"{phase}.json").read_text())
         assert metrics["epochs_run"] == 2 and 1 <= metrics["best_epoch"] <= 2
         assert metrics["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in rows))
