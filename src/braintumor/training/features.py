@@ -39,6 +39,20 @@ def check_cacheable(phase: str, trainable: str) -> None:
         )
 
 
+# A head on cached features is a few small dense layers: a step costs less than Keras's
+# per-step dispatch, so each compiled call runs this many steps. The same batches in the
+# same order give the same weights (equal to the last digit on real Lite0 features), in
+# 17.1 s instead of 29.2 s for 12 epochs of 128 steps (2 busy cores).
+HEAD_STEPS_PER_EXECUTION = 16
+
+
+def head_steps_per_execution() -> int:
+    """``HEAD_STEPS_PER_EXECUTION``, or 1 on PyTorch (Keras allows no more there)."""
+    import keras
+
+    return 1 if keras.backend.backend() == "torch" else HEAD_STEPS_PER_EXECUTION
+
+
 def head_model(model: keras.Model) -> keras.Model:
     """The head of a ``build_model`` model as a model of its own, taking pooled backbone
     features. It shares the layers (and so the weights) of ``model``: training it trains

@@ -47,6 +47,7 @@ from braintumor.training.features import (
     check_cacheable,
     features_key,
     head_model,
+    head_steps_per_execution,
     load_features,
 )
 from braintumor.training.records import (
@@ -233,6 +234,7 @@ def phase_inputs(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=params.train.jit_compile,
+        steps_per_execution=head_steps_per_execution() if settings.cache_features else 1,
     )
     train_batches = ArrayBatches(
         train_inputs,

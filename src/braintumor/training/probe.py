@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from braintumor.core.schema import Params
-from braintumor.training.features import head_model
+from braintumor.training.features import head_model, head_steps_per_execution
 from braintumor.training.inputs import ArrayBatches, class_weights
 
 if TYPE_CHECKING:
@@ -32,9 +32,12 @@ def fit_head(
     val_labels: np.ndarray,
     *,
     seed: int,
+    steps_per_execution: int | None = None,
 ) -> keras.Model:
     """A freshly initialised head of ``model`` trained on the features by phase 1's recipe
-    (``train.frozen``); it takes pooled features and gives class probabilities."""
+    (``train.frozen``); it takes pooled features and gives class probabilities.
+    ``steps_per_execution``: None is ``features.head_steps_per_execution()`` (the same
+    weights as 1, faster)."""
     import keras
 
     settings = params.train.frozen
@@ -44,6 +47,7 @@ def fit_head(
         optimizer=keras.optimizers.Adam(settings.learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution or head_steps_per_execution(),
     )
     stopping, plateau = settings.early_stopping, settings.reduce_lr
     callbacks = [

@@ -694,3 +694,37 @@ def test_jax_phase_compiles_one_training_step_and_reuses_its_compilations(
 
     ragged = run("ragged", drop_remainder=False)
     assert ragged["compiles"]["train_step"] == 2
+
+
+def test_a_head_on_cached_features_is_the_same_at_16_steps_per_call() -> None:
+    """Phase 1 on cached features and the audit's heads run 16 steps per compiled call
+    (``features.HEAD_STEPS_PER_EXECUTION``): the same batches in the same order, so the
+    same head as one step per call, only with less dispatch."""
+    from braintumor.model.classifier import build_model
+    from braintumor.training.features import HEAD_STEPS_PER_EXECUTION
+    from braintumor.training.probe import fit_head, predict_head
+
+    params = params_from_mapping(tiny_raw_params(frozen__epochs=3))
+    model = build_model(params.model, SIZE, len(CLASSES))
+    width = int(model.get_layer("head_pool").output.shape[-1])
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % len(CLASSES)
+    # Features that carry the class (so the head learns and early stopping sees a trend).
+    features = (rng.normal(size=(200, width)) + labels[:, None] * 0.3).astype(np.float32)
+    heads = [
+        fit_head(
+            params,
+            model,
+            features[:160],
+            labels[:160],
+            features[160:],
+            labels[160:],
+            seed=3,
+            steps_per_execution=steps,
+        )
+        for steps in (1, HEAD_STEPS_PER_EXECUTION)
+    ]
+    one, many = (predict_head(head, features[160:]) for head in heads)
+    assert np.abs(one - many).max() <= 1e-6
+    assert heads[1].steps_per_execution == HEAD_STEPS_PER_EXECUTION
+    assert np.abs(one - predict_head(heads[0], features[160:] * 0)).max() > 1e-3  # it learned
