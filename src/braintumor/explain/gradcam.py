@@ -537,6 +537,55 @@ def _heatmaps(batches: list[np.ndarray], size: tuple[int, ...]) -> np.ndarray:
     return normalize_maps(resize_maps(raw, *size))
 
 
+def tape_with_values(
+    model: keras.Model,
+    layer_name: str,
+    images: np.ndarray,
+    value_layers: Sequence[str],
+    weighting: Weighting = "gradcam",
+    score: Score = "centred",
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``weighting``'s maps at ``layer_name`` of each image's predicted class, computed as
+    ``GradCam.compute`` does, with the outputs of ``value_layers`` from the same forward
+    pass (TensorFlow only): the reference a hand-written gradient is checked against on
+    the very values it reads. Two forward passes of one model round differently (another
+    graph, another batch), and a ReLU input within that rounding of its gate flips the
+    gradient there; from one pass, none can. Returns (maps (N, H, W) in [0, 1], classes,
+    the values)."""
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError("tape_with_values runs on the TensorFlow backend only")
+    weighting = check_weightings(weighting)[0]
+    array = check_images(images, single_input(model)[1])
+    source, mode, output_layer = _score_source(model)
+    auxiliary = keras.Model(
+        model.input,
+        [model.get_layer(layer_name).output, source]
+        + [model.get_layer(name).output for name in value_layers],
+    )
+    kernel = bias = None
+    if output_layer is not None:
+        kernel = output_layer.kernel
+        bias = output_layer.bias if output_layer.use_bias else None
+    batch = tf.constant(array)
+    with tf.GradientTape() as tape:
+        features, scores_from, *values = auxiliary(batch, training=False)
+        total, chosen, _ = _scores(
+            scores_from,
+            tf.fill((array.shape[0],), -1),
+            mode,
+            score == "centred",
+            kernel,
+            bias,
+        )
+    gradients = tape.gradient(total, features)
+    raw = np.asarray(_weighted_maps(features, gradients, weighting), np.float32)
+    raw = np.nan_to_num(raw, nan=0.0, posinf=0.0)
+    maps = normalize_maps(resize_maps(raw, *array.shape[1:3]))
+    return maps, np.asarray(chosen, np.int64), [np.asarray(value) for value in values]
+
+
 def gradcam(
     model: keras.Model,
     images: Any,

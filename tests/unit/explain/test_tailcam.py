@@ -21,11 +21,11 @@ import pytest
 
 from braintumor.core.schema import ModelParams, PreprocessParams
 from braintumor.data.imaging import decode_image, preprocess_gray
-from braintumor.explain.gradcam import GradCam
+from braintumor.explain.gradcam import GradCam, tape_with_values
 from braintumor.explain.tailcam import TailError, TailParams, tail_cam, tail_from_model
 from braintumor.serving.export import POOL_LAYER, head_params
 
-from serving_helpers import real_images
+from serving_helpers import random_batchnorm_statistics, real_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mirror")]
 
@@ -43,16 +43,7 @@ def slices(mirror: Path, size: int) -> np.ndarray:
 def classifier(backbone: str, size: int) -> keras.Model:
     """The classifier over ``backbone`` with random (seeded) BN statistics everywhere."""
     keras.utils.set_random_seed(3)
-    model = build(backbone, size)
-    rng = np.random.default_rng(5)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = layer.moving_mean.shape
-            layer.moving_mean.assign(rng.normal(0, 0.2, shape).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
-            layer.gamma.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
-            layer.beta.assign(rng.normal(0, 0.2, shape).astype("float32"))
-    return model
+    return random_batchnorm_statistics(build(backbone, size))
 
 
 def build(backbone: str, size: int) -> keras.Model:
@@ -132,6 +123,27 @@ def test_keras_values_give_the_tape_maps_and_their_gates(mirror: Path) -> None:
     with pytest.raises(TailError, match="values given") as caught:
         tail_cam(head, tail, pooled, values[0], (128, 128), "hirescam", values=values[:-1])
     assert "\n" not in str(caught.value)
+
+
+def test_tape_with_values_is_one_pass_of_gradcam_with_its_values(mirror: Path) -> None:
+    """The export's parity reference: GradCam's maps, classes and the tail's values from
+    one forward pass, on which the NumPy tail's backward equals the tape to float rounding
+    (two passes may round a ReLU input across its gate; one pass cannot)."""
+    model = classifier("efficientnet_lite0", 128)
+    images = slices(mirror, 128)
+    tail = tail_from_model(model, "block10_add", POOL_LAYER)
+    maps, classes, found = tape_with_values(
+        model, "block10_add", images, [*tail.value_layers, POOL_LAYER], "hirescam"
+    )
+    reference = GradCam.for_model(model, "block10_add", "centred", "hirescam").compute(images)  # type: ignore[arg-type]
+    assert np.abs(maps - reference.heatmaps).max() <= TOLERANCE
+    np.testing.assert_array_equal(classes, reference.class_indices)
+    *values, pooled = found
+    taps = keras.Model(model.input, model.get_layer(POOL_LAYER).output)
+    assert np.abs(pooled - np.asarray(taps.predict_on_batch(images))).max() <= 1e-4
+    numpy = tail_cam(head_params(model), tail, pooled, values[0], (128, 128), values=values)
+    assert np.abs(numpy.heatmaps - maps).max() <= 1e-5
+    np.testing.assert_array_equal(numpy.class_indices, classes)
 
 
 def test_tail_is_read_as_the_backbone_has_it() -> None:
