@@ -7,6 +7,7 @@ DICOM files and bad uploads.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -390,3 +391,20 @@ def tiny_hirescam_bundle(mirror: Path, root: Path) -> Path:
     write_bundle(root / "bundle", source / MODEL_FILE, meta, detector, exported)
     _BUNDLES["tiny+hirescam"] = root / "bundle"
     return root / "bundle"
+
+
+def random_batchnorm_statistics(model: Any, seed: int = 5) -> Any:
+    """``model`` with every BatchNormalization's statistics, scale and shift drawn from a
+    seeded generator: an untrained backbone whose every affine step (and so every layer's
+    gradient) is non-trivial, for explanation tests that need no training."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.normal(0, 0.2, shape).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, shape).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.2, shape).astype("float32"))
+    return model

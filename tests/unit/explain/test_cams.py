@@ -22,7 +22,7 @@ from braintumor.evaluation.localisation import pointing_hits
 from braintumor.explain.cams import INPUT_LAYER, METHODS, explanation_maps, gradient_maps
 from braintumor.explain.gradcam import WEIGHTINGS, GradCam, _weighted_maps
 
-from serving_helpers import real_images
+from serving_helpers import random_batchnorm_statistics, real_images
 
 pytestmark = pytest.mark.slow  # trains a small CNN (about 20 s on two idle cores)
 
@@ -116,14 +116,7 @@ def lite0_with_random_statistics() -> keras.Model:
 
     keras.utils.set_random_seed(3)
     params = ModelParams(backbone="efficientnet_lite0", weights="none", dense_units=(16,))
-    model = build_model(params, 128, 4)
-    rng = np.random.default_rng(5)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = layer.moving_mean.shape
-            layer.moving_mean.assign(rng.normal(0, 0.2, shape).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
-    return model
+    return random_batchnorm_statistics(build_model(params, 128, 4))
 
 
 def test_one_pass_gives_each_method_as_its_own_pass_on_real_slices(mirror: Path) -> None:

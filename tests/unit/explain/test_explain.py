@@ -17,6 +17,7 @@ import subprocess
 import sys
 import weakref
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -368,6 +369,36 @@ np.save(sys.argv[5], gradcam(model, images[:3], "conv_last"))
 """
 
 
+def _run_on_backend(
+    backend: str,
+    script: str,
+    model: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    outputs: tuple[str, ...],
+    folder: Path,
+    *leading: str,
+) -> list[Path]:
+    """``script`` in a fresh process on ``backend`` (fixed at import), with ``leading``
+    arguments, then the saved model, images, labels and the ``outputs`` it writes; the
+    paths, images and labels first. Fails with the process's stderr."""
+    model_path = folder / "model.keras"
+    model.save(model_path)
+    paths = [folder / name for name in ("images.npy", "labels.npy", *outputs)]
+    np.save(paths[0], images)
+    np.save(paths[1], labels)
+    environment = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu"}
+    completed = subprocess.run(
+        [sys.executable, "-c", script, *leading, str(model_path), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=240,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return paths
+
+
 def _jax_available() -> bool:
     probe = subprocess.run(
         [sys.executable, "-c", "import jax"], capture_output=True, env={**os.environ}
@@ -382,20 +413,9 @@ def test_gradcam_on_the_jax_backend_matches_tensorflow(trained, held_out, tmp_pa
     if not _jax_available():
         pytest.skip("jax is not installed in this environment")
     images, labels, _ = held_out
-    model_path = tmp_path / "model.keras"
-    trained.save(model_path)
-    paths = [tmp_path / name for name in ("images.npy", "labels.npy", "maps.npy", "pred.npy")]
-    np.save(paths[0], images)
-    np.save(paths[1], labels)
-    environment = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    completed = subprocess.run(
-        [sys.executable, "-c", _JAX_SCRIPT, str(model_path), *map(str, paths)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=240,
+    paths = _run_on_backend(
+        "jax", _JAX_SCRIPT, trained, images, labels, ("maps.npy", "pred.npy"), tmp_path
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     np.testing.assert_allclose(
         np.load(paths[2]), gradcam(trained, images, LAYER, labels), atol=1e-3
     )
@@ -429,20 +449,16 @@ def test_one_pass_for_every_weighting_on_the_other_backends(
     if probe.returncode != 0:
         pytest.skip(f"{backend} is not installed in this environment")
     images, labels, _ = held_out
-    model_path = tmp_path / "model.keras"
-    trained.save(model_path)
-    paths = [tmp_path / name for name in ("images.npy", "labels.npy", "shared.npy", "alone.npy")]
-    np.save(paths[0], images)
-    np.save(paths[1], labels)
-    environment = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu"}
-    completed = subprocess.run(
-        [sys.executable, "-c", _WEIGHTINGS_SCRIPT, backend, str(model_path), *map(str, paths)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=240,
+    paths = _run_on_backend(
+        backend,
+        _WEIGHTINGS_SCRIPT,
+        trained,
+        images,
+        labels,
+        ("shared.npy", "alone.npy"),
+        tmp_path,
+        backend,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     shared, alone = np.load(paths[2]), np.load(paths[3])
     assert shared.shape == (3, len(images), SIZE, SIZE)
     np.testing.assert_allclose(shared, alone, rtol=0, atol=1e-6)
