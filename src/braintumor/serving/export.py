@@ -24,10 +24,10 @@ of the same graph, the backbone's layers after it are written to ``tail.npz``
 (``explain.tailcam``: their gradient by hand in NumPy, since gradient ops are not LiteRT
 builtins), and the parity check compares those maps with the GradientTape's: within
 ``PARITY_TOLERANCE`` when computed on the values of the GradientTape's own forward pass
-at every tail layer (the NumPy gradient is exact on the same ReLU gates), with the NumPy forward held to the same bound
-against those values; served from the LiteRT graph's values, each image's mean difference
-within ``SERVED_MAP_TOLERANCE`` (float rounding can flip a ReLU6 gate in the tail, which
-moves a few pixels by ~1e-2).
+at every tail layer (the NumPy gradient is exact on the same ReLU gates), with the NumPy
+forward held to the same bound against those values; served from the LiteRT graph's
+values, each image's mean difference within ``SERVED_MAP_TOLERANCE`` (float rounding can
+flip a ReLU6 gate in the tail, which moves a few pixels by ~1e-2).
 
 Serving layer; imports Keras and TensorFlow (the training install), never at import time.
 """
