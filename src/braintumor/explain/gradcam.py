@@ -394,10 +394,7 @@ class GradCam:
     # ---- weighting in order, chosen, probabilities) as numpy arrays.
 
     def _output_weights(self) -> tuple[Any, Any]:
-        layer = self._output_layer
-        if layer is None:
-            return None, None
-        return layer.kernel, (layer.bias if layer.use_bias else None)
+        return _dense_weights(self._output_layer)
 
     def _build_tensorflow(self, model: keras.Model, features: Any) -> Callable[..., Any]:
         import tensorflow as tf
@@ -530,6 +527,13 @@ class GradCam:
         return self.compute(images, class_index, batch_size=batch_size).heatmaps
 
 
+def _dense_weights(layer: keras.layers.Layer | None) -> tuple[Any, Any]:
+    """The output ``Dense`` layer's kernel and bias (None for absent ones), read live."""
+    if layer is None:
+        return None, None
+    return layer.kernel, (layer.bias if layer.use_bias else None)
+
+
 def _heatmaps(batches: list[np.ndarray], size: tuple[int, ...]) -> np.ndarray:
     """Raw layer maps, batch by batch, as heatmaps at input size: upsampled first, then
     scaled, so each map spans [0, 1] at the input's size."""
@@ -564,10 +568,7 @@ def tape_with_values(
         [model.get_layer(layer_name).output, source]
         + [model.get_layer(name).output for name in value_layers],
     )
-    kernel = bias = None
-    if output_layer is not None:
-        kernel = output_layer.kernel
-        bias = output_layer.bias if output_layer.use_bias else None
+    kernel, bias = _dense_weights(output_layer)
     batch = tf.constant(array)
     with tf.GradientTape() as tape:
         features, scores_from, *values = auxiliary(batch, training=False)
@@ -580,9 +581,7 @@ def tape_with_values(
             bias,
         )
     gradients = tape.gradient(total, features)
-    raw = np.asarray(_weighted_maps(features, gradients, weighting), np.float32)
-    raw = np.nan_to_num(raw, nan=0.0, posinf=0.0)
-    maps = normalize_maps(resize_maps(raw, *array.shape[1:3]))
+    maps = _heatmaps([np.asarray(_weighted_maps(features, gradients, weighting))], array.shape[1:3])
     return maps, np.asarray(chosen, np.int64), [np.asarray(value) for value in values]
 
 
