@@ -223,7 +223,9 @@ class AugmentParams:
     ``downscale`` d (not in the study, 0 = off): each image is resampled down to a scale
     drawn from {1, 1 - d/3, 1 - 2d/3, 1 - d} of its side (box-filtered) and back up
     (bilinear): the blur of a coarser acquisition matrix or a small export, which the
-    robustness view's quarter-size round trip showed the model had never seen."""
+    robustness view's quarter-size round trip showed the model had never seen.
+    ``downscale_share`` (0.75 = the four scales drawn uniformly): the share of images that
+    take the trip, the three reduced scales equally often."""
 
     zoom: float = 0.1
     width_shift: float = 0.05
@@ -238,6 +240,7 @@ class AugmentParams:
     brightness: float = 0.0
     noise: float = 0.0
     downscale: float = 0.0
+    downscale_share: float = 0.75
 
     def __post_init__(self) -> None:
         for key in ("zoom", "width_shift", "height_shift"):
@@ -251,6 +254,7 @@ class AugmentParams:
         _check(
             0 <= self.downscale <= 0.75, "downscale", "must be in [0, 0.75] (smallest scale 1 - d)"
         )
+        _check(0 < self.downscale_share <= 1, "downscale_share", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)

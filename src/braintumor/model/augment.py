@@ -218,9 +218,13 @@ class RandomIntensity(keras.layers.Layer):
 
 
 class RandomResolution(keras.layers.Layer):
-    """Per image, a round trip through a smaller size: down to a scale drawn uniformly from
-    ``1, 1 - d/3, 1 - 2d/3, 1 - d`` of the side (a box filter of about 1/scale pixels,
-    then bilinear: close to an area average) and back up (bilinear).
+    """Per image, a round trip through a smaller size: down to a scale of
+    ``1 - d/3, 1 - 2d/3`` or ``1 - d`` of the side (a box filter of about 1/scale pixels,
+    then bilinear: close to an area average) and back up (bilinear). A share ``share`` of
+    the images takes the trip, the three scales equally often; the rest stay as they were.
+    ``share`` 0.75 is a uniform draw over the four scales 1, ..., 1 - d; a smaller share
+    teaches the blur with fewer blurred images (each blurred image makes the model less
+    sure of sharp ones, which temperature scaling does not undo; docs/training.md).
 
     Four fixed scales, not a continuous one: each is a resize of static shape (so the step
     compiles once under XLA and JAX); the batch goes through all of them and each image
@@ -230,11 +234,20 @@ class RandomResolution(keras.layers.Layer):
 
     LEVELS = 4
 
-    def __init__(self, downscale: float = 0.0, seed: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        downscale: float = 0.0,
+        seed: int | None = None,
+        share: float = 0.75,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if not 0 <= downscale < 1:
             raise ValueError(f"downscale must be in [0, 1), got {downscale}")
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share}")
         self.downscale = downscale
+        self.share = share
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -249,8 +262,11 @@ class RandomResolution(keras.layers.Layer):
         ops = keras.ops
         height, width = images.shape[1], images.shape[2]
         count = ops.shape(images)[0]
-        choice = keras.random.randint((count,), 0, self.LEVELS, seed=self.seed_generator)
-        choice = ops.reshape(choice, (-1, 1, 1, 1))
+        # u < share: level 1 + floor(3 u / share) (one of the reduced scales), else 1.
+        draw = keras.random.uniform((count,), seed=self.seed_generator)
+        reduced_level = 1 + ops.floor(draw * ((self.LEVELS - 1) / self.share))
+        choice = ops.where(draw < self.share, ops.minimum(reduced_level, self.LEVELS - 1), 0)
+        choice = ops.reshape(ops.cast(choice, "int32"), (-1, 1, 1, 1))
         result = images
         for level, scale in enumerate(self.scales()[1:], start=1):
             small = (max(1, round(height * scale)), max(1, round(width * scale)))
@@ -270,7 +286,7 @@ class RandomResolution(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update(downscale=self.downscale, seed=self.seed)
+        config.update(downscale=self.downscale, seed=self.seed, share=self.share)
         return config
 
 
@@ -307,7 +323,11 @@ def augmentation_layers(params: AugmentParams, seed: int) -> list[keras.layers.L
     if params.downscale > 0:
         layers.append(
             RandomResolution(
-                params.downscale, seed=seed + 3, name="aug_resolution", dtype="float32"
+                params.downscale,
+                seed=seed + 3,
+                share=params.downscale_share,
+                name="aug_resolution",
+                dtype="float32",
             )
         )
     intensity = {

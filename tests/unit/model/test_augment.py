@@ -186,11 +186,31 @@ def test_resolution_round_trip_blurs_some_images_and_keeps_the_others() -> None:
     np.testing.assert_array_equal(run(layer, images, training=False), images)
 
 
+@pytest.mark.parametrize("share", [0.25, 1.0])
+def test_resolution_round_trip_blurs_the_configured_share(share: float) -> None:
+    """``share`` of the images take the trip, spread over the three reduced scales; at 1
+    none is left untouched."""
+    count = 400
+    layer = RandomResolution(0.6, seed=7, share=share)
+    images = checkerboard(count)
+    out = run(layer, images)
+    untouched = np.all(out == images, axis=(1, 2, 3))
+    blurred = count - untouched.sum()
+    assert abs(blurred / count - share) < 0.08
+    levels, counts = np.unique(np.round(out.std(axis=(1, 2, 3))[~untouched], 1), return_counts=True)
+    assert len(levels) == 3 and counts.min() > 0.2 * blurred
+    with pytest.raises(ValueError, match="share must be in"):
+        RandomResolution(0.5, share=0.0)
+    with pytest.raises(ConfigError, match="^downscale_share: "):
+        AugmentParams(downscale=0.5, downscale_share=1.5)
+
+
 def test_resolution_layer_is_configured_before_the_intensity_layer() -> None:
-    layers = augmentation_layers(AugmentParams(downscale=0.5, noise=4.0), seed=1)
+    params = AugmentParams(downscale=0.5, downscale_share=0.3, noise=4.0)
+    layers = augmentation_layers(params, seed=1)
     assert [layer.name for layer in layers][-2:] == ["aug_resolution", "aug_intensity"]
     clone = RandomResolution.from_config(layers[-2].get_config())
-    assert (clone.downscale, clone.seed) == (0.5, 4)
+    assert (clone.downscale, clone.seed, clone.share) == (0.5, 4, 0.3)
     with pytest.raises(ConfigError, match="^downscale: "):
         AugmentParams(downscale=0.9)
     with pytest.raises(ValueError, match="downscale must be in"):
