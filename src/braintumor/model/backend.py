@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from braintumor.core.blas import single_thread_blas
 from braintumor.core.paths import real_project_root
 from braintumor.core.schema import ConfigError, TrainParams
 
@@ -16,7 +17,10 @@ AUTOTUNE_FLAG = "--xla_gpu_autotune_level"
 def configure_backend(train: TrainParams, project_root: Path) -> None:
     """``use_backend`` with the parameters' XLA autotune level, then the compilation cache
     (``train.compilation_cache`` relative to the real project root: a DVC temporary
-    experiment workspace is deleted after its run, the repository's cache is not)."""
+    experiment workspace is deleted after its run, the repository's cache is not). NumPy's
+    BLAS gets one thread (``core.blas``: beside the model runtime's threads, more is
+    slower here)."""
+    single_thread_blas()
     use_backend(train.backend, xla_gpu_autotune_level=train.xla_gpu_autotune_level)
     if train.deterministic:
         deterministic_ops(train.backend)
