@@ -492,14 +492,23 @@ def _check_tail(
 ) -> None:
     """The tail run forward from the graph's map of its layer must give the graph's own
     pooled features on the probe image (relative to their size): another model's tail,
-    or one whose numbers were changed, does not."""
+    or one whose numbers were changed, does not. Where the graph also returns the tail's
+    forward values (serving's gradient reads them), each must match the NumPy forward's
+    the same way."""
     try:
-        pooled, _ = tail.forward(explanation.layer_maps(outputs))
+        pooled, own = tail.forward(explanation.layer_maps(outputs))
     except (ExportedModelError, HeadCamError, ValueError) as error:
         raise BundleError(
             f"{folder / TAIL_FILE}: does not fit {EXPORT_FILE} ({one_line(error)[:200]})"
         ) from None
-    expected = outputs.pooled.astype(np.float64)
-    scale = max(1.0, float(np.abs(expected).max()))
-    if pooled.shape != expected.shape or np.abs(pooled - expected).max() > tolerance * scale:
-        raise BundleError(f"{folder / TAIL_FILE}: disagrees with {EXPORT_FILE} (another model's)")
+    pairs = [(pooled, outputs.pooled)]
+    graph_values = explanation.tail_values(outputs)
+    if graph_values is not None:
+        pairs += list(zip(own[1:], graph_values[1:], strict=True))
+    for mine, theirs in pairs:
+        expected = np.asarray(theirs, np.float64)
+        scale = max(1.0, float(np.abs(expected).max()))
+        if mine.shape != expected.shape or np.abs(mine - expected).max() > tolerance * scale:
+            raise BundleError(
+                f"{folder / TAIL_FILE}: disagrees with {EXPORT_FILE} (another model's)"
+            )

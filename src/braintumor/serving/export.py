@@ -20,7 +20,9 @@ The Grad-CAM layer must be the map global average pooling reads (``top_activatio
 our models): that is what makes the head's gradient the channel weight. The map serving
 shows (``explanation``, ``serving.explanation``) may be another (method, layer): HiResCAM
 at an earlier block, as the localisation stage chose. That layer becomes an extra output
-of the same graph, the backbone's layers after it are written to ``tail.npz``
+of the same graph, and so does every layer after it whose output the tail's gradient reads
+(``TailParams.value_layers``: serving runs only the tail's backward, on the runtime's own
+forward values); the backbone's layers after it are written to ``tail.npz``
 (``explain.tailcam``: their gradient by hand in NumPy, since gradient ops are not LiteRT
 builtins), and the parity check compares those maps with the GradientTape's: within
 ``PARITY_TOLERANCE`` when computed on the values of the GradientTape's own forward pass
@@ -58,9 +60,10 @@ from braintumor.serving.exported import (
 
 POOL_LAYER = "head_pool"  # model.classifier: HEAD_PREFIX + "pool"
 PARITY_TOLERANCE = 1e-4  # max |difference| of probabilities and of [0, 1] Grad-CAM maps
-# The served map through the backbone's tail starts from LiteRT's forward values and runs
-# the tail forward in NumPy (BatchNormalization folded): both round differently from
-# Keras (3e-4 at block10_add of the quickstart's Lite0, scale 44). A ReLU6 whose input is
+# The served map through the backbone's tail runs the NumPy backward on LiteRT's forward
+# values (every tail layer's output is a graph output; a graph exported before that ran
+# the tail forward in NumPy from the layer's map): they round differently from Keras (3e-4
+# at block10_add of the quickstart's Lite0, scale 44). A ReLU6 whose input is
 # within that rounding of 0 or 6 then gates the gradient the other way, and the map moves
 # where that unit reaches: by 1.4e-3 to 3.2e-3 at the worst pixel on most seeds, by 1.15e-2
 # (mean 7.9e-4) on one validation slice of one seed, with the same hottest cell. So the
@@ -301,7 +304,8 @@ def exported_answers(
         layer_maps = explanation.layer_maps(outputs)
         graph_p.append(outputs.probabilities[0])
         head_p.append(softmax(logits)[0])
-        maps.append(explanation.maps(head, outputs.pooled, layer_maps, image.shape[0])[0])
+        values = explanation.tail_values(outputs)
+        maps.append(explanation.maps(head, outputs.pooled, layer_maps, image.shape[0], values)[0])
     return np.stack(graph_p), np.stack(head_p), np.stack(maps)
 
 
@@ -420,6 +424,18 @@ def served_explanation(model: Any, layer_name: str, method: str, layer: str) -> 
     return Explanation(method, layer, layer_name, tail)
 
 
+def tail_outputs(served: Explanation, extra_layers: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The layers the graph must also return for ``served`` (beyond ``extra_layers`` and
+    the map the pooling reads): the explanation's layer and every tail value layer, so
+    serving runs the tail's backward on the runtime's own forward values."""
+    names = (served.layer,) if served.tail is None else served.tail.value_layers
+    wanted: list[str] = []
+    for name in names:
+        if name != served.map_layer and name not in extra_layers and name not in wanted:
+            wanted.append(name)
+    return tuple(wanted)
+
+
 def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
     model: Any,
     layer_name: str,
@@ -449,8 +465,7 @@ def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
     if head.num_classes != int(model.output_shape[-1]):
         raise ExportError("head parameters do not match the model's outputs")
     served = served_explanation(model, layer_name, *explanation)
-    if served.layer != layer_name and served.layer not in extra_layers:
-        extra_layers = (*extra_layers, served.layer)
+    extra_layers = (*extra_layers, *tail_outputs(served, extra_layers))
     graph = inference_graph(model, layer_name, extra_layers)
     blob = to_tflite(graph, size, quantize, representative)
     folder = Path(folder)

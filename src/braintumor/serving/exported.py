@@ -5,10 +5,13 @@
 images: ``probabilities`` (N, K, before calibration), ``pooled`` (N, D, the global average
 of the last convolutional map: the out-of-distribution detector's features) and ``maps``
 (N, h, w, D, that map: Grad-CAM's), plus ``map_<layer>`` for the served explanation's
-layer when it is an earlier one. With the head's parameters (``head.npz``,
-``explain.headcam``) and, for that layer, the backbone tail's (``tail.npz``,
+layer when it is an earlier one and for every layer of the backbone's tail after it whose
+output the tail's gradient reads (``TailParams.value_layers``). With the head's parameters
+(``head.npz``, ``explain.headcam``) and, for that layer, the backbone tail's (``tail.npz``,
 ``explain.tailcam``) those feed classification, the OOD check and the served map
-(``Explanation``) from one pass.
+(``Explanation``) from one pass: the tail runs only backward in NumPy, on the runtime's
+own forward values (a graph exported before those outputs existed: the tail also runs
+forward in NumPy from the layer's map).
 
 Why LiteRT: measured side by side with ONNX Runtime on the quickstart's trained
 EfficientNet-Lite0 (``bench/serve.py --model models/bundle``, 2 busy cores; docs/
@@ -171,7 +174,8 @@ class Explanation:
     (``exported.explanation``). Grad-CAM at the map the pooling reads needs only the head
     (``explain.headcam``); any other (method, layer) also runs the backbone's tail in
     NumPy (``explain.tailcam``, ``tail.npz``), on that layer's map which the graph returns
-    as the extra output ``map_<layer>``.
+    as the extra output ``map_<layer>``, backward only on the tail's values the graph also
+    returns (``tail_values``).
     """
 
     method: str
@@ -194,10 +198,43 @@ class Explanation:
             raise ExportedModelError(f"the exported graph has no output {key!r}")
         return outputs.extra[key]
 
+    def value_outputs(self) -> tuple[str, ...]:
+        """The graph outputs holding the tail's forward values after the layer's own map,
+        one per ``TailParams.value_layers[1:]``: ``maps`` for the map the pooling reads,
+        ``map_<layer>`` for the others (empty without a tail)."""
+        if self.tail is None:
+            return ()
+        return tuple(
+            OUTPUT_NAMES[2] if name == self.map_layer else EXTRA_PREFIX + name
+            for name in self.tail.value_layers[1:]
+        )
+
+    def tail_values(self, outputs: GraphOutputs) -> list[np.ndarray] | None:
+        """The tail's forward values from one invoke (the layer's map first), so that the
+        NumPy gradient runs on the runtime's own ReLU gates without a NumPy forward; None
+        when the graph does not return all of them (one exported before it did: the tail
+        then runs forward from the map) or there is no tail."""
+        if self.tail is None:
+            return None
+        values = [self.layer_maps(outputs)]
+        for name in self.value_outputs():
+            value = outputs.maps if name == OUTPUT_NAMES[2] else outputs.extra.get(name)
+            if value is None:
+                return None
+            values.append(value)
+        return values
+
     def maps(
-        self, head: HeadParams, pooled: np.ndarray, layer_maps: np.ndarray, size: int
+        self,
+        head: HeadParams,
+        pooled: np.ndarray,
+        layer_maps: np.ndarray,
+        size: int,
+        values: list[np.ndarray] | None = None,
     ) -> np.ndarray:
-        """(N, S, S) maps in [0, 1] of each row's predicted class, in NumPy."""
+        """(N, S, S) maps in [0, 1] of each row's predicted class, in NumPy. ``values``:
+        the tail's forward values of the same pass (``tail_values``); None runs the tail
+        forward from ``layer_maps``."""
         if self.method == "gradcam" and self.layer == self.map_layer:
             return head_gradcam(head, pooled, layer_maps, (size, size)).heatmaps
         tail = self.tail
@@ -205,7 +242,10 @@ class Explanation:
             if self.layer != self.map_layer:
                 raise ExportedModelError(f"{self.label} needs the tail parameters ({TAIL_FILE})")
             tail = TailParams(self.layer, ())  # HiResCAM at the pooled map: no layers between
-        return tail_cam(head, tail, pooled, layer_maps, (size, size), self.method).heatmaps
+            values = None
+        return tail_cam(
+            head, tail, pooled, layer_maps, (size, size), self.method, values=values
+        ).heatmaps
 
 
 def probe_image(size: int) -> np.ndarray:

@@ -390,6 +390,10 @@ class PreparedImage:
     # without running the model.
     pooled: np.ndarray | None = None
     maps: np.ndarray | None = None
+    # The backbone tail's forward values of that pass (``Explanation.tail_values``, this
+    # row's): the map's gradient runs backward on them, with no NumPy forward. None: no
+    # tail, or a graph that does not return them.
+    values: tuple[np.ndarray, ...] | None = None
 
 
 def single_thread_blas() -> None:
@@ -457,13 +461,22 @@ class Predictor:
             ) from None
         z_scores, warning = self._distribution_check(image, name)
         feature_warning, probabilities, graph = self._feature_check(image, name)
-        pooled, maps = (
-            (None, None)
-            if graph is None
-            else (graph.pooled[0], self.bundle.explanation.layer_maps(graph)[0])
-        )
+        pooled = maps = values = None
+        if graph is not None:
+            explanation = self.bundle.explanation
+            pooled, maps = graph.pooled[0], explanation.layer_maps(graph)[0]
+            found = explanation.tail_values(graph)
+            values = None if found is None else tuple(value[0] for value in found)
         return PreparedImage(
-            name, image, z_scores, feature_warning or warning, info, probabilities, pooled, maps
+            name,
+            image,
+            z_scores,
+            feature_warning or warning,
+            info,
+            probabilities,
+            pooled,
+            maps,
+            values,
         )
 
     def _forward(self, batch: np.ndarray) -> tuple[Any, Any]:
@@ -475,7 +488,14 @@ class Predictor:
         with self._lock:
             if exported is not None and head is not None:
                 graph = exported(batch)
-                logits, _ = head.forward(graph.pooled)
+                # The head's logits only for a detector that reads them (energy); the
+                # Mahalanobis score reads the features alone (one head pass saved).
+                needs_logits = self._ood is None or self._ood.needs_logits
+                logits = (
+                    head.forward(graph.pooled)[0]
+                    if needs_logits
+                    else np.full((len(batch), head.num_classes), np.nan)
+                )
                 outputs = ModelOutputs(
                     graph.probabilities.astype(np.float64), graph.pooled.astype(np.float64), logits
                 )
@@ -615,8 +635,10 @@ class Predictor:
                 with self._lock:
                     graph = exported(batch[start : start + size])
                 rows.append(graph.probabilities)
-                layer_maps = self.bundle.explanation.layer_maps(graph)
-                maps.append(self._head_cam(graph.pooled, layer_maps))
+                explanation = self.bundle.explanation
+                layer_maps = explanation.layer_maps(graph)
+                values = explanation.tail_values(graph)
+                maps.append(self._head_cam(graph.pooled, layer_maps, values))
             calibrated = apply_temperature(np.concatenate(rows), self.bundle.meta.temperature)
             return calibrated, np.concatenate(maps)
         gradcam = self.gradcam()
@@ -625,14 +647,17 @@ class Predictor:
         probabilities = apply_temperature(result.probabilities, self.bundle.meta.temperature)
         return probabilities, result.heatmaps
 
-    def _head_cam(self, pooled: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    def _head_cam(
+        self, pooled: np.ndarray, maps: np.ndarray, values: list[np.ndarray] | None = None
+    ) -> np.ndarray:
         """One-pass maps of the predicted classes (the bundle's explanation: the head's
         and the backbone tail's gradient in NumPy) from an exported graph's outputs:
-        ``maps`` are the explanation layer's; no model call."""
+        ``maps`` are the explanation layer's, ``values`` the tail's forward values (None:
+        the tail runs forward in NumPy); no model call."""
         head = self.bundle.head
         if head is None:  # pragma: no cover - Bundle.load always pairs them
             raise ValueError("the bundle's exported model has no head parameters")
-        return self.bundle.explanation.maps(head, pooled, maps, self.image_size)
+        return self.bundle.explanation.maps(head, pooled, maps, self.image_size, values)
 
     def explain_prepared(self, prepared: list[PreparedImage]) -> tuple[np.ndarray, np.ndarray]:
         """``explain`` of prepared images, reusing the OOD check's pass where it kept the
@@ -645,7 +670,13 @@ class Predictor:
         ]
         if prepared and len(kept) == len(prepared):
             pooled = np.stack([row[1] for row in kept])
-            heatmaps = self._head_cam(pooled, np.stack([row[2] for row in kept]))
+            rows = [item.values for item in prepared]
+            values = (
+                None
+                if any(row is None for row in rows)
+                else [np.stack(column) for column in zip(*rows, strict=True)]
+            )
+            heatmaps = self._head_cam(pooled, np.stack([row[2] for row in kept]), values)
             return np.stack([row[0] for row in kept]).astype(np.float32), heatmaps
         return self.explain(np.stack([item.image for item in prepared]))
 
