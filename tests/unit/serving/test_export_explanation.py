@@ -10,6 +10,7 @@ that is off makes the export's parity gate fail.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -24,24 +25,38 @@ from braintumor.core.schema import ModelParams
 from braintumor.explain.gradcam import GradCam
 from braintumor.explain.tailcam import TailParams, TailStep
 from braintumor.model.classifier import build_model
-from braintumor.serving.bundle import META_FILE, MODEL_FILE, Bundle, BundleError, read_meta
+from braintumor.serving.bundle import (
+    META_FILE,
+    MODEL_FILE,
+    OOD_FILE,
+    Bundle,
+    BundleError,
+    read_meta,
+    write_bundle,
+)
 from braintumor.serving.export import (
     PARITY_TOLERANCE,
     SERVED_MAP_TOLERANCE,
     ExportError,
+    ExportResult,
     Parity,
     check_parity,
     export_model,
     head_params,
+    inference_graph,
     measure_parity,
     served_explanation,
+    to_tflite,
 )
 from braintumor.serving.exported import EXPORT_FILE, TAIL_FILE, Explanation, ExportedModel
-from braintumor.serving.predictor import Predictor
+from braintumor.serving.predictor import InputError, Predictor
 
-from serving_helpers import BUNDLE_SIZE, real_slices, tiny_hirescam_bundle
+from serving_helpers import BUNDLE_SIZE, real_images, real_slices, tiny_hirescam_bundle
 
 LAYER = "tiny_relu2"
+# A layer whose tail reads a value inside it: tiny_conv2, tiny_bn2, tiny_relu2 (a value the
+# graph returns), then tiny_conv3, tiny_bn3 and the last ReLU (the graph's ``maps``).
+EARLY = "tiny_relu1"
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +307,135 @@ def test_a_bundle_without_export_serves_its_named_explanation_with_keras(
     _, maps = predictor.explain(slices[:4])
     expected = GradCam.for_model(keras_model, LAYER, "centred", "hirescam")(slices[:4, ..., None])
     assert np.abs(maps - expected).max() <= PARITY_TOLERANCE
+
+
+# --------------------------------------------------------------------------- the tail's values
+
+
+@pytest.fixture(scope="module")
+def early(keras_model, slices: np.ndarray, tmp_path_factory) -> ExportResult:
+    """The tiny model exported to serve HiResCAM at ``tiny_relu1`` (its export's gate
+    passed)."""
+    folder = tmp_path_factory.mktemp("early")
+    return export_model(
+        keras_model, "top_activation", folder, slices[:2], explanation=("hirescam", EARLY)
+    )
+
+
+def _bundle_of(shipped: Path, exported: ExportResult, folder: Path) -> Path:
+    """A bundle with ``exported`` as its exported model, written by the bundle's writer."""
+    from braintumor.evaluation.ood import OodDetector
+
+    detector = OodDetector.load(shipped / OOD_FILE)
+    write_bundle(folder, shipped / MODEL_FILE, read_meta(shipped), detector, exported)
+    return folder
+
+
+def test_the_graph_returns_every_tail_value_and_the_map_is_served_from_them(
+    keras_model, slices: np.ndarray, early: ExportResult
+) -> None:
+    """Every layer whose output the tail's backward reads is an output of the one invoke;
+    the served map runs the NumPy backward on those values (they are the runtime's own
+    forward: within float rounding of Keras's) and equals the GradientTape HiResCAM."""
+    assert early.tail_file is not None
+    tail = TailParams.load(early.tail_file)
+    assert tail.value_layers == (EARLY, LAYER, "top_activation")
+    assert early.info["outputs"] == [
+        "probabilities",
+        "pooled",
+        "maps",
+        f"map_{EARLY}",
+        f"map_{LAYER}",
+    ]
+    served = Explanation("hirescam", EARLY, "top_activation", tail)
+    assert served.value_outputs() == (f"map_{LAYER}", "maps")
+    outputs = ExportedModel(early.model_file)(slices)
+    values = served.tail_values(outputs)
+    assert values is not None and len(values) == len(tail.value_layers)
+    taps = keras.Model(
+        keras_model.input, [keras_model.get_layer(name).output for name in tail.value_layers]
+    )
+    for mine, theirs in zip(values, taps.predict_on_batch(slices[..., None]), strict=True):
+        theirs = np.asarray(theirs)
+        assert np.abs(mine - theirs).max() <= 1e-5 * max(1.0, float(np.abs(theirs).max()))
+    head = head_params(keras_model)
+    maps = served.maps(head, outputs.pooled, values[0], BUNDLE_SIZE, values)
+    reference = GradCam.for_model(keras_model, EARLY, "centred", "hirescam").compute(
+        slices[..., None]
+    )
+    assert reference.heatmaps.max() == 1.0  # real, non-flat maps compared
+    assert np.abs(maps - reference.heatmaps).max() <= PARITY_TOLERANCE
+    # The backward reads the values it is given (its ReLU gates), not a forward of its own.
+    closed = [values[0], np.zeros_like(values[1]), values[2]]
+    gated = served.maps(head, outputs.pooled, values[0], BUNDLE_SIZE, closed)
+    assert np.abs(gated - maps).max() > 0.05
+    parity = early.info["parity"]
+    assert parity["maps"] <= PARITY_TOLERANCE and parity["numpy_maps"] <= PARITY_TOLERANCE
+
+
+def test_a_bundle_exported_before_the_tail_values_still_serves(
+    shipped: Path, keras_model, slices: np.ndarray, early: ExportResult, mirror: Path, tmp_path
+) -> None:
+    """A graph that returns only ``map_<layer>`` (the export before the tail's values):
+    the bundle loads, the tail runs forward in NumPy from the map, and the maps are the
+    same as from the graph that returns the values (and the tape's)."""
+    graph = inference_graph(keras_model, "top_activation", (EARLY,))
+    blob = to_tflite(graph, BUNDLE_SIZE)
+    (tmp_path / "old").mkdir()
+    old_file = tmp_path / "old" / EXPORT_FILE
+    old_file.write_bytes(blob)
+    info = {
+        **early.info,
+        "outputs": ["probabilities", "pooled", "maps", f"map_{EARLY}"],
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    old = ExportResult(old_file, early.head_file, info, early.tail_file)
+    before = Predictor(Bundle.load(_bundle_of(shipped, old, tmp_path / "before")))
+    after = Predictor(Bundle.load(_bundle_of(shipped, early, tmp_path / "after")))
+    assert before.explanation_label == after.explanation_label == f"HiResCAM at {EARLY}"
+    paths = []  # real slices the tiny model's detector accepts
+    for path in real_images(mirror, 3, "Testing", offset=30):
+        try:
+            after.prepare(path.read_bytes(), path.name)
+        except InputError:
+            continue
+        paths.append(path)
+    assert len(paths) >= 2
+    prepared_before = [before.prepare(p.read_bytes(), p.name) for p in paths]
+    prepared_after = [after.prepare(p.read_bytes(), p.name) for p in paths]
+    assert all(item.values is None for item in prepared_before)
+    assert all(item.values is not None and len(item.values) == 3 for item in prepared_after)
+    p_before, maps_before = before.explain_prepared(prepared_before)
+    p_after, maps_after = after.explain_prepared(prepared_after)
+    assert np.abs(p_before - p_after).max() <= PARITY_TOLERANCE
+    assert np.abs(maps_before - maps_after).max() <= PARITY_TOLERANCE
+    images = np.stack([item.image for item in prepared_after])
+    reference = GradCam.for_model(keras_model, EARLY, "centred", "hirescam").compute(
+        images[..., None]
+    )
+    assert np.abs(maps_after - reference.heatmaps).max() <= PARITY_TOLERANCE
+    _, maps_batch = before.explain(slices)  # the batch path falls back the same way
+    _, maps_values = after.explain(slices)
+    assert np.abs(maps_batch - maps_values).max() <= PARITY_TOLERANCE
+
+
+def test_a_changed_tail_is_refused_where_the_graph_returns_its_values(
+    shipped: Path, early: ExportResult, tmp_path: Path
+) -> None:
+    """Serving's backward reads the graph's values, not the tail's forward, but loading
+    still runs the tail forward against the graph and refuses one that differs (the
+    manifest edited to follow the file), in one line."""
+    folder = _bundle_of(shipped, early, tmp_path / "bundle")
+    Bundle.load(folder)
+    with np.load(folder / TAIL_FILE) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["step0_kernel"] = arrays["step0_kernel"] * 1.01
+    with open(folder / TAIL_FILE, "wb") as handle:
+        np.savez(handle, **arrays)
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["files"][TAIL_FILE] = file_sha256(folder / TAIL_FILE)
+    (folder / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"tail\.npz: disagrees with model\.tflite") as caught:
+        Bundle.load(folder)
+    assert "\n" not in str(caught.value)
