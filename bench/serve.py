@@ -20,7 +20,9 @@ behind the same ``Predictor`` (decode, checks, preprocessing, the OOD check, cal
   explanation (a second pass);
 - ``litert``: the bundle's ``model.tflite`` in ``ai-edge-litert`` (XNNPACK), one invoke per
   upload, the served map (e.g. HiResCAM at ``block10_add``) from the head and the
-  backbone's tail in NumPy (``explain.headcam``, ``explain.tailcam``): what serving runs;
+  backbone's tail in NumPy (``explain.headcam``, ``explain.tailcam``; the tail backward
+  only, on the tail values the graph returns, or forward too for a graph exported before
+  it returned them: the report says which): what serving runs;
 - ``onnxruntime``: the same graph converted with tf2onnx, in ONNX Runtime (CPU provider);
 - ``litert-int8`` (``--int8``): post-training full-integer quantisation, calibrated on 100
   real Training slices (not test ones).
@@ -289,6 +291,16 @@ def measure_latency(runs: dict[str, Any], uploads: list[Path]) -> dict[str, Any]
             predictor.predict(image)
             forward[runtime].append(time.perf_counter() - started)
     first_runtime = next(iter(runs))
+    # Whether each exported runtime's map ran the tail backward on the graph's own values
+    # (None: Keras, or no tail).
+    from_values: dict[str, bool | None] = {}
+    for runtime, predictor in runs.items():
+        exported, explanation = predictor.bundle.exported, predictor.bundle.explanation
+        from_values[runtime] = (
+            None
+            if exported is None or explanation.tail is None
+            else explanation.tail_values(exported(image)) is not None
+        )
     map_difference = {
         runtime: float(np.abs(np.stack(maps) - np.stack(shown[first_runtime])).max())
         for runtime, maps in shown.items()
@@ -299,6 +311,7 @@ def measure_latency(runs: dict[str, Any], uploads: list[Path]) -> dict[str, Any]
             runtime: predictor.explanation_label for runtime, predictor in runs.items()
         },
         "max_abs_map_difference": map_difference,
+        "tail_values_from_runtime": from_values,
         "latency": {key: percentiles(values) for key, values in times.items()},
         "forward": {key: percentiles(values) for key, values in forward.items()},
         "probability_std_across_uploads": float(np.nanstd(reference, axis=0).max()),
@@ -525,6 +538,10 @@ def report(result: dict[str, Any]) -> None:
         print()
         print("one upload (decode + checks + preprocessing + OOD + model [+ map + blend])")
         print(f"map served: {result['explanation']}")
+        print(
+            "tail backward on the runtime's own forward values (False: NumPy forward too): "
+            f"{result.get('tail_values_from_runtime')}"
+        )
         header = f"{'runtime and variant':<34} {'n':>4} {'p50 ms':>9} {'p95 ms':>9} {'min ms':>9}"
         print(header)
         print("-" * len(header))
