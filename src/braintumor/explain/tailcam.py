@@ -9,10 +9,12 @@ twice the energy inside the mask (``metrics/localisation.json``). Its gradient h
 back through the backbone's last blocks, which the exported LiteRT graph cannot do
 (gradient ops are not LiteRT builtins). This module does it by hand: the layers between
 the chosen map and the pooling (the "tail") are read from the Keras model once, at export,
-into plain arrays (``tail.npz``); at serving time the tail runs forward from the map the
-graph returned (for the ReLU masks) and then its vector-Jacobian product carries the
-head's pooled gradient back to the map. Every layer here is linear or piecewise linear at
-inference, so that product is exact, and the maps equal the GradientTape ones
+into plain arrays (``tail.npz``); at serving time the graph also returns the tail's
+forward values (``TailParams.value_layers``, the ReLU masks among them; a graph exported
+before that: the tail runs forward here from the map it returned) and the tail's
+vector-Jacobian product carries the head's pooled gradient back to the map. Every layer
+here is linear or piecewise linear at inference, so that product is exact, and the maps
+equal the GradientTape ones
 (``gradcam.GradCam`` with ``weighting="hirescam"``) to float rounding: the export checks it.
 
 Supported layers (what EfficientNet-Lite0, ResNet50 and the test backbone have there):
