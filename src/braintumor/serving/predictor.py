@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from braintumor.core.blas import single_thread_blas
 from braintumor.core.config import load_params
 from braintumor.core.paths import resolve_tracking_uri
 from braintumor.core.redaction import redact_text
@@ -396,22 +397,6 @@ class PreparedImage:
     values: tuple[np.ndarray, ...] | None = None
 
 
-def single_thread_blas() -> None:
-    """Limit NumPy's BLAS to one thread in this process (serving an exported model).
-
-    The NumPy work around an exported model is a few small matrix products per upload (the
-    head, its gradient, the OOD distance). Right after an invoke the runtime's worker
-    threads still spin, and OpenBLAS's own threads then fight them for the cores: measured
-    on 2 busy cores, the one-pass Grad-CAM took 24.6 ms per upload with OpenBLAS's default
-    threads and 0.8 ms with one (``prepare``, which scores the OOD distance, 31 -> 21 ms).
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is in both locks
-        return
-    threadpool_limits(1, user_api="blas")
-
-
 class Predictor:
     """A loaded bundle behind the checks, batching and Grad-CAM that serving needs: the
     one decode-check-predict path of the app, ``predict`` and the registered pyfunc.
@@ -433,7 +418,7 @@ class Predictor:
         self._gradcam: Any = None
         self._ood = bundle.ood_detector  # None: the evaluate stage shipped no detector
         self._extractor: Any = None
-        if bundle.exported is not None:
+        if bundle.exported is not None:  # NumPy beside LiteRT's spinning workers (core.blas)
             single_thread_blas()
 
     def describe(self) -> str:
