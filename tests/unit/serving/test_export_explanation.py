@@ -134,20 +134,28 @@ def test_one_invoke_per_upload_gives_the_served_map(shipped: Path, mirror: Path)
     assert np.abs(probabilities - expected_p).max() <= PARITY_TOLERANCE
 
 
-def test_altered_tail_is_refused_in_one_line(bundle: Path) -> None:
+def alter_tail(bundle: Path, *, follow: bool) -> None:
+    """The tail's first kernel scaled by 1.01; ``follow``: the manifest edited to record
+    the altered file's sha256 (so that only the check against the graph can catch it)."""
     with np.load(bundle / TAIL_FILE) as data:
         arrays = {name: data[name] for name in data.files}
     arrays["step0_kernel"] = arrays["step0_kernel"] * 1.01
     with open(bundle / TAIL_FILE, "wb") as handle:
         np.savez(handle, **arrays)
+    if follow:
+        meta = json.loads((bundle / META_FILE).read_text())
+        meta["files"][TAIL_FILE] = file_sha256(bundle / TAIL_FILE)
+        (bundle / META_FILE).write_text(json.dumps(meta))
+
+
+def test_altered_tail_is_refused_in_one_line(bundle: Path) -> None:
+    alter_tail(bundle, follow=False)
     with pytest.raises(BundleError, match=r"tail\.npz: sha256 differs") as caught:
         Bundle.load(bundle)
     assert "\n" not in str(caught.value)
     # The manifest edited to follow the file: the tail no longer gives the graph's pooled
     # features on the probe image.
-    meta = json.loads((bundle / META_FILE).read_text())
-    meta["files"][TAIL_FILE] = file_sha256(bundle / TAIL_FILE)
-    (bundle / META_FILE).write_text(json.dumps(meta))
+    alter_tail(bundle, follow=True)
     with pytest.raises(BundleError, match=r"tail\.npz: disagrees with model\.tflite") as caught:
         Bundle.load(bundle)
     assert "\n" not in str(caught.value)
@@ -428,14 +436,7 @@ def test_a_changed_tail_is_refused_where_the_graph_returns_its_values(
     manifest edited to follow the file), in one line."""
     folder = _bundle_of(shipped, early, tmp_path / "bundle")
     Bundle.load(folder)
-    with np.load(folder / TAIL_FILE) as data:
-        arrays = {name: data[name] for name in data.files}
-    arrays["step0_kernel"] = arrays["step0_kernel"] * 1.01
-    with open(folder / TAIL_FILE, "wb") as handle:
-        np.savez(handle, **arrays)
-    meta = json.loads((folder / META_FILE).read_text())
-    meta["files"][TAIL_FILE] = file_sha256(folder / TAIL_FILE)
-    (folder / META_FILE).write_text(json.dumps(meta))
+    alter_tail(folder, follow=True)
     with pytest.raises(BundleError, match=r"tail\.npz: disagrees with model\.tflite") as caught:
         Bundle.load(folder)
     assert "\n" not in str(caught.value)
