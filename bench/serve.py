@@ -7,6 +7,7 @@ Usage (from the repository root)::
         [--reexport] [--explanation hirescam:block10_add]
         [--int8] [--uploads 40] [--images 100] [--duration 30] [--clients 8]
         [--serving-python .venv-serving/bin/python] [--skip-concurrency] [--mirror DIR]
+        [--isolated-rounds 3]
 
 The model: ``--model`` (a trained bundle, e.g. ``models/bundle`` of ``make run``; exported
 here first if it has no exported model, or with ``--reexport``, serving the map
@@ -34,6 +35,13 @@ In one run:
    the probabilities) and ``served + map`` (prepare, probabilities and the served map,
    overlay blend: what the app does per upload); the model's forward pass alone per
    runtime; the largest probability and map differences from the Keras path.
+   With ``--isolated-rounds K``, the same per-upload work again **with each runtime in its
+   own process, as deployed** (a child of this script per runtime and round: Keras under
+   this interpreter, an exported runtime under ``--serving-python`` when that install has
+   its package, importing no TensorFlow either way; the order rotated each round): p50/p95
+   per round, keras / exported ratios, the median of the round p50s and their range. In
+   one process TensorFlow's worker threads keep spinning after each Keras call and take
+   the cores from the exported call timed right after it; a deployment runs one runtime.
 2. **Throughput**: ``predict.predict_files`` with overlays on a folder of real slices, and
    a batch of 32 preprocessed slices through ``Predictor.predict``, images/s per runtime.
 3. **The app** (``python -m braintumor.serving.app --runtime keras|auto``, with
@@ -321,6 +329,208 @@ def measure_latency(runs: dict[str, Any], uploads: list[Path]) -> dict[str, Any]
     }
 
 
+# --------------------------------------------------------------------------- 1b. isolated
+
+
+# What an exported runtime's child must be able to import (else it runs under this python).
+RUNTIME_MODULE = {"litert": "ai_edge_litert", "litert-int8": "ai_edge_litert"}
+ISOLATED_VARIANTS = ("served", "served + map")
+
+
+def latency_child(spec_path: Path) -> int:
+    """The hidden ``--latency-child SPEC`` entry point: one runtime alone in this process
+    (as deployed: the Keras app, or the serving install with no TensorFlow), loaded, warmed
+    up, then the uploads of ``SPEC`` timed as ``measure_latency`` times them (``served`` and
+    ``served + map``, a different file each time, the two alternating); percentiles to
+    ``SPEC["out"]``. Imports nothing of Keras or TensorFlow for an exported runtime
+    (``Bundle.load(runtime="exported")``); the result says whether any got imported."""
+    from braintumor.core.schema import ServingParams
+    from braintumor.serving.bundle import Bundle
+    from braintumor.serving.exported import ExportedModel
+    from braintumor.serving.predictor import InputError, Predictor, overlay_image
+
+    spec = json.loads(spec_path.read_text())
+    runtime = spec["runtime"]
+    started = time.perf_counter()
+    bundle = Bundle.load(spec["bundle"], runtime="keras" if runtime == "keras" else "exported")
+    if runtime == "onnxruntime":
+        bundle.exported = ExportedModel(Path(spec["exported_file"]), "onnxruntime")
+    elif runtime == "litert-int8":
+        bundle.exported = ExportedModel(Path(spec["exported_file"]))
+    predictor = Predictor(bundle, ServingParams(**spec["settings"]))
+    predictor.warm_up()
+    load_s = time.perf_counter() - started
+    payloads = [(Path(p).name, Path(p).read_bytes()) for p in spec["uploads"]]
+    refused = 0
+
+    def served(name: str, data: bytes) -> None:
+        nonlocal refused
+        try:
+            predictor.classify([predictor.prepare(data, name)])
+        except InputError:
+            refused += 1
+
+    def served_map(name: str, data: bytes) -> None:
+        try:
+            prepared = predictor.prepare(data, name)
+        except InputError:
+            return
+        _, heatmaps = predictor.explain_prepared([prepared])
+        overlay_image(prepared.image, heatmaps[0], predictor.settings.overlay_alpha)
+
+    variants = list(zip(ISOLATED_VARIANTS, (served, served_map), strict=True))
+    for _, function in variants:  # one untimed call each: first allocations
+        function(*payloads[0])
+    times: dict[str, list[float]] = {kind: [] for kind in ISOLATED_VARIANTS}
+    for index, (name, data) in enumerate(payloads):
+        shift = index % len(variants)
+        for kind, function in variants[shift:] + variants[:shift]:
+            began = time.perf_counter()
+            function(name, data)
+            times[kind].append(time.perf_counter() - began)
+    heavy = sorted(m for m in ("tensorflow", "keras") if m in sys.modules)
+    result = {
+        "runtime": runtime,
+        "python": sys.executable,
+        "load_and_warm_up_s": load_s,
+        "refused_as_out_of_distribution": refused,
+        "imported_tensorflow_or_keras": heavy,
+        "latency": {kind: percentiles(values) for kind, values in times.items()},
+    }
+    Path(spec["out"]).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def child_python(runtime: str, serving_python: str | None) -> str:
+    """The interpreter for ``runtime``'s child: this one for Keras; the serving install's
+    for an exported runtime when given and it has the runtime's package (ONNX Runtime is
+    not in the serving install: then this interpreter, which still imports no TensorFlow)."""
+    if runtime == "keras" or not serving_python:
+        return sys.executable
+    module = RUNTIME_MODULE.get(runtime, runtime)
+    probe = subprocess.run(
+        [
+            serving_python,
+            "-c",
+            f"import importlib.util, sys; sys.exit(not importlib.util.find_spec({module!r}))",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    return serving_python if probe.returncode == 0 else sys.executable
+
+
+def measure_isolated(
+    info: dict[str, Any],
+    runtimes: list[str],
+    uploads: list[Path],
+    rounds: int,
+    serving_python: str | None,
+    settings: dict[str, Any],
+    work: Path,
+) -> dict[str, Any]:
+    """Each runtime in its own process, as deployed: ``rounds`` rounds, one child per
+    runtime at a time, the order rotated each round so that machine load drifts over them
+    alike; per round p50/p95 and keras / exported ratios, then the median of the round p50s
+    and their range. (In one process TensorFlow's worker threads keep spinning after a
+    Keras call and take the cores from the exported call timed right after it.)"""
+    exported_files = {"onnxruntime": info.get("onnx"), "litert-int8": info.get("int8")}
+    # abspath, not resolve(): a venv's python is a link that must stay one
+    pythons = {
+        runtime: os.path.abspath(child_python(runtime, serving_python)) for runtime in runtimes
+    }
+    per_round: list[dict[str, Any]] = []
+    for number in range(rounds):
+        shift = number % len(runtimes)
+        order = runtimes[shift:] + runtimes[:shift]
+        children: dict[str, Any] = {}
+        for runtime in order:
+            out = work / f"isolated-{number}-{runtime}.json"
+            spec = work / f"isolated-{number}-{runtime}.spec.json"
+            spec.write_text(
+                json.dumps(
+                    {
+                        "runtime": runtime,
+                        "bundle": str(info["bundle"]),
+                        "exported_file": str(exported_files.get(runtime) or ""),
+                        "settings": settings,
+                        "uploads": [str(p) for p in uploads],
+                        "out": str(out),
+                    }
+                )
+            )
+            command = [
+                pythons[runtime],
+                str(Path(__file__).resolve()),
+                "--latency-child",
+                str(spec),
+            ]
+            done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
+            if done.returncode != 0 or not out.is_file():
+                raise SystemExit(
+                    f"isolated latency child {runtime} ({pythons[runtime]}) failed "
+                    f"(exit {done.returncode}):\n{done.stderr[-3000:]}"
+                )
+            children[runtime] = json.loads(out.read_text())
+        ratios = {
+            kind: {
+                runtime: children["keras"]["latency"][kind]["p50_ms"]
+                / children[runtime]["latency"][kind]["p50_ms"]
+                for runtime in runtimes
+                if runtime != "keras"
+            }
+            for kind in ISOLATED_VARIANTS
+            if "keras" in children
+        }
+        per_round.append(
+            {
+                "order": order,
+                "load_after": [round(x, 2) for x in os.getloadavg()],
+                "runtimes": children,
+                "p50_ratio_keras_over": ratios,
+            }
+        )
+
+    def summary(values: list[float]) -> dict[str, float]:
+        return {"median": float(np.median(values)), "min": min(values), "max": max(values)}
+
+    overall: dict[str, Any] = {}
+    for runtime in runtimes:
+        for kind in ISOLATED_VARIANTS:
+            rows = [r["runtimes"][runtime]["latency"][kind] for r in per_round]
+            overall[f"{runtime} {kind}"] = {
+                "p50_ms": summary([row["p50_ms"] for row in rows]),
+                "p95_ms": summary([row["p95_ms"] for row in rows]),
+            }
+    ratio_summary = {
+        kind: {
+            runtime: summary([r["p50_ratio_keras_over"][kind][runtime] for r in per_round])
+            for runtime in runtimes
+            if runtime != "keras"
+        }
+        for kind in ISOLATED_VARIANTS
+        if "keras" in runtimes
+    }
+    return {
+        "rounds": rounds,
+        "uploads": len(uploads),
+        "python": pythons,
+        "imported_tensorflow_or_keras": {
+            runtime: sorted(
+                {
+                    m
+                    for r in per_round
+                    for m in r["runtimes"][runtime]["imported_tensorflow_or_keras"]
+                }
+            )
+            for runtime in runtimes
+        },
+        "per_round": per_round,
+        "overall": overall,
+        "p50_ratio_keras_over": ratio_summary,
+    }
+
+
 # --------------------------------------------------------------------------- 2. throughput
 
 
@@ -536,7 +746,10 @@ def report(result: dict[str, Any]) -> None:
     )
     if "latency" in result:
         print()
-        print("one upload (decode + checks + preprocessing + OOD + model [+ map + blend])")
+        print(
+            "one upload (decode + checks + preprocessing + OOD + model [+ map + blend]), "
+            "in one process, the runtimes interleaved"
+        )
         print(f"map served: {result['explanation']}")
         print(
             "tail backward on the runtime's own forward values (False: NumPy forward too): "
@@ -574,6 +787,7 @@ def report(result: dict[str, Any]) -> None:
             "(largest std of a class probability across uploads: "
             f"{result['probability_std_across_uploads']:.1e})"
         )
+    report_isolated(result.get("isolated"))
     if "throughput" in result:
         print()
         print(
@@ -616,6 +830,47 @@ def report(result: dict[str, Any]) -> None:
         )
 
 
+def report_isolated(isolated: dict[str, Any] | None) -> None:
+    if not isolated:
+        return
+    print()
+    print(
+        f"one upload, each runtime in its own process, as deployed: {isolated['rounds']} rounds "
+        f"of {isolated['uploads']} uploads, one process at a time, the order rotated"
+    )
+    for runtime, python in isolated["python"].items():
+        heavy = isolated["imported_tensorflow_or_keras"][runtime]
+        print(f"  {runtime:<12} {python} (imported: {', '.join(heavy) or 'no TensorFlow/Keras'})")
+    header = (
+        f"{'round':<6} {'runtime and variant':<28} {'p50 ms':>9} {'p95 ms':>9} {'keras/x p50':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for number, row in enumerate(isolated["per_round"], 1):
+        for runtime, child in row["runtimes"].items():
+            for kind, values in child["latency"].items():
+                ratio = row["p50_ratio_keras_over"].get(kind, {}).get(runtime)
+                shown = f"{ratio:>11.2f}x" if ratio is not None else f"{'':>12}"
+                print(
+                    f"{number:<6} {runtime + ' ' + kind:<28} {values['p50_ms']:>9.1f} "
+                    f"{values['p95_ms']:>9.1f} {shown}"
+                )
+        print(f"{'':<6} (order {', '.join(row['order'])}; load after {row['load_after']})")
+    print("overall: median of the round p50s [range]; median p95")
+    for key, values in isolated["overall"].items():
+        p50 = values["p50_ms"]
+        print(
+            f"  {key:<28} p50 {p50['median']:>6.1f} ms [{p50['min']:.1f}-{p50['max']:.1f}], "
+            f"p95 {values['p95_ms']['median']:.1f} ms"
+        )
+    for kind, ratios in isolated["p50_ratio_keras_over"].items():
+        for runtime, value in ratios.items():
+            print(
+                f"  p50 {kind}, keras / {runtime}: {value['median']:.2f}x "
+                f"[{value['min']:.2f}-{value['max']:.2f}]"
+            )
+
+
 def folder_mb(path: Path) -> float:
     return (
         sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
@@ -623,6 +878,9 @@ def folder_mb(path: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["--latency-child"] and len(arguments) == 2:
+        return latency_child(Path(arguments[1]))  # before any import of Keras below
     from braintumor.model.classifier import BACKBONES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -637,6 +895,12 @@ def main(argv: list[str] | None = None) -> int:
         "--serving-python", help="python of the serving install, for the exported app run"
     )
     parser.add_argument("--skip-concurrency", action="store_true")
+    parser.add_argument(
+        "--isolated-rounds",
+        type=int,
+        default=0,
+        help="also time each runtime in its own process (as deployed), this many rounds",
+    )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument(
@@ -684,7 +948,8 @@ def main(argv: list[str] | None = None) -> int:
         info = exported_bundle(
             source, work, mirror, args.int8, (method, layer or "auto") if reexport else None
         )
-        settings = ServingParams(grayscale_tolerance=6.0)
+        serving_settings = {"grayscale_tolerance": 6.0}
+        settings = ServingParams(**serving_settings)
         runs = predictors(info, runtimes, settings)
         result["files"] = {k: v for k, v in info.items() if not isinstance(v, Path)}
         warm = ", ".join(f"{k} {v:.1f} s" for k, v in info["load_and_warm_up_s"].items())
@@ -692,6 +957,16 @@ def main(argv: list[str] | None = None) -> int:
         uploads = real_slices(mirror, "Testing", max(args.uploads, 1), offset=50)
         if not args.skip_latency:
             result.update(measure_latency(runs, uploads))
+        if args.isolated_rounds > 0:
+            result["isolated"] = measure_isolated(
+                info,
+                runtimes,
+                uploads,
+                args.isolated_rounds,
+                args.serving_python,
+                serving_settings,
+                work,
+            )
         if not args.skip_throughput:
             folder = work / "folder"
             for path in real_slices(mirror, "Testing", args.images, offset=120):
