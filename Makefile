@@ -33,14 +33,22 @@ endif
 # --no-compile: no bytecode for every installed module up front (about a minute here);
 # Python writes it on first import, for the modules a run actually imports.
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-compile
+# uv (pinned in requirements.lock, installed first by pip) unpacks the same pinned wheels
+# in parallel: the runtime lock in ~13 s instead of ~56 s here, a quarter of `make run`'s
+# set-up. It reads no pip config, so pip's find-links (PIP_FIND_LINKS: the machine's local
+# torch +cpu wheel) is passed on. If uv cannot install a lock, pip installs it as before.
+UV := $(BIN)/uv pip install --quiet --no-deps --python $(BIN)/python \
+	$(foreach link,$(PIP_FIND_LINKS),--find-links $(link))
+LOCKED_UV = $$(grep -E '^uv==' requirements.lock)
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -r requirements.lock
-	$(PIP) -e .
+	$(PIP) $(LOCKED_UV)
+	$(UV) -r requirements.lock || $(PIP) -r requirements.lock
+	$(UV) -e . || $(PIP) -e .
 	touch $@
 
 $(DEV_STAMP): $(STAMP) requirements-dev.lock
-	$(PIP) -r requirements-dev.lock
+	$(UV) -r requirements-dev.lock || $(PIP) -r requirements-dev.lock
 	touch $@
 
 install-dev: install $(DEV_STAMP)

@@ -182,11 +182,18 @@ def robustness_section(metrics: Mapping[str, Any]) -> list[str]:
         return [*lines, f"Accuracy under perturbations: {NOT_MEASURED}."]
     worst = min(found, key=found.__getitem__)
     kinds = ", ".join(sorted({name.split("_", 1)[0] for name in found}))
+    served = finetuned.get("served.max_probability_diff")
+    scored_on = (
+        f" Scored on the exported model that serving runs; on the clean slices its "
+        f"probabilities are within {float(served):.1e} of the Keras model's."
+        if isinstance(served, int | float)
+        else ""
+    )
     return [
         *lines,
         f"Accuracy on the leakage-free test view under {len(found)} perturbations "
         f"({kinds}): clean {clean:.3f}; worst {worst} {found[worst]:.3f} (a drop of "
-        f"{clean - found[worst]:.3f}).",
+        f"{clean - found[worst]:.3f}).{scored_on}",
     ]
 
 

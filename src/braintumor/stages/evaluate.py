@@ -115,10 +115,11 @@ def read_raw_grays(raw_dir: Path, paths: list[str]) -> list[np.ndarray]:
 
 def robustness_view(
     model: Any, raw_grays: list[np.ndarray], labels: np.ndarray, params: Params
-) -> list[dict[str, Any]]:
-    """Accuracy of ``model`` on the raw test slices under each perturbation of
-    ``evaluate.robustness`` (clean first), each perturbed before the project's
-    preprocessing, as an upload would be (``robustness.py``)."""
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Accuracy of ``model`` (a Keras model or a ``ServedForward``) on the raw test slices
+    under each perturbation of ``evaluate.robustness`` (clean first), each perturbed before
+    the project's preprocessing, as an upload would be (``robustness.py``); and the
+    probabilities per perturbation."""
     from braintumor.evaluation.robustness import (
         perturbation_names,
         perturbed_inputs,
@@ -131,8 +132,11 @@ def robustness_view(
         images = perturbed_inputs(
             raw_grays, name, params.common.image_size, params.preprocess, settings.seed
         )
-        predictions[name] = predict_probabilities(model, images, params.evaluate.batch_size)
-    return robustness_table(labels, predictions)
+        if isinstance(model, ServedForward):
+            predictions[name] = model.probabilities(images, params.evaluate.batch_size)
+        else:
+            predictions[name] = predict_probabilities(model, images, params.evaluate.batch_size)
+    return robustness_table(labels, predictions), predictions
 
 
 def evaluate_probabilities(
@@ -318,6 +322,46 @@ class Inputs:
     # The fine-tuned model's val and test outputs (probabilities, pooled features, logits)
     # from score_models' forward pass, reused by the OOD fit instead of a second pass.
     finetuned_outputs: dict[str, Any] = field(default_factory=dict)
+    # The fine-tuned model as exported for serving (``ServedForward``), when ``evaluate``
+    # exported it first: the robustness view and the OOD fit's training pass run on it.
+    served: Any = None
+
+
+class ServedForward:
+    """The exported graph that serving runs (``serving.export``), as the forward pass of
+    the robustness view and of the OOD detector's training features: those ~25,000 images
+    are most of the stage's inference, and LiteRT runs this model ~2.5x faster than Keras
+    on these CPUs. It is the model users get, and the export has already checked it
+    against Keras (probabilities within ``PARITY_TOLERANCE``); the stage also records the
+    largest difference on every leakage-free test slice (``served.max_probability_diff``).
+    The headline views stay on the Keras model."""
+
+    runtime = "litert"
+
+    def __init__(self, export: Any) -> None:
+        from braintumor.explain.headcam import HeadParams
+        from braintumor.serving.exported import ExportedModel
+
+        self._graph = ExportedModel(export.model_file)
+        self._head = HeadParams.load(export.head_file)
+
+    def __call__(self, images: np.ndarray, batch_size: int = 64) -> Any:
+        """``ModelOutputs`` for uint8 images (N, S, S[, 1]), as ``FeatureExtractor``'s:
+        probabilities before calibration, pooled features and the head's logits."""
+        from braintumor.evaluation.ood import ModelOutputs
+
+        parts: list[list[np.ndarray]] = [[], []]
+        for start in range(0, len(images), batch_size):
+            graph = self._graph(np.asarray(images[start : start + batch_size]))
+            parts[0].append(graph.probabilities.astype(np.float64))
+            parts[1].append(graph.pooled.astype(np.float64))
+        if not parts[0]:
+            raise EvaluateError("no images for the exported model")
+        probabilities, features = (np.concatenate(part) for part in parts)
+        return ModelOutputs(probabilities, features, self._head.forward(features)[0])
+
+    def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        return np.asarray(self(images, batch_size).probabilities)
 
 
 @dataclass(frozen=True)
@@ -353,6 +397,7 @@ class Evaluation:
     robustness: list[dict]
     detector: Any
     metrics: dict[str, Any]
+    export: Any = None  # the ExportResult ``evaluate`` made first, for the bundle
 
 
 def load_inputs(paths: EvaluatePaths, params: Params) -> Inputs:
@@ -410,17 +455,28 @@ def score_models(inputs: Inputs, params: Params) -> dict[str, dict[str, Any]]:
     return results
 
 
-def score_robustness(inputs: Inputs, raw_dir: Path | None, params: Params) -> list[dict]:
-    """The fine-tuned model (the one served) on the leakage-free test slices under each
-    perturbation; empty when turned off or when no raw folder is given."""
+def score_robustness(
+    inputs: Inputs, raw_dir: Path | None, params: Params, results: dict[str, dict[str, Any]]
+) -> tuple[list[dict], dict[str, Any]]:
+    """The fine-tuned model (as served, when exported) on the leakage-free test slices
+    under each perturbation; empty when turned off or when no raw folder is given. With
+    the exported model, also how far its clean probabilities are from Keras's on the same
+    slices (``score_models``' pass over the cached arrays)."""
     if raw_dir is None or not params.evaluate.robustness.enabled:
-        return []
+        return [], {}
     rows = inputs.views[VIEW_LEAKAGE_FREE]
     paths = inputs.test_index.loc[rows, "path"].tolist()
     labels = inputs.data.splits["test"].labels[rows]
-    return robustness_view(
-        inputs.models["finetuned"], read_raw_grays(raw_dir, paths), labels, params
-    )
+    model = inputs.served or inputs.models["finetuned"]
+    table, predictions = robustness_view(model, read_raw_grays(raw_dir, paths), labels, params)
+    for row in table:  # which runtime scored it, in eval.json and the plot table
+        row["runtime"] = getattr(model, "runtime", "keras")
+    summary: dict[str, Any] = {}
+    if inputs.served is not None and len(labels):
+        keras_clean = np.asarray(results["finetuned"]["raw"])[rows]
+        difference = np.abs(predictions["clean"] - keras_clean).max()
+        summary["served.max_probability_diff"] = float(f"{difference:.3g}")
+    return table, summary
 
 
 def comparison_markdown(results: dict[str, dict[str, Any]], params: Params) -> str:
@@ -532,10 +588,11 @@ def write_model_bundle(
     params: Params,
     detector: Any = None,
     card: str | None = None,
+    export: Any = None,
 ) -> Any:
     """The bundle, through its one writer: the model, its metadata, the OOD detector
-    (when fitted), the exported model serving runs (``export_for_bundle``) and the model
-    card, every file hashed into bundle.json."""
+    (when fitted), the exported model serving runs (``export``, else exported here by
+    ``export_for_bundle``) and the model card, every file hashed into bundle.json."""
     import tempfile
 
     from braintumor.serving.bundle import BundleMeta, InputStats, write_bundle
@@ -561,7 +618,7 @@ def write_model_bundle(
                 },
             ),
             detector,
-            export_for_bundle(inputs, params, Path(folder)),
+            export if export is not None else export_for_bundle(inputs, params, Path(folder)),
             card,
         )
 
@@ -609,9 +666,12 @@ def fit_ood_detector(inputs: Inputs, params: Params) -> tuple[Any, dict[str, flo
     val = known.get("val") or extractor(splits["val"].images, settings.batch_size)
     outputs = known.get("test") or extractor(splits["test"].images, settings.batch_size)
     train = splits["train"]
+    # The training pass is the stage's largest: on the exported graph when there is one
+    # (the features serving computes); val and test reuse score_models' Keras pass.
+    training = inputs.served or extractor
     detector = fit_detector(
         settings.ood_method,
-        extractor(train.images, settings.batch_size),
+        training(train.images, settings.batch_size),
         train.labels,
         val,
         settings.ood_false_alarm_rate,
@@ -648,19 +708,25 @@ def external_views(audit: Path | None) -> dict[str, Any]:
     return {key: found[key] for key in ("external", "external_reference") if found.get(key)}
 
 
-def evaluate(params: Params, paths: EvaluatePaths) -> Evaluation:
+def evaluate(params: Params, paths: EvaluatePaths, export_dir: Path | None = None) -> Evaluation:
     """Score both models on every view, the fine-tuned one under perturbations, and fit
-    the OOD detector; writes nothing (``write_evaluation`` does)."""
+    the OOD detector; writes nothing (``write_evaluation`` does). With ``export_dir`` the
+    fine-tuned model is exported there first (parity checked) and the robustness view and
+    the detector's training pass run on it (``ServedForward``)."""
     started = time.perf_counter()
     inputs = load_inputs(paths, params)
+    export = export_for_bundle(inputs, params, export_dir) if export_dir is not None else None
+    if export is not None:
+        inputs.served = ServedForward(export)
     results = score_models(inputs, params)
-    robustness = score_robustness(inputs, paths.raw, params)
+    robustness, served_summary = score_robustness(inputs, paths.raw, params, results)
     detector, ood_summary = fit_ood_detector(inputs, params)
     metrics = detail_metrics(results, robustness)
     metrics["finetuned"].update(ood_summary)
+    metrics["finetuned"].update(served_summary)
     metrics.update(external_views(paths.audit))
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    return Evaluation(inputs, results, robustness, detector, metrics)
+    return Evaluation(inputs, results, robustness, detector, metrics, export)
 
 
 def write_evaluation(evaluation: Evaluation, paths: EvaluatePaths, params: Params) -> Any:
@@ -672,7 +738,9 @@ def write_evaluation(evaluation: Evaluation, paths: EvaluatePaths, params: Param
     inputs, results, robustness = evaluation.inputs, evaluation.results, evaluation.robustness
     confusion, roc = write_figures(paths.figures, inputs, results, robustness, params)
     card = model_card_text(evaluation, paths, params)
-    bundle_meta = write_model_bundle(paths, inputs, results, params, evaluation.detector, card)
+    bundle_meta = write_model_bundle(
+        paths, inputs, results, params, evaluation.detector, card, evaluation.export
+    )
     write_text(card_path(paths), card)  # also logged to the evaluate run with the reports
     write_plot_tables(paths.plots, confusion, roc, robustness)
     report_json: dict[str, Any] = {
@@ -737,8 +805,12 @@ def model_card_text(evaluation: Evaluation, paths: EvaluatePaths, params: Params
 
 def run(params: Params, paths: EvaluatePaths, tracking: bool = True) -> dict[str, Any]:
     """The stage: evaluate, write, then log to MLflow and register. Returns eval.json."""
-    evaluation = evaluate(params, paths)
-    bundle_meta = write_evaluation(evaluation, paths, params)
+    import tempfile
+
+    # The export comes first and lives until the bundle holds it (``evaluate``).
+    with tempfile.TemporaryDirectory(prefix="braintumor-export-") as folder:
+        evaluation = evaluate(params, paths, export_dir=Path(folder))
+        bundle_meta = write_evaluation(evaluation, paths, params)
     if tracking:
         log_to_mlflow(evaluation, paths, params, bundle_meta)
     return evaluation.metrics

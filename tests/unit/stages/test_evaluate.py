@@ -140,6 +140,31 @@ def test_robustness_view_starts_from_the_raw_slices(evaluated: Path) -> None:
     assert (evaluated / "figures" / "robustness.png").is_file()
 
 
+def test_the_robustness_view_runs_on_the_exported_model_and_agrees_with_keras(
+    evaluated: Path, project
+) -> None:
+    """The robustness view and the OOD detector's training pass run on the exported graph
+    (what serving runs): each row says so, the clean probabilities stay within the
+    export's parity bound of Keras's on the same slices, and the detector in the bundle
+    accepts the exported model's own features of the training slices it was fitted on."""
+    from braintumor.serving.export import PARITY_TOLERANCE
+
+    metrics = json.loads((evaluated / "metrics" / "eval.json").read_text())["finetuned"]
+    report = json.loads((evaluated / "eval.json").read_text())["robustness"]["finetuned"]
+    assert {row["runtime"] for row in report} == {"litert"}
+    assert 0 <= metrics["served.max_probability_diff"] <= PARITY_TOLERANCE
+    bundle = Bundle.load(evaluated / "bundle")
+    assert bundle.exported is not None and bundle.head is not None
+    train = np.load(project["data"] / "train_images.npy")[:, :, :, 0]
+    pooled = bundle.exported(train).pooled.astype(np.float64)
+    detector = bundle.ood_detector
+    assert detector is not None
+    scores = detector.score(pooled, bundle.head.forward(pooled)[0])
+    assert detector.is_outlier(scores).mean() <= 0.5
+    card = (evaluated / "bundle" / "MODEL_CARD.md").read_text()
+    assert "Scored on the exported model that serving runs" in card
+
+
 def test_figures_and_the_bundle(evaluated: Path, project, mirror: Path) -> None:
     names = {p.name for p in (evaluated / "figures").iterdir()}
     assert {
