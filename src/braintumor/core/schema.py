@@ -384,7 +384,10 @@ class PhaseParams:
 class TrainParams:
     """``jit_compile``: XLA (``auto`` = Keras's choice: on where every layer supports it).
     ``loader_workers``: threads that read batches from the memory-mapped arrays ahead of
-    the accelerator (1 = read in the training loop's own thread).
+    the accelerator (``ArrayBatches``). 1 hands the reading to the backend's own loader;
+    on TensorFlow that is a ``tf.data`` pipeline whose autotuning thread made 7 of 9
+    fine-tuning epochs wait ~30 s at their start (the whole machine idle), so the default
+    is 2: Keras's ordered reader threads, the same batches in the same order.
 
     Compile time (what made a first Keras-JAX ResNet50 epoch last minutes on a GPU):
     ``drop_remainder`` keeps every training batch full, so XLA compiles one training step
@@ -402,7 +405,7 @@ class TrainParams:
     distribution: Literal["none", "data_parallel"] = "none"
     mixed_precision: bool = False
     jit_compile: bool | Literal["auto"] = "auto"
-    loader_workers: int = 1
+    loader_workers: int = 2
     subset_per_class: int | None = None
     drop_remainder: bool = True
     compilation_cache: str | None = ".cache/jax"

@@ -64,17 +64,21 @@ def fit_head(
             min_lr=plateau.min_learning_rate,
         ),
     ]
+    workers = params.train.loader_workers
     batches = ArrayBatches(
         train_features,
         train_labels,
         settings.batch_size,
         shuffle=True,
         seed=seed,
+        workers=workers,
         drop_remainder=params.train.drop_remainder,
     )
     head.fit(
         batches,
-        validation_data=ArrayBatches(val_features, val_labels, settings.batch_size),
+        validation_data=ArrayBatches(
+            val_features, val_labels, settings.batch_size, workers=workers
+        ),
         epochs=settings.epochs,
         class_weight=class_weights(train_labels, len(params.common.classes), settings.class_weight),
         callbacks=callbacks,
