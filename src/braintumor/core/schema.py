@@ -387,7 +387,8 @@ class TrainParams:
     the accelerator (``ArrayBatches``). 1 hands the reading to the backend's own loader;
     on TensorFlow that is a ``tf.data`` pipeline whose autotuning thread made 7 of 9
     fine-tuning epochs wait ~30 s at their start (the whole machine idle), so the default
-    is 2: Keras's ordered reader threads, the same batches in the same order.
+    is 2: Keras's ordered reader threads, the same batches in the same order (1 under
+    TensorFlow's ``data_parallel``, ``training.phase.reader_threads``).
 
     Compile time (what made a first Keras-JAX ResNet50 epoch last minutes on a GPU):
     ``drop_remainder`` keeps every training batch full, so XLA compiles one training step

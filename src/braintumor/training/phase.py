@@ -236,6 +236,7 @@ def phase_inputs(
         jit_compile=params.train.jit_compile,
         steps_per_execution=head_steps_per_execution() if settings.cache_features else 1,
     )
+    workers = reader_threads(params)
     train_batches = ArrayBatches(
         train_inputs,
         train_labels,
@@ -245,12 +246,10 @@ def phase_inputs(
         seed=params.common.seed,
         epoch=initial_epoch,
         steps=settings.steps_per_epoch,
-        workers=params.train.loader_workers,
+        workers=workers,
         drop_remainder=params.train.drop_remainder,
     )
-    val_batches = ArrayBatches(
-        val_inputs, val.labels, settings.batch_size, workers=params.train.loader_workers
-    )
+    val_batches = ArrayBatches(val_inputs, val.labels, settings.batch_size, workers=workers)
     weights = class_weights(
         train.labels[indices], len(params.common.classes), settings.class_weight
     )
@@ -524,6 +523,16 @@ def guard_score(model: keras.Model, data: ProcessedData, batch_size: int) -> flo
     labels = val.labels[rows]
     recalls = [float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)]
     return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def reader_threads(params: Params) -> int:
+    """``train.loader_workers``, except 1 under TensorFlow's data parallelism: with Keras's
+    reader threads there, two devices' loss curve left one device's by ~1e-3
+    (``tests/integration/test_distribution.py``), with ``tf.data``'s own reading it stays
+    within float rounding (its epoch-start stall is the price there)."""
+    if params.train.distribution == "data_parallel" and params.train.backend == "tensorflow":
+        return 1
+    return params.train.loader_workers
 
 
 def _tensorboard(log_dir: Path | None, backend: str) -> Any | None:
