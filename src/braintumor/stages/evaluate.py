@@ -25,6 +25,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +115,11 @@ def read_raw_grays(raw_dir: Path, paths: list[str]) -> list[np.ndarray]:
 
 
 def robustness_view(
-    model: Any, raw_grays: list[np.ndarray], labels: np.ndarray, params: Params
+    predict: Any, raw_grays: list[np.ndarray], labels: np.ndarray, params: Params
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Accuracy of ``model`` (a Keras model or a ``ServedForward``) on the raw test slices
-    under each perturbation of ``evaluate.robustness`` (clean first), each perturbed before
-    the project's preprocessing, as an upload would be (``robustness.py``); and the
+    """Accuracy of ``predict`` (uint8 images, batch size -> probabilities) on the raw test
+    slices under each perturbation of ``evaluate.robustness`` (clean first), each perturbed
+    before the project's preprocessing, as an upload would be (``robustness.py``); and the
     probabilities per perturbation."""
     from braintumor.evaluation.robustness import (
         perturbation_names,
@@ -132,10 +133,7 @@ def robustness_view(
         images = perturbed_inputs(
             raw_grays, name, params.common.image_size, params.preprocess, settings.seed
         )
-        if isinstance(model, ServedForward):
-            predictions[name] = model.probabilities(images, params.evaluate.batch_size)
-        else:
-            predictions[name] = predict_probabilities(model, images, params.evaluate.batch_size)
+        predictions[name] = predict(images, params.evaluate.batch_size)
     return robustness_table(labels, predictions), predictions
 
 
@@ -361,7 +359,12 @@ class ServedForward:
         return ModelOutputs(probabilities, features, self._head.forward(features)[0])
 
     def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        return np.asarray(self(images, batch_size).probabilities)
+        """Probabilities before calibration alone (no head pass for logits)."""
+        parts = [
+            self._graph(np.asarray(images[start : start + batch_size])).probabilities
+            for start in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(parts).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -467,10 +470,14 @@ def score_robustness(
     rows = inputs.views[VIEW_LEAKAGE_FREE]
     paths = inputs.test_index.loc[rows, "path"].tolist()
     labels = inputs.data.splits["test"].labels[rows]
-    model = inputs.served or inputs.models["finetuned"]
-    table, predictions = robustness_view(model, read_raw_grays(raw_dir, paths), labels, params)
+    if inputs.served is not None:
+        predict, runtime = inputs.served.probabilities, inputs.served.runtime
+    else:
+        model = inputs.models["finetuned"]
+        predict, runtime = partial(predict_probabilities, model), "keras"
+    table, predictions = robustness_view(predict, read_raw_grays(raw_dir, paths), labels, params)
     for row in table:  # which runtime scored it, in eval.json and the plot table
-        row["runtime"] = getattr(model, "runtime", "keras")
+        row["runtime"] = runtime
     summary: dict[str, Any] = {}
     if inputs.served is not None and len(labels):
         keras_clean = np.asarray(results["finetuned"]["raw"])[rows]
@@ -591,36 +598,33 @@ def write_model_bundle(
     export: Any = None,
 ) -> Any:
     """The bundle, through its one writer: the model, its metadata, the OOD detector
-    (when fitted), the exported model serving runs (``export``, else exported here by
-    ``export_for_bundle``) and the model card, every file hashed into bundle.json."""
-    import tempfile
-
+    (when fitted), the exported model serving runs (``export``, from ``evaluate``; None
+    off TensorFlow) and the model card, every file hashed into bundle.json."""
     from braintumor.serving.bundle import BundleMeta, InputStats, write_bundle
 
-    with tempfile.TemporaryDirectory(prefix="braintumor-export-") as folder:
-        return write_bundle(
-            paths.bundle,
-            paths.finetuned_model,
-            BundleMeta(
-                classes=tuple(params.common.classes),
-                image_size=params.common.image_size,
-                preprocess=params.preprocess,
-                gradcam_layer=gradcam_layer(params, inputs.models["finetuned"]),
-                temperature=float(results["finetuned"]["temperature"]),
-                input_stats=InputStats.from_images(inputs.data.splits["train"].images),
-                source={"data_digest": inputs.data.digest, "profile": params.profile},
-                # The served map, also for a bundle Keras serves (serving.explanation).
-                explanation={
-                    "method": params.serving.explanation.method,
-                    "layer": gradcam_layer(params, inputs.models["finetuned"])
-                    if params.serving.explanation.layer == "auto"
-                    else params.serving.explanation.layer,
-                },
-            ),
-            detector,
-            export if export is not None else export_for_bundle(inputs, params, Path(folder)),
-            card,
-        )
+    return write_bundle(
+        paths.bundle,
+        paths.finetuned_model,
+        BundleMeta(
+            classes=tuple(params.common.classes),
+            image_size=params.common.image_size,
+            preprocess=params.preprocess,
+            gradcam_layer=gradcam_layer(params, inputs.models["finetuned"]),
+            temperature=float(results["finetuned"]["temperature"]),
+            input_stats=InputStats.from_images(inputs.data.splits["train"].images),
+            source={"data_digest": inputs.data.digest, "profile": params.profile},
+            # The served map, also for a bundle Keras serves (serving.explanation).
+            explanation={
+                "method": params.serving.explanation.method,
+                "layer": gradcam_layer(params, inputs.models["finetuned"])
+                if params.serving.explanation.layer == "auto"
+                else params.serving.explanation.layer,
+            },
+        ),
+        detector,
+        export,
+        card,
+    )
 
 
 def export_for_bundle(inputs: Inputs, params: Params, folder: Path) -> Any:
@@ -708,14 +712,14 @@ def external_views(audit: Path | None) -> dict[str, Any]:
     return {key: found[key] for key in ("external", "external_reference") if found.get(key)}
 
 
-def evaluate(params: Params, paths: EvaluatePaths, export_dir: Path | None = None) -> Evaluation:
+def evaluate(params: Params, paths: EvaluatePaths, export_dir: Path) -> Evaluation:
     """Score both models on every view, the fine-tuned one under perturbations, and fit
-    the OOD detector; writes nothing (``write_evaluation`` does). With ``export_dir`` the
-    fine-tuned model is exported there first (parity checked) and the robustness view and
-    the detector's training pass run on it (``ServedForward``)."""
+    the OOD detector; writes nothing but the export (``write_evaluation`` writes the
+    rest). The fine-tuned model is exported into ``export_dir`` first (parity checked) and
+    the robustness view and the detector's training pass run on it (``ServedForward``)."""
     started = time.perf_counter()
     inputs = load_inputs(paths, params)
-    export = export_for_bundle(inputs, params, export_dir) if export_dir is not None else None
+    export = export_for_bundle(inputs, params, export_dir)
     if export is not None:
         inputs.served = ServedForward(export)
     results = score_models(inputs, params)
