@@ -338,6 +338,12 @@ class PhaseParams:
     ``ema_momentum`` (null: off): the optimizer keeps an exponential moving average of the
     weights (Polyak averaging, Keras's ``use_ema``); validation, the best checkpoint and so
     the saved model use the average, which is smoother than the last step's weights.
+    ``schedule``: ``plateau`` keeps ``learning_rate`` and lowers it when validation stalls
+    (``reduce_lr``); ``cosine`` raises it linearly from 0 over ``warmup_epochs`` (so the
+    first steps on a pretrained backbone are small, where a full-size Adam step undoes
+    pretrained features) and then lowers it along a half cosine to 0 at the last epoch,
+    so the weights settle at the end of a short budget instead of being cut off mid-stride
+    (``reduce_lr`` is not read: a schedule owns the rate).
     """
 
     epochs: int = 30
@@ -353,9 +359,21 @@ class PhaseParams:
     must_improve: bool = True
     guard_metric: Literal["monitor", "balanced_accuracy"] = "monitor"
     ema_momentum: float | None = None
+    schedule: Literal["plateau", "cosine"] = "plateau"
+    warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(
+            0 <= self.warmup_epochs < self.epochs,
+            "warmup_epochs",
+            f"must be in [0, epochs) (epochs is {self.epochs})",
+        )
+        _check(
+            self.warmup_epochs == 0 or self.schedule == "cosine",
+            "warmup_epochs",
+            f"is only read with schedule: cosine (schedule is {self.schedule!r})",
+        )
         _check(
             self.ema_momentum is None or 0 < self.ema_momentum < 1,
             "ema_momentum",

@@ -240,6 +240,9 @@ def phase_callbacks(
             model, checkpoint_dir / BEST_MODEL, stopping.monitor
         ),
     }
+    if settings.schedule != "plateau":
+        # A schedule owns the rate (Keras refuses to set it), so there is no plateau rule.
+        del stateful["reduce_lr"]
     epoch_state = EpochState(checkpoint_dir=checkpoint_dir, stateful=stateful, **state)
     # With weight averaging, validation runs on the averages (swapped in for it, first).
     averaging = [keras.callbacks.SwapEMAWeights()] if settings.ema_momentum is not None else []

@@ -201,6 +201,7 @@ def phase_inputs(
 
     from braintumor.model.augment import build_training_model
     from braintumor.training.inputs import ArrayBatches, class_weights, subset_per_class
+    from braintumor.training.schedule import learning_rate
 
     settings = phase_params(params, phase)
     train, val = data.splits["train"], data.splits["val"]
@@ -225,17 +226,6 @@ def phase_inputs(
         training_model = build_training_model(model, augmenter)
         train_inputs, train_labels, val_inputs = train.images, train.labels, val.images
         batch_indices = indices
-    training_model.compile(
-        optimizer=keras.optimizers.Adam(
-            settings.learning_rate,
-            use_ema=settings.ema_momentum is not None,
-            ema_momentum=settings.ema_momentum or 0.99,
-        ),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=params.train.jit_compile,
-        steps_per_execution=head_steps_per_execution() if settings.cache_features else 1,
-    )
     workers = reader_threads(params)
     train_batches = ArrayBatches(
         train_inputs,
@@ -250,6 +240,17 @@ def phase_inputs(
         drop_remainder=params.train.drop_remainder,
     )
     val_batches = ArrayBatches(val_inputs, val.labels, settings.batch_size, workers=workers)
+    training_model.compile(
+        optimizer=keras.optimizers.Adam(
+            learning_rate(settings, len(train_batches)),
+            use_ema=settings.ema_momentum is not None,
+            ema_momentum=settings.ema_momentum or 0.99,
+        ),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=params.train.jit_compile,
+        steps_per_execution=head_steps_per_execution() if settings.cache_features else 1,
+    )
     weights = class_weights(
         train.labels[indices], len(params.common.classes), settings.class_weight
     )

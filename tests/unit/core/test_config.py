@@ -97,6 +97,19 @@ def test_every_profile_file_has_every_section_dvc_tracks() -> None:
             {"train": {"finetune": {"reduce_lr": {"min_learning_rate": -1e-7}}}},
             "train.finetune.reduce_lr.min_learning_rate: ",
         ),
+        ({"train": {"finetune": {"schedule": "step"}}}, "train.finetune.schedule: 'step'"),
+        (
+            {"train": {"finetune": {"schedule": "cosine", "epochs": 3, "warmup_epochs": 3}}},
+            "train.finetune.warmup_epochs: must be in [0, epochs) (epochs is 3)",
+        ),
+        (
+            {"train": {"finetune": {"schedule": "cosine", "warmup_epochs": -0.5}}},
+            "train.finetune.warmup_epochs: must be in [0, epochs)",
+        ),
+        (
+            {"train": {"frozen": {"warmup_epochs": 1}}},
+            "train.frozen.warmup_epochs: is only read with schedule: cosine",
+        ),
         ({"evaluate": {"robustness": {"seed": 2**40}}}, "evaluate.robustness.seed: must be in"),
     ],
 )

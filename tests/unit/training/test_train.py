@@ -572,6 +572,45 @@ def test_weight_averaging_resumes_exactly_and_saves_what_validation_measured(
     )
 
 
+def test_cosine_schedule_warms_up_decays_and_resumes_on_the_same_curve(
+    tmp_path: Path, data
+) -> None:
+    """``schedule: cosine``: the rate each epoch starts at is the warm-up-then-cosine curve
+    at that step (0 at the first step, the peak after the warm-up, lower every epoch
+    after), no plateau rule touches it, and a run killed after one epoch resumes at the
+    saved step: same rates, same losses, same weights as an uninterrupted run."""
+    import math
+
+    from braintumor.training.checkpointing import TrainingInterrupted
+    from braintumor.training.phase import run_phase
+
+    params = tiny_params(
+        frozen__epochs=4,
+        frozen__trainable="all",
+        frozen__learning_rate=3e-3,
+        frozen__schedule="cosine",
+        frozen__warmup_epochs=1.0,
+        # A plateau rule this eager would lower a constant rate after every epoch.
+        frozen__reduce_lr={"patience": 0, "factor": 0.1},
+    )
+    whole = run_phase(params, "frozen", data, phase_paths(tmp_path / "whole", "frozen"))
+    rates = [row["learning_rate"] for row in whole.history]
+    # Epoch starts: step 0 (warm-up from 0), then the cosine from the peak at 1/3 and 2/3.
+    expected = [0.0, 3e-3, 3e-3 * 0.5 * (1 + math.cos(math.pi / 3)), 3e-3 * 0.25]
+    assert rates == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    paths = phase_paths(tmp_path / "resumed", "frozen")
+    with pytest.raises(TrainingInterrupted):
+        run_phase(params, "frozen", data, paths, stop_after_epochs=2)
+    resumed = run_phase(params, "frozen", data, paths)
+    assert [row["learning_rate"] for row in resumed.history] == pytest.approx(rates, rel=1e-6)
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(
+            [row[key] for row in resumed.history], [row[key] for row in whole.history], atol=1e-5
+        )
+    for a, b in zip(whole.model.get_weights(), resumed.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_checkpoint_from_other_parameters_is_not_resumed(tmp_path: Path, data) -> None:
     from braintumor.training.phase import find_checkpoint
 
