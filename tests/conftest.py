@@ -381,10 +381,39 @@ def tiny_project(mirror: Path, tmp_path_factory) -> dict[str, Path]:
     frame = clean(raw, params, progress=False).frame
     preprocess(raw, frame, params, root / "processed", progress=False)
     paths = {"params": params_path, "data": root / "processed", "root": root, "raw": raw}
+    paths["label_issues"] = write_label_issues(root / "label_issues.csv", root / "processed")
     for name, seed, epochs in (("base", 1, 1), ("finetuned", 2, 4)):
         paths[name] = root / f"{name}.keras"
         _train_tiny_model(root / "processed", params, seed, epochs).save(paths[name])
     return paths
+
+
+# Validation rows of ``tiny_project`` written as the label audit's suspects: the evaluate
+# stage leaves them out of its temperature fit (``fit_view: val_unflagged``).
+TINY_FLAGGED_VAL_ROWS = (0, 3)
+
+
+def write_label_issues(path: Path, processed: Path) -> Path:
+    """A ``metrics/label_issues.csv`` in the audit's columns flagging ``TINY_FLAGGED_VAL_ROWS``
+    of the processed validation split (the tiny project does not run the audit)."""
+    import pandas as pd
+
+    val = pd.read_csv(processed / "val_index.csv").iloc[list(TINY_FLAGGED_VAL_ROWS)]
+    table = pd.DataFrame(
+        {
+            "id": val["id"],
+            "split": "val",
+            "source": val["source"],
+            "path": val["path"],
+            "label": val["label"],
+            "suggested": val["label"],
+            "label_quality": 0.0,
+            "label_probability": 0.0,
+            "suggested_probability": 1.0,
+        }
+    )
+    table.to_csv(path, index=False)
+    return path
 
 
 def evaluate_args(project: dict[str, Path], out: Path, **replace: Path) -> list[str]:
@@ -413,6 +442,8 @@ def evaluate_args(project: dict[str, Path], out: Path, **replace: Path) -> list[
         str(out / "bundle"),
         "--run-file",
         str(out / "evaluate_run.json"),
+        "--label-issues",
+        str(paths["label_issues"]),
     ]
 
 

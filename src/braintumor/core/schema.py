@@ -555,15 +555,18 @@ class CalibrationParams:
     ``method``: ``temperature`` fits one temperature on validation, ``none`` keeps the
     model's probabilities. ``fit_view``: ``val_leakage_free`` fits on the validation rows
     with no training neighbour (all of them when ``preprocess.val_grouping`` is
-    ``neighbours``), ``val`` on every validation row. A fit within ``bound_tolerance``
-    (relative) of ``temperature_bounds``, or on fewer than ``min_samples`` rows, is not
-    trusted: the identity (T = 1) is used and the reason reported. ``allow_sharpening``:
-    a fitted T < 1 (sharper probabilities) is applied only when true; validation comes from
-    the training folders and test from the testing folders, where the model errs more, and
-    sharpening fitted on validation made test ECE and NLL worse in the runs measured."""
+    ``neighbours``), ``val`` on every validation row, ``val_unflagged`` on the leakage-free
+    rows that the label audit does not suspect of a wrong label
+    (``metrics/label_issues.csv``: wrong labels push the fitted temperature up, softening
+    every prediction). A fit within ``bound_tolerance`` (relative) of
+    ``temperature_bounds``, or on fewer than ``min_samples`` rows, is not trusted: the
+    identity (T = 1) is used and the reason reported. ``allow_sharpening``: a fitted T < 1
+    (sharper probabilities) is applied only when true; validation comes from the training
+    folders and test from the testing folders, where the model errs more, and sharpening
+    fitted on validation made test ECE and NLL worse in the runs measured."""
 
     method: Literal["temperature", "none"] = "temperature"
-    fit_view: Literal["val_leakage_free", "val"] = "val_leakage_free"
+    fit_view: Literal["val_leakage_free", "val", "val_unflagged"] = "val_leakage_free"
     temperature_bounds: tuple[float, ...] = (0.05, 20.0)
     bound_tolerance: float = 0.01
     min_samples: int = 50

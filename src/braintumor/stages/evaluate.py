@@ -145,10 +145,12 @@ def evaluate_probabilities(
     test_probabilities: np.ndarray,
     views: dict[str, np.ndarray],
     params: Params,
+    val_flagged: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Calibrate on validation, then report every test view (pure: arrays in, dict out).
 
-    The calibration is fitted on the validation rows without a training neighbour
+    The calibration is fitted on the validation rows without a training neighbour, less
+    those the label audit flagged (``val_flagged``) under ``fit_view: val_unflagged``
     (``evaluate.calibration``; see ``calibration.calibrate``), never on test; every view
     reports its ECE and NLL before and after it, validation included."""
     from braintumor.evaluation.calibration import apply_calibration, calibrate, calibration_summary
@@ -157,7 +159,9 @@ def evaluate_probabilities(
     settings = params.evaluate
     classes = list(params.common.classes)
     bins = settings.calibration_bins
-    fit = calibrate(val_labels, val_probabilities, val_leakage_free, settings.calibration)
+    fit = calibrate(
+        val_labels, val_probabilities, val_leakage_free, settings.calibration, val_flagged
+    )
     calibrated = apply_calibration(test_probabilities, fit)
     result: dict[str, Any] = {
         "temperature": fit.temperature,
@@ -310,13 +314,15 @@ def explanation_figure(
 @dataclass
 class Inputs:
     """What the stage evaluates: the processed splits, the test index and its views, the
-    validation rows without a training neighbour, and the two models."""
+    validation rows without a training neighbour, the two models, and the validation rows
+    the label audit suspects (None without its table)."""
 
     data: Any
     test_index: Any
     views: dict[str, np.ndarray]
     val_leakage_free: np.ndarray
     models: dict[str, Any]
+    val_flagged: np.ndarray | None = None
     # The fine-tuned model's val and test outputs (probabilities, pooled features, logits)
     # from score_models' forward pass, reused by the OOD fit instead of a second pass.
     finetuned_outputs: dict[str, Any] = field(default_factory=dict)
@@ -386,6 +392,7 @@ class EvaluatePaths:
     parent_run_file: Path | None = None
     run_file: Path | None = None
     audit: Path | None = None
+    label_issues: Path | None = None
     localisation: Path | None = None  # metrics/localisation_detail.json, for the model card
 
 
@@ -419,12 +426,34 @@ def load_inputs(paths: EvaluatePaths, params: Params) -> Inputs:
         val_leakage_free = val_index["leakage_free"].astype(bool).to_numpy()
     else:  # a processed folder from before validation rows were flagged
         val_leakage_free = np.ones(len(val_index), dtype=bool)
+    val_flagged = flagged_rows(paths.label_issues, "val", val_index["path"])
+    if params.evaluate.calibration.fit_view == "val_unflagged" and val_flagged is None:
+        raise EvaluateError(
+            "evaluate.calibration.fit_view: val_unflagged needs --label-issues (the audit's "
+            "metrics/label_issues.csv)"
+        )
     model_paths = {"base": paths.base_model, "finetuned": paths.finetuned_model}
     models = {
         name: load_keras_model(path, len(params.common.classes))
         for name, path in model_paths.items()
     }
-    return Inputs(data, test_index, test_views(test_index), val_leakage_free, models)
+    return Inputs(data, test_index, test_views(test_index), val_leakage_free, models, val_flagged)
+
+
+def flagged_rows(table: Path | None, split: str, paths: Any) -> np.ndarray | None:
+    """Which rows of ``split`` (given by their index's ``path`` column) the label audit
+    suspects of a wrong label (``metrics/label_issues.csv``); None without the table."""
+    import pandas as pd
+
+    if table is None:
+        return None
+    if not table.is_file():
+        raise EvaluateError(f"{table}: not found; run the audit stage")
+    suspects = pd.read_csv(table)
+    if not {"split", "path"} <= set(suspects.columns):
+        raise EvaluateError(f"{table}: expected the audit's columns split and path")
+    chosen = suspects.loc[suspects["split"] == split, "path"].astype(str)
+    return np.isin(np.asarray(paths).astype(str), chosen.to_numpy())
 
 
 def score_models(inputs: Inputs, params: Params) -> dict[str, dict[str, Any]]:
@@ -453,6 +482,7 @@ def score_models(inputs: Inputs, params: Params) -> dict[str, dict[str, Any]]:
             test_probabilities,
             inputs.views,
             params,
+            inputs.val_flagged,
         )
         results[name]["raw"] = test_probabilities
     return results
@@ -873,6 +903,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-run-file", type=Path, help="finetune's MLflow run file")
     parser.add_argument("--run-file", type=Path, default=None, help="this stage's run file")
     parser.add_argument("--audit", type=Path, help="metrics/audit.json: the external views")
+    parser.add_argument(
+        "--label-issues",
+        type=Path,
+        help="metrics/label_issues.csv: validation rows left out of calibration (val_unflagged)",
+    )
     parser.add_argument(
         "--localisation", type=Path, help="metrics/localisation_detail.json: the card's line"
     )

@@ -268,6 +268,32 @@ def test_calibrate_fits_on_the_leakage_free_rows_only() -> None:
     assert everything.fitted_temperature < 0.8 * honest.temperature
 
 
+def test_val_unflagged_leaves_the_audits_suspects_out_of_the_fit() -> None:
+    """Wrong labels on confident rows push the fitted temperature up (softening every
+    prediction); without the rows the audit flags, the fit finds the model's own T."""
+    labels, logits = overconfident(3000, seed=21)
+    probabilities = softmax(logits)
+    rng = np.random.default_rng(22)
+    flagged = np.zeros(3000, dtype=bool)
+    flagged[rng.choice(3000, 240, replace=False)] = True
+    noisy = labels.copy()
+    noisy[flagged] = (probabilities[flagged].argmax(axis=1) + 1) % probabilities.shape[1]
+    leakage_free = np.ones(3000, dtype=bool)
+    leakage_free[:100] = False
+    unflagged = CalibrationParams(fit_view="val_unflagged")
+    clean = calibrate(noisy, probabilities, leakage_free, unflagged, flagged)
+    assert clean.samples == int((leakage_free & ~flagged).sum()) and clean.reason == ""
+    assert clean.fit_view == "val_unflagged"
+    assert clean.temperature == pytest.approx(TRUE_TEMPERATURE, rel=0.08)
+    with_noise = calibrate(noisy, probabilities, leakage_free, PARAMS, flagged)
+    assert with_noise.samples == int(leakage_free.sum())  # the default ignores the flags
+    assert with_noise.temperature > 1.2 * clean.temperature
+    with pytest.raises(ValueError, match="label audit"):
+        calibrate(noisy, probabilities, leakage_free, unflagged)
+    with pytest.raises(ValueError, match="val_flagged_mask"):
+        calibrate(noisy, probabilities, leakage_free, unflagged, flagged[:10])
+
+
 def test_a_sharpening_fit_keeps_the_identity_unless_allowed() -> None:
     labels, logits = overconfident(3000, seed=20)
     underconfident = softmax(logits / TRUE_TEMPERATURE**2)  # fixed by T = 1 / 2.5

@@ -203,6 +203,7 @@ def test_evaluate_fits_the_detector_on_train_and_thresholds_on_val(tiny_project)
         plots=unused,
         figures=unused,
         bundle=unused,
+        label_issues=tiny_project["label_issues"],
     )
     inputs = load_inputs(paths, params)
     detector, summary = fit_ood_detector(inputs, params)

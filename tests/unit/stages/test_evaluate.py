@@ -13,7 +13,13 @@ import pytest
 
 from braintumor.serving.bundle import Bundle
 
-from conftest import TINY_OVERRIDES, TINY_SIZE, evaluate_args, write_params
+from conftest import (
+    TINY_FLAGGED_VAL_ROWS,
+    TINY_OVERRIDES,
+    TINY_SIZE,
+    evaluate_args,
+    write_params,
+)
 
 SIZE = TINY_SIZE
 
@@ -93,11 +99,15 @@ def test_calibration_is_fitted_on_validation_and_reported(evaluated: Path, proje
             "nll_after",
         }
     fit = report["finetuned"]["calibration"]
-    assert fit["fit_view"] == "val_leakage_free"
+    assert fit["fit_view"] == "val_unflagged"
     # Refit here: the reported temperature is the one the leakage-free validation
-    # predictions give, and not the one the test predictions would give.
+    # predictions less the audit's suspects give, and not the one the test predictions
+    # would give.
     on_validation, on_test = _refit_calibration(evaluated, project)
     assert fit["samples"] == on_validation.samples >= CALIBRATION_MIN_SAMPLES
+    val_rows = pd.read_csv(project["data"] / "val_index.csv")["leakage_free"].astype(bool)
+    flagged = val_rows.iloc[list(TINY_FLAGGED_VAL_ROWS)]
+    assert flagged.any() and fit["samples"] == int(val_rows.sum() - flagged.sum())
     assert fit["fitted_temperature"] == pytest.approx(on_validation.fitted_temperature, rel=1e-6)
     assert fit["fitted_temperature"] != pytest.approx(on_test.fitted_temperature, rel=1e-3)
     assert (fit["temperature"], fit["reason"]) == (on_validation.temperature, on_validation.reason)
@@ -118,12 +128,14 @@ def _refit_calibration(evaluated: Path, project: dict[str, Path]) -> tuple:
     model = load_keras_model(project["finetuned"], len(classes))
     val, test = data.splits["val"], data.splits["test"]
     val_rows = pd.read_csv(project["data"] / "val_index.csv")["leakage_free"].astype(bool)
+    flagged = np.isin(np.arange(len(val_rows)), TINY_FLAGGED_VAL_ROWS)
 
-    def fit(split, rows: np.ndarray):
+    def fit(split, rows: np.ndarray, flags: np.ndarray):
         probabilities = predict_probabilities(model, split.images, params.evaluate.batch_size)
-        return calibrate(split.labels, probabilities, rows, settings)
+        return calibrate(split.labels, probabilities, rows, settings, flags)
 
-    return fit(val, val_rows.to_numpy()), fit(test, np.ones(len(test.labels), dtype=bool))
+    whole_test = np.ones(len(test.labels), dtype=bool)
+    return fit(val, val_rows.to_numpy(), flagged), fit(test, whole_test, ~whole_test)
 
 
 def test_robustness_view_starts_from_the_raw_slices(evaluated: Path) -> None:
