@@ -162,6 +162,7 @@ def stage_detail(skill: float, seed: int) -> dict[str, Any]:
             _probabilities(test_labels, model_skill, rng),
             views,
             params,
+            val_flagged=np.zeros(40, dtype=bool),
         )
         for model, model_skill in (("base", skill - 1.0), ("finetuned", skill))
     }
