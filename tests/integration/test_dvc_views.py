@@ -569,7 +569,7 @@ def views_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # The user's case: a clone (the paper profile committed, no results), then `make run`
 # (the quickstart profile) and the same with another seed. Every metric column is then
 # "changed" (the baseline has none) and so is the data folder's digest.
-QUICKSTART_LEARNING_RATE = 1.0e-4  # profiles/quickstart.yaml's train.finetune.learning_rate
+QUICKSTART_LEARNING_RATE = 3.0e-4  # profiles/quickstart.yaml's train.finetune.learning_rate
 COMPARED = {"quick-42": 42, "quick-2027": 2027}
 
 
