@@ -443,17 +443,12 @@ def load_inputs(paths: EvaluatePaths, params: Params) -> Inputs:
 def flagged_rows(table: Path | None, split: str, paths: Any) -> np.ndarray | None:
     """Which rows of ``split`` (given by their index's ``path`` column) the label audit
     suspects of a wrong label (``metrics/label_issues.csv``); None without the table."""
-    import pandas as pd
+    from braintumor.training.inputs import suspected_paths
 
     if table is None:
         return None
-    if not table.is_file():
-        raise EvaluateError(f"{table}: not found; run the audit stage")
-    suspects = pd.read_csv(table)
-    if not {"split", "path"} <= set(suspects.columns):
-        raise EvaluateError(f"{table}: expected the audit's columns split and path")
-    chosen = suspects.loc[suspects["split"] == split, "path"].astype(str)
-    return np.isin(np.asarray(paths).astype(str), chosen.to_numpy())
+    chosen = sorted(suspected_paths(table, split))
+    return np.isin(np.asarray(paths).astype(str), chosen)
 
 
 def score_models(inputs: Inputs, params: Params) -> dict[str, dict[str, Any]]:

@@ -116,16 +116,9 @@ def _label_issues(params: Params, data: Any, suspects: Path | None) -> Any:
     under ``drop`` leave them out of the train split (labels are never changed)."""
     if suspects is None:
         return data
-    import pandas as pd
+    from braintumor.training.inputs import suspected_paths, without_training_rows
 
-    from braintumor.training.inputs import DataError, without_training_rows
-
-    if not suspects.is_file():
-        raise DataError(f"{suspects}: not found; run the audit stage")
-    table = pd.read_csv(suspects)
-    if not {"split", "path"} <= set(table.columns):
-        raise DataError(f"{suspects}: expected the audit's columns split and path")
-    paths = set(table.loc[table["split"] == "train", "path"].astype(str))
+    paths = suspected_paths(suspects, "train")
     mode = params.train.label_issues
     if mode == "drop":
         data, dropped = without_training_rows(data, paths)

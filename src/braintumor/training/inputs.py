@@ -119,6 +119,19 @@ def _open_split(folder: Path, name: str, num_classes: int, image_size: int) -> S
     return Split(name=name, images=images, labels=labels.astype(np.int64))
 
 
+def suspected_paths(table: Path, split: str) -> set[str]:
+    """The paths of ``split``'s images that the label audit suspects of a wrong label
+    (``metrics/label_issues.csv``): what training may leave out and calibration does."""
+    import pandas as pd
+
+    if not table.is_file():
+        raise DataError(f"{table}: not found; run the audit stage")
+    suspects = pd.read_csv(table)
+    if not {"split", "path"} <= set(suspects.columns):
+        raise DataError(f"{table}: expected the audit's columns split and path")
+    return set(suspects.loc[suspects["split"] == split, "path"].astype(str))
+
+
 def without_training_rows(data: ProcessedData, paths: set[str]) -> tuple[ProcessedData, int]:
     """``data`` with the train rows whose ``train_index.csv`` path is in ``paths`` left out
     (the label audit's suspects under ``train.label_issues: drop``), and how many went.
