@@ -27,7 +27,7 @@ Wrong labels in the fitting rows pull the other way: a confident, correct predic
 against a wrong label costs the NLL most, and a higher temperature is the fit's only way
 to pay less, so noisy validation labels soften every prediction. The label audit
 (``label_audit``) flags ~6% of validation rows, SARTAJ's and Msoud's alike; with them in,
-the fitted T was 1.11-1.36 on the quickstart models and raised the leakage-free Msoud
+the fitted T was 1.03-1.36 on the quickstart models and raised the leakage-free Msoud
 ECE on most seeds (0.020 -> 0.029, 0.018 -> 0.043), with them out it was ~1.0
 (``fit_view: val_unflagged``; docs/training.md).
 
