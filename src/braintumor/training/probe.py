@@ -18,6 +18,7 @@ import numpy as np
 from braintumor.core.schema import Params
 from braintumor.training.features import head_model, head_steps_per_execution
 from braintumor.training.inputs import ArrayBatches, class_weights
+from braintumor.training.schedule import learning_rate
 
 if TYPE_CHECKING:
     import keras
@@ -42,9 +43,19 @@ def fit_head(
 
     settings = params.train.frozen
     keras.utils.set_random_seed(seed)
+    workers = params.train.loader_workers
+    batches = ArrayBatches(
+        train_features,
+        train_labels,
+        settings.batch_size,
+        shuffle=True,
+        seed=seed,
+        workers=workers,
+        drop_remainder=params.train.drop_remainder,
+    )
     head = keras.models.clone_model(head_model(model))
     head.compile(
-        optimizer=keras.optimizers.Adam(settings.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate(settings, len(batches))),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution or head_steps_per_execution(),
@@ -56,24 +67,17 @@ def fit_head(
             min_delta=stopping.min_delta,
             patience=stopping.patience,
             restore_best_weights=stopping.restore_best_weights,
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor=plateau.monitor,
-            factor=plateau.factor,
-            patience=plateau.patience,
-            min_lr=plateau.min_learning_rate,
-        ),
+        )
     ]
-    workers = params.train.loader_workers
-    batches = ArrayBatches(
-        train_features,
-        train_labels,
-        settings.batch_size,
-        shuffle=True,
-        seed=seed,
-        workers=workers,
-        drop_remainder=params.train.drop_remainder,
-    )
+    if settings.schedule == "plateau":  # a schedule owns the rate, as in the phase
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=plateau.monitor,
+                factor=plateau.factor,
+                patience=plateau.patience,
+                min_lr=plateau.min_learning_rate,
+            )
+        )
     head.fit(
         batches,
         validation_data=ArrayBatches(
