@@ -367,11 +367,15 @@ def real_slices(mirror: Path, meta: BundleMeta, per_class: int, offset: int = 0)
     )
 
 
+# The soft ReLU gate width the tiny HiResCAM bundle serves with (params.yaml's)
+GATE_WIDTH = 0.25
+
+
 def tiny_hirescam_bundle(mirror: Path, root: Path) -> Path:
     """The tiny bundle exported to serve HiResCAM at ``tiny_relu2`` (an earlier block: its
     map is an extra output and ``tail.npz`` carries ``tiny_conv3``, ``tiny_bn3`` and the
-    last ReLU), as ``serving.explanation`` asks for (once per session); returns its
-    folder."""
+    last ReLU) with soft gates of ``GATE_WIDTH``, as ``serving.explanation`` asks for (once
+    per session); returns its folder."""
     if "tiny+hirescam" in _BUNDLES:
         return _BUNDLES["tiny+hirescam"]
     import keras
@@ -385,7 +389,12 @@ def tiny_hirescam_bundle(mirror: Path, root: Path) -> Path:
     model = keras.saving.load_model(source / MODEL_FILE, compile=False)
     check = real_slices(mirror, meta, 2, offset=20)
     exported = export_model(
-        model, meta.gradcam_layer, root / "export", check, explanation=("hirescam", "tiny_relu2")
+        model,
+        meta.gradcam_layer,
+        root / "export",
+        check,
+        explanation=("hirescam", "tiny_relu2"),
+        gate_width=GATE_WIDTH,
     )
     detector = OodDetector.load(source / OOD_FILE)
     write_bundle(root / "bundle", source / MODEL_FILE, meta, detector, exported)

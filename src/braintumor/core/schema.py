@@ -641,19 +641,31 @@ class RegistryParams:
 
 # The maps one exported pass can serve (braintumor.explain.tailcam).
 SERVED_EXPLANATIONS = ("gradcam", "hirescam")
+# The widest soft ReLU gate (``explain.tailcam.relu_gate``): beyond it the ramps of a ReLU6
+# (0 to 6) would cover a third of its range, and the map would no longer be the gradient's.
+MAX_GATE_WIDTH = 1.0
 
 
 @dataclass(frozen=True)
 class ExplanationParams:
     """The map serving shows: ``method`` at ``layer`` (``auto``: ``model.gradcam_layer``).
-    The localisation stage's measurement chooses it (``metrics/localisation.json``)."""
+    The localisation stage's measurement chooses it (``metrics/localisation.json``), with
+    the gradient through the backbone's ReLUs after the layer passed by ``gate_width``
+    (``explain.tailcam.relu_gate``; 0: the exact gradient, whose gates can flip between
+    the served runtime and Keras)."""
 
     method: str = "gradcam"
     layer: str = "auto"
+    gate_width: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.method in SERVED_EXPLANATIONS, "method", f"one of {SERVED_EXPLANATIONS}")
         _check(bool(self.layer), "layer", "must name a layer or be auto")
+        _check(
+            0.0 <= self.gate_width <= MAX_GATE_WIDTH,
+            "gate_width",
+            f"must be in [0, {MAX_GATE_WIDTH}]",
+        )
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,12 @@ def explanation_maps(
     batch_size: int = 16,
     occlusion_patch: int = 16,
     occlusion_stride: int = 8,
+    gate_width: float = 0.0,
 ) -> np.ndarray:
     """Maps (N, H, W) float32 in [0, 1] of ``method`` (one of ``METHODS``) at ``layer``
     (a top-level layer name; ``INPUT_LAYER`` for occlusion), explaining ``class_index``
-    (None: the predicted class; an int; one per image)."""
+    (None: the predicted class; an int; one per image). ``gate_width``: the gradient
+    methods' soft ReLU gates (``explain.softgates``; 0: the exact gradient)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == OCCLUSION:
@@ -60,7 +62,7 @@ def explanation_maps(
             stride=occlusion_stride,
             batch_size=max(batch_size, 64),
         )
-    instance = GradCam.for_model(model, layer, "centred", method)  # type: ignore[arg-type]
+    instance = GradCam.for_model(model, layer, "centred", method, gate_width)  # type: ignore[arg-type]
     return instance(images, class_index, batch_size=batch_size)
 
 
@@ -72,13 +74,20 @@ def gradient_maps(
     class_index: Any = None,
     *,
     batch_size: int = 16,
+    gate_width: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Maps (N, H, W) float32 in [0, 1] of each gradient method in ``methods`` (distinct
     names among ``WEIGHTINGS``) at ``layer``, by method, from one forward and backward pass
-    per batch instead of one per method."""
+    per batch instead of one per method; ``gate_width`` as ``explanation_maps``'s."""
     for method in methods:
         if method not in WEIGHTINGS:
             raise ValueError(f"gradient method must be one of {WEIGHTINGS}, got {method!r}")
-    instance = GradCam.for_model(model, layer, "centred", tuple(methods))  # type: ignore[arg-type]
+    instance = GradCam.for_model(
+        model,
+        layer,
+        "centred",
+        tuple(methods),  # type: ignore[arg-type]
+        gate_width,
+    )
     result = instance.compute(images, class_index, batch_size=batch_size)
     return dict(result.each)

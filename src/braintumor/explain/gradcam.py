@@ -58,6 +58,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
+from braintumor.core.schema import MAX_GATE_WIDTH
 from braintumor.explain.maps import (
     check_batch_size,
     check_images,
@@ -67,6 +68,7 @@ from braintumor.explain.maps import (
     single_input,
     single_output,
 )
+from braintumor.explain.softgates import SoftGateError, copy_weights, soft_gate_clone
 
 # Default number of images per forward/backward pass: bounds memory at 224 px ResNet50
 # (about 0.5 GB of activations at 16) while amortising the per-call overhead.
@@ -79,6 +81,15 @@ SCORES: tuple[str, ...] = ("centred", "logit")
 # means, HiResCAM's element-wise product, or Grad-CAM++'s positive-gradient weights.
 Weighting = Literal["gradcam", "hirescam", "gradcampp"]
 WEIGHTINGS: tuple[str, ...] = ("gradcam", "hirescam", "gradcampp")
+
+
+def check_gate_width(width: float) -> float:
+    """A soft ReLU gate width (``explain.softgates``) in [0, ``MAX_GATE_WIDTH``], as a
+    float; anything else is refused in one line."""
+    value = float(width)
+    if not 0.0 <= value <= MAX_GATE_WIDTH:
+        raise ValueError(f"gate_width must be in [0, {MAX_GATE_WIDTH}], got {width}")
+    return value
 
 
 def check_weightings(weighting: Weighting | Sequence[Weighting]) -> tuple[Weighting, ...]:
@@ -201,7 +212,7 @@ def _weighted_maps(features: Any, gradients: Any, weighting: Weighting = "gradca
 
 
 def _split_clone_at(
-    model: keras.Model, layer_name: str
+    model: keras.Model, layer_name: str, gate_width: float = 0.0
 ) -> tuple[keras.Model, keras.Model, keras.Model]:
     """A structural clone of ``model`` and its two halves split at ``layer_name``: the
     feature part (input -> the layer's output) and the head part (that output -> the
@@ -210,8 +221,12 @@ def _split_clone_at(
     JAX differentiates functions, not intermediate tensors, so the gradient with respect to
     the layer's output needs the head as a function of its own. The clone is split rather
     than the model itself, because splitting the model would add nodes to its layers.
+    ``gate_width`` > 0: the clone's ReLUs pass soft gates (``explain.softgates``).
     """
-    clone = keras.models.clone_model(model)
+    if gate_width > 0:
+        clone = soft_gate_clone(model, gate_width)
+    else:
+        clone = keras.models.clone_model(model)
     clone_features = clone.get_layer(layer_name).output
     clone_source, _, _ = _score_source(clone)
     feature_part = keras.Model(clone.input, clone_features, name="gradcam_features")
@@ -309,7 +324,7 @@ def _jax_step(
 
 # A backend step's output: the raw maps (one array per weighting), chosen, probabilities.
 _StepOutput = tuple[list[np.ndarray], np.ndarray, np.ndarray]
-_CacheKey = tuple[str, str, tuple[Weighting, ...]]
+_CacheKey = tuple[str, str, tuple[Weighting, ...], float]
 _CACHE: weakref.WeakKeyDictionary[keras.Model, dict[_CacheKey, GradCam]] = (
     weakref.WeakKeyDictionary()
 )
@@ -322,6 +337,9 @@ class GradCam:
 
     ``weighting``: one name, or several to get each one's maps from a single forward and
     backward pass (``compute(...).each``); ``heatmaps`` and ``__call__`` give the first's.
+    ``gate_width``: 0, the exact gradient; > 0, the gradient through every ReLU layer is
+    the soft gate of ``explain.softgates`` (what the served map computes in NumPy), taken
+    on a clone of the model that is given the model's current weights at every call.
     """
 
     def __init__(
@@ -330,10 +348,12 @@ class GradCam:
         layer_name: str,
         score: Score = "centred",
         weighting: Weighting | Sequence[Weighting] = "gradcam",
+        gate_width: float = 0.0,
     ) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         weightings = check_weightings(weighting)
+        self.gate_width = check_gate_width(gate_width)
         if not isinstance(model, keras.Model):
             raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
         if keras.config.image_data_format() != "channels_last":
@@ -359,13 +379,15 @@ class GradCam:
         self.weighting = weightings[0]
         self.backend = keras.backend.backend()
         self._lock = threading.Lock()
-        self._source, self._mode, self._output_layer = _score_source(model)
+        self._sync: tuple[list[Any], list[Any]] | None = None
+        explained, features = self._soft_gated(model, features)
+        self._source, self._mode, self._output_layer = _score_source(explained)
         if self.backend == "tensorflow":
-            self._step = self._build_tensorflow(model, features)
+            self._step = self._build_tensorflow(explained, features)
         elif self.backend == "jax":
             self._step = self._build_jax(model)
         elif self.backend == "torch":
-            self._step = self._build_torch(model, features)
+            self._step = self._build_torch(explained, features)
         else:
             raise ValueError(f"Grad-CAM supports tensorflow, jax and torch, not {self.backend!r}")
 
@@ -376,19 +398,35 @@ class GradCam:
         layer_name: str,
         score: Score = "centred",
         weighting: Weighting | Sequence[Weighting] = "gradcam",
+        gate_width: float = 0.0,
     ) -> GradCam:
-        """The cached instance for (model, layer, score, weighting or weightings), built on
-        first use."""
+        """The cached instance for (model, layer, score, weighting or weightings, gate
+        width), built on first use."""
         weightings = check_weightings(weighting)
-        key = (layer_name, score, weightings)
+        key = (layer_name, score, weightings, check_gate_width(gate_width))
         with _CACHE_LOCK:
             per_model = _CACHE.get(model)
             if per_model is None:
                 per_model = _CACHE[model] = {}
             instance = per_model.get(key)
             if instance is None or instance.backend != keras.backend.backend():
-                instance = per_model[key] = cls(model, layer_name, score, weightings)
+                instance = per_model[key] = cls(model, layer_name, score, weightings, gate_width)
             return instance
+
+    def _soft_gated(self, model: keras.Model, features: Any) -> tuple[keras.Model, Any]:
+        """The model the TensorFlow and torch steps differentiate, and its explained
+        layer's output: with soft gates, a clone whose variables take the model's values
+        before each call (``_sync``); else the model. JAX runs a clone with the model's
+        own variable values anyway (``_build_jax``)."""
+        if self.gate_width == 0 or self.backend not in ("tensorflow", "torch"):
+            return model, features
+        try:
+            explained = soft_gate_clone(model, self.gate_width)
+        except SoftGateError as error:
+            raise ValueError(str(error)) from None
+        self._sync = (list(explained.variables), list(model.variables))
+        copy_weights(*self._sync)
+        return explained, explained.get_layer(self.layer_name).output
 
     # ---- backends: each returns step(images float32, class_index int32) -> (maps, one per
     # ---- weighting in order, chosen, probabilities) as numpy arrays.
@@ -454,7 +492,12 @@ class GradCam:
     def _build_jax(self, model: keras.Model) -> Callable[..., Any]:
         import jax
 
-        clone, feature_part, head_part = _split_clone_at(model, self.layer_name)
+        try:
+            clone, feature_part, head_part = _split_clone_at(
+                model, self.layer_name, self.gate_width
+            )
+        except SoftGateError as error:
+            raise ValueError(str(error)) from None
         parts = (feature_part, head_part)
         live, splits = _live_variables(parts, _clone_to_original(clone, model))
         step = _jax_step(
@@ -500,6 +543,8 @@ class GradCam:
         maps: list[list[np.ndarray]] = [[] for _ in self.weightings]
         chosen, probabilities = [], []
         with self._lock:  # the compiled step is shared; keep concurrent callers in order
+            if self._sync is not None:
+                copy_weights(*self._sync)  # the model's current weights
             for start in range(0, array.shape[0], batch_size):
                 stop = start + batch_size
                 batch_maps, batch_chosen, batch_probabilities = self._step(
@@ -548,25 +593,33 @@ def tape_with_values(
     value_layers: Sequence[str],
     weighting: Weighting = "gradcam",
     score: Score = "centred",
+    gate_width: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """``weighting``'s maps at ``layer_name`` of each image's predicted class, computed as
     ``GradCam.compute`` does, with the outputs of ``value_layers`` from the same forward
     pass (TensorFlow only): the reference a hand-written gradient is checked against on
     the very values it reads. Two forward passes of one model round differently (another
     graph, another batch), and a ReLU input within that rounding of its gate flips the
-    gradient there; from one pass, none can. Returns (maps (N, H, W) in [0, 1], classes,
-    the values)."""
+    gradient there; from one pass, none can. ``gate_width``: as ``GradCam``'s. Returns
+    (maps (N, H, W) in [0, 1], classes, the values)."""
     import tensorflow as tf
 
     if keras.backend.backend() != "tensorflow":
         raise ValueError("tape_with_values runs on the TensorFlow backend only")
     weighting = check_weightings(weighting)[0]
     array = check_images(images, single_input(model)[1])
-    source, mode, output_layer = _score_source(model)
+    explained = model
+    if check_gate_width(gate_width) > 0:
+        try:
+            explained = soft_gate_clone(model, float(gate_width))
+        except SoftGateError as error:
+            raise ValueError(str(error)) from None
+        copy_weights(list(explained.variables), list(model.variables))
+    source, mode, output_layer = _score_source(explained)
     auxiliary = keras.Model(
-        model.input,
-        [model.get_layer(layer_name).output, source]
-        + [model.get_layer(name).output for name in value_layers],
+        explained.input,
+        [explained.get_layer(layer_name).output, source]
+        + [explained.get_layer(name).output for name in value_layers],
     )
     kernel, bias = _dense_weights(output_layer)
     batch = tf.constant(array)

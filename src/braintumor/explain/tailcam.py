@@ -42,6 +42,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from braintumor.core.files import read_arrays, write_arrays
+from braintumor.core.schema import MAX_GATE_WIDTH
 from braintumor.explain.headcam import HeadCamError, HeadCamResult, HeadParams
 from braintumor.explain.maps import normalize_maps, resize_maps
 
@@ -104,17 +105,25 @@ def _windows(padded: np.ndarray, kernel: tuple[int, int], stride: int) -> tuple[
 
 @dataclass(frozen=True)
 class TailParams:
-    """The layers from the chosen map to the pooling, as arrays, in a topological order."""
+    """The layers from the chosen map to the pooling, as arrays, in a topological order.
+    ``gate_width``: how the backward passes a ReLU (``relu_gate``): 0 is the exact
+    gradient; a width ``w > 0`` ramps each gate linearly over the last ``w`` before each
+    of its kinks, which makes the map a continuous function of the forward values."""
 
     layer: str  # the chosen map's layer name
     steps: tuple[TailStep, ...]
+    gate_width: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gate_width <= MAX_GATE_WIDTH:
+            raise TailError(f"gate_width {self.gate_width} is not in [0, {MAX_GATE_WIDTH}]")
 
     # ---- forward and backward
 
     @cached_property
     def _plan(self) -> _Plan:
         """The steps as ``_fused`` runs them: built once per tail, on first use."""
-        return _fused(self.steps)
+        return _fused(self.steps, self.gate_width)
 
     def forward(self, feature_maps: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """Pooled features (N, D) from the chosen map (N, h, w, C), in float32, and every
@@ -181,6 +190,7 @@ class TailParams:
             "format_version": np.array(FORMAT_VERSION),
             "layer": np.array(self.layer),
             "spec": np.array(json.dumps(spec)),
+            "gate_width": np.array(float(self.gate_width)),
         }
         for index, step in enumerate(self.steps):
             for key, value in step.arrays.items():
@@ -212,11 +222,15 @@ class TailParams:
                     TailStep(entry["kind"], inputs, str(entry["name"]), dict(entry["config"]), own)
                 )
             layer = str(arrays["layer"])
+            # absent in files written before soft gates: those were exact
+            width = float(arrays["gate_width"]) if "gate_width" in arrays else 0.0
+            if not 0.0 <= width <= MAX_GATE_WIDTH:
+                raise TailError(f"{path}: gate_width {width} is not in [0, {MAX_GATE_WIDTH}]")
         except TailError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise TailError(f"{path}: not a tail-parameters file ({error})") from None
-        return cls(layer, tuple(steps))
+        return cls(layer, tuple(steps), width)
 
 
 # --------------------------------------------------------------------------- the layers
@@ -296,12 +310,36 @@ def _conv_backward(step: TailStep, upstream: np.ndarray, x: np.ndarray) -> list[
     return [gradient]
 
 
-def _relu_mask(step: TailStep, x: np.ndarray) -> np.ndarray:
+def relu_gate(output: np.ndarray, maximum: float | None, width: float) -> np.ndarray:
+    """What the backward multiplies the upstream gradient by at a ReLU (``maximum``: its
+    cap, 6 for ReLU6) whose output is ``output`` (the clipped value: ``output > 0`` is
+    ``input > 0`` and ``output < max`` is ``input < max``, so the output holds the gate).
+
+    ``width`` 0: the exact gradient, 1 where the input is strictly inside (0, max), else 0.
+    It jumps at the kinks, and a unit within float rounding of one (two runtimes' forward
+    passes differ by ~1e-4 in Lite0's tail) is gated one way by one runtime and the other
+    way by the other: the served map then moves by up to ~2e-2 against Keras's on about 4 %
+    of real slices (``docs/serving.md``). ``width`` w > 0: ``clip(min(y, max - y) / w,
+    0, 1)``, a linear ramp over the last w before each kink, which is the exact gate's
+    expectation when the unit's input is shifted by a uniform draw from [-w, 0] near 0
+    (and from [0, w] near max): a per-unit SmoothGrad. It is continuous in the forward
+    values, so the two runtimes' maps differ by their values' rounding only."""
+    if width <= 0.0:
+        mask = output > 0.0
+        if maximum is not None:
+            mask &= output < maximum
+        return mask
+    edge = output if maximum is None else np.minimum(output, DTYPE(maximum) - output)
+    return np.clip(edge / DTYPE(width), 0.0, 1.0).astype(DTYPE, copy=False)
+
+
+def _relu_backward(
+    step: TailStep, upstream: np.ndarray, x: np.ndarray, width: float
+) -> list[np.ndarray]:
     maximum = step.config.get("max_value")
-    mask = x > 0
-    if maximum is not None:
-        mask &= x < float(maximum)
-    return mask
+    cap = None if maximum is None else float(maximum)
+    gate = relu_gate(_relu_forward(step, x), cap, width)
+    return [np.multiply(upstream, gate, dtype=DTYPE)]
 
 
 def _relu_forward(step: TailStep, x: np.ndarray) -> np.ndarray:
@@ -333,7 +371,7 @@ _BACKWARD: dict[str, Any] = {
     CONV: _conv_backward,
     DEPTHWISE: _conv_backward,
     AFFINE: lambda step, g, x: [g * step.arrays["scale"]],
-    RELU: lambda step, g, x: [g * _relu_mask(step, x)],
+    RELU: lambda step, g, x: _relu_backward(step, g, x, 0.0),
     ADD: lambda step, g, *xs: [g for _ in xs],
     PAD: _pad_backward,
     IDENTITY: lambda step, g, x: [g],
@@ -379,14 +417,11 @@ def _clip(out: np.ndarray, maximum: float | None) -> np.ndarray:
     return out
 
 
-def _masked(upstream: np.ndarray, output: np.ndarray, maximum: float | None) -> np.ndarray:
-    """The upstream gradient through a ReLU whose output is ``output``: ``output > 0`` is
-    ``input > 0`` and ``output < max`` is ``input < max``, so the clipped output holds the
-    mask the unclipped input would give."""
-    mask = output > 0.0
-    if maximum is not None:
-        mask &= output < maximum
-    return np.multiply(upstream, mask, dtype=DTYPE)
+def _masked(
+    upstream: np.ndarray, output: np.ndarray, maximum: float | None, width: float
+) -> np.ndarray:
+    """The upstream gradient through a ReLU whose output is ``output`` (``relu_gate``)."""
+    return np.multiply(upstream, relu_gate(output, maximum, width), dtype=DTYPE)
 
 
 def _depthwise_padded(
@@ -418,6 +453,7 @@ def _depthwise_op(
     bias: np.ndarray | None,
     maximum: float | None,
     relu: bool,
+    width: float = 0.0,
 ) -> _Op:
     """Depthwise convolution of channel multiplier 1 as one ``einsum`` over the windows
     view (measured 0.15 ms against 0.5 ms for summing the 25 shifted slices of a 5 x 5
@@ -440,7 +476,7 @@ def _depthwise_op(
 
     def backward(upstream: np.ndarray, output: np.ndarray, x: np.ndarray) -> list[np.ndarray]:
         if relu:
-            upstream = _masked(upstream, output, maximum)
+            upstream = _masked(upstream, output, maximum, width)
         n, rows, cols, channels = upstream.shape
         top = left = 0
         if padding == "same":
@@ -470,6 +506,7 @@ def _pointwise_op(
     bias: np.ndarray | None,
     maximum: float | None,
     relu: bool,
+    width: float = 0.0,
 ) -> _Op:
     """A 1 x 1, stride-1 convolution: one matrix product on (N * h * w, C) rows."""
     matrix = np.ascontiguousarray(kernel[0, 0])
@@ -487,7 +524,7 @@ def _pointwise_op(
 
     def backward(upstream: np.ndarray, output: np.ndarray, x: np.ndarray) -> list[np.ndarray]:
         if relu:
-            upstream = _masked(upstream, output, maximum)
+            upstream = _masked(upstream, output, maximum, width)
         flat = np.ascontiguousarray(upstream).reshape(-1, matrix.shape[1])
         return [(flat @ transposed).reshape(x.shape)]
 
@@ -501,13 +538,14 @@ def _conv_op(
     bias: np.ndarray | None,
     maximum: float | None,
     relu: bool,
+    width: float = 0.0,
 ) -> _Op:
     """A convolution with its folded BatchNormalization and ReLU, if any."""
     config = step.config
     if step.kind == DEPTHWISE and kernel.shape[3] == 1:
-        return _depthwise_op(step.name, inputs, config, kernel, bias, maximum, relu)
+        return _depthwise_op(step.name, inputs, config, kernel, bias, maximum, relu, width)
     if step.kind == CONV and kernel.shape[:2] == (1, 1) and int(config["stride"]) == 1:
-        return _pointwise_op(step.name, inputs, kernel, bias, maximum, relu)
+        return _pointwise_op(step.name, inputs, kernel, bias, maximum, relu, width)
     arrays = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
     plain = TailStep(step.kind, step.inputs, step.name, config, arrays)
 
@@ -517,16 +555,23 @@ def _conv_op(
 
     def backward(upstream: np.ndarray, output: np.ndarray, x: np.ndarray) -> list[np.ndarray]:
         if relu:
-            upstream = _masked(upstream, output, maximum)
+            upstream = _masked(upstream, output, maximum, width)
         result: list[np.ndarray] = _conv_backward(plain, upstream, x)
         return result
 
     return _Op(step.name, inputs, forward, backward)
 
 
-def _plain_op(step: TailStep, inputs: tuple[int, ...]) -> _Op:
+def _plain_op(step: TailStep, inputs: tuple[int, ...], width: float = 0.0) -> _Op:
     """A step as it is (an add, a padding, an affine or ReLU not after a convolution)."""
     forward, backward = _FORWARD[step.kind], _BACKWARD[step.kind]
+    if step.kind == RELU:
+        return _Op(
+            step.name,
+            inputs,
+            lambda x: forward(step, x),
+            lambda g, y, x: _relu_backward(step, g, x, width),
+        )
     return _Op(
         step.name,
         inputs,
@@ -536,7 +581,11 @@ def _plain_op(step: TailStep, inputs: tuple[int, ...]) -> _Op:
 
 
 def _conv_group(
-    steps: tuple[TailStep, ...], index: int, readers: list[int], inputs: tuple[int, ...]
+    steps: tuple[TailStep, ...],
+    index: int,
+    readers: list[int],
+    inputs: tuple[int, ...],
+    width: float = 0.0,
 ) -> tuple[_Op, int]:
     """The convolution ``steps[index]`` with the BatchNormalization (folded into its kernel
     and bias, in float64, then float32), ReLU and identities right after it that alone
@@ -561,10 +610,11 @@ def _conv_group(
             break
         end += 1
     folded_bias = None if bias is None else bias.astype(DTYPE)
-    return _conv_op(step, inputs, kernel.astype(DTYPE), folded_bias, maximum, relu), end
+    op = _conv_op(step, inputs, kernel.astype(DTYPE), folded_bias, maximum, relu, width)
+    return op, end
 
 
-def _fused(steps: tuple[TailStep, ...]) -> _Plan:
+def _fused(steps: tuple[TailStep, ...], width: float = 0.0) -> _Plan:
     """The steps as ``_conv_group`` folds them, Dropout and linear activations dropped. A
     step is folded only when it alone reads the convolution's output, so no other step
     sees the unfolded value."""
@@ -583,11 +633,11 @@ def _fused(steps: tuple[TailStep, ...]) -> _Plan:
         if step.kind == IDENTITY:
             where[index + 1], end = inputs[0], index + 1
         elif step.kind in (CONV, DEPTHWISE):
-            op, end = _conv_group(steps, index, readers, inputs)
+            op, end = _conv_group(steps, index, readers, inputs, width)
             ops.append(op)
             names.append(steps[end - 1].name)
         else:
-            ops.append(_plain_op(step, inputs))
+            ops.append(_plain_op(step, inputs, width))
             names.append(step.name)
             end = index + 1
         for value in range(index + 1, end + 1):
@@ -746,11 +796,14 @@ def _layer_steps(layer: Any) -> Steps:
     )
 
 
-def tail_from_model(model: Any, layer_name: str, pool_layer: str) -> TailParams:
+def tail_from_model(
+    model: Any, layer_name: str, pool_layer: str, gate_width: float = 0.0
+) -> TailParams:
     """The layers between ``layer_name``'s output and the input of ``pool_layer`` (a global
-    average pooling), read from the functional graph. ``TailError`` (one line) when the
-    layer does not separate the model there (something after it reads an earlier tensor)
-    or a layer in between is not supported."""
+    average pooling), read from the functional graph, with ``gate_width`` for their ReLUs
+    (``relu_gate``). ``TailError`` (one line) when the layer does not separate the model
+    there (something after it reads an earlier tensor) or a layer in between is not
+    supported."""
     names = {layer.name for layer in model.layers}
     for name in (layer_name, pool_layer):
         if name not in names:
@@ -790,4 +843,4 @@ def tail_from_model(model: Any, layer_name: str, pool_layer: str) -> TailParams:
         return len(steps)
 
     visit(pool_inputs[0])
-    return TailParams(layer_name, tuple(steps))
+    return TailParams(layer_name, tuple(steps), float(gate_width))

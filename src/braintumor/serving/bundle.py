@@ -47,7 +47,7 @@ import numpy as np
 
 from braintumor.core.files import atomic_path, file_sha256
 from braintumor.core.redaction import one_line
-from braintumor.core.schema import ClaheParams, PreprocessParams, UnsharpParams
+from braintumor.core.schema import MAX_GATE_WIDTH, ClaheParams, PreprocessParams, UnsharpParams
 from braintumor.data.imaging import decode_image, preprocess_gray
 from braintumor.evaluation.calibration import apply_temperature
 from braintumor.evaluation.ood import OodDetector, OodError
@@ -133,9 +133,9 @@ class BundleMeta:
     # The exported model (``export.ExportResult.info``): runtime, file, sha256, parity,
     # the probe's probabilities; empty when the bundle has none.
     exported: dict[str, Any] = field(default_factory=dict)
-    # The map serving shows (``serving.explanation``: method and layer), for a bundle
+    # The map serving shows (``serving.explanation``: method, layer, gate width), for a bundle
     # served by Keras too (no export on JAX); an export's own record wins.
-    explanation: dict[str, str] = field(default_factory=dict)
+    explanation: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -161,7 +161,10 @@ class BundleMeta:
                 source=dict(data.get("source", {})),
                 files=_manifest(data.get("files", {})),
                 exported=dict(data.get("exported") or {}),
-                explanation={str(k): str(v) for k, v in (data.get("explanation") or {}).items()},
+                explanation={
+                    str(k): v if isinstance(v, int | float) else str(v)
+                    for k, v in (data.get("explanation") or {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError) as error:
             raise BundleError(f"{META_FILE}: malformed ({one_line(error)})") from None
@@ -285,6 +288,21 @@ def _check_exported_entry(manifest: Path, meta: BundleMeta) -> None:
         raise BundleError(f"{manifest}: {problem} {TAIL_FILE}")
 
 
+def _gate_width(entry: dict[str, Any], where: Path) -> float:
+    """The served map's soft ReLU gate width (``explain.softgates``) from its entry; 0 (the
+    exact gradient) in bundles written before it existed."""
+    try:
+        width = float(entry.get("gate_width", 0.0))
+    except (TypeError, ValueError):
+        width = float("nan")
+    if not 0.0 <= width <= MAX_GATE_WIDTH:
+        raise BundleError(
+            f"{where}: explanation gate_width {entry.get('gate_width')!r} is not in "
+            f"[0, {MAX_GATE_WIDTH}]"
+        )
+    return width
+
+
 def explanation_entry(meta: BundleMeta) -> dict[str, Any]:
     """What the export recorded about the served map (``exported.explanation``), else
     what the bundle names (``explanation``, a bundle without an export); a bundle written
@@ -351,6 +369,7 @@ class Bundle:
             str(entry.get("method", "gradcam")),
             str(entry.get("layer", meta.gradcam_layer)),
             meta.gradcam_layer,
+            gate_width=_gate_width(entry, folder / META_FILE),
         )
 
     @property
@@ -463,7 +482,12 @@ def _load_exported(folder: Path, meta: BundleMeta) -> tuple[ExportedModel, HeadP
         raise BundleError(f"{folder / META_FILE}: exported.explanation {entry} is not servable")
     if tail is not None and tail.layer != layer:
         raise BundleError(f"{folder / TAIL_FILE}: is the tail of {tail.layer!r}, not {layer!r}")
-    explanation = Explanation(method, layer, meta.gradcam_layer, tail)
+    width = _gate_width(entry, folder / META_FILE)
+    if tail is not None and tail.gate_width != width:
+        raise BundleError(
+            f"{folder / TAIL_FILE}: gate width {tail.gate_width}, bundle.json records {width}"
+        )
+    explanation = Explanation(method, layer, meta.gradcam_layer, tail, width)
     if head.num_classes != len(meta.classes):
         raise BundleError(
             f"{folder / HEAD_FILE}: {head.num_classes} classes but the bundle names "

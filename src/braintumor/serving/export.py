@@ -279,15 +279,25 @@ def to_onnx(graph: Any, size: int, path: Path) -> None:
 
 
 def keras_reference(
-    model: Any, layer_name: str, images: np.ndarray, method: str = "gradcam"
+    model: Any,
+    layer_name: str,
+    images: np.ndarray,
+    method: str = "gradcam",
+    gate_width: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The Keras model's probabilities and GradientTape maps (``method``: Grad-CAM or
-    HiResCAM at ``layer_name``) of its predicted classes: what the exported model must
-    reproduce."""
+    HiResCAM at ``layer_name``, ``gate_width``: its ReLU gates) of its predicted classes:
+    what the exported model must reproduce."""
     from braintumor.explain.gradcam import GradCam
 
     batch = np.asarray(images, np.float32).reshape(len(images), *model.input_shape[1:])
-    result = GradCam.for_model(model, layer_name, "centred", method).compute(batch)  # type: ignore[arg-type]
+    result = GradCam.for_model(
+        model,
+        layer_name,
+        "centred",
+        method,  # type: ignore[arg-type]
+        gate_width,
+    ).compute(batch)
     probabilities = np.asarray(model.predict_on_batch(batch), np.float32)
     return probabilities, result.heatmaps
 
@@ -324,7 +334,7 @@ def measure_parity(
         explanation = Explanation("gradcam", layer_name, layer_name)
     images = np.asarray(images).reshape(len(images), *model.input_shape[1:3])
     reference_p, reference_maps = keras_reference(
-        model, explanation.layer, images, explanation.method
+        model, explanation.layer, images, explanation.method, explanation.gate_width
     )
     graph_p, head_p, maps = exported_answers(exported, head, images, explanation)
     probabilities = max(
@@ -364,6 +374,7 @@ def numpy_parity(
         batch,
         [*names, POOL_LAYER],
         explanation.method,  # type: ignore[arg-type]
+        gate_width=explanation.gate_width,
     )
     *values, pooled = found
     size = int(batch.shape[1])
@@ -406,10 +417,14 @@ def check_parity(
         )
 
 
-def served_explanation(model: Any, layer_name: str, method: str, layer: str) -> Explanation:
+def served_explanation(
+    model: Any, layer_name: str, method: str, layer: str, gate_width: float = 0.0
+) -> Explanation:
     """The explanation to serve: ``method`` at ``layer`` (``auto``: the map the pooling
     reads), with the backbone's tail read from the model when the layer is an earlier one
-    (``explain.tailcam``); ``ExportError`` (one line) for what one pass cannot serve."""
+    (``explain.tailcam``, its ReLUs passed with ``gate_width``: ``tailcam.relu_gate``);
+    ``ExportError`` (one line) for what one pass cannot serve. Without a tail there is no
+    ReLU between the map and the pooling, and the width is 0."""
     if method not in EXPLANATION_METHODS:
         raise ExportError(
             f"serving.explanation.method: {method!r} is not one of {', '.join(EXPLANATION_METHODS)}"
@@ -418,10 +433,10 @@ def served_explanation(model: Any, layer_name: str, method: str, layer: str) -> 
     if layer == layer_name:
         return Explanation(method, layer, layer_name)
     try:
-        tail = tail_from_model(model, layer, POOL_LAYER)
+        tail = tail_from_model(model, layer, POOL_LAYER, gate_width)
     except TailError as error:
         raise ExportError(f"serving.explanation.layer: {error}") from None
-    return Explanation(method, layer, layer_name, tail)
+    return Explanation(method, layer, layer_name, tail, tail.gate_width)
 
 
 def tail_outputs(served: Explanation, extra_layers: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -447,6 +462,7 @@ def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
     tolerance: float = PARITY_TOLERANCE,
     extra_layers: tuple[str, ...] = (),
     explanation: tuple[str, str] = ("gradcam", "auto"),
+    gate_width: float = 0.0,
 ) -> ExportResult:
     """Write ``model.tflite`` and ``head.npz`` into ``folder`` after the parity check on
     ``check_images`` (N, S, S) real images; ``ExportError`` (one line) if the float
@@ -464,7 +480,7 @@ def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
     head = head_params(model)
     if head.num_classes != int(model.output_shape[-1]):
         raise ExportError("head parameters do not match the model's outputs")
-    served = served_explanation(model, layer_name, *explanation)
+    served = served_explanation(model, layer_name, *explanation, gate_width)
     extra_layers = (*extra_layers, *tail_outputs(served, extra_layers))
     graph = inference_graph(model, layer_name, extra_layers)
     blob = to_tflite(graph, size, quantize, representative)
@@ -476,10 +492,14 @@ def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
     head.save(head_file)
     if served.tail is not None and tail_file is not None:
         served.tail.save(tail_file)
-        served = Explanation(served.method, served.layer, layer_name, TailParams.load(tail_file))
+        tail = TailParams.load(tail_file)
+        served = Explanation(served.method, served.layer, layer_name, tail, tail.gate_width)
     exported = ExportedModel(model_file)
     parity = measure_parity(model, layer_name, exported, head, check_images, served)
-    served_bound = None if served.tail is None else SERVED_MAP_TOLERANCE
+    # exact gates through a tail can flip between runtimes (see SERVED_MAP_TOLERANCE);
+    # soft gates cannot, and are held to the max like every other map
+    exact_tail = served.tail is not None and served.gate_width == 0.0
+    served_bound = SERVED_MAP_TOLERANCE if exact_tail else None
     if quantize == "none":
         try:
             check_parity(parity, tolerance, served.label, served_bound)
@@ -502,6 +522,7 @@ def export_model(  # noqa: PLR0913 - the export's knobs, all keyword-only
             "method": served.method,
             "layer": served.layer,
             "tail": TAIL_FILE if tail_file is not None else None,
+            "gate_width": served.gate_width,
         },
         "parity": parity.as_dict(),
         "parity_tolerance": tolerance,

@@ -175,13 +175,23 @@ class Explanation:
     (``explain.headcam``); any other (method, layer) also runs the backbone's tail in
     NumPy (``explain.tailcam``, ``tail.npz``), on that layer's map which the graph returns
     as the extra output ``map_<layer>``, backward only on the tail's values the graph also
-    returns (``tail_values``).
+    returns (``tail_values``). ``gate_width``: how the gradient passes the tail's ReLUs
+    (``tailcam.relu_gate``; the tail's own when there is one): the GradientTape that a
+    Keras bundle computes the map with uses the same (``explain.softgates``).
     """
 
     method: str
     layer: str
     map_layer: str  # the map the pooling reads (the graph's ``maps`` output)
     tail: TailParams | None = None
+    gate_width: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.tail is not None and self.tail.gate_width != self.gate_width:
+            raise ExportedModelError(
+                f"{self.label}: gate width {self.gate_width} differs from its tail's "
+                f"{self.tail.gate_width}"
+            )
 
     @property
     def label(self) -> str:

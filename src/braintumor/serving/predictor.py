@@ -604,6 +604,7 @@ class Predictor:
                 explanation.layer,
                 "centred",
                 explanation.method,  # type: ignore[arg-type]
+                explanation.gate_width,
             )
         return self._gradcam
 

@@ -644,6 +644,7 @@ def write_model_bundle(
                 "layer": gradcam_layer(params, inputs.models["finetuned"])
                 if params.serving.explanation.layer == "auto"
                 else params.serving.explanation.layer,
+                "gate_width": params.serving.explanation.gate_width,
             },
         ),
         detector,
@@ -674,6 +675,7 @@ def export_for_bundle(inputs: Inputs, params: Params, folder: Path) -> Any:
             folder,
             check,
             explanation=(served.method, served.layer),
+            gate_width=served.gate_width,
         )
     except ExportError as error:
         raise EvaluateError(str(error)) from None

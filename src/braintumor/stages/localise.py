@@ -163,7 +163,15 @@ def measure(
     for layer in layers if gradient and len(batch) else []:
         key = f"{'+'.join(gradient)}@{layer}"
         start = time.perf_counter()
-        each = gradient_maps(model, batch, gradient, layer, classes, batch_size=settings.batch_size)
+        each = gradient_maps(
+            model,
+            batch,
+            gradient,
+            layer,
+            classes,
+            batch_size=settings.batch_size,
+            gate_width=params.serving.explanation.gate_width,
+        )
         seconds[key] = time.perf_counter() - start
         computed.update({f"{method}@{layer}": values for method, values in each.items()})
         print(f"localise: {key} on {len(batch)} slices, one gradient pass, {seconds[key]:.1f} s")
