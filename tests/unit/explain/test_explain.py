@@ -466,3 +466,85 @@ def test_one_pass_for_every_weighting_on_the_other_backends(
         expected = gradcam(trained, images, "conv1", labels, weighting=name)  # type: ignore[arg-type]
         np.testing.assert_allclose(maps, expected, atol=1e-3)
     assert np.abs(shared[1] - shared[0]).max() > 0.05  # hirescam is not gradcam at conv1
+
+
+# --------------------------------------------------------------------------- soft ReLU gates
+
+
+def build_separate_relu_cnn(seed: int) -> keras.Model:
+    """``build_cnn`` with every ReLU a layer of its own (ReLU6, then a plain ReLU after
+    ``LAYER``), as soft gates need."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((SIZE, SIZE, 1), name="image")
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(16, 3, name="conv1")(x)
+    x = keras.layers.ReLU(6.0, name="relu1")(x)
+    x = keras.layers.Conv2D(32, 3, strides=2, name=LAYER)(x)
+    x = keras.layers.Conv2D(32, 3, name="conv3")(x)
+    x = keras.layers.BatchNormalization(name="bn3")(x)
+    x = keras.layers.Activation("relu", name="relu3")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"separate_{seed}")
+
+
+def test_soft_gates_keep_the_forward_and_follow_the_current_weights(held_out) -> None:
+    """``gate_width`` > 0 explains a clone: its probabilities are the model's exactly, its
+    maps change with the model's weights after it was built (copied at every call), they
+    differ from the exact gradient's and the width is part of the cache key."""
+    images, labels, _ = held_out
+    model = build_separate_relu_cnn(3)
+    soft = GradCam.for_model(model, LAYER, "centred", "hirescam", 0.5)
+    assert soft is not GradCam.for_model(model, LAYER, "centred", "hirescam")
+    first = soft.compute(images, labels)
+    np.testing.assert_array_equal(first.probabilities, np.asarray(model.predict_on_batch(images)))
+    exact = GradCam.for_model(model, LAYER, "centred", "hirescam")(images, labels)
+    assert np.abs(first.heatmaps - exact).max() > 1e-3
+    model.set_weights(build_separate_relu_cnn(4).get_weights())
+    second = soft.compute(images, labels)
+    np.testing.assert_array_equal(second.probabilities, np.asarray(model.predict_on_batch(images)))
+    assert np.abs(second.heatmaps - first.heatmaps).max() > 0.05
+
+
+def test_soft_gates_refuse_a_relu_built_into_a_convolution_and_a_bad_width(trained) -> None:
+    with pytest.raises(ValueError, match=r"'conv1' \(Conv2D\) has activation 'relu' built in"):
+        GradCam(trained, LAYER, weighting="hirescam", gate_width=0.25)
+    for width in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"gate_width must be in \[0, 1.0\]"):
+            GradCam(trained, LAYER, gate_width=width)
+
+
+_SOFT_SCRIPT = """
+import sys
+import numpy as np
+import keras
+from braintumor.explain.gradcam import GradCam
+assert keras.backend.backend() == sys.argv[1], keras.backend.backend()
+model = keras.saving.load_model(sys.argv[2])
+images, labels = np.load(sys.argv[3]), np.load(sys.argv[4])
+soft = GradCam(model, "conv_last", weighting="hirescam", gate_width=0.5).compute(images, labels)
+np.save(sys.argv[5], soft.heatmaps)
+np.save(sys.argv[6], soft.probabilities)
+"""
+
+
+@pytest.mark.slow  # a fresh process imports the backend and keras: about a minute on 2 cores
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_soft_gates_on_the_other_backends_match_tensorflow(
+    held_out, tmp_path: Path, backend: str
+) -> None:
+    """The localisation stage of the JAX profile measures the served map with soft gates:
+    JAX (a split clone) and torch (autograd through the clone) give TensorFlow's maps."""
+    probe = subprocess.run([sys.executable, "-c", f"import {backend}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{backend} is not installed in this environment")
+    images, labels, _ = held_out
+    model = build_separate_relu_cnn(3)
+    paths = _run_on_backend(
+        backend, _SOFT_SCRIPT, model, images, labels, ("maps.npy", "p.npy"), tmp_path, backend
+    )
+    expected = GradCam(model, LAYER, weighting="hirescam", gate_width=0.5).compute(images, labels)
+    np.testing.assert_allclose(np.load(paths[3]), expected.probabilities, atol=1e-5)
+    np.testing.assert_allclose(np.load(paths[2]), expected.heatmaps, atol=1e-3)
+    exact = GradCam(model, LAYER, weighting="hirescam")(images, labels)
+    assert np.abs(expected.heatmaps - exact).max() > 1e-3  # the soft gates are in use
