@@ -4,7 +4,7 @@ Runtime, optionally LiteRT int8), per upload, in batches, and the app's memory.
 Usage (from the repository root)::
 
     .venv/bin/python bench/serve.py [--model models/bundle] [--runtimes keras,litert,onnxruntime]
-        [--reexport] [--explanation hirescam:block10_add]
+        [--reexport] [--explanation hirescam:block10_add] [--gate-width 0.25]
         [--int8] [--uploads 40] [--images 100] [--duration 30] [--clients 8]
         [--serving-python .venv-serving/bin/python] [--skip-concurrency] [--mirror DIR]
         [--isolated-rounds 3]
@@ -139,11 +139,12 @@ def exported_bundle(
     mirror: Path,
     int8: bool,
     explanation: tuple[str, str] | None = None,
+    gate_width: float = 0.0,
 ) -> dict[str, Any]:
     """``source`` with an exported model (exported here if it has none, or if
-    ``explanation`` (method, layer) is given: re-exported to serve that map), the ONNX
-    file of the same graph and, with ``int8``, a quantised flatbuffer; export times and
-    sizes."""
+    ``explanation`` (method, layer) is given: re-exported to serve that map, its tail's
+    ReLUs soft-gated by ``gate_width``), the ONNX file of the same graph and, with
+    ``int8``, a quantised flatbuffer; export times and sizes."""
     import keras
 
     from braintumor.evaluation.ood import OodDetector
@@ -166,6 +167,7 @@ def exported_bundle(
             work / "export",
             check,
             explanation=explanation or ("gradcam", "auto"),
+            gate_width=gate_width,
         )
         info["export_s"] = time.perf_counter() - started
         detector = OodDetector.load(source / OOD_FILE) if (source / OOD_FILE).is_file() else None
@@ -919,6 +921,12 @@ def main(argv: list[str] | None = None) -> int:
         default="hirescam:block10_add",
         help="METHOD:LAYER of the map to serve when exporting here (auto: the last map)",
     )
+    parser.add_argument(
+        "--gate-width",
+        type=float,
+        default=0.25,
+        help="soft ReLU gate width of that map when exporting here (params.yaml's; 0: exact)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "serve.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -946,7 +954,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is None and args.backbone != DEFAULT_BACKBONE:
             layer = "auto"  # the default layer is Lite0's; name another backbone's with --model
         info = exported_bundle(
-            source, work, mirror, args.int8, (method, layer or "auto") if reexport else None
+            source,
+            work,
+            mirror,
+            args.int8,
+            (method, layer or "auto") if reexport else None,
+            args.gate_width,
         )
         serving_settings = {"grayscale_tolerance": 6.0}
         settings = ServingParams(**serving_settings)

@@ -16,6 +16,9 @@ vector-Jacobian product carries the head's pooled gradient back to the map. Ever
 here is linear or piecewise linear at inference, so that product is exact, and the maps
 equal the GradientTape ones
 (``gradcam.GradCam`` with ``weighting="hirescam"``) to float rounding: the export checks it.
+The ReLUs' gates may be soft (``TailParams.gate_width``, ``relu_gate``; the GradientTape's
+side: ``explain.softgates``), which keeps the served map within that rounding of the tape's
+even where the two runtimes' forward values straddle a gate's kink.
 
 Supported layers (what EfficientNet-Lite0, ResNet50 and the test backbone have there):
 Conv2D (any kernel and stride, ``same`` / ``valid`` padding, with or without bias, linear

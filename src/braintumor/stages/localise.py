@@ -280,9 +280,12 @@ def headline(
     }
 
 
-def card_line(scores: dict[str, Any], chosen: str, tolerance: int, last: str) -> str:
+def card_line(
+    scores: dict[str, Any], chosen: str, tolerance: int, last: str, gate_width: float = 0.0
+) -> str:
     """One sentence for a model card: the chosen map, the last map's Grad-CAM, occlusion
-    and the centred Gaussian, pointing game with its interval and energy in the mask."""
+    and the centred Gaussian, pointing game with its interval and energy in the mask, and
+    the gradient methods' soft ReLU gates when they have them."""
     methods, baseline = scores["methods"], scores["baseline"]
 
     def told(key: str) -> str:
@@ -300,7 +303,12 @@ def card_line(scores: dict[str, Any], chosen: str, tolerance: int, last: str) ->
         f"Explanations against figshare tumour masks (pointing game, peak within {tolerance} "
         f"px of the mask): {'; '.join(told(key) for key in shown)}; a centred Gaussian "
         f"{baseline['pointing']:.2f} (energy {baseline['energy']:.3f}); mask area "
-        f"{scores['area_share']:.3f}. The app's map: {chosen}."
+        f"{scores['area_share']:.3f}. The app's map: {chosen}"
+        + (
+            f" (gradients through soft ReLU gates of width {gate_width:g})."
+            if gate_width > 0
+            else "."
+        )
     )
 
 
@@ -366,7 +374,14 @@ def run(args: argparse.Namespace, params: Params) -> dict[str, Any]:
         "explained_class": "true",
         "seconds": {key: round(value, 2) for key, value in seconds.items()},
         "chosen": {"key": chosen, "reason": reason},
-        "card_line": card_line(scores, chosen, params.localise.tolerance, layers[0]),
+        "card_line": card_line(
+            scores,
+            chosen,
+            params.localise.tolerance,
+            layers[0],
+            params.serving.explanation.gate_width,
+        ),
+        "gate_width": params.serving.explanation.gate_width,
         "elapsed_seconds": round(time.perf_counter() - started, 1),
     }
     args.figures.mkdir(parents=True, exist_ok=True)

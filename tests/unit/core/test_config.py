@@ -111,6 +111,14 @@ def test_every_profile_file_has_every_section_dvc_tracks() -> None:
             "train.frozen.warmup_epochs: is only read with schedule: cosine",
         ),
         ({"evaluate": {"robustness": {"seed": 2**40}}}, "evaluate.robustness.seed: must be in"),
+        (
+            {"serving": {"explanation": {"gate_width": 1.5}}},
+            "serving.explanation.gate_width: must be in [0, 1.0]",
+        ),
+        (
+            {"serving": {"explanation": {"gate_width": -0.1}}},
+            "serving.explanation.gate_width: must be in [0, 1.0]",
+        ),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(

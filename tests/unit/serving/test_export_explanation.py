@@ -193,7 +193,12 @@ def test_foreign_tail_is_refused(bundle: Path, slices: np.ndarray, tmp_path: Pat
         ModelParams(backbone="tinycnn", weights="none", dense_units=(16,)), BUNDLE_SIZE, 4
     )
     foreign = export_model(
-        other, "top_activation", tmp_path / "other", slices[:2], explanation=("hirescam", LAYER)
+        other,
+        "top_activation",
+        tmp_path / "other",
+        slices[:2],
+        explanation=("hirescam", LAYER),
+        gate_width=GATE_WIDTH,  # the same width: only the check against the graph can tell
     )
     assert foreign.tail_file is not None
     shutil.copyfile(foreign.tail_file, bundle / TAIL_FILE)

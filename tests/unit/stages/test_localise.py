@@ -110,6 +110,12 @@ def test_the_stages_measure_every_method_and_count_the_unmatched_mask(
         "centred Gaussian" in detail["card_line"]
         and metrics["chosen"]["method"] in (detail["card_line"])
     )
+    # the gradient methods were measured with the served map's soft gates (params.yaml)
+    from braintumor.core.config import load_params
+
+    width = load_params(project["params"]).serving.explanation.gate_width
+    assert detail["gate_width"] == width > 0
+    assert f"soft ReLU gates of width {width:g}" in detail["card_line"]
     matches = pd.read_csv(out / "matches.csv")
     assert sorted(matches["status"].value_counts().items()) == [
         ("test", len(PAIRS)),
