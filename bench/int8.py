@@ -10,7 +10,11 @@ bundles carry) and full-integer int8 calibrated on ``--representative`` validati
 (the processed ``val`` split, never test). Every test view of the evaluate stage
 (``stages.evaluate.test_views`` on the processed test index) is scored by Keras, the float
 LiteRT graph and the int8 one; int8 is **adopted only if every view's accuracy stays within
-0.5 points of the float model's**. Reported either way: accuracy per view and the largest
+0.5 points of the float model's** (``adopted``) **and its maps stay within the served map's
+parity bound of the float ones** (1e-4, ``serving.export.PARITY_TOLERANCE``: the app shows
+the map, and the export holds the float graph's to it; ``map_parity``), so a quantised graph
+that keeps its accuracy but moves the explanation is reported, not served. Reported either
+way: accuracy per view and the largest
 drop, the out-of-distribution detector's false alarms on the real test slices (it reads the
 pooled features, which quantisation moves), the file sizes, and the forward pass at batch 1
 (p50 of 50) and batch 32 (images/s), interleaved.
@@ -27,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from braintumor.serving.export import PARITY_TOLERANCE
 
 REPO = Path(__file__).resolve().parents[1]
 ADOPT_POINTS = 0.5
@@ -109,7 +115,9 @@ def score(
         view: 100 * (values["none"] - values["int8"]) for view, values in result["accuracy"].items()
     }
     result["int8_drop_points"] = drops
-    result["adopted"] = bool(max(drops.values()) <= ADOPT_POINTS)
+    result["within_accuracy_rule"] = bool(max(drops.values()) <= ADOPT_POINTS)
+    result["map_parity"] = bool(result["int8_gradcam_vs_float"]["max_abs"] <= PARITY_TOLERANCE)
+    result["adopted"] = result["within_accuracy_rule"] and result["map_parity"]
     if detector is not None:
         result["ood_false_alarms_test"] = {}
         for kind, (_, pooled, _) in answers.items():
@@ -200,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     drops = result["int8_drop_points"]
     worst = max(drops, key=lambda view: drops[view])
     verdict = "adopted" if result["adopted"] else "NOT adopted"
-    print(f"int8: {verdict} (largest drop {drops[worst]:.2f} points on {worst}, bound 0.5)")
+    maps = result["int8_gradcam_vs_float"]
+    print(
+        f"int8: {verdict} (largest drop {drops[worst]:.2f} points on {worst}, bound 0.5; "
+        f"maps max |difference| {maps['max_abs']:.2g}, same hottest pixel "
+        f"{maps['same_hottest_pixel']:.0%}, bound {PARITY_TOLERANCE:g})"
+    )
     return 0
 
 
