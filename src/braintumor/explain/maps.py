@@ -107,3 +107,12 @@ def class_indices(class_index: Any, count: int, num_classes: int) -> np.ndarray:
 def check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def activation_name(activation: Any) -> str:
+    """An activation function's serialised name (``relu``, ``relu6``, ``linear``...): how
+    the NumPy tail and the soft-gate clone tell a ReLU layer (imports Keras on call)."""
+    import keras
+
+    serialised = keras.activations.serialize(activation)
+    return serialised if isinstance(serialised, str) else str(serialised.get("config", ""))

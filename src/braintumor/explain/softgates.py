@@ -23,18 +23,14 @@ from typing import Any
 
 import keras
 
+from braintumor.explain.maps import activation_name
+
 # ReLU activations by their serialised name -> the cap (None: plain ReLU)
 _CAPS: dict[str, float | None] = {"relu": None, "relu6": 6.0}
 
 
 class SoftGateError(ValueError):
     """A model whose ReLUs cannot take soft gates (one line)."""
-
-
-def activation_name(activation: Any) -> str:
-    """An activation function's serialised name (``relu``, ``relu6``, ``linear``...)."""
-    serialised = keras.activations.serialize(activation)
-    return serialised if isinstance(serialised, str) else str(serialised.get("config", ""))
 
 
 class SoftGateReLU(keras.layers.Layer):

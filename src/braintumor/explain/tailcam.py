@@ -47,7 +47,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from braintumor.core.files import read_arrays, write_arrays
 from braintumor.core.schema import MAX_GATE_WIDTH
 from braintumor.explain.headcam import HeadCamError, HeadCamResult, HeadParams
-from braintumor.explain.maps import normalize_maps, resize_maps
+from braintumor.explain.maps import activation_name, normalize_maps, resize_maps
 
 FORMAT_VERSION = 1
 TAIL_METHODS = ("gradcam", "hirescam")  # what a tail can serve (gradient weightings)
@@ -719,13 +719,6 @@ def _history(tensor: Any) -> tuple[Any, int]:
     return operation, node_index
 
 
-def _activation_name(activation: Any) -> str:
-    import keras
-
-    serialised = keras.activations.serialize(activation)
-    return serialised if isinstance(serialised, str) else str(serialised.get("config", ""))
-
-
 Steps = list[tuple[str, dict[str, Any], dict[str, np.ndarray]]]
 
 
@@ -755,7 +748,7 @@ def _conv_steps(layer: Any, depthwise: bool) -> Steps:
         arrays["bias"] = np.asarray(layer.bias, DTYPE)
     config = {"stride": int(strides[0]), "padding": str(layer.padding)}
     steps: Steps = [(DEPTHWISE if depthwise else CONV, config, arrays)]
-    return steps + _activation_steps(layer, _activation_name(layer.activation))
+    return steps + _activation_steps(layer, activation_name(layer.activation))
 
 
 def _batch_norm_steps(layer: Any) -> Steps:
@@ -786,7 +779,7 @@ def _layer_steps(layer: Any) -> Steps:
         maximum = None if layer.max_value is None else float(layer.max_value)
         return [(RELU, {"max_value": maximum}, {})]
     if isinstance(layer, layers.Activation):
-        steps = _activation_steps(layer, _activation_name(layer.activation))
+        steps = _activation_steps(layer, activation_name(layer.activation))
         return steps or [(IDENTITY, {}, {})]
     if isinstance(layer, layers.ZeroPadding2D) and layer.data_format == "channels_last":
         return [(PAD, {"padding": [[int(v) for v in pair] for pair in layer.padding]}, {})]
