@@ -227,13 +227,14 @@ class TailParams:
             layer = str(arrays["layer"])
             # absent in files written before soft gates: those were exact
             width = float(arrays["gate_width"]) if "gate_width" in arrays else 0.0
-            if not 0.0 <= width <= MAX_GATE_WIDTH:
-                raise TailError(f"{path}: gate_width {width} is not in [0, {MAX_GATE_WIDTH}]")
         except TailError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise TailError(f"{path}: not a tail-parameters file ({error})") from None
-        return cls(layer, tuple(steps), width)
+        try:
+            return cls(layer, tuple(steps), width)
+        except TailError as error:  # the width's range, checked by the class itself
+            raise TailError(f"{path}: {error}") from None
 
 
 # --------------------------------------------------------------------------- the layers
@@ -322,7 +323,7 @@ def relu_gate(output: np.ndarray, maximum: float | None, width: float) -> np.nda
     It jumps at the kinks, and a unit within float rounding of one (two runtimes' forward
     passes differ by ~1e-4 in Lite0's tail) is gated one way by one runtime and the other
     way by the other: the served map then moves by up to ~2e-2 against Keras's on about 4 %
-    of real slices (``docs/serving.md``). ``width`` w > 0: ``clip(min(y, max - y) / w,
+    of real slices (``docs/benchmarks-lite0.md``). ``width`` w > 0: ``clip(min(y, max - y) / w,
     0, 1)``, a linear ramp over the last w before each kink, which is the exact gate's
     expectation when the unit's input is shifted by a uniform draw from [-w, 0] near 0
     (and from [0, w] near max): a per-unit SmoothGrad. It is continuous in the forward
@@ -374,7 +375,6 @@ _BACKWARD: dict[str, Any] = {
     CONV: _conv_backward,
     DEPTHWISE: _conv_backward,
     AFFINE: lambda step, g, x: [g * step.arrays["scale"]],
-    RELU: lambda step, g, x: _relu_backward(step, g, x, 0.0),
     ADD: lambda step, g, *xs: [g for _ in xs],
     PAD: _pad_backward,
     IDENTITY: lambda step, g, x: [g],
@@ -568,8 +568,9 @@ def _conv_op(
 
 
 def _plain_op(step: TailStep, inputs: tuple[int, ...], width: float = 0.0) -> _Op:
-    """A step as it is (an add, a padding, an affine or ReLU not after a convolution)."""
-    forward, backward = _FORWARD[step.kind], _BACKWARD[step.kind]
+    """A step as it is (an add, a padding, an affine or ReLU not after a convolution; a
+    ReLU's backward takes the gate width, so it is not in ``_BACKWARD``)."""
+    forward = _FORWARD[step.kind]
     if step.kind == RELU:
         return _Op(
             step.name,
@@ -577,6 +578,7 @@ def _plain_op(step: TailStep, inputs: tuple[int, ...], width: float = 0.0) -> _O
             lambda x: forward(step, x),
             lambda g, y, x: _relu_backward(step, g, x, width),
         )
+    backward = _BACKWARD[step.kind]
     return _Op(
         step.name,
         inputs,
